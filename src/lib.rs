@@ -1,0 +1,12 @@
+//! lbaudit: does this load balancer split traffic the way it should?
+//!
+//! Reads `iptables-save` output, rebuilds the chain graph, computes each endpoint's
+//! exact selection probability from cascaded `-m statistic` rules, simulates
+//! connections the way the kernel does, and tests the result for fairness.
+
+pub mod error;
+pub mod model;
+pub mod parse;
+pub mod statistic;
+
+pub use error::{Error, InputError, InputErrorKind, Result};

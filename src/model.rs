@@ -1,0 +1,242 @@
+//! The parsed ruleset: plain data, borrowed from the input text.
+//!
+//! Every item keeps the 1-based line (and where useful the 1-based column, in
+//! characters) it came from, so that later stages can point at the input.
+//! Strings borrow from the input (`&'a str`); only quoted strings that contained
+//! escapes are owned (`Cow::Owned`).
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// Which tool printed the input, as far as the parser could tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// `iptables-save` (legacy or nft), `ip6tables-save`; `*table` headers and `COMMIT`.
+    Save,
+    /// `iptables -S` / `iptables -t nat -S`: `-P`, `-N`, `-A` lines, no table headers.
+    Spec,
+    /// Bare `-A` lines (for example `iptables-save | grep NAME`): no table, chains not declared.
+    Fragment,
+    /// Nothing but comments and blank lines.
+    Empty,
+}
+
+/// Address family, from the addresses seen in the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+/// `[packets:bytes]` from `iptables-save -c`, or `-c PKTS BYTES` from `iptables -S -v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A non-fatal remark about the input or an assumption the analysis made.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Warning {
+    /// 1-based input line, 0 when the warning is about the input as a whole.
+    pub line: u32,
+    pub message: String,
+}
+
+impl Warning {
+    pub fn new(line: u32, message: impl Into<String>) -> Self {
+        Self {
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+/// One option of a rule, a match module or a target: `[!] --name [value …]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opt<'a> {
+    /// The option name without leading dashes, as written (`dport`, `to-destination`).
+    /// Core options are stored in their short form: `s`, `d`, `p`, `i`, `o`, `f`.
+    pub name: &'a str,
+    /// `!` preceded the option (or, for iptables' legacy placement, its value).
+    pub negated: bool,
+    /// Values in order; quotes removed and escapes resolved.
+    pub values: Vec<Cow<'a, str>>,
+    /// 1-based column (characters) of the option name in the line.
+    pub col: u32,
+}
+
+impl<'a> Opt<'a> {
+    /// The first value, or "" when the option has none.
+    pub fn value(&self) -> &str {
+        self.values.first().map_or("", |v| v.as_ref())
+    }
+}
+
+/// One `-m module [options]` of a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match<'a> {
+    /// Module name (`statistic`, `comment`, `tcp`, …). An option that appears before any
+    /// `-m` and is not a core option is put in an implicit match named after the
+    /// rule's protocol (`-p tcp --dport 80`), flagged with `implicit`.
+    pub module: &'a str,
+    pub implicit: bool,
+    pub options: Vec<Opt<'a>>,
+    /// 1-based column of `-m` (or of the first option for an implicit match).
+    pub col: u32,
+}
+
+impl<'a> Match<'a> {
+    /// The first option with that name.
+    pub fn opt(&self, name: &str) -> Option<&Opt<'a>> {
+        self.options.iter().find(|o| o.name == name)
+    }
+}
+
+/// How a rule hands over to its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jump {
+    /// `-j`
+    Jump,
+    /// `-g`
+    Goto,
+}
+
+/// `-j NAME [options]` or `-g CHAIN`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub jump: Jump,
+    /// The chain or target extension name, as written.
+    pub name: &'a str,
+    pub options: Vec<Opt<'a>>,
+    /// 1-based column of `-j`/`-g`.
+    pub col: u32,
+}
+
+impl<'a> Target<'a> {
+    pub fn opt(&self, name: &str) -> Option<&Opt<'a>> {
+        self.options.iter().find(|o| o.name == name)
+    }
+}
+
+/// One `-A CHAIN …` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule<'a> {
+    /// 1-based line of the rule in the input.
+    pub line: u32,
+    pub counters: Option<Counters>,
+    /// Core options in the order written: `-s`, `-d`, `-p`, `-i`, `-o`, `-f`.
+    pub core: Vec<Opt<'a>>,
+    pub matches: Vec<Match<'a>>,
+    /// `None` for a rule without `-j`/`-g` (it only counts packets).
+    pub target: Option<Target<'a>>,
+}
+
+impl<'a> Rule<'a> {
+    /// The core option with that short name (`s`, `d`, `p`, `i`, `o`, `f`).
+    pub fn core(&self, name: &str) -> Option<&Opt<'a>> {
+        self.core.iter().find(|o| o.name == name)
+    }
+    /// The first match of that module.
+    pub fn find_match(&self, module: &str) -> Option<&Match<'a>> {
+        self.matches.iter().find(|m| m.module == module)
+    }
+    /// The text of the first `-m comment --comment`, if any.
+    pub fn comment(&self) -> Option<&str> {
+        self.matches
+            .iter()
+            .filter(|m| m.module == "comment")
+            .find_map(|m| m.opt("comment"))
+            .map(|o| o.value())
+    }
+}
+
+/// A chain's default policy (built-in chains only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy<'a> {
+    Accept,
+    Drop,
+    /// Any other word a dump might carry (`QUEUE`, `RETURN`); treated as a verdict.
+    Other(&'a str),
+}
+
+impl fmt::Display for Policy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::Accept => f.write_str("ACCEPT"),
+            Policy::Drop => f.write_str("DROP"),
+            Policy::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One chain of a table, with its rules in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain<'a> {
+    pub name: &'a str,
+    /// `Some` for a built-in chain with a policy; `None` for user chains (`-` in
+    /// iptables-save, no `-P` line in `-S`) and for chains not declared.
+    pub policy: Option<Policy<'a>>,
+    /// The `[p:b]` of the declaration line, when present.
+    pub policy_counters: Option<Counters>,
+    /// Line of the `:CHAIN` / `-N` / `-P` declaration; `None` when the chain only
+    /// appears in `-A` lines or as a jump target (fragments).
+    pub declared_line: Option<u32>,
+    pub rules: Vec<Rule<'a>>,
+}
+
+impl Chain<'_> {
+    /// Is this one of the kernel's built-in chains (of any table)?
+    pub fn is_builtin_name(name: &str) -> bool {
+        matches!(
+            name,
+            "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
+        )
+    }
+}
+
+/// One table (`*nat` … `COMMIT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table<'a> {
+    pub name: &'a str,
+    /// Line of `*name`; `None` when the table was assumed (fragments, `-S` output).
+    pub line: Option<u32>,
+    /// `COMMIT` seen for this table.
+    pub committed: bool,
+    /// Chains in order of first appearance (declaration or first rule).
+    pub chains: Vec<Chain<'a>>,
+}
+
+impl<'a> Table<'a> {
+    pub fn chain(&self, name: &str) -> Option<&Chain<'a>> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+}
+
+/// The whole parsed input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset<'a> {
+    pub format: Format,
+    pub family: Family,
+    pub tables: Vec<Table<'a>>,
+    /// Lines skipped with `--lenient`, assumptions made for fragments, and other remarks.
+    pub warnings: Vec<Warning>,
+    /// Number of lines in the input.
+    pub lines: u32,
+}
+
+impl<'a> Ruleset<'a> {
+    pub fn table(&self, name: &str) -> Option<&Table<'a>> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+    /// Number of rules in all tables.
+    pub fn rule_count(&self) -> usize {
+        self.tables
+            .iter()
+            .flat_map(|t| &t.chains)
+            .map(|c| c.rules.len())
+            .sum()
+    }
+}

@@ -1,0 +1,243 @@
+//! `-m statistic`: the kernel's integer form of a rule and its exact meaning.
+//!
+//! iptables (extensions/libxt_statistic.c) stores `--probability P` as
+//! `q = lround(0x80000000 * P)` (P parsed with `strtod`), and the kernel
+//! (net/netfilter/xt_statistic.c) matches when `(get_random_u32() & 0x7FFFFFFF) < q`.
+//! `--every N --packet P` is stored as `every = N - 1`, `count = every - P`; each
+//! packet that reaches the match does `count = (count == every) ? 0 : count + 1`
+//! and matches when the new count is 0, so the k-th packet (0-based) matches iff
+//! `k ≡ P (mod N)`.
+
+use crate::model::Match;
+
+/// 2^31: the denominator of a random-mode threshold.
+pub const SCALE: u64 = 1 << 31;
+
+/// A validated `-m statistic` match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statistic {
+    /// Matches when a uniform 31-bit draw is `< threshold` (inverted: `>=`).
+    Random { threshold: u32, inverted: bool },
+    /// Matches the packets `k ≡ packet (mod every)` among those reaching it (inverted: the others).
+    Nth {
+        every: u32,
+        packet: u32,
+        inverted: bool,
+    },
+}
+
+impl Statistic {
+    /// Probability, as the nearest f64, that the match is true for a packet that reaches it
+    /// (the long-run share for `nth`).
+    pub fn match_share(&self) -> f64 {
+        match *self {
+            Statistic::Random {
+                threshold,
+                inverted,
+            } => {
+                let p = f64::from(threshold) / SCALE as f64;
+                if inverted { 1.0 - p } else { p }
+            }
+            Statistic::Nth {
+                every, inverted, ..
+            } => {
+                let p = 1.0 / f64::from(every);
+                if inverted { 1.0 - p } else { p }
+            }
+        }
+    }
+
+    /// The text iptables-save prints for this match's options (without `-m statistic`).
+    pub fn to_save(&self) -> String {
+        match *self {
+            Statistic::Random {
+                threshold,
+                inverted,
+            } => format!(
+                "--mode random {}--probability {:.11}",
+                if inverted { "! " } else { "" },
+                f64::from(threshold) / SCALE as f64
+            ),
+            Statistic::Nth {
+                every,
+                packet,
+                inverted,
+            } => format!(
+                "--mode nth {}--every {} --packet {}",
+                if inverted { "! " } else { "" },
+                every,
+                packet
+            ),
+        }
+    }
+}
+
+/// The kernel threshold for a `--probability` text, exactly as iptables computes it:
+/// `lround(0x80000000 * strtod(text))`. Rust's `f64::from_str` is correctly rounded like
+/// glibc's `strtod`; the product with 2^31 is exact in binary floating point, and
+/// `f64::round` rounds halves away from zero like `lround`.
+///
+/// Returns `None` when the text is not a number in [0, 1].
+pub fn threshold_from_text(text: &str) -> Option<u32> {
+    let t = text.trim();
+    // strtod accepts more (hex floats, "inf"), but iptables prints plain decimals and
+    // anything else in a dump is a mistake worth reporting.
+    if t.is_empty()
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+    {
+        return None;
+    }
+    let p: f64 = t.parse().ok()?;
+    if !(0.0..=1.0).contains(&p) {
+        return None;
+    }
+    let q = (p * SCALE as f64).round();
+    // p <= 1 so q <= 2^31, which fits in u32.
+    Some(q as u32)
+}
+
+/// What is wrong with a statistic match: the column of the offending option and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatisticError {
+    pub col: u32,
+    pub text: String,
+    pub message: String,
+    pub hint: String,
+}
+
+/// Reads and validates the options of a `-m statistic` match.
+pub fn from_match(m: &Match<'_>) -> Result<Statistic, StatisticError> {
+    let err = |col: u32, text: &str, message: &str, hint: &str| StatisticError {
+        col,
+        text: text.to_string(),
+        message: message.to_string(),
+        hint: hint.to_string(),
+    };
+    let mode = m.opt("mode");
+    let probability = m.opt("probability");
+    let every = m.opt("every");
+    let packet = m.opt("packet");
+    let mode_name = match mode {
+        Some(o) => o.value(),
+        // iptables defaults to random mode when only --probability is given.
+        None if probability.is_some() => "random",
+        None => {
+            return Err(err(
+                m.col,
+                "-m statistic",
+                "statistic match without --mode",
+                "add `--mode random --probability P` or `--mode nth --every N --packet P`",
+            ));
+        }
+    };
+    match mode_name {
+        "random" => {
+            let Some(p) = probability else {
+                return Err(err(
+                    m.col,
+                    "-m statistic --mode random",
+                    "random mode without --probability",
+                    "add `--probability P` with P between 0 and 1",
+                ));
+            };
+            let threshold = threshold_from_text(p.value()).ok_or_else(|| {
+                err(
+                    p.col,
+                    p.value(),
+                    "--probability must be a number between 0 and 1",
+                    "write the probability as a decimal in [0, 1], e.g. 0.50000000000",
+                )
+            })?;
+            Ok(Statistic::Random {
+                threshold,
+                inverted: p.negated,
+            })
+        }
+        "nth" => {
+            let Some(e) = every else {
+                return Err(err(
+                    m.col,
+                    "-m statistic --mode nth",
+                    "nth mode without --every",
+                    "add `--every N` with N >= 1",
+                ));
+            };
+            let n: u32 = match e.value().parse() {
+                Ok(n) if n >= 1 => n,
+                _ => {
+                    return Err(err(
+                        e.col,
+                        e.value(),
+                        "--every must be a whole number of at least 1",
+                        "use `--every N` with N >= 1 (every 1 matches every packet)",
+                    ));
+                }
+            };
+            let pk: u32 = match packet {
+                None => 0,
+                Some(pk) => match pk.value().parse() {
+                    Ok(v) if v < n => v,
+                    _ => {
+                        return Err(err(
+                            pk.col,
+                            pk.value(),
+                            "--packet must be a whole number from 0 to every-1",
+                            "use `--packet P` with 0 <= P < N",
+                        ));
+                    }
+                },
+            };
+            Ok(Statistic::Nth {
+                every: n,
+                packet: pk,
+                inverted: e.negated,
+            })
+        }
+        other => Err(err(
+            mode.map_or(m.col, |o| o.col),
+            other,
+            "unknown statistic mode",
+            "use `--mode random` or `--mode nth`",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_round_like_lround() {
+        // 2^31 / 2 exactly.
+        assert_eq!(threshold_from_text("0.50000000000"), Some(1 << 30));
+        assert_eq!(threshold_from_text("0.5"), Some(1 << 30));
+        // 2^31/3 = 715827882.67 -> 715827883; printed back as 0.33333333349.
+        assert_eq!(threshold_from_text("0.33333333349"), Some(715_827_883));
+        assert_eq!(threshold_from_text("0.3333333333"), Some(715_827_883));
+        // The 5-decimal era: 0.33333 * 2^31 = 715820725.9 -> 715820726, printed 0.33332999982.
+        assert_eq!(threshold_from_text("0.33333"), Some(715_820_726));
+        assert_eq!(threshold_from_text("0.33332999982"), Some(715_820_726));
+        assert_eq!(threshold_from_text("1"), Some(1 << 31));
+        assert_eq!(threshold_from_text("0"), Some(0));
+        assert_eq!(threshold_from_text("1.5"), None);
+        assert_eq!(threshold_from_text("-0.1"), None);
+        assert_eq!(threshold_from_text("abc"), None);
+        assert_eq!(threshold_from_text("nan"), None);
+    }
+
+    #[test]
+    fn printed_form_round_trips() {
+        // For every threshold, the %.11f text parses back to the same threshold.
+        for q in (0..=SCALE as u32).step_by(7_919) {
+            let s = Statistic::Random {
+                threshold: q,
+                inverted: false,
+            };
+            let text = s.to_save();
+            let p = text.rsplit(' ').next().unwrap();
+            assert_eq!(threshold_from_text(p), Some(q), "{text}");
+        }
+    }
+}
