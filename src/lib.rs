@@ -8,5 +8,6 @@ pub mod error;
 pub mod model;
 pub mod parse;
 pub mod statistic;
+pub mod stats;
 
 pub use error::{Error, InputError, InputErrorKind, Result};
