@@ -7,6 +7,7 @@
 pub mod error;
 pub mod model;
 pub mod parse;
+pub mod prob;
 pub mod statistic;
 pub mod stats;
 
