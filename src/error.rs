@@ -87,6 +87,9 @@ impl fmt::Display for InputError {
 pub enum Error {
     #[error("{0}")]
     Input(#[from] InputError),
+    /// An input error rendered with the input's name and the offending line.
+    #[error("{rendered}")]
+    Located { error: InputError, rendered: String },
     #[error("{path}: {source}")]
     Io {
         path: String,

@@ -4,10 +4,16 @@
 //! exact selection probability from cascaded `-m statistic` rules, simulates
 //! connections the way the kernel does, and tests the result for fairness.
 
+pub mod balance;
+pub mod cli;
 pub mod error;
+pub mod eval;
+pub mod graph;
 pub mod model;
 pub mod parse;
 pub mod prob;
+pub mod report;
+pub mod select;
 pub mod statistic;
 pub mod stats;
 

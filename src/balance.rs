@@ -1,0 +1,486 @@
+//! Balancer discovery: every place where traffic is split by statistic rules, and every
+//! kube-proxy service chain, with names, entries, endpoints and exact probabilities.
+
+use crate::eval::{self, Distribution, Mode, Outcome, OutcomeInfo, Packet};
+use crate::graph::Graph;
+use crate::model::{Chain, Rule, Warning};
+use crate::prob::Prob;
+use rayon::prelude::*;
+use std::collections::HashSet;
+
+/// Where a balancer was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// A kube-proxy `KUBE-SVC-`/`KUBE-SVL-`/`KUBE-XLB-` chain.
+    KubeProxy,
+    /// Any other chain (or part of a built-in chain) with statistic rules.
+    Generic,
+}
+
+/// A way traffic reaches a balancer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    /// `cluster-ip`, `node-port`, `external-ip`, `load-balancer` or `jump`.
+    pub kind: &'static str,
+    /// `172.30.40.155:80/tcp`, `node port 30080/tcp`, or the jumping chain and line.
+    pub text: String,
+    pub address: Option<String>,
+    pub port: Option<u16>,
+    pub protocol: Option<String>,
+    /// The chain holding the entry rule and its line.
+    pub chain: String,
+    pub line: u32,
+    /// The entry rule's comment, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// Session affinity found in a balancer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Affinity {
+    /// `client-ip` for kube-proxy's `-m recent --rcheck … --rsource`.
+    pub kind: &'static str,
+    pub seconds: Option<u64>,
+    /// Lines of the affinity rules.
+    pub lines: Vec<u32>,
+}
+
+/// One endpoint of a balancer, with its exact probability.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub outcome: Outcome,
+    pub prob: Prob,
+    /// Line of the rule that produced it (the DNAT).
+    pub line: u32,
+    /// The chain holding that rule.
+    pub chain: String,
+    /// Lines of the balancer chain's rules that lead to it.
+    pub via: Vec<u32>,
+    /// Distinct branches that reach it (more than 1 means double weight).
+    pub paths: u32,
+}
+
+/// A balancer and its analysis.
+#[derive(Debug, Clone)]
+pub struct Balancer {
+    pub name: String,
+    pub table: String,
+    pub table_index: usize,
+    pub chain: String,
+    pub chain_index: usize,
+    pub kind: Kind,
+    /// For a part of a chain: the conditions its statistic rules share.
+    pub selector: Option<String>,
+    /// Line of the first rule (or of the chain's declaration).
+    pub line: u32,
+    pub entries: Vec<Entry>,
+    pub affinity: Option<Affinity>,
+    pub endpoints: Vec<Endpoint>,
+    pub unmatched: Prob,
+    /// The packet the walk was made for.
+    pub packet: Packet,
+    pub warnings: Vec<Warning>,
+    /// Rules evaluated by the walk.
+    pub steps: u64,
+}
+
+impl Balancer {
+    /// `namespace` of a kube-proxy name `ns/name:port`.
+    pub fn namespace(&self) -> Option<&str> {
+        (self.kind == Kind::KubeProxy)
+            .then(|| self.name.split_once('/').map(|(ns, _)| ns))
+            .flatten()
+    }
+
+    /// Largest |n·p − 1| over endpoints.
+    pub fn max_relative_skew(&self) -> f64 {
+        let n = self.endpoints.len() as u64;
+        self.endpoints
+            .iter()
+            .map(|e| e.prob.relative_deviation(n).abs())
+            .fold(0.0, f64::max)
+    }
+}
+
+fn is_kube_balancer_chain(name: &str) -> bool {
+    name.starts_with("KUBE-SVC-") || name.starts_with("KUBE-SVL-") || name.starts_with("KUBE-XLB-")
+}
+
+/// Modules that do not describe which traffic a rule serves.
+fn is_state_module(module: &str) -> bool {
+    matches!(
+        module,
+        "statistic" | "comment" | "mark" | "connmark" | "recent" | "conntrack" | "state"
+    )
+}
+
+/// The conditions of a rule that select traffic, as text (`-d 10.0.0.1/32 -p tcp --dport 80`).
+fn selector(rule: &Rule<'_>) -> String {
+    let mut parts = Vec::new();
+    for o in &rule.core {
+        parts.push(format!(
+            "{}-{} {}",
+            if o.negated { "! " } else { "" },
+            o.name,
+            o.value()
+        ));
+    }
+    for m in &rule.matches {
+        if is_state_module(m.module) {
+            continue;
+        }
+        for o in &m.options {
+            let vals: Vec<&str> = o.values.iter().map(|v| v.as_ref()).collect();
+            parts.push(format!(
+                "{}--{} {}",
+                if o.negated { "! " } else { "" },
+                o.name,
+                vals.join(" ")
+            ));
+        }
+    }
+    parts.join(" ")
+}
+
+struct Candidate {
+    table: usize,
+    chain: usize,
+    selector: Option<String>,
+    first_rule: Option<usize>,
+}
+
+/// Finds and analyses every balancer. Balancers are sorted by (name, chain, line).
+pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
+    let mut candidates = Vec::new();
+    for (t, table) in graph.rs.tables.iter().enumerate() {
+        for (c, chain) in table.chains.iter().enumerate() {
+            let mut groups: Vec<(String, usize)> = Vec::new();
+            for (r, rule) in chain.rules.iter().enumerate() {
+                if rule.find_match("statistic").is_none() {
+                    continue;
+                }
+                let key = selector(rule);
+                if !groups.iter().any(|(k, _)| *k == key) {
+                    groups.push((key, r));
+                }
+            }
+            let kube = is_kube_balancer_chain(chain.name);
+            if groups.is_empty() {
+                if kube {
+                    candidates.push(Candidate {
+                        table: t,
+                        chain: c,
+                        selector: None,
+                        first_rule: None,
+                    });
+                }
+                continue;
+            }
+            let split = groups.len() > 1 || chain.policy.is_some();
+            for (key, r) in groups {
+                candidates.push(Candidate {
+                    table: t,
+                    chain: c,
+                    selector: (split && !key.is_empty()).then_some(key),
+                    first_rule: Some(r),
+                });
+            }
+        }
+    }
+    let mut out: Vec<Balancer> = candidates
+        .par_iter()
+        .filter_map(|cand| analyse(graph, cand))
+        .collect();
+    out.sort_by(|a, b| (&a.name, &a.chain, a.line).cmp(&(&b.name, &b.chain, b.line)));
+    out
+}
+
+fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
+    let table = graph.table(cand.table);
+    let chain = &table.chains[cand.chain];
+    let kind = if is_kube_balancer_chain(chain.name) {
+        Kind::KubeProxy
+    } else {
+        Kind::Generic
+    };
+    let entries = entries(graph, cand.table, cand.chain, cand.first_rule);
+    let packet = match (cand.first_rule, kind) {
+        (Some(r), Kind::Generic) => Packet::from_rule(&chain.rules[r]),
+        _ => entries
+            .iter()
+            .find(|e| e.kind == "cluster-ip")
+            .or(entries.first())
+            .map(entry_packet)
+            .unwrap_or_default(),
+    };
+    let mut warnings = Vec::new();
+    let dist = match eval::evaluate(
+        graph,
+        cand.table,
+        cand.chain,
+        packet.clone(),
+        Mode::Balancer,
+        false,
+    ) {
+        Ok(d) => d,
+        Err(e) => {
+            warnings.push(Warning::new(
+                chain.rules.first().map_or(0, |r| r.line),
+                format!("{}: {e}", chain.name),
+            ));
+            return Some(Balancer {
+                name: chain.name.to_string(),
+                table: table.name.to_string(),
+                table_index: cand.table,
+                chain: chain.name.to_string(),
+                chain_index: cand.chain,
+                kind,
+                selector: cand.selector.clone(),
+                line: first_line(chain),
+                entries,
+                affinity: None,
+                endpoints: Vec::new(),
+                unmatched: Prob::zero(),
+                packet,
+                warnings,
+                steps: 0,
+            });
+        }
+    };
+    // A generic candidate whose walk never reached a statistic rule (an earlier rule took
+    // all its traffic) is not a balancer for that traffic.
+    if kind == Kind::Generic && dist.statistic_rules == 0 {
+        return None;
+    }
+    let Distribution {
+        outcomes,
+        warnings: walk_warnings,
+        steps,
+        ..
+    } = dist;
+    warnings.extend(walk_warnings);
+    let mut endpoints = Vec::new();
+    let mut unmatched = Prob::zero();
+    for OutcomeInfo {
+        outcome,
+        prob,
+        paths,
+        via,
+        line,
+        chain: holder,
+        ..
+    } in outcomes
+    {
+        if outcome == Outcome::Unmatched {
+            unmatched = prob;
+            continue;
+        }
+        endpoints.push(Endpoint {
+            outcome,
+            prob,
+            line,
+            chain: table.chains[holder].name.to_string(),
+            via,
+            paths,
+        });
+    }
+    let name = match kind {
+        Kind::KubeProxy => kube_name(chain, &entries).unwrap_or_else(|| chain.name.to_string()),
+        Kind::Generic => match &cand.selector {
+            Some(s) => format!("{} {s}", chain.name),
+            None => chain.name.to_string(),
+        },
+    };
+    if kind == Kind::KubeProxy
+        && let Some(last) = chain.rules.last()
+        && last.find_match("statistic").is_some()
+    {
+        warnings.push(Warning::new(
+            last.line,
+            format!(
+                "{}: the chain ends with a statistic rule; the cascade has no fallback rule (cut excerpt?), so some traffic reaches no endpoint",
+                chain.name
+            ),
+        ));
+    }
+    if !unmatched.is_zero() {
+        warnings.push(Warning::new(
+            first_line(chain),
+            format!(
+                "{name}: {:.6}% of new connections reach no endpoint",
+                unmatched.to_f64() * 100.0
+            ),
+        ));
+    }
+    Some(Balancer {
+        name,
+        table: table.name.to_string(),
+        table_index: cand.table,
+        chain: chain.name.to_string(),
+        chain_index: cand.chain,
+        kind,
+        selector: cand.selector.clone(),
+        line: cand
+            .first_rule
+            .map_or_else(|| first_line(chain), |r| chain.rules[r].line),
+        entries,
+        affinity: affinity(chain),
+        endpoints,
+        unmatched,
+        packet,
+        warnings,
+        steps,
+    })
+}
+
+fn first_line(chain: &Chain<'_>) -> u32 {
+    chain
+        .declared_line
+        .or_else(|| chain.rules.first().map(|r| r.line))
+        .unwrap_or(0)
+}
+
+fn entry_packet(e: &Entry) -> Packet {
+    Packet {
+        dst: e.address.as_deref().and_then(|a| a.parse().ok()),
+        dport: e.port,
+        proto: e.protocol.clone(),
+        ..Packet::default()
+    }
+}
+
+/// The kube-proxy service name `ns/name:port` from the comments.
+fn kube_name(chain: &Chain<'_>, entries: &[Entry]) -> Option<String> {
+    let strip = |c: &str| -> String {
+        let c = c.split(" -> ").next().unwrap_or(c);
+        let c = [
+            " cluster IP",
+            " external IP",
+            " loadbalancer IP",
+            " health check node port",
+        ]
+        .iter()
+        .fold(c, |acc, s| acc.strip_suffix(s).unwrap_or(acc));
+        c.trim().to_string()
+    };
+    chain
+        .rules
+        .iter()
+        .find_map(|r| r.comment())
+        .or_else(|| entries.iter().find_map(|e| e.comment.as_deref()))
+        .map(strip)
+        .filter(|n| !n.is_empty())
+}
+
+fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
+    let mut lines = Vec::new();
+    let mut seconds = None;
+    for rule in &chain.rules {
+        if let Some(m) = rule.find_match("recent")
+            && m.opt("rcheck").is_some()
+        {
+            lines.push(rule.line);
+            if seconds.is_none() {
+                seconds = m.opt("seconds").and_then(|o| o.value().parse().ok());
+            }
+        }
+    }
+    (!lines.is_empty()).then_some(Affinity {
+        kind: "client-ip",
+        seconds,
+        lines,
+    })
+}
+
+/// Rules from which traffic reaches the chain: for kube-proxy chains, the
+/// KUBE-SERVICES / KUBE-NODEPORTS rules (through KUBE-EXT-/KUBE-FW- chains); otherwise
+/// the jumps into the chain, or for a part of a chain its own first rule.
+fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>) -> Vec<Entry> {
+    let table = graph.table(t);
+    let tg = &graph.tables[t];
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![c];
+    seen.insert(c);
+    while let Some(cur) = stack.pop() {
+        for &(pc, pr) in &tg.callers[cur] {
+            let parent = &table.chains[pc];
+            let rule = &parent.rules[pr];
+            let dispatch = parent.name == "KUBE-SERVICES"
+                || parent.name == "KUBE-NODEPORTS"
+                || parent.policy.is_some()
+                || Chain::is_builtin_name(parent.name);
+            let pass_through = parent.name.starts_with("KUBE-EXT-")
+                || parent.name.starts_with("KUBE-FW-")
+                || parent.name.starts_with("KUBE-XLB-")
+                || parent.name.starts_with("KUBE-SVL-")
+                || parent.name.starts_with("KUBE-SVC-");
+            if !dispatch && pass_through && out.len() < 1000 {
+                if seen.insert(pc) {
+                    stack.push(pc);
+                }
+                continue;
+            }
+            out.push(entry_from_rule(parent, rule));
+        }
+    }
+    if out.is_empty()
+        && let Some(r) = first_rule
+    {
+        let chain = &table.chains[c];
+        if chain.policy.is_some() {
+            let mut e = entry_from_rule(chain, &chain.rules[r]);
+            e.kind = "rule";
+            out.push(e);
+        }
+    }
+    out.sort_by_key(|e| e.line);
+    out.dedup();
+    out
+}
+
+fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
+    let p = Packet::from_rule(rule);
+    let comment = rule.comment().unwrap_or("");
+    let kind = if chain.name == "KUBE-NODEPORTS" {
+        "node-port"
+    } else if comment.ends_with("external IP") {
+        "external-ip"
+    } else if comment.ends_with("loadbalancer IP") {
+        "load-balancer"
+    } else if chain.name == "KUBE-SERVICES" && p.dst.is_some() {
+        "cluster-ip"
+    } else {
+        "jump"
+    };
+    let proto = p.proto.clone();
+    let text = match (kind, p.dst, p.dport, &proto) {
+        ("node-port", _, Some(port), pr) => {
+            format!("node port {port}/{}", pr.as_deref().unwrap_or("tcp"))
+        }
+        ("jump", _, _, _) => format!("{} line {}", chain.name, rule.line),
+        (_, Some(d), Some(port), pr) => {
+            let host = match d {
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                v4 => v4.to_string(),
+            };
+            match pr {
+                Some(pr) => format!("{host}:{port}/{pr}"),
+                None => format!("{host}:{port}"),
+            }
+        }
+        (_, Some(d), None, _) => d.to_string(),
+        _ => format!("{} line {}", chain.name, rule.line),
+    };
+    Entry {
+        kind,
+        text,
+        address: p.dst.map(|d| d.to_string()),
+        port: p.dport,
+        protocol: proto,
+        chain: chain.name.to_string(),
+        line: rule.line,
+        comment: rule.comment().map(str::to_string),
+    }
+}

@@ -1,0 +1,471 @@
+//! The command line: argument parsing, input, output, and error rendering.
+
+use crate::balance::{self, Balancer};
+use crate::error::{Error, InputError, Result};
+use crate::eval::{self, Mode, Packet};
+use crate::graph::Graph;
+use crate::model::{Ruleset, Warning};
+use crate::parse::{self, ParseOptions};
+use crate::report::{Report, fmt_prob};
+use crate::select::Selection;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::borrow::Cow;
+use std::io::{IsTerminal, Read, Write};
+use std::net::IpAddr;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lbaudit",
+    version,
+    about = "Does this load balancer split traffic the way it should? Exact endpoint probabilities from iptables-save output.",
+    after_help = "With no command, `report` runs. Input is a file, `-` for standard input, or piped standard input.\nExit codes: 0 pass, 1 a fairness check failed, 2 usage, input or I/O error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Every load balancer's endpoints with their exact probabilities (the default command).
+    Report(ReportArgs),
+    /// The outcome distribution of one connection, with the chain path of each outcome.
+    Trace(TraceArgs),
+}
+
+/// Where the rules come from and how strictly to read them.
+#[derive(Debug, Args, Clone)]
+pub struct InputArgs {
+    /// iptables-save, `iptables -S` or `iptables-save | grep …` output; `-` for stdin.
+    #[arg(value_name = "FILE")]
+    pub file: Option<String>,
+    /// Skip lines that cannot be parsed (with a warning each) instead of failing.
+    #[arg(long)]
+    pub lenient: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// A readable table (the default).
+    Table,
+    Json,
+    Csv,
+    Markdown,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+    #[command(flatten)]
+    pub select: SelectArgs,
+}
+
+/// Which balancers to look at.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SelectArgs {
+    /// Only balancers whose name or chain matches this glob (`*`, `?`); repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub balancer: Vec<String>,
+    /// Only kube-proxy services of this namespace; repeatable.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Vec<String>,
+    /// Leave out balancers whose name or chain matches this glob; repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Destination address, optionally with a port: `10.96.0.10:53`, `[fd00::1]:443`.
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub dst: String,
+    /// Protocol of the connection.
+    #[arg(long, default_value = "tcp")]
+    pub proto: String,
+    /// Source address (left open when not given).
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub src: Option<String>,
+    /// Incoming interface.
+    #[arg(long, value_name = "IFACE")]
+    pub in_interface: Option<String>,
+    /// The destination is an address of this node (for node ports).
+    #[arg(long)]
+    pub local: bool,
+    /// Table to walk.
+    #[arg(long, default_value = "nat")]
+    pub table: String,
+    /// Chain to start from (default: PREROUTING, or KUBE-SERVICES in a fragment).
+    #[arg(long)]
+    pub chain: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+/// The input text, decoded, with its name.
+pub struct Input {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Input {
+    /// Reads FILE, `-`, or piped stdin.
+    pub fn read(file: Option<&str>) -> Result<Input> {
+        match file {
+            Some("-") => read_stdin(),
+            Some(path) => std::fs::read(path)
+                .map(|bytes| Input {
+                    name: path.to_string(),
+                    bytes,
+                })
+                .map_err(|source| Error::Io {
+                    path: path.to_string(),
+                    source,
+                }),
+            None if !std::io::stdin().is_terminal() => read_stdin(),
+            None => Err(Error::Usage(
+                "no input: give a dump file, `-` for standard input, or pipe `iptables-save` into lbaudit"
+                    .into(),
+            )),
+        }
+    }
+}
+
+fn read_stdin() -> Result<Input> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::Io {
+            path: "<stdin>".into(),
+            source,
+        })?;
+    Ok(Input {
+        name: "-".into(),
+        bytes,
+    })
+}
+
+/// Decodes input bytes, attaching the source name to errors.
+pub fn decode<'b>(input: &'b Input, lenient: bool) -> Result<(Cow<'b, str>, Vec<Warning>)> {
+    parse::decode(&input.bytes, lenient).map_err(|e| with_source(e, input, None))
+}
+
+fn with_source(e: InputError, input: &Input, text: Option<&str>) -> Error {
+    let rendered = render_input_error(&e, &input.name, text);
+    Error::Located { error: e, rendered }
+}
+
+/// Renders an input error with the offending line and a caret under the column.
+pub fn render_input_error(e: &InputError, name: &str, text: Option<&str>) -> String {
+    let mut s = format!("{name}:{}", e.line);
+    if e.col > 0 {
+        s.push_str(&format!(":{}", e.col));
+    }
+    s.push_str(&format!(": {}", e.message));
+    if !e.text.is_empty() {
+        s.push_str(&format!(" (at `{}`)", e.text.escape_debug()));
+    }
+    if let Some(line) = text.and_then(|t| t.lines().nth(e.line.saturating_sub(1) as usize)) {
+        let line = line.trim_end_matches('\r');
+        let shown: String = line.chars().take(160).collect();
+        s.push_str(&format!("\n  | {shown}"));
+        if e.col > 0 && (e.col as usize) <= 160 {
+            let pad: String = line
+                .chars()
+                .take(e.col as usize - 1)
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            s.push_str(&format!("\n  | {pad}^"));
+        }
+    }
+    if !e.hint.is_empty() {
+        s.push_str(&format!("\n  hint: {}", e.hint));
+    }
+    s
+}
+
+/// Parses and resolves; returns the ruleset, the graph's warnings and the balancers.
+pub fn analyse<'t>(
+    text: &'t str,
+    input: &Input,
+    lenient: bool,
+    mut warnings: Vec<Warning>,
+) -> Result<(Ruleset<'t>, Vec<Warning>)> {
+    let rs = parse::parse(text, &ParseOptions { lenient })
+        .map_err(|e| with_source(e, input, Some(text)))?;
+    warnings.extend(rs.warnings.iter().cloned());
+    Ok((rs, warnings))
+}
+
+/// Resolves the graph and finds the balancers.
+pub fn balancers<'r, 'a>(
+    rs: &'r Ruleset<'a>,
+    text: &str,
+    input: &Input,
+    lenient: bool,
+    warnings: &mut Vec<Warning>,
+) -> Result<(Graph<'r, 'a>, Vec<Balancer>)> {
+    let graph = Graph::build(rs, lenient).map_err(|e| with_source(e, input, Some(text)))?;
+    warnings.extend(graph.warnings.iter().cloned());
+    let found = balance::find(&graph);
+    Ok((graph, found))
+}
+
+/// Runs the command line; returns the exit code.
+pub fn run<I, T>(args: I) -> Result<i32>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    // `report` is the default command.
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let known = ["report", "trace", "help", "-h", "--help", "-V", "--version"];
+    if !known.contains(&first) {
+        args.insert(1.min(args.len()), "report".into());
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(code);
+        }
+    };
+    match cli.command {
+        Command::Report(a) => cmd_report(&a),
+        Command::Trace(a) => cmd_trace(&a),
+    }
+}
+
+/// Is colour wanted on stdout?
+pub fn color_stdout() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Writes the whole output at once (nothing partial on error).
+pub fn emit(s: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        // A closed pipe (`lbaudit | head`) is not an error worth reporting.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(source) => Err(Error::Io {
+            path: "<stdout>".into(),
+            source,
+        }),
+    }
+}
+
+fn cmd_report(a: &ReportArgs) -> Result<i32> {
+    let input = Input::read(a.input.file.as_deref())?;
+    let (text, warnings) = decode(&input, a.input.lenient)?;
+    let (rs, mut warnings) = analyse(&text, &input, a.input.lenient, warnings)?;
+    let (_graph, found) = balancers(&rs, &text, &input, a.input.lenient, &mut warnings)?;
+    let selection = Selection::new(&a.select)?;
+    let chosen: Vec<Balancer> = found.into_iter().filter(|b| selection.matches(b)).collect();
+    let report = Report::new(&input.name, &rs, &chosen, warnings);
+    let out = match a.format {
+        ReportFormat::Table => report.to_table(color_stdout()),
+        ReportFormat::Json => report.to_json(),
+        ReportFormat::Csv => report.to_csv(),
+        ReportFormat::Markdown => report.to_markdown(),
+    };
+    emit(&out)?;
+    Ok(0)
+}
+
+/// `IP`, `IP:PORT`, `[v6]:PORT` or a bare IPv6 address.
+pub fn parse_addr_port(s: &str) -> Option<(IpAddr, Option<u16>)> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some((ip, None));
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, port) = rest.split_once("]:")?;
+        return Some((ip.parse().ok()?, Some(port.parse().ok()?)));
+    }
+    let (ip, port) = s.rsplit_once(':')?;
+    Some((ip.parse().ok()?, Some(port.parse().ok()?)))
+}
+
+#[derive(serde::Serialize)]
+struct TraceOutcome {
+    outcome: String,
+    probability: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exact: Option<String>,
+    path: Vec<String>,
+    paths: u32,
+}
+
+#[derive(serde::Serialize)]
+struct TraceReport {
+    table: String,
+    chain: String,
+    connection: String,
+    outcomes: Vec<TraceOutcome>,
+    warnings: Vec<Warning>,
+}
+
+fn cmd_trace(a: &TraceArgs) -> Result<i32> {
+    let (dst, dport) = parse_addr_port(&a.dst).ok_or_else(|| {
+        Error::Usage(format!(
+            "--dst {}: expected IP or IP:PORT (e.g. 10.96.0.10:53, [fd00::1]:443)",
+            a.dst
+        ))
+    })?;
+    let (src, sport) = match &a.src {
+        Some(s) => {
+            let (ip, port) = parse_addr_port(s)
+                .ok_or_else(|| Error::Usage(format!("--src {s}: expected IP or IP:PORT")))?;
+            (Some(ip), port)
+        }
+        None => (None, None),
+    };
+    let input = Input::read(a.input.file.as_deref())?;
+    let (text, warnings) = decode(&input, a.input.lenient)?;
+    let (rs, mut warnings) = analyse(&text, &input, a.input.lenient, warnings)?;
+    let graph =
+        Graph::build(&rs, a.input.lenient).map_err(|e| with_source(e, &input, Some(&text)))?;
+    warnings.extend(graph.warnings.iter().cloned());
+    let t = rs
+        .tables
+        .iter()
+        .position(|t| t.name == a.table)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "table {} is not in the input (tables: {})",
+                a.table,
+                rs.tables
+                    .iter()
+                    .map(|t| t.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    let tg = &graph.tables[t];
+    let chain_name = match &a.chain {
+        Some(c) => c.clone(),
+        None => ["PREROUTING", "OUTPUT", "KUBE-SERVICES"]
+            .iter()
+            .find(|n| {
+                tg.index
+                    .get(**n)
+                    .is_some_and(|&c| !rs.tables[t].chains[c].rules.is_empty())
+            })
+            .map(|s| s.to_string())
+            .ok_or_else(|| {
+                Error::Usage("no PREROUTING, OUTPUT or KUBE-SERVICES rules to start from; name a chain with --chain".into())
+            })?,
+    };
+    let c = *tg
+        .index
+        .get(chain_name.as_str())
+        .ok_or_else(|| Error::Usage(format!("chain {chain_name} is not in table {}", a.table)))?;
+    let packet = Packet {
+        src,
+        dst: Some(dst),
+        proto: Some(eval::proto_name(&a.proto)),
+        sport,
+        dport,
+        in_iface: a.in_interface.clone(),
+        out_iface: None,
+        dst_local: Some(a.local),
+    };
+    let dist = eval::evaluate(&graph, t, c, packet, Mode::Trace, true)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    warnings.extend(dist.warnings.iter().cloned());
+    warnings.sort();
+    warnings.dedup();
+    let table = &rs.tables[t];
+    let outcomes: Vec<TraceOutcome> = dist
+        .outcomes
+        .iter()
+        .map(|o| TraceOutcome {
+            outcome: o.outcome.label(),
+            probability: o.prob.to_f64(),
+            exact: (o.prob.bits() < 1200).then(|| o.prob.to_string()),
+            path: o
+                .path
+                .iter()
+                .map(|s| format!("{}:{}", table.chains[s.chain].name, s.line))
+                .collect(),
+            paths: o.paths,
+        })
+        .collect();
+    let report = TraceReport {
+        table: a.table.clone(),
+        chain: chain_name,
+        connection: format!(
+            "{} {} -> {}",
+            eval::proto_name(&a.proto),
+            a.src.as_deref().unwrap_or("*"),
+            a.dst
+        ),
+        outcomes,
+        warnings,
+    };
+    let out = match a.format {
+        ReportFormat::Json => serde_json::to_string_pretty(&report).expect("serialises") + "\n",
+        ReportFormat::Csv => {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            let _ = w.write_record(["outcome", "probability", "path"]);
+            for o in &report.outcomes {
+                let _ = w.write_record([
+                    o.outcome.as_str(),
+                    &o.probability.to_string(),
+                    &o.path.join(" -> "),
+                ]);
+            }
+            String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
+        }
+        ReportFormat::Table | ReportFormat::Markdown => {
+            let md = a.format == ReportFormat::Markdown;
+            let mut s = if md {
+                "| outcome | probability | path |\n|---|---:|---|\n".to_string()
+            } else {
+                format!(
+                    "{} from {} {}:\n",
+                    report.connection, report.table, report.chain
+                )
+            };
+            for o in &report.outcomes {
+                if md {
+                    s += &format!(
+                        "| {} | {} | {} |\n",
+                        o.outcome,
+                        fmt_prob(o.probability),
+                        o.path.join(" → ")
+                    );
+                } else {
+                    s += &format!(
+                        "  {:>16}  {}\n  {:>16}  via {}\n",
+                        fmt_prob(o.probability),
+                        o.outcome,
+                        "",
+                        if o.path.is_empty() {
+                            "(no jump)".to_string()
+                        } else {
+                            o.path.join(" -> ")
+                        }
+                    );
+                }
+            }
+            if !report.warnings.is_empty() {
+                s += "warnings:\n";
+                for w in &report.warnings {
+                    s += &format!("  line {}: {}\n", w.line, w.message);
+                }
+            }
+            s
+        }
+    };
+    emit(&out)?;
+    Ok(0)
+}

@@ -1,0 +1,889 @@
+//! The exact evaluator: a walk of the chain graph for one described new connection.
+//!
+//! The walk follows the kernel: rules in order, `-j` pushes a return point, `-g` does
+//! not, RETURN and the end of a user chain go back to the caller, a built-in chain's
+//! end applies its policy. A `-m statistic` rule splits the walk in two branches with
+//! exact weights: `q/2^31` for random mode, the long-run share `1/N` for nth mode.
+//! The result is a distribution over outcomes whose exact probabilities sum to 1.
+//!
+//! Conditions on the connection are decided against a [`Packet`]. A field the packet
+//! leaves open is *bound* by the first positive test on it (the walk describes "a
+//! connection of the kind these rules serve"); a test that cannot be decided otherwise
+//! is assumed to match, with a warning naming the line — except on a rule whose target
+//! only sets marks (kube-proxy's `! -s podCIDR -j KUBE-MARK-MASQ`), which is assumed not
+//! to match: it cannot change where a connection is sent.
+
+use crate::graph::{Graph, TargetRef};
+use crate::model::{Match, Opt, Rule, Warning};
+use crate::prob::Prob;
+use crate::statistic::{self, SCALE, Statistic};
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+/// What is known about the connection being walked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Packet {
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    /// Lower-case protocol name (`tcp`, `udp`, …).
+    pub proto: Option<String>,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub in_iface: Option<String>,
+    pub out_iface: Option<String>,
+    /// Is the destination an address of this host (`-m addrtype --dst-type LOCAL`)?
+    pub dst_local: Option<bool>,
+}
+
+impl Packet {
+    /// The packet that a rule's positive conditions describe: its `-s`, `-d`, `-p`, `-i`,
+    /// `-o` and destination/source port, where they name one value.
+    pub fn from_rule(rule: &Rule<'_>) -> Packet {
+        let mut p = Packet::default();
+        for o in &rule.core {
+            if o.negated {
+                continue;
+            }
+            match o.name {
+                "s" => p.src = first_addr(o.value()),
+                "d" => p.dst = first_addr(o.value()),
+                "p" => p.proto = Some(proto_name(o.value())),
+                "i" => p.in_iface = Some(o.value().trim_end_matches('+').to_string()),
+                "o" => p.out_iface = Some(o.value().trim_end_matches('+').to_string()),
+                _ => {}
+            }
+        }
+        for m in &rule.matches {
+            for o in &m.options {
+                if o.negated {
+                    continue;
+                }
+                match o.name {
+                    "dport" | "destination-port" | "dports" | "destination-ports" | "ports" => {
+                        p.dport = first_port(o.value());
+                    }
+                    "sport" | "source-port" | "sports" | "source-ports" => {
+                        p.sport = first_port(o.value());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        p
+    }
+}
+
+/// How a walk ends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// DNAT to this destination (the `--to-destination` text as written).
+    Dnat(String),
+    /// Another terminating target: its name and its main option (`SNAT 10.0.0.1`,
+    /// `REDIRECT 8080`, `ACCEPT`).
+    Verdict(String),
+    /// The walk left the start chain without a verdict but with the mark changed:
+    /// final nfmark and the OR of the masks the MARK targets used.
+    Mark { value: u32, mask: u32 },
+    /// The walk left the start chain (or hit the policy, in trace mode) with nothing done.
+    Unmatched,
+    /// Trace mode: the built-in chain's policy (with the mark if one was set).
+    Policy {
+        policy: String,
+        mark: Option<(u32, u32)>,
+    },
+}
+
+impl Outcome {
+    /// The label used in reports (`endpoint`).
+    pub fn label(&self) -> String {
+        match self {
+            Outcome::Dnat(d) => d.clone(),
+            Outcome::Verdict(v) => v.clone(),
+            Outcome::Mark { value, mask } => format!("mark {value:#x}/{mask:#x}"),
+            Outcome::Unmatched => "unmatched".to_string(),
+            Outcome::Policy { policy, mark } => match mark {
+                None => format!("policy {policy}"),
+                Some((v, m)) => format!("policy {policy}, mark {v:#x}/{m:#x}"),
+            },
+        }
+    }
+}
+
+/// One step of a path: a rule that jumped, went to, or ended the walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub chain: usize,
+    pub line: u32,
+}
+
+/// One outcome with its exact probability and how it is reached.
+#[derive(Debug, Clone)]
+pub struct OutcomeInfo {
+    pub outcome: Outcome,
+    pub prob: Prob,
+    /// How many distinct branches of the walk reach it.
+    pub paths: u32,
+    /// The first path found (jumping rules and the terminal rule).
+    pub path: Vec<Step>,
+    /// Lines of the rules in the start chain through which it is reached, in order.
+    pub via: Vec<u32>,
+    /// Line of the rule that produced the outcome (0 for a fall-through).
+    pub line: u32,
+    /// The chain the walk was in when it ended.
+    pub chain: usize,
+}
+
+/// The result of a walk.
+#[derive(Debug, Clone)]
+pub struct Distribution {
+    /// Outcomes in the order the walk first reached them.
+    pub outcomes: Vec<OutcomeInfo>,
+    /// Assumptions made, with lines.
+    pub warnings: Vec<Warning>,
+    /// Rules evaluated.
+    pub steps: u64,
+    /// Statistic rules reached at the start chain's level.
+    pub statistic_rules: u32,
+}
+
+impl Distribution {
+    /// The exact sum of all outcome probabilities (1 for every complete walk).
+    pub fn total(&self) -> Prob {
+        let mut t = Prob::zero();
+        for o in &self.outcomes {
+            t.add_assign(&o.prob);
+        }
+        t
+    }
+}
+
+/// How the end of the start chain is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The start chain is a balancer: leaving it is `Unmatched` (or a mark outcome).
+    Balancer,
+    /// A full trace from a built-in chain: its end applies the policy.
+    Trace,
+}
+
+/// The walk gave up: too many branches.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("more than {limit} rule evaluations for one walk (the rules branch too much to enumerate)")]
+pub struct TooComplex {
+    pub limit: u64,
+}
+
+/// The most rule evaluations one walk may make.
+pub const STEP_LIMIT: u64 = 200_000_000;
+
+#[derive(Clone)]
+struct Thread {
+    chain: usize,
+    rule: usize,
+    stack: Vec<(usize, usize)>,
+    weight: Prob,
+    nfmark: u32,
+    ctmark: u32,
+    mark_mask: u32,
+    packet: Packet,
+    path: Vec<Step>,
+    via: u32,
+}
+
+struct Walker<'g, 'r, 'a> {
+    graph: &'g Graph<'r, 'a>,
+    table: usize,
+    mode: Mode,
+    record_paths: bool,
+    outcomes: Vec<OutcomeInfo>,
+    index: HashMap<Outcome, usize>,
+    warned: BTreeSet<(u32, String)>,
+    steps: u64,
+    statistic_rules: u32,
+}
+
+/// Walks the graph from the start of `chain` in `table` for `packet`.
+pub fn evaluate(
+    graph: &Graph<'_, '_>,
+    table: usize,
+    chain: usize,
+    packet: Packet,
+    mode: Mode,
+    record_paths: bool,
+) -> Result<Distribution, TooComplex> {
+    let mut w = Walker {
+        graph,
+        table,
+        mode,
+        record_paths,
+        outcomes: Vec::new(),
+        index: HashMap::new(),
+        warned: BTreeSet::new(),
+        steps: 0,
+        statistic_rules: 0,
+    };
+    let start = Thread {
+        chain,
+        rule: 0,
+        stack: Vec::new(),
+        weight: Prob::one(),
+        nfmark: 0,
+        ctmark: 0,
+        mark_mask: 0,
+        packet,
+        path: Vec::new(),
+        via: 0,
+    };
+    let mut work = vec![start];
+    while let Some(t) = work.pop() {
+        w.run(t, &mut work)?;
+    }
+    Ok(Distribution {
+        outcomes: w.outcomes,
+        warnings: w
+            .warned
+            .into_iter()
+            .map(|(line, message)| Warning { line, message })
+            .collect(),
+        steps: w.steps,
+        statistic_rules: w.statistic_rules,
+    })
+}
+
+/// Result of deciding a rule's conditions.
+enum Decision {
+    No,
+    /// Matches with this probability (numerator, denominator) of those reaching it.
+    Yes(Option<(u64, u64)>),
+}
+
+impl Walker<'_, '_, '_> {
+    fn warn(&mut self, line: u32, message: String) {
+        self.warned.insert((line, message));
+    }
+
+    fn finish(&mut self, t: &Thread, outcome: Outcome, line: u32) {
+        let via = if t.via > 0 { vec![t.via] } else { Vec::new() };
+        match self.index.get(&outcome) {
+            Some(&i) => {
+                let o = &mut self.outcomes[i];
+                o.prob.add_assign(&t.weight);
+                o.paths += 1;
+                if t.via > 0 && !o.via.contains(&t.via) {
+                    o.via.push(t.via);
+                }
+            }
+            None => {
+                self.index.insert(outcome.clone(), self.outcomes.len());
+                self.outcomes.push(OutcomeInfo {
+                    outcome,
+                    prob: t.weight.clone(),
+                    paths: 1,
+                    path: t.path.clone(),
+                    via,
+                    line,
+                    chain: t.chain,
+                });
+            }
+        }
+    }
+
+    fn run(&mut self, mut t: Thread, work: &mut Vec<Thread>) -> Result<(), TooComplex> {
+        let tg = &self.graph.tables[self.table];
+        let table = self.graph.table(self.table);
+        loop {
+            let chain = &table.chains[t.chain];
+            if t.rule >= chain.rules.len() {
+                if let Some((c, r)) = t.stack.pop() {
+                    t.chain = c;
+                    t.rule = r + 1;
+                    continue;
+                }
+                let outcome = self.end_outcome(&t);
+                self.finish(&t, outcome, 0);
+                return Ok(());
+            }
+            self.steps += 1;
+            if self.steps > STEP_LIMIT {
+                return Err(TooComplex { limit: STEP_LIMIT });
+            }
+            let rule = &chain.rules[t.rule];
+            let target = tg.targets[t.chain][t.rule];
+            // Rules whose target cannot change the outcome are skipped unevaluated.
+            let relevant = match target {
+                TargetRef::None | TargetRef::Continue | TargetRef::Missing => false,
+                TargetRef::Chain { chain, .. } => tg.may_terminate[chain] || tg.may_mark[chain],
+                _ => true,
+            };
+            if !relevant {
+                t.rule += 1;
+                continue;
+            }
+            let mark_only = match target {
+                TargetRef::Mark => true,
+                TargetRef::Chain { chain, .. } => !tg.may_terminate[chain],
+                _ => false,
+            };
+            let at_top = t.stack.is_empty();
+            match self.decide(rule, &mut t, mark_only) {
+                Decision::No => {
+                    t.rule += 1;
+                    continue;
+                }
+                Decision::Yes(Some((num, den))) => {
+                    if at_top {
+                        self.statistic_rules += 1;
+                    }
+                    // Split: the branch that does not match goes on with the next rule.
+                    let mut rest = t.clone();
+                    rest.weight = t.weight.mul_ratio(den - num, den);
+                    rest.rule += 1;
+                    work.push(rest);
+                    t.weight = t.weight.mul_ratio(num, den);
+                }
+                Decision::Yes(None) => {}
+            }
+            if at_top && t.via == 0 {
+                t.via = rule.line;
+            }
+            match target {
+                TargetRef::Chain { chain, goto } => {
+                    if self.record_paths {
+                        t.path.push(Step {
+                            chain: t.chain,
+                            line: rule.line,
+                        });
+                    }
+                    if !goto {
+                        t.stack.push((t.chain, t.rule));
+                    }
+                    t.chain = chain;
+                    t.rule = 0;
+                }
+                TargetRef::Return => {
+                    if let Some((c, r)) = t.stack.pop() {
+                        t.chain = c;
+                        t.rule = r + 1;
+                    } else {
+                        let outcome = self.end_outcome(&t);
+                        self.finish(&t, outcome, rule.line);
+                        return Ok(());
+                    }
+                }
+                TargetRef::Mark => {
+                    apply_mark(rule, &mut t);
+                    t.rule += 1;
+                }
+                TargetRef::Terminal => {
+                    if self.record_paths {
+                        t.path.push(Step {
+                            chain: t.chain,
+                            line: rule.line,
+                        });
+                    }
+                    let outcome = terminal_outcome(rule);
+                    self.finish(&t, outcome, rule.line);
+                    return Ok(());
+                }
+                TargetRef::None | TargetRef::Continue | TargetRef::Missing => t.rule += 1,
+            }
+        }
+    }
+
+    fn end_outcome(&self, t: &Thread) -> Outcome {
+        let chain = self.graph.chain(self.table, t.chain);
+        match (self.mode, chain.policy) {
+            (Mode::Trace, Some(policy)) => Outcome::Policy {
+                policy: policy.to_string(),
+                mark: (t.mark_mask != 0).then_some((t.nfmark, t.mark_mask)),
+            },
+            _ if t.mark_mask != 0 => Outcome::Mark {
+                value: t.nfmark,
+                mask: t.mark_mask,
+            },
+            _ => Outcome::Unmatched,
+        }
+    }
+
+    /// Decides the rule's conditions for the thread's packet.
+    fn decide(&mut self, rule: &Rule<'_>, t: &mut Thread, mark_only: bool) -> Decision {
+        let mut undecided: Vec<String> = Vec::new();
+        // Bindings are tentative until the whole rule is known to apply.
+        let mut packet = t.packet.clone();
+        for o in &rule.core {
+            match core_test(o, &mut packet) {
+                Some(true) => {}
+                Some(false) => return Decision::No,
+                None => undecided.push(describe(o)),
+            }
+        }
+        let mut share: Option<(u64, u64)> = None;
+        for m in &rule.matches {
+            if m.module == "statistic" {
+                match statistic::from_match(m) {
+                    Ok(s) => {
+                        let (num, den) = match s {
+                            Statistic::Random {
+                                threshold,
+                                inverted,
+                            } => {
+                                let q = u64::from(threshold);
+                                if inverted {
+                                    (SCALE - q, SCALE)
+                                } else {
+                                    (q, SCALE)
+                                }
+                            }
+                            Statistic::Nth {
+                                every, inverted, ..
+                            } => {
+                                let n = u64::from(every);
+                                if inverted { (n - 1, n) } else { (1, n) }
+                            }
+                        };
+                        share = Some(match share {
+                            None => (num, den),
+                            // Two statistic matches in one rule: independent draws.
+                            Some((a, b)) => match (a.checked_mul(num), b.checked_mul(den)) {
+                                (Some(x), Some(y)) => (x, y),
+                                _ => (a, b),
+                            },
+                        });
+                    }
+                    Err(e) => {
+                        self.warn(rule.line, format!("statistic match ignored: {}", e.message));
+                    }
+                }
+                continue;
+            }
+            match self.match_test(m, t, &mut packet) {
+                Some(true) => {}
+                Some(false) => return Decision::No,
+                None => undecided.push(format!("-m {}", m.module)),
+            }
+        }
+        if !undecided.is_empty() {
+            if mark_only {
+                // Cannot change where the connection goes; assume it does not apply.
+                return Decision::No;
+            }
+            self.warn(
+                rule.line,
+                format!(
+                    "cannot decide {} for the connection; assumed to match",
+                    undecided.join(", ")
+                ),
+            );
+        }
+        t.packet = packet;
+        Decision::Yes(share)
+    }
+
+    fn match_test(&mut self, m: &Match<'_>, t: &Thread, packet: &mut Packet) -> Option<bool> {
+        let mut all = true;
+        for o in &m.options {
+            let r = match (m.module, o.name) {
+                ("comment", _) => Some(true),
+                (
+                    "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
+                    "dport" | "destination-port" | "dports" | "destination-ports",
+                ) => port_test(o, &mut packet.dport),
+                (
+                    "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
+                    "sport" | "source-port" | "sports" | "source-ports",
+                ) => port_test(o, &mut packet.sport),
+                ("multiport", "ports") => {
+                    let d = port_test(o, &mut packet.dport);
+                    if d == Some(true) {
+                        Some(true)
+                    } else {
+                        port_test(o, &mut packet.sport).or(d)
+                    }
+                }
+                ("tcp", "syn") => Some(!o.negated),
+                ("tcp", "tcp-flags") => Some(tcp_flags(o)),
+                ("mark", "mark") => mark_test(o, t.nfmark),
+                ("connmark", "mark") => mark_test(o, t.ctmark),
+                ("conntrack", "ctstate") | ("state", "state") => {
+                    let new = o.value().split(',').any(|s| s.eq_ignore_ascii_case("NEW"));
+                    Some(new != o.negated)
+                }
+                ("recent", "rcheck" | "update") => Some(o.negated),
+                ("recent", "remove") => Some(o.negated),
+                ("recent", "set") => Some(true),
+                (
+                    "recent",
+                    "seconds" | "reap" | "name" | "mask" | "rsource" | "rdest" | "hitcount"
+                    | "rttl",
+                ) => Some(true),
+                ("addrtype", "dst-type") => match packet.dst_local {
+                    Some(local) => {
+                        let wants_local = o.value().split(',').any(|v| v == "LOCAL");
+                        Some((wants_local == local) != o.negated)
+                    }
+                    None => None,
+                },
+                ("addrtype", "limit-iface-in" | "limit-iface-out") => Some(true),
+                ("iprange", "src-range") => range_test(o, packet.src),
+                ("iprange", "dst-range") => range_test(o, packet.dst),
+                ("icmp" | "icmp6", _) | ("tcp" | "udp" | "sctp", _) => None,
+                _ => None,
+            };
+            match r {
+                Some(true) => {}
+                Some(false) => return Some(false),
+                None => all = false,
+            }
+        }
+        if m.options.is_empty() {
+            // A module with no options (e.g. `-m tcp` alone) constrains nothing.
+            return Some(true);
+        }
+        all.then_some(true)
+    }
+}
+
+fn describe(o: &Opt<'_>) -> String {
+    format!(
+        "{}-{} {}",
+        if o.negated { "! " } else { "" },
+        o.name,
+        o.value()
+    )
+}
+
+/// Lower-case protocol name from a `-p` value (names or numbers).
+pub fn proto_name(v: &str) -> String {
+    match v {
+        "6" => "tcp".into(),
+        "17" => "udp".into(),
+        "132" => "sctp".into(),
+        "1" => "icmp".into(),
+        "58" => "ipv6-icmp".into(),
+        _ => v.to_ascii_lowercase(),
+    }
+}
+
+fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
+    let v = o.value();
+    let r = match o.name {
+        "p" => {
+            let want = proto_name(v);
+            if want == "all" || want == "0" {
+                Some(true)
+            } else {
+                match &p.proto {
+                    Some(have) => Some(*have == want || (want == "icmpv6" && have == "ipv6-icmp")),
+                    None if !o.negated => {
+                        p.proto = Some(want);
+                        Some(true)
+                    }
+                    None => None,
+                }
+            }
+        }
+        "s" | "d" => {
+            let field = if o.name == "s" {
+                &mut p.src
+            } else {
+                &mut p.dst
+            };
+            match field {
+                Some(addr) => {
+                    let a = *addr;
+                    let mut any = false;
+                    let mut known = true;
+                    for part in v.split(',') {
+                        match cidr_contains(part, a) {
+                            Some(true) => any = true,
+                            Some(false) => {}
+                            None => known = false,
+                        }
+                    }
+                    if any || known { Some(any) } else { None }
+                }
+                None if !o.negated && !v.contains(',') => match first_addr(v) {
+                    Some(a) => {
+                        *field = Some(a);
+                        Some(true)
+                    }
+                    None => None,
+                },
+                None => None,
+            }
+        }
+        "i" | "o" => {
+            let field = if o.name == "i" {
+                &mut p.in_iface
+            } else {
+                &mut p.out_iface
+            };
+            match field {
+                Some(have) => Some(match v.strip_suffix('+') {
+                    Some(prefix) => have.starts_with(prefix),
+                    None => have == v,
+                }),
+                None if !o.negated => {
+                    *field = Some(v.trim_end_matches('+').to_string());
+                    Some(true)
+                }
+                None => None,
+            }
+        }
+        // The first packet of a connection is never a non-first fragment.
+        "f" => Some(false),
+        _ => None,
+    };
+    // `-s`/`-d` bound above already matched; negation applies to decided results.
+    r.map(|m| m != o.negated)
+}
+
+fn first_addr(v: &str) -> Option<IpAddr> {
+    let first = v.split(',').next()?;
+    let addr = first.split('/').next()?;
+    addr.parse().ok()
+}
+
+fn first_port(v: &str) -> Option<u16> {
+    let first = v.split(',').next()?;
+    first.split(':').next()?.parse().ok()
+}
+
+/// Does `cidr` (an address, `addr/len` or `addr/dotted-mask`) contain `a`?
+pub fn cidr_contains(cidr: &str, a: IpAddr) -> Option<bool> {
+    let (addr, mask) = match cidr.split_once('/') {
+        Some((x, m)) => (x, Some(m)),
+        None => (cidr, None),
+    };
+    let net: IpAddr = addr.parse().ok()?;
+    match (net, a) {
+        (IpAddr::V4(n), IpAddr::V4(x)) => {
+            let bits = match mask {
+                None => u32::MAX,
+                Some(m) => match m.parse::<u32>() {
+                    Ok(len) if len <= 32 => {
+                        if len == 0 {
+                            0
+                        } else {
+                            u32::MAX << (32 - len)
+                        }
+                    }
+                    Ok(_) => return None,
+                    Err(_) => u32::from(m.parse::<std::net::Ipv4Addr>().ok()?),
+                },
+            };
+            Some(u32::from(n) & bits == u32::from(x) & bits)
+        }
+        (IpAddr::V6(n), IpAddr::V6(x)) => {
+            let bits = match mask {
+                None => u128::MAX,
+                Some(m) => match m.parse::<u32>() {
+                    Ok(len) if len <= 128 => {
+                        if len == 0 {
+                            0
+                        } else {
+                            u128::MAX << (128 - len)
+                        }
+                    }
+                    Ok(_) => return None,
+                    Err(_) => u128::from(m.parse::<std::net::Ipv6Addr>().ok()?),
+                },
+            };
+            Some(u128::from(n) & bits == u128::from(x) & bits)
+        }
+        _ => Some(false),
+    }
+}
+
+fn port_test(o: &Opt<'_>, field: &mut Option<u16>) -> Option<bool> {
+    let v = o.value();
+    match *field {
+        Some(port) => {
+            let mut any = false;
+            for part in v.split(',') {
+                let (lo, hi) = match part.split_once(':') {
+                    Some((a, b)) => (
+                        if a.is_empty() { 0 } else { a.parse().ok()? },
+                        if b.is_empty() {
+                            u16::MAX
+                        } else {
+                            b.parse().ok()?
+                        },
+                    ),
+                    None => {
+                        let x: u16 = part.parse().ok()?;
+                        (x, x)
+                    }
+                };
+                any |= (lo..=hi).contains(&port);
+            }
+            Some(any != o.negated)
+        }
+        None if !o.negated => {
+            *field = Some(first_port(v)?);
+            Some(true)
+        }
+        None => None,
+    }
+}
+
+fn range_test(o: &Opt<'_>, a: Option<IpAddr>) -> Option<bool> {
+    let a = a?;
+    let (lo, hi) = o.value().split_once('-')?;
+    let (lo, hi): (IpAddr, IpAddr) = (lo.parse().ok()?, hi.parse().ok()?);
+    Some(((lo..=hi).contains(&a)) != o.negated)
+}
+
+/// `--tcp-flags MASK COMP` for the first packet of a connection (SYN alone).
+fn tcp_flags(o: &Opt<'_>) -> bool {
+    let flags = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(|f| f.trim().to_ascii_uppercase())
+            .flat_map(|f| {
+                if f == "ALL" {
+                    ["SYN", "ACK", "FIN", "RST", "URG", "PSH"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect()
+                } else if f == "NONE" {
+                    Vec::new()
+                } else {
+                    vec![f]
+                }
+            })
+            .collect()
+    };
+    let mask = flags(o.values.first().map_or("", |v| v.as_ref()));
+    let comp = flags(o.values.get(1).map_or("", |v| v.as_ref()));
+    let set = |f: &str| f == "SYN";
+    let ok = mask.iter().all(|f| set(f) == comp.contains(f));
+    ok != o.negated
+}
+
+fn parse_u32(v: &str) -> Option<u32> {
+    if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u32::from_str_radix(h, 16).ok()
+    } else {
+        v.parse().ok()
+    }
+}
+
+/// `VALUE[/MASK]` as printed by iptables.
+pub fn parse_mark(v: &str) -> Option<(u32, u32)> {
+    match v.split_once('/') {
+        Some((a, b)) => Some((parse_u32(a)?, parse_u32(b)?)),
+        None => Some((parse_u32(v)?, u32::MAX)),
+    }
+}
+
+fn mark_test(o: &Opt<'_>, mark: u32) -> Option<bool> {
+    let (value, mask) = parse_mark(o.value())?;
+    Some(((mark & mask) == value) != o.negated)
+}
+
+fn apply_mark(rule: &Rule<'_>, t: &mut Thread) {
+    let Some(target) = &rule.target else { return };
+    for o in &target.options {
+        let v = o.value();
+        match (target.name, o.name) {
+            ("MARK", "set-xmark") | ("MARK", "set-mark") => {
+                if let Some((value, mask)) = parse_mark(v) {
+                    let (value, mask) = if o.name == "set-mark" && !v.contains('/') {
+                        (value, u32::MAX)
+                    } else {
+                        (value, mask)
+                    };
+                    t.nfmark = if o.name == "set-xmark" {
+                        (t.nfmark & !mask) ^ value
+                    } else {
+                        (t.nfmark & !mask) | value
+                    };
+                    t.mark_mask |= mask;
+                }
+            }
+            ("MARK", "and-mark") => {
+                if let Some(x) = parse_u32(v) {
+                    t.nfmark &= x;
+                    t.mark_mask |= !x;
+                }
+            }
+            ("MARK", "or-mark") => {
+                if let Some(x) = parse_u32(v) {
+                    t.nfmark |= x;
+                    t.mark_mask |= x;
+                }
+            }
+            ("MARK", "xor-mark") => {
+                if let Some(x) = parse_u32(v) {
+                    t.nfmark ^= x;
+                    t.mark_mask |= x;
+                }
+            }
+            ("CONNMARK", "set-xmark") | ("CONNMARK", "set-mark") => {
+                if let Some((value, mask)) = parse_mark(v) {
+                    t.ctmark = if o.name == "set-xmark" {
+                        (t.ctmark & !mask) ^ value
+                    } else {
+                        (t.ctmark & !mask) | value
+                    };
+                }
+            }
+            ("CONNMARK", "restore-mark") => {
+                let nfmask = target
+                    .opt("nfmask")
+                    .and_then(|o| parse_u32(o.value()))
+                    .unwrap_or(u32::MAX);
+                let ctmask = target
+                    .opt("ctmask")
+                    .and_then(|o| parse_u32(o.value()))
+                    .unwrap_or(u32::MAX);
+                let new = (t.nfmark & !nfmask) | (t.ctmark & ctmask);
+                if new != t.nfmark {
+                    t.mark_mask |= nfmask;
+                }
+                t.nfmark = new;
+            }
+            ("CONNMARK", "save-mark") => {
+                let nfmask = target
+                    .opt("nfmask")
+                    .and_then(|o| parse_u32(o.value()))
+                    .unwrap_or(u32::MAX);
+                let ctmask = target
+                    .opt("ctmask")
+                    .and_then(|o| parse_u32(o.value()))
+                    .unwrap_or(u32::MAX);
+                t.ctmark = (t.ctmark & !ctmask) | (t.nfmark & nfmask);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn terminal_outcome(rule: &Rule<'_>) -> Outcome {
+    let Some(target) = &rule.target else {
+        return Outcome::Unmatched;
+    };
+    let arg = |names: &[&str]| {
+        target
+            .options
+            .iter()
+            .find(|o| names.contains(&o.name))
+            .map(|o| o.value().to_string())
+    };
+    match target.name {
+        "DNAT" => Outcome::Dnat(arg(&["to-destination", "to"]).unwrap_or_default()),
+        "SNAT" => Outcome::Verdict(match arg(&["to-source", "to"]) {
+            Some(a) => format!("SNAT {a}"),
+            None => "SNAT".into(),
+        }),
+        "REDIRECT" | "MASQUERADE" => Outcome::Verdict(match arg(&["to-ports"]) {
+            Some(a) => format!("{} {a}", target.name),
+            None => target.name.to_string(),
+        }),
+        "NFQUEUE" => Outcome::Verdict(match arg(&["queue-num", "queue-balance"]) {
+            Some(a) => format!("NFQUEUE {a}"),
+            None => "NFQUEUE".into(),
+        }),
+        other => Outcome::Verdict(other.to_string()),
+    }
+}

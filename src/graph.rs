@@ -1,0 +1,362 @@
+//! The chain graph: every rule's target resolved to a chain index, a verdict or an
+//! extension; loops and jumps to undeclared chains found here.
+
+use crate::error::{InputError, InputErrorKind};
+use crate::model::{Chain, Format, Jump, Ruleset, Table, Target, Warning};
+use std::collections::HashMap;
+
+/// What a rule's target does to traversal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetRef {
+    /// No `-j`: the rule only counts packets.
+    None,
+    /// A user chain of the same table.
+    Chain { chain: usize, goto: bool },
+    /// A jump to a chain the input does not contain (fragments): assumed to return
+    /// without a verdict.
+    Missing,
+    /// `RETURN`.
+    Return,
+    /// A target that ends traversal of the table (ACCEPT, DROP, DNAT, REJECT, …).
+    Terminal,
+    /// `MARK` / `CONNMARK`: changes marks and goes on.
+    Mark,
+    /// Any other target that goes on with the next rule (LOG, NFLOG, CT, …).
+    Continue,
+}
+
+/// Targets that end traversal of the table for the packet.
+const TERMINAL: &[&str] = &[
+    "ACCEPT",
+    "DROP",
+    "QUEUE",
+    "REJECT",
+    "DNAT",
+    "SNAT",
+    "MASQUERADE",
+    "REDIRECT",
+    "NETMAP",
+    "TPROXY",
+    "NFQUEUE",
+    "MIRROR",
+    "SAME",
+    "SYNPROXY",
+    "TARPIT",
+    "DELUDE",
+    "CHAOS",
+];
+
+/// Target extensions that go on with the next rule.
+const CONTINUE: &[&str] = &[
+    "LOG",
+    "NFLOG",
+    "ULOG",
+    "AUDIT",
+    "CHECKSUM",
+    "CLASSIFY",
+    "CLUSTERIP",
+    "CONNSECMARK",
+    "CT",
+    "DNPT",
+    "SNPT",
+    "DSCP",
+    "ECN",
+    "HL",
+    "HMARK",
+    "IDLETIMER",
+    "LED",
+    "NOTRACK",
+    "RATEEST",
+    "SECMARK",
+    "SET",
+    "TCPMSS",
+    "TCPOPTSTRIP",
+    "TEE",
+    "TOS",
+    "TRACE",
+    "TTL",
+];
+
+/// Does this target name end traversal when it is not a chain?
+pub fn is_terminal_name(name: &str) -> bool {
+    TERMINAL.contains(&name)
+}
+
+/// One table's resolved graph.
+#[derive(Debug, Clone)]
+pub struct TableGraph<'a> {
+    /// Chain name to index in `Table::chains`.
+    pub index: HashMap<&'a str, usize>,
+    /// Per chain, per rule: the resolved target.
+    pub targets: Vec<Vec<TargetRef>>,
+    /// Per chain: the `(chain, rule)` positions that jump or go to it.
+    pub callers: Vec<Vec<(usize, usize)>>,
+    /// Per chain: can traversal end with a verdict inside it (directly or below)?
+    pub may_terminate: Vec<bool>,
+    /// Per chain: does it (or anything below it) change marks?
+    pub may_mark: Vec<bool>,
+}
+
+/// The resolved graph of a whole ruleset.
+#[derive(Debug, Clone)]
+pub struct Graph<'r, 'a> {
+    pub rs: &'r Ruleset<'a>,
+    pub tables: Vec<TableGraph<'a>>,
+    /// Assumptions made while resolving (undeclared chains in fragments, …).
+    pub warnings: Vec<Warning>,
+}
+
+impl<'r, 'a> Graph<'r, 'a> {
+    /// Resolves every target. In a full dump (`Format::Save`) a jump to an undeclared
+    /// chain is an error unless `lenient`; in fragments and `-S` output it is assumed to
+    /// return, with a warning. A loop is always an error.
+    pub fn build(rs: &'r Ruleset<'a>, lenient: bool) -> Result<Self, InputError> {
+        let mut warnings = Vec::new();
+        let mut tables = Vec::with_capacity(rs.tables.len());
+        for table in &rs.tables {
+            tables.push(build_table(rs.format, table, lenient, &mut warnings)?);
+        }
+        let graph = Graph {
+            rs,
+            tables,
+            warnings,
+        };
+        for (t, table) in rs.tables.iter().enumerate() {
+            graph.check_loops(t, table)?;
+        }
+        let mut graph = graph;
+        for t in 0..graph.tables.len() {
+            graph.compute_flags(t);
+        }
+        Ok(graph)
+    }
+
+    pub fn table(&self, t: usize) -> &'r Table<'a> {
+        &self.rs.tables[t]
+    }
+
+    pub fn chain(&self, t: usize, c: usize) -> &'r Chain<'a> {
+        &self.rs.tables[t].chains[c]
+    }
+
+    /// Chains in an order where every chain comes after all chains it jumps to.
+    pub fn callee_first_order(&self, t: usize) -> Vec<usize> {
+        let tg = &self.tables[t];
+        let n = tg.targets.len();
+        let mut order = Vec::with_capacity(n);
+        let mut state = vec![0u8; n]; // 0 new, 1 on stack, 2 done
+        for root in 0..n {
+            if state[root] != 0 {
+                continue;
+            }
+            let mut stack = vec![(root, 0usize)];
+            state[root] = 1;
+            while let Some(&mut (c, ref mut r)) = stack.last_mut() {
+                if *r < tg.targets[c].len() {
+                    let target = tg.targets[c][*r];
+                    *r += 1;
+                    if let TargetRef::Chain { chain, .. } = target
+                        && state[chain] == 0
+                    {
+                        state[chain] = 1;
+                        stack.push((chain, 0));
+                    }
+                } else {
+                    state[c] = 2;
+                    order.push(c);
+                    stack.pop();
+                }
+            }
+        }
+        order
+    }
+
+    fn compute_flags(&mut self, t: usize) {
+        let order = self.callee_first_order(t);
+        let table = &self.rs.tables[t];
+        let tg = &mut self.tables[t];
+        for c in order {
+            let mut term = false;
+            let mut mark = false;
+            for target in &tg.targets[c] {
+                match *target {
+                    TargetRef::Terminal => term = true,
+                    TargetRef::Mark => mark = true,
+                    TargetRef::Chain { chain, .. } => {
+                        term |= tg.may_terminate[chain];
+                        mark |= tg.may_mark[chain];
+                    }
+                    _ => {}
+                }
+            }
+            // A built-in chain's policy is a verdict too.
+            term |= table.chains[c].policy.is_some();
+            tg.may_terminate[c] = term;
+            tg.may_mark[c] = mark;
+        }
+    }
+
+    fn check_loops(&self, t: usize, table: &Table<'a>) -> Result<(), InputError> {
+        let tg = &self.tables[t];
+        let n = table.chains.len();
+        let mut state = vec![0u8; n];
+        for root in 0..n {
+            if state[root] != 0 {
+                continue;
+            }
+            // (chain, next rule index)
+            let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+            state[root] = 1;
+            while let Some(top) = stack.last_mut() {
+                let (c, r) = *top;
+                if r >= tg.targets[c].len() {
+                    state[c] = 2;
+                    stack.pop();
+                    continue;
+                }
+                top.1 += 1;
+                if let TargetRef::Chain { chain, .. } = tg.targets[c][r] {
+                    match state[chain] {
+                        0 => {
+                            state[chain] = 1;
+                            stack.push((chain, 0));
+                        }
+                        1 => return Err(loop_error(table, &stack, chain)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn loop_error(table: &Table<'_>, stack: &[(usize, usize)], back_to: usize) -> InputError {
+    let start = stack.iter().position(|&(c, _)| c == back_to).unwrap_or(0);
+    let mut names = Vec::new();
+    let mut lines = Vec::new();
+    for &(c, next) in &stack[start..] {
+        names.push(table.chains[c].name.to_string());
+        let rule = &table.chains[c].rules[next - 1];
+        lines.push(rule.line.to_string());
+    }
+    names.push(table.chains[back_to].name.to_string());
+    let (c, next) = stack[stack.len() - 1];
+    let rule = &table.chains[c].rules[next - 1];
+    InputError::new(
+        InputErrorKind::Loop,
+        rule.line,
+        rule.target.as_ref().map_or(0, |t| t.col),
+        names.join(" -> "),
+        format!(
+            "chain loop in table {}: {} (rules on lines {})",
+            table.name,
+            names.join(" -> "),
+            lines.join(", ")
+        ),
+        "iptables-restore rejects loops; remove one of these jumps",
+    )
+}
+
+fn build_table<'a>(
+    format: Format,
+    table: &Table<'a>,
+    lenient: bool,
+    warnings: &mut Vec<Warning>,
+) -> Result<TableGraph<'a>, InputError> {
+    let mut index = HashMap::with_capacity(table.chains.len());
+    for (i, c) in table.chains.iter().enumerate() {
+        index.entry(c.name).or_insert(i);
+    }
+    let n = table.chains.len();
+    let mut targets = Vec::with_capacity(n);
+    let mut callers = vec![Vec::new(); n];
+    let mut missing_warned: HashMap<&str, ()> = HashMap::new();
+    for (ci, chain) in table.chains.iter().enumerate() {
+        let mut row = Vec::with_capacity(chain.rules.len());
+        for (ri, rule) in chain.rules.iter().enumerate() {
+            let resolved = match &rule.target {
+                None => TargetRef::None,
+                Some(target) => resolve(target, &index),
+            };
+            let resolved = match resolved {
+                TargetRef::Chain { chain: callee, .. } => {
+                    callers[callee].push((ci, ri));
+                    resolved
+                }
+                TargetRef::Missing => {
+                    let target = rule.target.as_ref().expect("missing implies a target");
+                    if format == Format::Save && !lenient {
+                        return Err(InputError::new(
+                            InputErrorKind::UndeclaredChain,
+                            rule.line,
+                            target.col,
+                            target.name,
+                            format!(
+                                "jump to chain {} which table {} does not declare",
+                                target.name, table.name
+                            ),
+                            format!(
+                                "add `:{} - [0:0]` to the table, or analyse a fragment without `*{}` header lines",
+                                target.name, table.name
+                            ),
+                        ));
+                    }
+                    if missing_warned.insert(target.name, ()).is_none() {
+                        warnings.push(Warning::new(
+                            rule.line,
+                            format!(
+                                "chain {} is not in the input; assumed to return without a verdict (as KUBE-MARK-MASQ, which only sets a mark, does)",
+                                target.name
+                            ),
+                        ));
+                    }
+                    resolved
+                }
+                TargetRef::Continue => {
+                    let name = rule.target.as_ref().map_or("", |t| t.name);
+                    if !CONTINUE.contains(&name) && missing_warned.insert(name, ()).is_none() {
+                        warnings.push(Warning::new(
+                            rule.line,
+                            format!("unknown target {name}: assumed to go on with the next rule"),
+                        ));
+                    }
+                    resolved
+                }
+                other => other,
+            };
+            row.push(resolved);
+        }
+        targets.push(row);
+    }
+    Ok(TableGraph {
+        index,
+        targets,
+        callers,
+        may_terminate: vec![false; n],
+        may_mark: vec![false; n],
+    })
+}
+
+fn resolve(target: &Target<'_>, index: &HashMap<&str, usize>) -> TargetRef {
+    let name = target.name;
+    if let Some(&chain) = index.get(name) {
+        return TargetRef::Chain {
+            chain,
+            goto: target.jump == Jump::Goto,
+        };
+    }
+    if target.jump == Jump::Goto {
+        return TargetRef::Missing;
+    }
+    match name {
+        "RETURN" => TargetRef::Return,
+        "MARK" | "CONNMARK" => TargetRef::Mark,
+        _ if is_terminal_name(name) => TargetRef::Terminal,
+        _ if CONTINUE.contains(&name) => TargetRef::Continue,
+        // An unknown name with options is a target extension we do not know; without
+        // options it is a chain the input does not contain.
+        _ if !target.options.is_empty() => TargetRef::Continue,
+        _ => TargetRef::Missing,
+    }
+}

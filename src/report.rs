@@ -1,0 +1,356 @@
+//! The report: what `lbaudit report` prints, as a terminal table, JSON, CSV or Markdown.
+//!
+//! The JSON form is a contract with users' scripts: fields may be added, never renamed
+//! or dropped.
+
+use crate::balance::{Affinity, Balancer, Entry, Kind};
+use crate::model::{Family, Format, Ruleset, Warning};
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// Exact fractions longer than this many characters are left out of the JSON.
+const EXACT_MAX_CHARS: usize = 400;
+
+/// What was read.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputInfo {
+    /// The file name, or `-` for standard input.
+    pub source: String,
+    pub format: Format,
+    pub family: Family,
+    pub lines: u32,
+    pub rules: usize,
+    pub tables: Vec<String>,
+}
+
+/// One endpoint in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointReport {
+    pub endpoint: String,
+    /// The exact probability, as the nearest f64.
+    pub probability: f64,
+    /// 1/n for n endpoints.
+    pub ideal: f64,
+    /// n·p − 1, computed exactly, as the nearest f64.
+    pub relative_deviation: f64,
+    /// Line of the rule that sends traffic to it (the DNAT).
+    pub line: u32,
+    /// The chain that holds that rule.
+    pub chain: String,
+    /// Lines of the balancer chain's rules that lead to it.
+    pub via: Vec<u32>,
+    /// Number of distinct branches that reach it (2 or more: double weight).
+    pub paths: u32,
+    /// The exact probability as `num/den`, when short enough to print.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+}
+
+/// One balancer in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BalancerReport {
+    pub name: String,
+    pub table: String,
+    pub chain: String,
+    pub kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub line: u32,
+    pub entries: Vec<Entry>,
+    pub affinity: Option<Affinity>,
+    pub endpoints: Vec<EndpointReport>,
+    /// Probability that a new connection reaches no endpoint.
+    pub unmatched: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unmatched_exact: Option<String>,
+    /// Largest |relative_deviation| over the endpoints.
+    pub max_relative_skew: f64,
+    /// The exact probabilities plus `unmatched` sum to exactly 1.
+    pub exact_sum_is_one: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub lbaudit: &'static str,
+    pub input: InputInfo,
+    pub balancers: Vec<BalancerReport>,
+    pub warnings: Vec<Warning>,
+}
+
+fn exact_text(p: &crate::prob::Prob) -> Option<String> {
+    if p.bits() > (EXACT_MAX_CHARS as u64) * 3 {
+        return None;
+    }
+    let s = p.to_string();
+    (s.len() <= EXACT_MAX_CHARS).then_some(s)
+}
+
+impl BalancerReport {
+    pub fn from_balancer(b: &Balancer) -> Self {
+        let n = b.endpoints.len() as u64;
+        let ideal = if n == 0 { 0.0 } else { 1.0 / n as f64 };
+        let mut total = b.unmatched.clone();
+        let endpoints = b
+            .endpoints
+            .iter()
+            .map(|e| {
+                total.add_assign(&e.prob);
+                EndpointReport {
+                    endpoint: e.outcome.label(),
+                    probability: e.prob.to_f64(),
+                    ideal,
+                    relative_deviation: e.prob.relative_deviation(n),
+                    line: e.line,
+                    chain: e.chain.clone(),
+                    via: e.via.clone(),
+                    paths: e.paths,
+                    exact: exact_text(&e.prob),
+                }
+            })
+            .collect();
+        BalancerReport {
+            name: b.name.clone(),
+            table: b.table.clone(),
+            chain: b.chain.clone(),
+            kind: b.kind,
+            selector: b.selector.clone(),
+            namespace: b.namespace().map(str::to_string),
+            line: b.line,
+            entries: b.entries.clone(),
+            affinity: b.affinity.clone(),
+            endpoints,
+            unmatched: b.unmatched.to_f64(),
+            unmatched_exact: exact_text(&b.unmatched),
+            max_relative_skew: b.max_relative_skew(),
+            exact_sum_is_one: total.is_one(),
+        }
+    }
+}
+
+impl Report {
+    pub fn new(
+        source: &str,
+        rs: &Ruleset<'_>,
+        balancers: &[Balancer],
+        mut warnings: Vec<Warning>,
+    ) -> Self {
+        for b in balancers {
+            warnings.extend(b.warnings.iter().cloned());
+        }
+        warnings.sort();
+        warnings.dedup();
+        Report {
+            lbaudit: env!("CARGO_PKG_VERSION"),
+            input: InputInfo {
+                source: source.to_string(),
+                format: rs.format,
+                family: rs.family,
+                lines: rs.lines,
+                rules: rs.rule_count(),
+                tables: rs.tables.iter().map(|t| t.name.to_string()).collect(),
+            },
+            balancers: balancers
+                .iter()
+                .map(BalancerReport::from_balancer)
+                .collect(),
+            warnings,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("report serialises");
+        s.push('\n');
+        s
+    }
+
+    pub fn to_csv(&self) -> String {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let _ = w.write_record([
+            "balancer",
+            "table",
+            "chain",
+            "endpoint",
+            "probability",
+            "ideal",
+            "relative_deviation",
+            "line",
+            "unmatched",
+            "max_relative_skew",
+        ]);
+        for b in &self.balancers {
+            for e in &b.endpoints {
+                let _ = w.write_record([
+                    b.name.as_str(),
+                    &b.table,
+                    &b.chain,
+                    &e.endpoint,
+                    &e.probability.to_string(),
+                    &e.ideal.to_string(),
+                    &e.relative_deviation.to_string(),
+                    &e.line.to_string(),
+                    &b.unmatched.to_string(),
+                    &b.max_relative_skew.to_string(),
+                ]);
+            }
+        }
+        String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "| balancer | endpoint | probability | ideal | relative deviation |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|");
+        for b in &self.balancers {
+            for e in &b.endpoints {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} |",
+                    md_escape(&b.name),
+                    md_escape(&e.endpoint),
+                    fmt_prob(e.probability),
+                    fmt_prob(e.ideal),
+                    fmt_dev(e.relative_deviation)
+                );
+            }
+            if b.unmatched > 0.0 {
+                let _ = writeln!(
+                    s,
+                    "| {} | *unmatched* | {} | 0 | |",
+                    md_escape(&b.name),
+                    fmt_prob(b.unmatched)
+                );
+            }
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(s, "\n**Warnings**\n");
+            for w in &self.warnings {
+                let _ = writeln!(s, "- line {}: {}", w.line, md_escape(&w.message));
+            }
+        }
+        s
+    }
+
+    /// The human table. `color` adds ANSI colours (terminal only, never with NO_COLOR).
+    pub fn to_table(&self, color: bool) -> String {
+        let paint = |code: &str, text: &str| {
+            if color {
+                format!("\x1b[{code}m{text}\x1b[0m")
+            } else {
+                text.to_string()
+            }
+        };
+        let mut s = String::new();
+        if self.balancers.is_empty() {
+            let _ = writeln!(
+                s,
+                "no load balancers found ({} rules in {} table(s))",
+                self.input.rules,
+                self.input.tables.len()
+            );
+        }
+        for b in &self.balancers {
+            let entries: Vec<&str> = b.entries.iter().map(|e| e.text.as_str()).collect();
+            let _ = writeln!(s, "{}", paint("1", &b.name));
+            let mut meta = format!("  {} chain {}", b.table, b.chain);
+            if !entries.is_empty() {
+                let shown: Vec<&str> = entries.iter().take(4).copied().collect();
+                let _ = write!(meta, ", entries {}", shown.join(", "));
+                if entries.len() > 4 {
+                    let _ = write!(meta, " (+{} more)", entries.len() - 4);
+                }
+            }
+            if let Some(a) = &b.affinity {
+                let _ = write!(meta, ", session affinity {}", a.kind);
+                if let Some(sec) = a.seconds {
+                    let _ = write!(meta, " {sec}s");
+                }
+            }
+            let _ = writeln!(s, "{}", paint("2", &meta));
+            let width = b
+                .endpoints
+                .iter()
+                .map(|e| e.endpoint.chars().count())
+                .max()
+                .unwrap_or(8)
+                .max(8);
+            let _ = writeln!(
+                s,
+                "  {:<width$}  {:>16}  {:>16}  {:>12}",
+                "endpoint", "probability", "ideal", "deviation"
+            );
+            for e in &b.endpoints {
+                let dev = fmt_dev(e.relative_deviation);
+                let dev = if e.relative_deviation.abs() >= 1e-3 {
+                    paint("31", &format!("{dev:>12}"))
+                } else {
+                    format!("{dev:>12}")
+                };
+                let _ = writeln!(
+                    s,
+                    "  {:<width$}  {:>16}  {:>16}  {}",
+                    e.endpoint,
+                    fmt_prob(e.probability),
+                    fmt_prob(e.ideal),
+                    dev
+                );
+            }
+            if b.unmatched > 0.0 {
+                let _ = writeln!(
+                    s,
+                    "  {}",
+                    paint(
+                        "31",
+                        &format!("{:<width$}  {:>16}", "(no endpoint)", fmt_prob(b.unmatched))
+                    )
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  n = {}, largest relative skew {}\n",
+                b.endpoints.len(),
+                fmt_dev(b.max_relative_skew)
+            );
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(s, "{}", paint("33", "warnings:"));
+            for w in &self.warnings {
+                if w.line > 0 {
+                    let _ = writeln!(s, "  line {}: {}", w.line, w.message);
+                } else {
+                    let _ = writeln!(s, "  {}", w.message);
+                }
+            }
+        }
+        s
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+/// A probability with 12 significant digits (enough to show 5-decimal-era skews).
+pub fn fmt_prob(p: f64) -> String {
+    if p == 0.0 || p == 1.0 {
+        return format!("{p}");
+    }
+    format!("{p:.12}")
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_string()
+}
+
+/// A relative deviation: `0`, or with 4 significant digits in scientific notation.
+pub fn fmt_dev(d: f64) -> String {
+    if d == 0.0 {
+        "0".to_string()
+    } else {
+        format!("{d:+.3e}")
+    }
+}
