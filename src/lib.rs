@@ -14,6 +14,7 @@ pub mod parse;
 pub mod prob;
 pub mod report;
 pub mod select;
+pub mod simulate;
 pub mod statistic;
 pub mod stats;
 

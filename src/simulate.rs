@@ -1,0 +1,1 @@
+//! Monte-Carlo simulation of the kernel's choices (being written).
