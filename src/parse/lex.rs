@@ -1,0 +1,342 @@
+//! Lexical pieces of a line, written with nom: whitespace, words, quoted strings,
+//! `[packets:bytes]` counters and numbers.
+//!
+//! Quoting follows iptables-restore (`add_param_to_argv` in iptables/xshared.c): a `"`
+//! opens a quoted part anywhere in a token; inside it a backslash takes the next
+//! character literally (`\"`, `\\`, `\'`); outside quotes a backslash is an ordinary
+//! character. Tokens are separated by blanks.
+
+use std::borrow::Cow;
+
+use nom::bytes::complete::{take_till, take_till1, take_while, take_while1};
+use nom::character::complete::{anychar, char, digit1};
+use nom::error::{ContextError, ErrorKind, ParseError};
+use nom::{IResult, Parser};
+
+use crate::model::Counters;
+
+/// The parse error of the line parsers: where it happened and what was expected there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PErr<'a> {
+    /// The input at the point of failure (a suffix of the line).
+    pub input: &'a str,
+    /// What was expected there, in words.
+    pub expected: &'static str,
+    /// `context` was applied: outer contexts do not override the innermost one.
+    pub has_context: bool,
+}
+
+impl<'a> ParseError<&'a str> for PErr<'a> {
+    fn from_error_kind(input: &'a str, kind: ErrorKind) -> Self {
+        PErr {
+            input,
+            expected: describe(kind),
+            has_context: false,
+        }
+    }
+    fn append(_: &'a str, _: ErrorKind, other: Self) -> Self {
+        other
+    }
+}
+
+/// What a failed nom parser was looking for, in words.
+fn describe(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Char => "a particular character",
+        ErrorKind::Digit => "a number",
+        ErrorKind::Eof => "end of line",
+        ErrorKind::Tag => "a keyword",
+        ErrorKind::TakeTill1 | ErrorKind::TakeWhile1 => "a word",
+        ErrorKind::Space | ErrorKind::MultiSpace => "a blank",
+        _ => "something else",
+    }
+}
+
+impl<'a> ContextError<&'a str> for PErr<'a> {
+    fn add_context(input: &'a str, ctx: &'static str, other: Self) -> Self {
+        if other.has_context {
+            other
+        } else {
+            PErr {
+                input: if other.input.is_empty() {
+                    other.input
+                } else {
+                    input
+                },
+                expected: ctx,
+                has_context: true,
+            }
+        }
+    }
+}
+
+pub(crate) type PResult<'a, T> = IResult<&'a str, T, PErr<'a>>;
+
+/// A fatal error at `input` (not retried by alternatives).
+pub(crate) fn fail<'a, T>(input: &'a str, expected: &'static str) -> PResult<'a, T> {
+    Err(nom::Err::Failure(PErr {
+        input,
+        expected,
+        has_context: true,
+    }))
+}
+
+/// Blanks between tokens. iptables-restore splits on space and tab; vertical tab,
+/// form feed and a stray carriage return are treated as blanks too.
+#[inline]
+pub(crate) fn is_blank(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\r' | '\x0b' | '\x0c')
+}
+
+pub(crate) fn blank0(i: &str) -> PResult<'_, &str> {
+    take_while(is_blank).parse(i)
+}
+
+pub(crate) fn blank1(i: &str) -> PResult<'_, &str> {
+    take_while1(is_blank).parse(i)
+}
+
+/// A run of characters up to the next blank (a chain or table name, a policy).
+pub(crate) fn word(i: &str) -> PResult<'_, &str> {
+    take_till1(is_blank).parse(i)
+}
+
+/// A decimal `u64` (counters can be large).
+pub(crate) fn number(i: &str) -> PResult<'_, u64> {
+    let (rest, digits) = digit1.parse(i)?;
+    match digits.parse::<u64>() {
+        Ok(n) => Ok((rest, n)),
+        Err(_) => fail(i, "a number that fits in 64 bits"),
+    }
+}
+
+/// `[packets:bytes]`.
+pub(crate) fn counters(i: &str) -> PResult<'_, Counters> {
+    let (i, (_, packets, _, bytes, _)) =
+        (char('['), number, char(':'), number, char(']')).parse(i)?;
+    Ok((i, Counters { packets, bytes }))
+}
+
+/// What a token is, for the rule grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokKind {
+    /// Exactly `!`, unquoted.
+    Bang,
+    /// Unquoted, starting with `-` followed by a letter or a dash.
+    Opt,
+    /// Anything else: a value.
+    Value,
+}
+
+/// One token of a rule line.
+#[derive(Debug, Clone)]
+pub(crate) struct Tok<'a> {
+    /// The token as written, quotes included.
+    pub raw: &'a str,
+    /// Its text with quotes removed and escapes resolved.
+    pub text: Cow<'a, str>,
+    pub kind: TokKind,
+    /// Byte offset of the token in its line (set by the caller of [`token`]).
+    pub off: usize,
+}
+
+/// `"…"`: a quoted part. Borrows when there are no escapes.
+fn quoted(i: &str) -> PResult<'_, Cow<'_, str>> {
+    let start = i;
+    let (i, _) = char('"').parse(i)?;
+    let (mut i, plain) = take_till(|c| c == '"' || c == '\\').parse(i)?;
+    if let Ok((rest, _)) = char::<_, PErr<'_>>('"').parse(i) {
+        return Ok((rest, Cow::Borrowed(plain)));
+    }
+    let mut s = String::with_capacity(plain.len() + 16);
+    s.push_str(plain);
+    loop {
+        if let Ok((rest, _)) = char::<_, PErr<'_>>('"').parse(i) {
+            return Ok((rest, Cow::Owned(s)));
+        }
+        // At a backslash (or at the end: unterminated).
+        let Ok((rest, (_, c))) = (char::<_, PErr<'_>>('\\'), anychar).parse(i) else {
+            return fail(start, "a closing quote `\"`");
+        };
+        s.push(c);
+        let (rest, more) = take_till(|c| c == '"' || c == '\\').parse(rest)?;
+        s.push_str(more);
+        i = rest;
+    }
+}
+
+/// An unquoted part: up to a blank or a quote.
+fn bare(i: &str) -> PResult<'_, &str> {
+    take_till1(|c| is_blank(c) || c == '"').parse(i)
+}
+
+/// One token: unquoted and quoted parts with no blank between them. The input must not
+/// start with a blank.
+pub(crate) fn token(i: &str) -> PResult<'_, Tok<'_>> {
+    let start = i;
+    let first = match bare(i) {
+        Ok((rest, b)) => {
+            if !rest.starts_with('"') {
+                let kind = classify_bare(b);
+                return Ok((
+                    rest,
+                    Tok {
+                        raw: b,
+                        text: Cow::Borrowed(b),
+                        kind,
+                        off: 0,
+                    },
+                ));
+            }
+            (rest, Cow::Borrowed(b))
+        }
+        Err(_) => quoted(i)?,
+    };
+    let (mut i, mut text) = first;
+    // More parts follow without a blank: glue them together.
+    while !i.is_empty() && !i.starts_with(is_blank) {
+        let (rest, part) = if i.starts_with('"') {
+            quoted(i)?
+        } else {
+            let (rest, b) = bare(i)?;
+            (rest, Cow::Borrowed(b))
+        };
+        if text.is_empty() {
+            text = part;
+        } else {
+            text.to_mut().push_str(&part);
+        }
+        i = rest;
+    }
+    let raw = &start[..start.len() - i.len()];
+    // A quoted token (or one with a quoted part) is always a value: `"!"`, `"-x"`.
+    // An unquoted start glued to a quoted part (`--a"b"`) is a value as well.
+    Ok((
+        i,
+        Tok {
+            raw,
+            text,
+            kind: TokKind::Value,
+            off: 0,
+        },
+    ))
+}
+
+/// The kind of an unquoted token.
+#[inline]
+pub(crate) fn classify_bare(b: &str) -> TokKind {
+    let bytes = b.as_bytes();
+    if bytes == b"!" {
+        TokKind::Bang
+    } else if bytes.len() >= 2
+        && bytes[0] == b'-'
+        && (bytes[1].is_ascii_alphabetic() || bytes[1] == b'-')
+    {
+        TokKind::Opt
+    } else {
+        TokKind::Value
+    }
+}
+
+/// Does a value need quotes to be read back as the same single value?
+pub(crate) fn needs_quotes(v: &str) -> bool {
+    v.is_empty() || v.contains(|c| is_blank(c) || c == '"' || c == '\n') || {
+        classify_bare(v) != TokKind::Value
+    }
+}
+
+/// Appends a value, quoted and escaped when needed.
+pub(crate) fn push_value(out: &mut String, v: &str, force_quotes: bool) {
+    if force_quotes || needs_quotes(v) {
+        out.push('"');
+        for c in v.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    } else {
+        out.push_str(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok(s: &str) -> Tok<'_> {
+        token(s).unwrap().1
+    }
+
+    #[test]
+    fn bare_tokens_borrow() {
+        let t = tok("10.0.0.0/8 rest");
+        assert_eq!(t.text, "10.0.0.0/8");
+        assert!(matches!(t.text, Cow::Borrowed(_)));
+        assert_eq!(t.kind, TokKind::Value);
+        assert_eq!(tok("--dport").kind, TokKind::Opt);
+        assert_eq!(tok("-s").kind, TokKind::Opt);
+        assert_eq!(tok("!").kind, TokKind::Bang);
+        assert_eq!(tok("!foo").kind, TokKind::Value);
+        assert_eq!(tok("-1").kind, TokKind::Value);
+        assert_eq!(tok("-").kind, TokKind::Value);
+        assert_eq!(tok("--").kind, TokKind::Opt);
+    }
+
+    #[test]
+    fn quoted_tokens() {
+        let t = tok("\"ns/svc:http cluster IP\" -j");
+        assert_eq!(t.text, "ns/svc:http cluster IP");
+        assert!(matches!(t.text, Cow::Borrowed(_)));
+        assert_eq!(t.kind, TokKind::Value);
+        assert_eq!(tok(r#""a \"b\"""#).text, r#"a "b""#);
+        assert_eq!(tok(r#""\"""#).text, "\"");
+        assert_eq!(tok(r#""it\'s""#).text, "it's");
+        assert_eq!(tok(r#""!#*~%&/()=?""#).text, "!#*~%&/()=?");
+        assert_eq!(tok(r#""!""#).kind, TokKind::Value);
+        assert_eq!(tok(r#""-x""#).kind, TokKind::Value);
+        assert_eq!(tok(r#""""#).text, "");
+        assert_eq!(tok(r#"a"b c"d e"#).text, "ab cd");
+        assert_eq!(tok(r"a\b").text, r"a\b");
+    }
+
+    #[test]
+    fn unterminated_quote_points_at_the_quote() {
+        let s = "\"abc def";
+        let Err(nom::Err::Failure(e)) = token(s) else {
+            panic!("expected failure")
+        };
+        assert_eq!(e.input, s);
+        let s = "x\"ab\\";
+        let Err(nom::Err::Failure(e)) = token(s) else {
+            panic!("expected failure")
+        };
+        assert_eq!(e.input, "\"ab\\");
+    }
+
+    #[test]
+    fn counters_parse() {
+        let (rest, c) = counters("[402612:15051273] -A").unwrap();
+        assert_eq!(rest, " -A");
+        assert_eq!(c.packets, 402_612);
+        assert_eq!(c.bytes, 15_051_273);
+        assert!(counters("[1:99999999999999999999999]").is_err());
+        assert!(counters("[1 2]").is_err());
+    }
+
+    #[test]
+    fn quoting_for_output() {
+        let mut s = String::new();
+        for v in [
+            "plain", "", "a b", "!", "-x", "--y", "-1", "a\"b", r"c\d", "!x",
+        ] {
+            s.clear();
+            push_value(&mut s, v, false);
+            let t = tok(&s);
+            assert_eq!(t.text, v, "{s}");
+            assert_eq!(t.kind, TokKind::Value, "{s}");
+            assert_eq!(t.raw.len(), s.len());
+        }
+    }
+}

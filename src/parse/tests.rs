@@ -1,0 +1,659 @@
+//! Tests of the whole parser on small inputs written to mimic real dumps.
+
+use super::*;
+use crate::model::Jump;
+
+fn ok(text: &str) -> Ruleset<'_> {
+    match parse(text, &ParseOptions::default()) {
+        Ok(rs) => rs,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn err(text: &str) -> InputError {
+    match parse(text, &ParseOptions::default()) {
+        Ok(rs) => panic!("expected an error, got {rs:?}"),
+        Err(e) => e,
+    }
+}
+
+fn lenient(text: &str) -> Ruleset<'_> {
+    match parse(text, &ParseOptions { lenient: true }) {
+        Ok(rs) => rs,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// to_save gives text that parses back to the same rules, and printing is stable.
+fn round_trips(rs: &Ruleset<'_>) {
+    let text = to_save(rs);
+    let back =
+        parse(&text, &ParseOptions { lenient: true }).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(same_rules(rs, &back), "{text}\n{rs:#?}\n{back:#?}");
+    assert_eq!(back.family, rs.family);
+    assert_eq!(to_save(&back), text);
+}
+
+/// The `-A` lines of the seed page (Kubernetes by Example, "Services"), with the shell
+/// prompt that precedes them there.
+const SEED: &str = r#"$ sudo iptables-save | grep simpleservice
+-A KUBE-SEP-ASIN52LB5SMYF6KR -s 172.17.0.2/32 -m comment --comment "namingthings/simpleservice:" -j KUBE-MARK-MASQ
+-A KUBE-SEP-ASIN52LB5SMYF6KR -p tcp -m comment --comment "namingthings/simpleservice:" -m tcp -j DNAT --to-destination 172.17.0.2:9876
+-A KUBE-SEP-RP53IYKEFRDLQANZ -s 172.17.0.4/32 -m comment --comment "namingthings/simpleservice:" -j KUBE-MARK-MASQ
+-A KUBE-SEP-RP53IYKEFRDLQANZ -p tcp -m comment --comment "namingthings/simpleservice:" -m tcp -j DNAT --to-destination 172.17.0.4:9876
+-A KUBE-SERVICES -d 172.30.40.155/32 -p tcp -m comment --comment "namingthings/simpleservice: cluster IP" -m tcp --dport 80 -j KUBE-SVC-IKIIGXZ2IBFIBYI6
+-A KUBE-SVC-IKIIGXZ2IBFIBYI6 -m comment --comment "namingthings/simpleservice:" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-ASIN52LB5SMYF6KR
+-A KUBE-SVC-IKIIGXZ2IBFIBYI6 -m comment --comment "namingthings/simpleservice:" -j KUBE-SEP-RP53IYKEFRDLQANZ
+"#;
+
+#[test]
+fn seed_fragment() {
+    let rs = ok(SEED);
+    assert_eq!(rs.format, Format::Fragment);
+    assert_eq!(rs.family, Family::Ipv4);
+    assert_eq!(rs.lines, 8);
+    assert_eq!(rs.tables.len(), 1);
+    let t = &rs.tables[0];
+    assert_eq!(t.name, "nat");
+    assert_eq!(t.line, None);
+    assert!(!t.committed);
+    let names: Vec<&str> = t.chains.iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        [
+            "KUBE-SEP-ASIN52LB5SMYF6KR",
+            "KUBE-SEP-RP53IYKEFRDLQANZ",
+            "KUBE-SERVICES",
+            "KUBE-SVC-IKIIGXZ2IBFIBYI6"
+        ]
+    );
+    assert!(t.chain("KUBE-MARK-MASQ").is_none());
+    assert!(
+        t.chains
+            .iter()
+            .all(|c| c.declared_line.is_none() && c.policy.is_none())
+    );
+    let svc = t.chain("KUBE-SVC-IKIIGXZ2IBFIBYI6").unwrap();
+    assert_eq!(svc.rules.len(), 2);
+    let r = &svc.rules[0];
+    assert_eq!(r.line, 7);
+    assert_eq!(r.comment(), Some("namingthings/simpleservice:"));
+    let st = r.find_match("statistic").unwrap();
+    assert_eq!(st.opt("probability").unwrap().value(), "0.50000000000");
+    assert_eq!(
+        crate::statistic::from_match(st).unwrap(),
+        crate::statistic::Statistic::Random {
+            threshold: 1 << 30,
+            inverted: false
+        }
+    );
+    let sep = &t.chain("KUBE-SEP-ASIN52LB5SMYF6KR").unwrap().rules[1];
+    let target = sep.target.as_ref().unwrap();
+    assert_eq!(target.name, "DNAT");
+    assert_eq!(
+        target.opt("to-destination").unwrap().value(),
+        "172.17.0.2:9876"
+    );
+    assert_eq!(target.col, 95);
+    // The prompt line and the table assumption are reported.
+    assert_eq!(rs.warnings.len(), 2);
+    assert_eq!(rs.warnings[0].line, 0);
+    assert_eq!(
+        rs.warnings[0].message,
+        "no table header: rules assumed to be in table nat"
+    );
+    assert_eq!(rs.warnings[1].line, 1);
+    assert!(rs.warnings[1].message.contains("prompt"));
+    round_trips(&rs);
+}
+
+#[test]
+fn fragment_without_nat_signs_is_filter() {
+    let rs = ok("-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n-A INPUT -j DROP\n");
+    assert_eq!(rs.format, Format::Fragment);
+    assert_eq!(rs.tables[0].name, "filter");
+    assert!(rs.warnings[0].message.ends_with("table filter"));
+    // A grep can also catch a declaration line.
+    let rs = ok(":KUBE-SVC-AAA - [0:0]\n-A KUBE-SVC-AAA -j KUBE-SEP-BBB\n");
+    assert_eq!(rs.format, Format::Fragment);
+    assert_eq!(rs.tables[0].name, "nat");
+    assert_eq!(rs.tables[0].chains[0].declared_line, Some(1));
+}
+
+/// iptables-nft-save with two tables, nat first, legacy warning, two spaces in dates.
+const NFT_DUMP: &str =
+    "# Warning: iptables-legacy tables present, use iptables-legacy-save to see them
+# Generated by iptables-nft-save v1.8.10 (nf_tables) on Tue Mar  4 09:15:02 2025
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER_OUTPUT - [0:0]
+:DOCKER_POSTROUTING - [0:0]
+-A OUTPUT -d 127.0.0.11/32 -j DOCKER_OUTPUT
+-A DOCKER_OUTPUT -d 127.0.0.11/32 -p udp -m udp --dport 53 -j DNAT --to-destination 127.0.0.11:41223
+-A DOCKER_POSTROUTING -s 127.0.0.11/32 -p udp -m udp --sport 41223 -j SNAT --to-source :53
+-A POSTROUTING -s 172.18.0.0/16 ! -o br-1 -j MASQUERADE --random-fully
+COMMIT
+# Completed on Tue Mar  4 09:15:02 2025
+# Generated by iptables-nft-save v1.8.10 (nf_tables) on Tue Mar  4 09:15:02 2025
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+# Completed on Tue Mar  4 09:15:02 2025
+";
+
+#[test]
+fn nft_dump_with_two_tables() {
+    let rs = ok(NFT_DUMP);
+    assert_eq!(rs.format, Format::Save);
+    assert_eq!(rs.family, Family::Ipv4);
+    assert_eq!(rs.tables.len(), 2);
+    let nat = &rs.tables[0];
+    assert_eq!((nat.name, nat.line, nat.committed), ("nat", Some(3), true));
+    assert_eq!(nat.chains.len(), 6);
+    assert_eq!(nat.chains[4].name, "DOCKER_OUTPUT");
+    assert_eq!(nat.chains[4].policy, None);
+    assert_eq!(nat.chains[4].declared_line, Some(8));
+    assert_eq!(nat.chains[0].policy, Some(Policy::Accept));
+    assert_eq!(
+        nat.chains[0].policy_counters,
+        Some(Counters {
+            packets: 0,
+            bytes: 0
+        })
+    );
+    let snat = &nat.chain("DOCKER_POSTROUTING").unwrap().rules[0];
+    assert_eq!(
+        snat.target
+            .as_ref()
+            .unwrap()
+            .opt("to-source")
+            .unwrap()
+            .value(),
+        ":53"
+    );
+    let masq = &nat.chain("POSTROUTING").unwrap().rules[0];
+    assert!(masq.core("o").unwrap().negated);
+    assert!(masq.target.as_ref().unwrap().opt("random-fully").is_some());
+    let filter = &rs.tables[1];
+    assert_eq!(filter.chain("FORWARD").unwrap().policy, Some(Policy::Drop));
+    // The legacy-tables remark becomes a warning; nothing else does.
+    assert_eq!(rs.warnings.len(), 1);
+    assert_eq!(rs.warnings[0].line, 1);
+    round_trips(&rs);
+}
+
+#[test]
+fn ip6tables_dump_is_ipv6() {
+    let text = "# Generated by ip6tables-save v1.8.7 on Mon Jan  1 00:00:00 2024
+*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-SEP-X - [0:0]
+-A KUBE-SEP-X -s fd00::5/128 -j KUBE-MARK-MASQ
+-A KUBE-SEP-X -p tcp -m tcp -j DNAT --to-destination [fd00::5]:8080
+COMMIT
+";
+    let rs = ok(text);
+    assert_eq!(rs.family, Family::Ipv6);
+    let r = &rs.tables[0].chains[1].rules[1];
+    assert_eq!(
+        r.target
+            .as_ref()
+            .unwrap()
+            .opt("to-destination")
+            .unwrap()
+            .value(),
+        "[fd00::5]:8080"
+    );
+    round_trips(&rs);
+    // Addresses alone are enough.
+    let rs = ok("*filter\n:INPUT ACCEPT\n-A INPUT -s 2001:db8::/32 -j DROP\nCOMMIT\n");
+    assert_eq!(rs.family, Family::Ipv6);
+}
+
+#[test]
+fn save_with_counters() {
+    let text = "*filter
+:INPUT DROP [26:7344]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [402612:15051273]
+:KUBE-SERVICES - [0:0]
+[18446744073709551615:123456789012345] -A INPUT -j KUBE-SERVICES
+[0:0] -A KUBE-SERVICES -d 10.43.0.20/32 -p tcp -m comment --comment \"default/nosvc:http has no endpoints\" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable
+COMMIT
+*nat
+:PREROUTING ACCEPT [5:300]
+:KUBE-SVC-A - [0:0]
+[102:6120] -A KUBE-SVC-A -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-1
+[90:5400] -A KUBE-SVC-A -j KUBE-SEP-2
+COMMIT
+";
+    let rs = ok(text);
+    let f = &rs.tables[0];
+    assert_eq!(
+        f.chains[0].policy_counters,
+        Some(Counters {
+            packets: 26,
+            bytes: 7344
+        })
+    );
+    assert_eq!(f.chains[2].policy_counters.unwrap().packets, 402_612);
+    assert_eq!(
+        f.chains[0].rules[0].counters,
+        Some(Counters {
+            packets: u64::MAX,
+            bytes: 123_456_789_012_345
+        })
+    );
+    let rej = &f.chains[3].rules[0];
+    assert_eq!(
+        rej.target
+            .as_ref()
+            .unwrap()
+            .opt("reject-with")
+            .unwrap()
+            .value(),
+        "icmp-port-unreachable"
+    );
+    let svc = &rs.tables[1].chains[1];
+    assert_eq!(svc.rules[0].counters.unwrap().packets, 102);
+    assert_eq!(svc.rules[1].counters.unwrap().packets, 90);
+    round_trips(&rs);
+    // Counters too large for 64 bits are a syntax error at the counters.
+    let e = err("*filter\n[99999999999999999999:1] -A INPUT\nCOMMIT\n");
+    assert_eq!((e.kind, e.line, e.col), (InputErrorKind::Syntax, 2, 2));
+}
+
+/// `iptables -t nat -S` output, as on an EKS node.
+const SPEC: &str = "-P PREROUTING ACCEPT
+-P INPUT ACCEPT
+-P OUTPUT ACCEPT
+-P POSTROUTING ACCEPT
+-N AWS-CONNMARK-CHAIN-0
+-N KUBE-SERVICES
+-N KUBE-SVC-NPX46M4PTMTKRN6Y
+-A PREROUTING -i eni+ -m comment --comment \"AWS, outbound connections\" -j AWS-CONNMARK-CHAIN-0
+-A PREROUTING -m comment --comment \"AWS, CONNMARK\" -j CONNMARK --restore-mark --nfmask 0x80 --ctmask 0x80
+-A POSTROUTING ! -o vlan+ -m comment --comment \"AWS, SNAT\" -m addrtype ! --dst-type LOCAL -j SNAT --to-source 10.0.1.5 --random-fully
+-A KUBE-SERVICES -d 172.20.0.1/32 -p tcp -m comment --comment \"default/kubernetes:https cluster IP\" -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment \"default/kubernetes:https\" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-A
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment \"default/kubernetes:https\" -j KUBE-SEP-B
+";
+
+#[test]
+fn spec_output() {
+    let rs = ok(SPEC);
+    assert_eq!(rs.format, Format::Spec);
+    let t = &rs.tables[0];
+    assert_eq!(t.name, "nat");
+    assert_eq!(t.line, None);
+    assert_eq!(t.chains.len(), 7);
+    assert_eq!(t.chains[0].policy, Some(Policy::Accept));
+    assert_eq!(t.chains[0].declared_line, Some(1));
+    assert_eq!(t.chains[4].policy, None);
+    assert_eq!(t.chains[4].declared_line, Some(5));
+    assert_eq!(t.chains[0].rules.len(), 2);
+    let snat = &t.chain("POSTROUTING").unwrap().rules[0];
+    assert!(
+        snat.find_match("addrtype")
+            .unwrap()
+            .opt("dst-type")
+            .unwrap()
+            .negated
+    );
+    assert!(rs.warnings[0].message.contains("table nat"));
+    round_trips(&rs);
+}
+
+#[test]
+fn spec_verbose_inline_counters() {
+    let text = "-P INPUT ACCEPT -c 12 3400
+-N KUBE-SVC-X
+-A KUBE-SVC-X -m comment --comment \"ns/web:http\" -m statistic --mode random --probability 0.33333333349 -c 0 0 -j KUBE-SEP-1
+-A KUBE-SVC-X -c 5 300 -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-2
+-A KUBE-SVC-X -c 7 420 -j KUBE-SEP-3
+";
+    let rs = ok(text);
+    assert_eq!(rs.format, Format::Spec);
+    let t = &rs.tables[0];
+    assert_eq!(
+        t.chains[0].policy_counters,
+        Some(Counters {
+            packets: 12,
+            bytes: 3400
+        })
+    );
+    let rules = &t.chains[1].rules;
+    assert_eq!(
+        rules[0].counters,
+        Some(Counters {
+            packets: 0,
+            bytes: 0
+        })
+    );
+    assert_eq!(rules[1].counters.unwrap().bytes, 300);
+    assert_eq!(rules[2].counters.unwrap().packets, 7);
+    assert_eq!(rules[0].target.as_ref().unwrap().name, "KUBE-SEP-1");
+    round_trips(&rs);
+}
+
+#[test]
+fn quirks_of_real_dumps() {
+    // Trailing blanks, CRLF, tabs, blank lines, odd chain names, no-target rules,
+    // unquoted one-word comments, goto, addresses without mask, quoted oddities.
+    let text = "# Generated by iptables-save v1.4.21 on Sat Jan  2 03:04:05 2016\r
+*filter\r
+:INPUT DROP [26:7344]\r
+:FORWARD ACCEPT [0:0]\r
+:DOS~Pro-t_ect - [0:0]\r
+\r
+-A INPUT -s 10.0.0.1 -p tcp -m tcp --dport 22 -j ACCEPT \r
+-A INPUT\t-m comment --comment kickoff\t-j DOS~Pro-t_ect \r
+-A INPUT -m iprange --src-range 10.0.0.1-10.0.0.9 \r
+-A INPUT \r
+-A INPUT -j LOG --log-prefix \"!#*~%&/()=?\" \r
+-A INPUT -m comment --comment \"\\\"\" -m comment --comment \"it\\'s \\\"here\\\"\" \r
+-A INPUT -m physdev --physdev-in vnet+ -m set ! --match-set KR src -j DROP \r
+-A INPUT -p tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m state --state NEW -j DROP \r
+-A FORWARD -g DOS~Pro-t_ect \r
+-A DOS~Pro-t_ect -m limit --limit 25/min --limit-burst 100 -j RETURN \r
+COMMIT \r
+";
+    let rs = ok(text);
+    let t = &rs.tables[0];
+    let input = &t.chains[0].rules;
+    assert_eq!(input.len(), 8);
+    assert_eq!(input[0].core("s").unwrap().value(), "10.0.0.1");
+    assert_eq!(input[1].comment(), Some("kickoff"));
+    assert_eq!(input[1].target.as_ref().unwrap().name, "DOS~Pro-t_ect");
+    assert!(input[2].target.is_none());
+    assert!(input[3].core.is_empty() && input[3].matches.is_empty() && input[3].target.is_none());
+    assert_eq!(
+        input[4]
+            .target
+            .as_ref()
+            .unwrap()
+            .opt("log-prefix")
+            .unwrap()
+            .value(),
+        "!#*~%&/()=?"
+    );
+    assert_eq!(input[5].comment(), Some("\""));
+    assert_eq!(input[5].matches[1].options[0].value(), "it's \"here\"");
+    assert!(input[6].matches[1].options[0].negated);
+    // `! --tcp-flags` before any -m: an implicit tcp match.
+    let m = &input[7].matches[0];
+    assert!(m.implicit);
+    assert_eq!(m.module, "tcp");
+    assert!(m.options[0].negated);
+    assert_eq!(m.options[0].values, ["FIN,SYN,RST,ACK", "SYN"]);
+    let goto = t.chain("FORWARD").unwrap().rules[0]
+        .target
+        .as_ref()
+        .unwrap();
+    assert_eq!(goto.jump, Jump::Goto);
+    assert!(rs.warnings.is_empty(), "{:?}", rs.warnings);
+    round_trips(&rs);
+}
+
+#[test]
+fn old_style_negation_and_shell_characters() {
+    let text = "*filter
+:INPUT ACCEPT [0:0]
+:WEAVE-NPC-INGRESS - [0:0]
+-A INPUT -s ! 192.168.0.0/16 -j DROP
+-A WEAVE-NPC-INGRESS -m set --match-set weave-;rGqyMIl1HN^cfDki~Z$3]6!N dst -m comment --comment \"DefaultAllow isolation for namespace: default\" -j ACCEPT
+-A WEAVE-NPC-INGRESS -m set --match-set weave-E1ney4o[ojNrLk.6rOHi;7MPE src -m set --match-set weave-iuZcey(5DeXbzgRFs8Szo]+@p dst -j ACCEPT
+-A WEAVE-NPC-INGRESS -m set --match-set weave-Rzff}h:=]JaaJl/G;(XJpGjZ[ dst -j ACCEPT
+-A INPUT -m mark ! --mark 0x20000/0x20000 -j NFLOG --nflog-group 86
+COMMIT
+";
+    let rs = ok(text);
+    let t = &rs.tables[0];
+    let r = &t.chains[0].rules[0];
+    assert!(r.core("s").unwrap().negated);
+    assert_eq!(r.core("s").unwrap().value(), "192.168.0.0/16");
+    let w = &t.chains[1].rules;
+    assert_eq!(
+        w[0].matches[0].options[0].values,
+        ["weave-;rGqyMIl1HN^cfDki~Z$3]6!N", "dst"]
+    );
+    assert_eq!(
+        w[2].matches[0].options[0].value(),
+        "weave-Rzff}h:=]JaaJl/G;(XJpGjZ["
+    );
+    assert!(t.chains[0].rules[1].matches[0].options[0].negated);
+    round_trips(&rs);
+}
+
+#[test]
+fn rules_before_the_first_table_are_an_error() {
+    let text = "-A KUBE-SVC-X -j KUBE-SEP-Y\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n";
+    let e = err(text);
+    assert_eq!(e.kind, InputErrorKind::Structure);
+    // The COMMIT on line 2 has no open table: that is found first.
+    assert_eq!(e.line, 2);
+    let text = "-A KUBE-SVC-X -j KUBE-SEP-Y\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n";
+    let e = err(text);
+    assert_eq!((e.kind, e.line), (InputErrorKind::Structure, 1));
+    assert!(e.message.contains("outside any table"), "{e}");
+    // Lenient: the early rule is dropped with a warning.
+    let rs = lenient(text);
+    assert_eq!(rs.format, Format::Save);
+    assert_eq!(rs.tables.len(), 1);
+    assert_eq!(rs.warnings[0].line, 1);
+}
+
+#[test]
+fn rules_after_commit_are_an_error() {
+    let text = "*nat\n:A - [0:0]\nCOMMIT\n-A A -j RETURN\n";
+    let e = err(text);
+    assert_eq!((e.kind, e.line, e.col), (InputErrorKind::Structure, 4, 1));
+    assert!(e.message.contains("after COMMIT of table nat"), "{e}");
+    let rs = lenient(text);
+    assert_eq!(rs.rule_count(), 0);
+    assert_eq!(rs.warnings.len(), 1);
+}
+
+#[test]
+fn unterminated_quote() {
+    let e = err("*filter\n-A INPUT -m comment --comment \"no end -j ACCEPT\nCOMMIT\n");
+    assert_eq!(e.kind, InputErrorKind::Syntax);
+    assert_eq!((e.line, e.col), (2, 31));
+    assert!(e.message.contains("closing quote"), "{e}");
+}
+
+#[test]
+fn line_of_no_known_form() {
+    let e = err("*filter\nChain INPUT (policy ACCEPT)\nCOMMIT\n");
+    assert_eq!((e.kind, e.line, e.col), (InputErrorKind::Syntax, 2, 1));
+    assert_eq!(e.text, "Chain INPUT (policy ACCEPT)");
+    for form in [
+        "`*table`",
+        "`:CHAIN POLICY [p:b]`",
+        "`-A CHAIN rule`",
+        "`COMMIT`",
+        "`#comment`",
+    ] {
+        assert!(e.message.contains(form), "{e}");
+    }
+    assert!(e.hint.contains("iptables -L"));
+    let e = err("  -I INPUT 1 -j ACCEPT\n");
+    assert_eq!((e.line, e.col), (1, 3));
+    let e = err("*filter\n:INPUT\nCOMMIT\n");
+    assert_eq!((e.line, e.col), (2, 7));
+    assert!(e.message.contains("policy"), "{e}");
+    let e = err("*filter\n:INPUT ACCEPT [1:2] extra\nCOMMIT\n");
+    assert_eq!((e.line, e.col), (2, 21));
+    let e = err("*filter extra\n");
+    assert_eq!((e.line, e.col), (1, 9));
+    let e = err("-A\n");
+    assert_eq!((e.line, e.col), (1, 3));
+    assert!(e.message.contains("chain name"), "{e}");
+}
+
+#[test]
+fn missing_commit() {
+    // Before the next table: an error, or a warning when lenient.
+    let text = "*nat\n:A - [0:0]\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n";
+    let e = err(text);
+    assert_eq!((e.kind, e.line), (InputErrorKind::Structure, 3));
+    assert!(e.message.contains("no COMMIT"), "{e}");
+    let rs = lenient(text);
+    assert_eq!(rs.tables.len(), 2);
+    assert!(!rs.tables[0].committed);
+    assert!(rs.tables[1].committed);
+    assert_eq!(rs.warnings.len(), 1);
+    // At the end of the input (a dump cut short): a warning only.
+    let rs = ok("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j KUBE-SERVICES\n");
+    assert!(!rs.tables[0].committed);
+    assert_eq!(rs.warnings.len(), 1);
+    assert_eq!(rs.warnings[0].line, 1);
+    assert!(rs.warnings[0].message.contains("cut short"));
+    round_trips(&rs);
+}
+
+#[test]
+fn chain_declared_twice() {
+    let text = "*nat\n:KUBE-SVC-A - [0:0]\n:KUBE-SVC-A - [0:0]\nCOMMIT\n";
+    let e = err(text);
+    assert_eq!((e.kind, e.line), (InputErrorKind::Structure, 3));
+    assert!(e.message.contains("declared twice"), "{e}");
+    assert!(e.message.contains("line 2"), "{e}");
+    // The same name in two tables is fine.
+    ok("*nat\n:A - [0:0]\nCOMMIT\n*filter\n:A - [0:0]\nCOMMIT\n");
+    // `-S` of two tables concatenated.
+    let e = err("-P INPUT ACCEPT\n-P INPUT ACCEPT\n");
+    assert!(e.hint.contains("one at a time"));
+    let rs = lenient(text);
+    assert_eq!(rs.tables[0].chains.len(), 1);
+}
+
+#[test]
+fn empty_inputs() {
+    for text in [
+        "",
+        "\n\n",
+        "# Generated by iptables-save\n# Completed\n",
+        "  \t\r\n",
+    ] {
+        let e = err(text);
+        assert_eq!((e.kind, e.line), (InputErrorKind::Empty, 1), "{text:?}");
+        assert_eq!(e.hint, "pipe `iptables-save` output or give a dump file");
+        let e = parse(text, &ParseOptions { lenient: true }).unwrap_err();
+        assert_eq!(e.kind, InputErrorKind::Empty);
+    }
+    let e = parse("garbage\nmore garbage\n", &ParseOptions { lenient: true }).unwrap_err();
+    assert_eq!(e.kind, InputErrorKind::Empty);
+    assert!(e.message.contains("2 line(s) skipped"), "{e}");
+    // An empty table is not an empty input.
+    let rs = ok("*raw\nCOMMIT\n");
+    assert_eq!(rs.tables[0].chains.len(), 0);
+}
+
+#[test]
+fn jump_without_name() {
+    let e = err("*filter\n-A INPUT -p tcp -j\nCOMMIT\n");
+    assert_eq!((e.kind, e.line, e.col), (InputErrorKind::Syntax, 2, 17));
+    let e = err("*filter\n-A INPUT -j -m tcp\nCOMMIT\n");
+    assert_eq!((e.line, e.col), (2, 10));
+}
+
+#[test]
+fn statistic_errors_and_lenient_skipping() {
+    let text = "*nat
+:KUBE-SVC-A - [0:0]
+-A KUBE-SVC-A -m statistic --mode random --probability 1.20000000000 -j KUBE-SEP-1
+-A KUBE-SVC-A -m statistic --mode nth --every 0 --packet 0 -j KUBE-SEP-2
+-A KUBE-SVC-A -m statistic --mode nth --every 2 --packet 2 -j KUBE-SEP-3
+-A KUBE-SVC-A -m statistic --probability 0.5 --every 2 -j KUBE-SEP-4
+-A KUBE-SVC-A -m statistic -j KUBE-SEP-5
+-A KUBE-SVC-A -j KUBE-SEP-6
+COMMIT
+";
+    let e = err(text);
+    assert_eq!((e.kind, e.line, e.col), (InputErrorKind::Value, 3, 42));
+    let rs = lenient(text);
+    let rules = &rs.tables[0].chains[0].rules;
+    // Line 6 is fine: --mode defaults to random when --probability is given.
+    assert_eq!(rules.len(), 2);
+    assert_eq!(rules[0].line, 6);
+    let lines: Vec<u32> = rs.warnings.iter().map(|w| w.line).collect();
+    assert_eq!(lines, [3, 4, 5, 7]);
+    assert!(rs.warnings[0].message.contains("probability"));
+    assert!(rs.warnings[1].message.contains("every"));
+    assert!(rs.warnings[2].message.contains("packet"));
+    assert!(rs.warnings[3].message.contains("--mode"));
+}
+
+#[test]
+fn lenient_skips_bad_lines_and_goes_on() {
+    let text = "*filter
+:INPUT ACCEPT [0:0]
+this is not a rule
+-A INPUT -m comment --comment \"unterminated
+-A INPUT -j ACCEPT
+COMMIT
+";
+    let rs = lenient(text);
+    assert_eq!(rs.rule_count(), 1);
+    assert_eq!(rs.warnings.len(), 2);
+    assert_eq!(rs.warnings[0].line, 3);
+    assert!(
+        rs.warnings[0]
+            .message
+            .starts_with("line skipped: this line fits no known form")
+    );
+    assert_eq!(rs.warnings[1].line, 4);
+    assert!(
+        rs.warnings[1].message.contains("column 31"),
+        "{}",
+        rs.warnings[1].message
+    );
+}
+
+#[test]
+fn table_given_twice_is_replaced() {
+    let text = "*nat\n:A - [0:0]\nCOMMIT\n*nat\n:B - [0:0]\nCOMMIT\n";
+    let rs = ok(text);
+    assert_eq!(rs.tables.len(), 1);
+    assert_eq!(rs.tables[0].chains[0].name, "B");
+    assert_eq!(rs.warnings.len(), 1);
+    assert_eq!(rs.warnings[0].line, 4);
+}
+
+#[test]
+fn columns_are_characters() {
+    let e = err("*filter\n-A INPUT -m comment --comment \"ünïcödé\" -j\nCOMMIT\n");
+    assert_eq!((e.line, e.col), (2, 41));
+}
+
+#[test]
+fn decode_then_parse() {
+    let bytes = b"\xEF\xBB\xBF*filter\r\n:INPUT ACCEPT [0:0]\r\n-A INPUT -j ACCEPT\r\nCOMMIT\r\n";
+    let (text, w) = decode(bytes, false).unwrap();
+    assert!(w.is_empty());
+    let rs = ok(&text);
+    assert_eq!(rs.rule_count(), 1);
+    assert_eq!(rs.tables[0].line, Some(1));
+    // A BOM given straight to parse is ignored too.
+    let rs = ok("\u{feff}-A INPUT -j ACCEPT");
+    assert_eq!(rs.rule_count(), 1);
+}
+
+#[test]
+fn chains_created_on_first_use_keep_order() {
+    let text =
+        "*filter\n:INPUT ACCEPT [0:0]\n-A X -j Y\n:Z - [0:0]\n-A Z -j X\n-A X -j ACCEPT\nCOMMIT\n";
+    let rs = ok(text);
+    let names: Vec<&str> = rs.tables[0].chains.iter().map(|c| c.name).collect();
+    assert_eq!(names, ["INPUT", "X", "Z"]);
+    assert_eq!(rs.tables[0].chains[1].declared_line, None);
+    assert_eq!(rs.tables[0].chains[1].rules.len(), 2);
+    round_trips(&rs);
+}
