@@ -432,6 +432,7 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
         if chain.policy.is_some() {
             let mut e = entry_from_rule(chain, &chain.rules[r]);
             e.kind = "rule";
+            e.text = selector(&chain.rules[r]);
             out.push(e);
         }
     }

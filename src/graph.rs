@@ -3,7 +3,7 @@
 
 use crate::error::{InputError, InputErrorKind};
 use crate::model::{Chain, Format, Jump, Ruleset, Table, Target, Warning};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 /// What a rule's target does to traversal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,14 +264,14 @@ fn build_table<'a>(
     lenient: bool,
     warnings: &mut Vec<Warning>,
 ) -> Result<TableGraph<'a>, InputError> {
-    let mut index = HashMap::with_capacity(table.chains.len());
+    let mut index = HashMap::with_capacity_and_hasher(table.chains.len(), Default::default());
     for (i, c) in table.chains.iter().enumerate() {
         index.entry(c.name).or_insert(i);
     }
     let n = table.chains.len();
     let mut targets = Vec::with_capacity(n);
     let mut callers = vec![Vec::new(); n];
-    let mut missing_warned: HashMap<&str, ()> = HashMap::new();
+    let mut missing_warned: HashMap<&str, ()> = HashMap::default();
     for (ci, chain) in table.chains.iter().enumerate() {
         let mut row = Vec::with_capacity(chain.rules.len());
         for (ri, rule) in chain.rules.iter().enumerate() {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod graph;
 pub mod model;
+pub mod observed;
 pub mod parse;
 pub mod prob;
 pub mod report;
