@@ -8,6 +8,7 @@ pub mod balance;
 pub mod cli;
 pub mod error;
 pub mod eval;
+pub mod expect;
 pub mod graph;
 pub mod model;
 pub mod observed;
