@@ -1,1 +1,1625 @@
-//! Monte-Carlo simulation of the kernel's choices (being written).
+//! Monte-Carlo simulation: new connections walked one by one through the real chain
+//! graph with the kernel's own decision procedure (not samples of the computed
+//! distribution).
+//!
+//! # How
+//!
+//! The part of a balancer's table that its traffic can reach is compiled into a flat
+//! [`Program`]: one instruction per rule that can change the outcome, laid out chain
+//! after chain, each with its conditions decided in advance wherever they are fixed for
+//! the connection, the kernel form of its `-m statistic` / `-m mark` / `-m connmark` /
+//! `-m recent` matches (integer threshold, nth counter index, mark and mask, recent table
+//! index) and its target resolved to a program counter, an outcome index or a list of
+//! mark operations. The hot loop does no string work and no allocation: a connection is
+//! a program counter, a packet-state index, the two marks and a call stack whose
+//! capacity is the graph's depth.
+//!
+//! # Semantics (the exact evaluator's, connection by connection)
+//!
+//! - Traversal is [`eval`]'s in [`Mode::Balancer`](crate::eval::Mode::Balancer): from the
+//!   start of the balancer's chain, with the balancer's [`Packet`](crate::eval::Packet);
+//!   `-j` pushes a return point, `-g` does not, `RETURN` or the end of a chain goes back
+//!   to the caller; leaving the start chain gives the mark outcome if a `MARK`/`CONNMARK`
+//!   target changed the mark, [`Outcome::Unmatched`] otherwise. Rules whose target cannot
+//!   change the outcome are skipped (as the evaluator skips them), but they are still
+//!   counted in [`SimResult::rule_evaluations`], which counts every rule the kernel
+//!   would traverse.
+//! - Conditions on the connection (addresses, ports, protocol, interfaces, conntrack
+//!   state, addrtype, …) are decided exactly as the evaluator decides them, including
+//!   its *binding* of open packet fields by the first positive test and its assumptions
+//!   for undecidable tests. The reachable packet states are enumerated when compiling,
+//!   so the decision is a table look-up (usually of a single entry).
+//! - `--mode random`: each connection that reaches the match draws
+//!   `rng.next_u32() & 0x7FFF_FFFF` and matches iff it is `< threshold` (`!`: `>=`), as
+//!   `xt_statistic` does with `get_random_u32()`.
+//! - `--mode nth --every N --packet P`: each match has its own counter, set at "table
+//!   load" (the start of a run) to `N - 1 - P`; each connection that reaches the match
+//!   does `count = (count == N - 1) ? 0 : count + 1` and matches iff the new count is 0
+//!   (`!`: iff it is not), so the k-th arrival (0-based) matches iff `k ≡ P (mod N)`.
+//!   Counters only see this balancer's simulated traffic.
+//! - A rule's fixed conditions are decided first (the kernel checks `-s -d -p -i -o`
+//!   before any `-m` match). Its runtime matches (statistic, mark, connmark, recent) are
+//!   then evaluated in the order written, stopping at the first that fails; a runtime
+//!   match written after a fixed condition that fails is not reached (it draws nothing
+//!   and advances no counter). So a match is *reached* when every condition before it in
+//!   the rule passed.
+//! - Packet binding follows the evaluator: a rule whose fixed conditions bind an open
+//!   field keeps the binding when only its statistic match fails (the evaluator's
+//!   non-matching branch keeps it), and drops it when a mark or recent match fails.
+//! - Marks: `MARK` and `CONNMARK` targets and `-m mark` / `-m connmark` tests behave as in
+//!   the evaluator; every connection starts with nfmark = ctmark = 0.
+//! - `-m recent` (session affinity), as `xt_recent` does it: tables are per `--name`
+//!   (default `DEFAULT`) and keyed by the client (`--rsource`, the default) or by the
+//!   destination (`--rdest`, which is the same for every simulated connection, so one
+//!   shared record per name). `--set` creates or refreshes the record and matches (`!`:
+//!   never matches, but still sets); `--rcheck` and `--update` match iff a record exists
+//!   with at least `--hitcount` time stamps (at most 20 are kept, `ip_pkt_list_tot`);
+//!   `--update` adds a stamp when it matches; `--remove` matches iff a record existed and
+//!   deletes it. **Records never expire within a run**: `--seconds` and `--reap` are read
+//!   but a run is taken to last less than `--seconds` (kube-proxy uses 10800 s).
+//!   `--mask` and `--rttl` are ignored (clients are distinct addresses).
+//! - Clients: with [`SimOptions::clients`] `= Some(K)` each connection comes from a client
+//!   drawn uniformly from `0..K` (one `next_u64` per connection, before any rule draws;
+//!   Lemire's multiply-shift with rejection, so exactly uniform). With `None` every
+//!   connection is a new client: it sees only the records it set itself earlier in the
+//!   same walk, so `--rcheck` on the records of earlier connections never matches.
+//!
+//! # Reproducibility
+//!
+//! The generator is [`GENERATOR`] (`rand::rngs::Xoshiro256PlusPlus`, a fixed algorithm,
+//! not `StdRng`). Connections are run in fixed batches of [`BATCH`]; batch `b` of the
+//! balancer with index `i` uses `Xoshiro256PlusPlus::seed_from_u64(batch_seed(seed, i,
+//! b))` (see [`batch_seed`]). Batches of balancers without shared state run in parallel
+//! with rayon and their counts are summed, so results are identical bit for bit for any
+//! thread count.
+//!
+//! **Dependent batches.** nth counters, `--rdest` recent records and the client tables
+//! (`clients = Some(K)`) carry state from one connection to the next. A balancer whose
+//! program has nth matches or `--rdest` recent matches, or any balancer simulated with
+//! `clients = Some(K)`, runs its batches sequentially in one thread (same per-batch
+//! seeds, state carried over): still deterministic, only not parallel within that
+//! balancer ([`simulate_all`] still runs different balancers in parallel).
+
+use crate::balance::Balancer;
+use crate::eval::{self, Outcome, Packet};
+use crate::graph::{Graph, TargetRef};
+use crate::model::{Match, Opt, Rule};
+use crate::statistic::{self, Statistic};
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::rc::Rc;
+
+/// The random number generator, by the name of its algorithm.
+pub const GENERATOR: &str = "xoshiro256++";
+
+/// Connections per batch; batch `b` has its own seed (see [`batch_seed`]).
+pub const BATCH: u64 = 65_536;
+
+/// Most time stamps `xt_recent` keeps per record (`ip_pkt_list_tot`, default 20).
+const RECENT_STAMPS: u8 = 20;
+
+/// What to simulate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimOptions {
+    /// New connections per balancer.
+    pub connections: u64,
+    pub seed: u64,
+    /// `Some(K)`: each connection comes from one of K clients, drawn uniformly (session
+    /// affinity can then recognise returning clients). `None`: every connection is a new
+    /// client.
+    pub clients: Option<u64>,
+}
+
+/// The result of simulating one balancer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SimResult {
+    /// Connections per endpoint, indexed like [`Balancer::endpoints`].
+    pub counts: Vec<u64>,
+    /// Connections that left the balancer with no outcome.
+    pub unmatched: u64,
+    /// Connections whose outcome is not among the exact evaluator's endpoints (should be
+    /// 0; non-zero means the simulator and the evaluator disagree).
+    pub other: u64,
+    /// Rules traversed, summed over connections (rules skipped because they cannot change
+    /// the outcome included, as the kernel traverses them too).
+    pub rule_evaluations: u64,
+    /// 31-bit random draws made by `--mode random` matches.
+    pub random_draws: u64,
+    /// The number of clients, as given.
+    pub clients: Option<u64>,
+    /// With clients: the largest share of all connections that a single endpoint got
+    /// (`max(counts) / connections`; a fair split gives about `1 / endpoints`). With few
+    /// clients and session affinity this is far above the fair share even when every
+    /// client's first choice is fair, because a client's connections all follow it.
+    pub per_client_max_share: Option<f64>,
+    /// With clients: connections from a client that had connected before in the run.
+    pub returning_connections: Option<u64>,
+    /// With clients: returning connections that got the same outcome as the same client's
+    /// previous connection (equal to `returning_connections` when affinity holds
+    /// perfectly; about `1 / endpoints` of it without affinity).
+    pub same_outcome_connections: Option<u64>,
+    /// The batches ran one after the other because state is carried between connections
+    /// (nth counters, recent records, clients).
+    pub sequential: bool,
+}
+
+/// The seed of batch `batch` of the balancer with index `balancer`:
+/// `splitmix64(splitmix64(splitmix64(seed) ^ balancer) ^ batch)`, where `splitmix64(x)`
+/// is SplitMix64's output function applied to `x + 0x9E3779B97F4A7C15`. The generator of
+/// the batch is `Xoshiro256PlusPlus::seed_from_u64` of this value.
+pub fn batch_seed(seed: u64, balancer: u64, batch: u64) -> u64 {
+    splitmix64(splitmix64(splitmix64(seed) ^ balancer) ^ batch)
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Simulates `opts.connections` new connections through `balancer`. `balancer_index`
+/// only selects the random streams (see [`batch_seed`]).
+pub fn simulate(
+    graph: &Graph<'_, '_>,
+    balancer: &Balancer,
+    balancer_index: u64,
+    opts: &SimOptions,
+) -> SimResult {
+    let program = Program::compile(graph, balancer);
+    program.run(balancer_index, opts)
+}
+
+/// Simulates every balancer (`balancers[i]` with balancer index `i`), in parallel over
+/// balancers and, where batches are independent, over batches. Deterministic.
+pub fn simulate_all(
+    graph: &Graph<'_, '_>,
+    balancers: &[Balancer],
+    opts: &SimOptions,
+) -> Vec<SimResult> {
+    balancers
+        .par_iter()
+        .enumerate()
+        .map(|(i, b)| simulate(graph, b, i as u64, opts))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The compiled program.
+
+/// The fixed part of a rule's conditions, for one packet state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Decision {
+    /// How many of the rule's runtime matches are reached (evaluated in order) before a
+    /// fixed condition fails; all of them when none fails.
+    reach: u16,
+    /// Do the fixed conditions pass?
+    pass: bool,
+    /// The packet state after the rule's bindings (when `pass`).
+    next: u32,
+}
+
+/// A match decided per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rt {
+    Random {
+        threshold: u32,
+        inverted: bool,
+    },
+    Nth {
+        counter: u32,
+        /// N - 1, as the kernel stores `every`.
+        last: u32,
+        inverted: bool,
+    },
+    Mark {
+        ct: bool,
+        value: u32,
+        mask: u32,
+        negated: bool,
+    },
+    Recent {
+        op: RecentOp,
+        table: u32,
+        dest: bool,
+        hits: u8,
+        inverted: bool,
+    },
+}
+
+impl Rt {
+    fn is_statistic(self) -> bool {
+        matches!(self, Rt::Random { .. } | Rt::Nth { .. })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecentOp {
+    Set,
+    Check,
+    Update,
+    Remove,
+}
+
+/// A `MARK` / `CONNMARK` target option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkOp {
+    NfXset { value: u32, mask: u32 },
+    NfSet { value: u32, mask: u32 },
+    NfAnd(u32),
+    NfOr(u32),
+    NfXor(u32),
+    CtXset { value: u32, mask: u32 },
+    CtSet { value: u32, mask: u32 },
+    Restore { nfmask: u32, ctmask: u32 },
+    Save { nfmask: u32, ctmask: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tgt {
+    /// `-j CHAIN`: push the return point, go to this program counter.
+    Jump(u32),
+    /// `-g CHAIN`.
+    Goto(u32),
+    /// `RETURN` (with the rule's bindings).
+    Return,
+    /// The end of a chain (no bindings).
+    End,
+    /// A terminating target: this outcome index.
+    Terminal(u32),
+    /// `MARK` / `CONNMARK`: these operations, then the next rule.
+    Mark { start: u32, len: u32 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Instr {
+    /// The decision when the rule is reached in one packet state only (`multi_len == 0`).
+    dec: Decision,
+    /// Otherwise: `decisions[multi_start..multi_start + multi_len]`, sorted by state.
+    multi_start: u32,
+    multi_len: u32,
+    /// The rule's runtime matches start at `rt[rt_start]`.
+    rt_start: u32,
+    /// Rules traversed by reaching this instruction: skipped rules before it, plus itself.
+    cost: u32,
+    target: Tgt,
+}
+
+/// One balancer's part of its table, compiled.
+#[derive(Debug, Clone)]
+pub struct Program {
+    instrs: Vec<Instr>,
+    decisions: Vec<(u32, Decision)>,
+    rt: Vec<Rt>,
+    mark_ops: Vec<MarkOp>,
+    /// Initial nth counters, one per nth match.
+    nth_init: Vec<u32>,
+    /// Recent tables (one per `--name`).
+    recent_tables: usize,
+    has_recent: bool,
+    has_rdest: bool,
+    /// Deepest call stack.
+    depth: usize,
+    /// `(nfmark, mask)` of mark outcomes, sorted, with their outcome index.
+    mark_outcomes: Vec<((u32, u32), u32)>,
+    endpoints: usize,
+}
+
+impl Program {
+    /// Compiles the part of `balancer`'s table that its traffic can reach.
+    pub fn compile(graph: &Graph<'_, '_>, balancer: &Balancer) -> Program {
+        Compiler::new(graph, balancer).compile()
+    }
+
+    /// Number of instructions (rules that can change the outcome, plus one per chain end).
+    pub fn len(&self) -> usize {
+        self.instrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instrs.is_empty()
+    }
+
+    /// Do connections share state (so that batches must run in order)?
+    pub fn stateful(&self, clients: Option<u64>) -> bool {
+        !self.nth_init.is_empty() || self.has_rdest || clients.is_some()
+    }
+
+    fn unmatched_index(&self) -> u32 {
+        self.endpoints as u32
+    }
+
+    fn other_index(&self) -> u32 {
+        self.endpoints as u32 + 1
+    }
+
+    /// Runs `opts.connections` connections.
+    pub fn run(&self, balancer_index: u64, opts: &SimOptions) -> SimResult {
+        let n = opts.connections;
+        let batches = n.div_ceil(BATCH);
+        let size = |b: u64| BATCH.min(n - b * BATCH);
+        let clients = opts.clients.map(|k| k.max(1));
+        let sequential = self.stateful(clients);
+        let acc = if sequential {
+            let mut runner = Runner::new(self, clients);
+            for b in 0..batches {
+                let mut rng =
+                    Xoshiro256PlusPlus::seed_from_u64(batch_seed(opts.seed, balancer_index, b));
+                runner.run(&mut rng, size(b));
+            }
+            runner.acc
+        } else {
+            (0..batches)
+                .into_par_iter()
+                .map(|b| {
+                    let mut runner = Runner::new(self, clients);
+                    let mut rng =
+                        Xoshiro256PlusPlus::seed_from_u64(batch_seed(opts.seed, balancer_index, b));
+                    runner.run(&mut rng, size(b));
+                    runner.acc
+                })
+                .reduce(|| Acc::new(self.endpoints + 2), Acc::merge)
+        };
+        let counts = acc.counts[..self.endpoints].to_vec();
+        let max = counts.iter().copied().max().unwrap_or(0);
+        SimResult {
+            unmatched: acc.counts[self.endpoints],
+            other: acc.counts[self.endpoints + 1],
+            counts,
+            rule_evaluations: acc.evaluations,
+            random_draws: acc.draws,
+            clients: opts.clients,
+            per_client_max_share: opts
+                .clients
+                .map(|_| if n == 0 { 0.0 } else { max as f64 / n as f64 }),
+            returning_connections: opts.clients.map(|_| acc.returning),
+            same_outcome_connections: opts.clients.map(|_| acc.same),
+            sequential,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Acc {
+    /// Per outcome index: endpoints, then unmatched, then other.
+    counts: Vec<u64>,
+    evaluations: u64,
+    draws: u64,
+    returning: u64,
+    same: u64,
+}
+
+impl Acc {
+    fn new(outcomes: usize) -> Acc {
+        Acc {
+            counts: vec![0; outcomes],
+            evaluations: 0,
+            draws: 0,
+            returning: 0,
+            same: 0,
+        }
+    }
+
+    fn merge(mut self, other: Acc) -> Acc {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.evaluations += other.evaluations;
+        self.draws += other.draws;
+        self.returning += other.returning;
+        self.same += other.same;
+        self
+    }
+}
+
+/// The state of a run: counters, recent tables, clients, and the reused call stack.
+struct Runner<'p> {
+    prog: &'p Program,
+    stack: Vec<u32>,
+    nth: Vec<u32>,
+    /// Per recent table: one record per client (`[table * clients + client]`), or with no
+    /// clients one record per table for the current connection only.
+    recent_src: Vec<u8>,
+    /// Per recent table: the record of the (single) destination.
+    recent_dst: Vec<u8>,
+    /// Per client: the outcome of its last connection (`u32::MAX`: none yet).
+    last: Vec<u32>,
+    clients: Option<u64>,
+    acc: Acc,
+}
+
+impl<'p> Runner<'p> {
+    fn new(prog: &'p Program, clients: Option<u64>) -> Runner<'p> {
+        let per_table = clients.map_or(1, |k| k as usize);
+        Runner {
+            prog,
+            stack: Vec::with_capacity(prog.depth + 1),
+            nth: prog.nth_init.clone(),
+            recent_src: if prog.has_recent {
+                vec![0; prog.recent_tables * per_table]
+            } else {
+                Vec::new()
+            },
+            recent_dst: vec![0; prog.recent_tables],
+            last: clients.map_or_else(Vec::new, |k| vec![u32::MAX; k as usize]),
+            clients,
+            acc: Acc::new(prog.endpoints + 2),
+        }
+    }
+
+    fn run(&mut self, rng: &mut Xoshiro256PlusPlus, connections: u64) {
+        for _ in 0..connections {
+            let client = match self.clients {
+                Some(k) => uniform(rng, k) as usize,
+                None => {
+                    if self.prog.has_recent {
+                        self.recent_src.fill(0);
+                    }
+                    0
+                }
+            };
+            let o = self.connection(rng, client);
+            self.acc.counts[o as usize] += 1;
+            if self.clients.is_some() {
+                let last = &mut self.last[client];
+                if *last != u32::MAX {
+                    self.acc.returning += 1;
+                    if *last == o {
+                        self.acc.same += 1;
+                    }
+                }
+                *last = o;
+            }
+        }
+    }
+
+    /// One connection: returns its outcome index.
+    #[inline]
+    fn connection(&mut self, rng: &mut Xoshiro256PlusPlus, client: usize) -> u32 {
+        let prog = self.prog;
+        let instrs = &prog.instrs[..];
+        let rts = &prog.rt[..];
+        self.stack.clear();
+        let mut pc = 0usize;
+        let mut ps = 0u32;
+        let mut nfmark = 0u32;
+        let mut ctmark = 0u32;
+        let mut mark_mask = 0u32;
+        let mut evaluations = 0u64;
+        let mut draws = 0u64;
+        let outcome = loop {
+            let ins = &instrs[pc];
+            evaluations += u64::from(ins.cost);
+            let d = if ins.multi_len == 0 {
+                ins.dec
+            } else {
+                prog.lookup(ins, ps)
+            };
+            let mut ok = d.pass;
+            let mut keep_binding = d.pass;
+            let start = ins.rt_start as usize;
+            for &rt in &rts[start..start + usize::from(d.reach)] {
+                let m = match rt {
+                    Rt::Random {
+                        threshold,
+                        inverted,
+                    } => {
+                        draws += 1;
+                        ((rng.next_u32() & 0x7FFF_FFFF) < threshold) != inverted
+                    }
+                    Rt::Nth {
+                        counter,
+                        last,
+                        inverted,
+                    } => {
+                        let c = &mut self.nth[counter as usize];
+                        *c = if *c == last { 0 } else { *c + 1 };
+                        (*c == 0) != inverted
+                    }
+                    Rt::Mark {
+                        ct,
+                        value,
+                        mask,
+                        negated,
+                    } => {
+                        let m = if ct { ctmark } else { nfmark };
+                        let r = ((m & mask) == value) != negated;
+                        keep_binding &= r;
+                        r
+                    }
+                    Rt::Recent {
+                        op,
+                        table,
+                        dest,
+                        hits,
+                        inverted,
+                    } => {
+                        let slot = if dest {
+                            &mut self.recent_dst[table as usize]
+                        } else {
+                            let per = self.clients.map_or(1, |k| k as usize);
+                            &mut self.recent_src[table as usize * per + client]
+                        };
+                        let r = recent(slot, op, hits, inverted);
+                        keep_binding &= r;
+                        r
+                    }
+                };
+                if !m {
+                    ok = false;
+                    break;
+                }
+            }
+            if !ok {
+                if keep_binding {
+                    // Only a statistic match failed: the evaluator's non-matching branch
+                    // keeps the rule's bindings.
+                    ps = d.next;
+                }
+                pc += 1;
+                continue;
+            }
+            match ins.target {
+                Tgt::Jump(to) => {
+                    ps = d.next;
+                    self.stack.push(pc as u32 + 1);
+                    pc = to as usize;
+                }
+                Tgt::Goto(to) => {
+                    ps = d.next;
+                    pc = to as usize;
+                }
+                Tgt::Return | Tgt::End => {
+                    if ins.target == Tgt::Return {
+                        ps = d.next;
+                    }
+                    match self.stack.pop() {
+                        Some(ret) => pc = ret as usize,
+                        None => break prog.end_outcome(nfmark, mark_mask),
+                    }
+                }
+                Tgt::Terminal(o) => break o,
+                Tgt::Mark { start, len } => {
+                    ps = d.next;
+                    for op in &prog.mark_ops[start as usize..(start + len) as usize] {
+                        apply_mark(*op, &mut nfmark, &mut ctmark, &mut mark_mask);
+                    }
+                    pc += 1;
+                }
+            }
+        };
+        self.acc.evaluations += evaluations;
+        self.acc.draws += draws;
+        outcome
+    }
+}
+
+impl Program {
+    #[cold]
+    fn lookup(&self, ins: &Instr, ps: u32) -> Decision {
+        let s = ins.multi_start as usize;
+        let table = &self.decisions[s..s + ins.multi_len as usize];
+        match table.binary_search_by_key(&ps, |&(state, _)| state) {
+            Ok(i) => table[i].1,
+            // Unreachable: compilation enumerates every state that reaches a rule.
+            Err(_) => Decision {
+                reach: 0,
+                pass: false,
+                next: ps,
+            },
+        }
+    }
+
+    fn end_outcome(&self, nfmark: u32, mark_mask: u32) -> u32 {
+        if mark_mask == 0 {
+            return self.unmatched_index();
+        }
+        match self
+            .mark_outcomes
+            .binary_search_by_key(&(nfmark, mark_mask), |&(k, _)| k)
+        {
+            Ok(i) => self.mark_outcomes[i].1,
+            Err(_) => self.other_index(),
+        }
+    }
+}
+
+/// `xt_recent` on one record (0: none; otherwise the number of time stamps).
+#[inline]
+fn recent(slot: &mut u8, op: RecentOp, hits: u8, inverted: bool) -> bool {
+    let stamps = *slot;
+    match op {
+        RecentOp::Set => {
+            *slot = stamps.saturating_add(1).min(RECENT_STAMPS);
+            !inverted
+        }
+        _ if stamps == 0 => inverted,
+        RecentOp::Remove => {
+            *slot = 0;
+            !inverted
+        }
+        RecentOp::Check | RecentOp::Update => {
+            let r = (stamps >= hits.max(1)) != inverted;
+            if op == RecentOp::Update && r {
+                *slot = stamps.saturating_add(1).min(RECENT_STAMPS);
+            }
+            r
+        }
+    }
+}
+
+/// A uniform number in `0..k` (k >= 1) from `next_u64`: Lemire's multiply-shift with
+/// rejection of the biased low range.
+#[inline]
+fn uniform(rng: &mut Xoshiro256PlusPlus, k: u64) -> u64 {
+    let mut m = u128::from(rng.next_u64()) * u128::from(k);
+    if (m as u64) < k {
+        let t = k.wrapping_neg() % k;
+        while (m as u64) < t {
+            m = u128::from(rng.next_u64()) * u128::from(k);
+        }
+    }
+    (m >> 64) as u64
+}
+
+/// A `MARK` / `CONNMARK` operation, exactly as the evaluator applies it.
+#[inline]
+fn apply_mark(op: MarkOp, nfmark: &mut u32, ctmark: &mut u32, mark_mask: &mut u32) {
+    match op {
+        MarkOp::NfXset { value, mask } => {
+            *nfmark = (*nfmark & !mask) ^ value;
+            *mark_mask |= mask;
+        }
+        MarkOp::NfSet { value, mask } => {
+            *nfmark = (*nfmark & !mask) | value;
+            *mark_mask |= mask;
+        }
+        MarkOp::NfAnd(x) => {
+            *nfmark &= x;
+            *mark_mask |= !x;
+        }
+        MarkOp::NfOr(x) => {
+            *nfmark |= x;
+            *mark_mask |= x;
+        }
+        MarkOp::NfXor(x) => {
+            *nfmark ^= x;
+            *mark_mask |= x;
+        }
+        MarkOp::CtXset { value, mask } => *ctmark = (*ctmark & !mask) ^ value,
+        MarkOp::CtSet { value, mask } => *ctmark = (*ctmark & !mask) | value,
+        MarkOp::Restore { nfmask, ctmask } => {
+            let new = (*nfmark & !nfmask) | (*ctmark & ctmask);
+            if new != *nfmark {
+                *mark_mask |= nfmask;
+            }
+            *nfmark = new;
+        }
+        MarkOp::Save { nfmask, ctmask } => {
+            *ctmark = (*ctmark & !ctmask) | (*nfmark & nfmask);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Compilation.
+
+/// One condition of a rule, in the order the kernel checks them.
+#[derive(Debug, Clone, Copy)]
+enum Cond<'r, 'a> {
+    /// `-s -d -p -i -o -f`.
+    Core(&'r Opt<'a>),
+    /// An option of a match decided from the packet.
+    Static(&'r str, &'r Opt<'a>),
+    /// Always passes (a statistic match the evaluator ignores, recent bookkeeping, …).
+    Pass,
+    /// Cannot be decided: assumed to match (not on mark-only rules).
+    Undecided,
+    /// Decided per connection.
+    Runtime(Rt),
+}
+
+type PacketKey = (
+    Option<IpAddr>,
+    Option<IpAddr>,
+    Option<String>,
+    Option<u16>,
+    Option<u16>,
+    Option<String>,
+    Option<String>,
+    Option<bool>,
+);
+
+fn packet_key(p: &Packet) -> PacketKey {
+    (
+        p.src,
+        p.dst,
+        p.proto.clone(),
+        p.sport,
+        p.dport,
+        p.in_iface.clone(),
+        p.out_iface.clone(),
+        p.dst_local,
+    )
+}
+
+struct Compiler<'g, 'r, 'a> {
+    graph: &'g Graph<'r, 'a>,
+    balancer: &'g Balancer,
+    table: usize,
+    states: Vec<Packet>,
+    state_ix: HashMap<PacketKey, u32>,
+    /// (chain, entry state) -> exit states.
+    memo: HashMap<(usize, u32), Rc<BTreeSet<u32>>>,
+    /// Chains in the order first entered.
+    order: Vec<usize>,
+    /// Per chain, per rule: the decision for each state that reaches it.
+    decisions: HashMap<usize, Vec<BTreeMap<u32, Decision>>>,
+    conds: HashMap<(usize, usize), Rc<[Cond<'r, 'a>]>>,
+    nth_init: Vec<u32>,
+    recent_names: HashMap<String, u32>,
+    has_rdest: bool,
+}
+
+impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
+    fn new(graph: &'g Graph<'r, 'a>, balancer: &'g Balancer) -> Self {
+        let mut c = Compiler {
+            graph,
+            balancer,
+            table: balancer.table_index,
+            states: Vec::new(),
+            state_ix: HashMap::new(),
+            memo: HashMap::new(),
+            order: Vec::new(),
+            decisions: HashMap::new(),
+            conds: HashMap::new(),
+            nth_init: Vec::new(),
+            recent_names: HashMap::new(),
+            has_rdest: false,
+        };
+        c.intern(balancer.packet.clone());
+        c
+    }
+
+    fn intern(&mut self, p: Packet) -> u32 {
+        let key = packet_key(&p);
+        if let Some(&i) = self.state_ix.get(&key) {
+            return i;
+        }
+        let i = self.states.len() as u32;
+        self.states.push(p);
+        self.state_ix.insert(key, i);
+        i
+    }
+
+    /// Can this rule's target change the outcome? (The evaluator skips the others.)
+    fn relevant(&self, target: TargetRef) -> bool {
+        let tg = &self.graph.tables[self.table];
+        match target {
+            TargetRef::None | TargetRef::Continue | TargetRef::Missing => false,
+            TargetRef::Chain { chain, .. } => tg.may_terminate[chain] || tg.may_mark[chain],
+            _ => true,
+        }
+    }
+
+    fn mark_only(&self, target: TargetRef) -> bool {
+        let tg = &self.graph.tables[self.table];
+        match target {
+            TargetRef::Mark => true,
+            TargetRef::Chain { chain, .. } => !tg.may_terminate[chain],
+            _ => false,
+        }
+    }
+
+    fn rule(&self, c: usize, r: usize) -> &'r Rule<'a> {
+        &self.graph.chain(self.table, c).rules[r]
+    }
+
+    /// The rule's conditions in the kernel's order; runtime matches get their counters
+    /// and tables here (once per rule).
+    fn conds(&mut self, c: usize, r: usize) -> Rc<[Cond<'r, 'a>]> {
+        if let Some(v) = self.conds.get(&(c, r)) {
+            return Rc::clone(v);
+        }
+        let rule = self.rule(c, r);
+        let mut v = Vec::new();
+        for o in &rule.core {
+            v.push(Cond::Core(o));
+        }
+        for m in &rule.matches {
+            match m.module {
+                "statistic" => match statistic::from_match(m) {
+                    Ok(Statistic::Random {
+                        threshold,
+                        inverted,
+                    }) => v.push(Cond::Runtime(Rt::Random {
+                        threshold,
+                        inverted,
+                    })),
+                    Ok(Statistic::Nth {
+                        every,
+                        packet,
+                        inverted,
+                    }) => {
+                        let counter = self.nth_init.len() as u32;
+                        // iptables: every = N - 1, count = every - packet.
+                        self.nth_init.push(every - 1 - packet);
+                        v.push(Cond::Runtime(Rt::Nth {
+                            counter,
+                            last: every - 1,
+                            inverted,
+                        }));
+                    }
+                    // The evaluator ignores an invalid statistic match (with a warning).
+                    Err(_) => v.push(Cond::Pass),
+                },
+                "mark" | "connmark" => {
+                    for o in &m.options {
+                        match (o.name, eval::parse_mark(o.value())) {
+                            ("mark", Some((value, mask))) => v.push(Cond::Runtime(Rt::Mark {
+                                ct: m.module == "connmark",
+                                value,
+                                mask,
+                                negated: o.negated,
+                            })),
+                            _ => v.push(Cond::Undecided),
+                        }
+                    }
+                }
+                "recent" => v.push(self.recent_cond(m)),
+                module => {
+                    for o in &m.options {
+                        v.push(Cond::Static(module, o));
+                    }
+                }
+            }
+        }
+        let v: Rc<[Cond<'r, 'a>]> = v.into();
+        self.conds.insert((c, r), Rc::clone(&v));
+        v
+    }
+
+    fn recent_cond(&mut self, m: &Match<'_>) -> Cond<'r, 'a> {
+        let mut op = None;
+        let mut name = "DEFAULT".to_string();
+        let mut dest = false;
+        let mut hits = 0u8;
+        let mut unknown = false;
+        for o in &m.options {
+            match o.name {
+                "set" => op = op.or(Some((RecentOp::Set, o.negated))),
+                "rcheck" => op = op.or(Some((RecentOp::Check, o.negated))),
+                "update" => op = op.or(Some((RecentOp::Update, o.negated))),
+                "remove" => op = op.or(Some((RecentOp::Remove, o.negated))),
+                "name" => name = o.value().to_string(),
+                "rdest" => dest = true,
+                "rsource" => dest = false,
+                "hitcount" => hits = o.value().parse::<u8>().unwrap_or(0).min(RECENT_STAMPS),
+                "seconds" | "reap" | "mask" | "rttl" => {}
+                _ => unknown = true,
+            }
+        }
+        let Some((op, inverted)) = op else {
+            return if unknown { Cond::Undecided } else { Cond::Pass };
+        };
+        let next = self.recent_names.len() as u32;
+        let table = *self.recent_names.entry(name).or_insert(next);
+        self.has_rdest |= dest;
+        Cond::Runtime(Rt::Recent {
+            op,
+            table,
+            dest,
+            hits,
+            inverted,
+        })
+    }
+
+    /// The fixed part of a rule's conditions for packet state `x`, as the evaluator's
+    /// `decide` does it (bindings are tentative until every fixed condition passed).
+    fn decide(&mut self, conds: &[Cond<'r, 'a>], x: u32, mark_only: bool) -> Decision {
+        let mut packet = self.states[x as usize].clone();
+        let mut reach: u16 = 0;
+        let fail = |reach| Decision {
+            reach,
+            pass: false,
+            next: x,
+        };
+        for cond in conds {
+            let r = match *cond {
+                Cond::Core(o) => core_test(o, &mut packet),
+                Cond::Static(module, o) => static_test(module, o, &mut packet),
+                Cond::Pass => Some(true),
+                Cond::Undecided => None,
+                Cond::Runtime(_) => {
+                    reach += 1;
+                    Some(true)
+                }
+            };
+            match r {
+                Some(true) => {}
+                Some(false) => return fail(reach),
+                // The evaluator: a mark-only rule with an undecidable condition does not
+                // apply; any other rule is assumed to match.
+                None if mark_only => return fail(reach),
+                None => {}
+            }
+        }
+        let next = self.intern(packet);
+        Decision {
+            reach,
+            pass: true,
+            next,
+        }
+    }
+
+    /// The states in which chain `c` can be left (end of chain or RETURN) when entered
+    /// in state `s`; records every rule's decision on the way.
+    fn explore(&mut self, c: usize, s: u32) -> Rc<BTreeSet<u32>> {
+        if let Some(v) = self.memo.get(&(c, s)) {
+            return Rc::clone(v);
+        }
+        let rules = self.graph.chain(self.table, c).rules.len();
+        if !self.decisions.contains_key(&c) {
+            self.order.push(c);
+            self.decisions.insert(c, vec![BTreeMap::new(); rules]);
+        }
+        let mut cur = BTreeSet::from([s]);
+        let mut exits = BTreeSet::new();
+        for r in 0..rules {
+            let target = self.graph.tables[self.table].targets[c][r];
+            if !self.relevant(target) {
+                continue;
+            }
+            let mark_only = self.mark_only(target);
+            let conds = self.conds(c, r);
+            let has_stat = conds
+                .iter()
+                .any(|k| matches!(k, Cond::Runtime(rt) if rt.is_statistic()));
+            let has_other = conds
+                .iter()
+                .any(|k| matches!(k, Cond::Runtime(rt) if !rt.is_statistic()));
+            let mut next = BTreeSet::new();
+            for x in std::mem::take(&mut cur) {
+                let d = match self.decisions[&c][r].get(&x) {
+                    Some(&d) => d,
+                    None => {
+                        let d = self.decide(&conds, x, mark_only);
+                        self.decisions.get_mut(&c).expect("entered")[r].insert(x, d);
+                        d
+                    }
+                };
+                if !d.pass {
+                    next.insert(x);
+                    continue;
+                }
+                if has_stat {
+                    next.insert(d.next);
+                }
+                if has_other {
+                    next.insert(x);
+                }
+                match target {
+                    TargetRef::Chain { chain, goto } => {
+                        let out = self.explore(chain, d.next);
+                        if goto {
+                            exits.extend(out.iter().copied());
+                        } else {
+                            next.extend(out.iter().copied());
+                        }
+                    }
+                    TargetRef::Return => {
+                        exits.insert(d.next);
+                    }
+                    TargetRef::Mark => {
+                        next.insert(d.next);
+                    }
+                    _ => {}
+                }
+            }
+            cur = next;
+            if cur.is_empty() {
+                break;
+            }
+        }
+        exits.extend(cur);
+        let exits = Rc::new(exits);
+        self.memo.insert((c, s), Rc::clone(&exits));
+        exits
+    }
+
+    /// Is rule `r` of `c` worth an instruction (reached, and it can do something)?
+    fn emitted(&self, c: usize, r: usize) -> bool {
+        self.decisions[&c][r]
+            .values()
+            .any(|d| d.pass || d.reach > 0)
+    }
+
+    /// Deepest call stack below chain `c` (jumps push, gotos do not).
+    fn depth(&self, c: usize, memo: &mut HashMap<usize, usize>) -> usize {
+        if let Some(&d) = memo.get(&c) {
+            return d;
+        }
+        let mut best = 0;
+        for r in 0..self.decisions[&c].len() {
+            if !self.emitted(c, r) {
+                continue;
+            }
+            if let TargetRef::Chain { chain, goto } = self.graph.tables[self.table].targets[c][r]
+                && self.decisions.contains_key(&chain)
+            {
+                best = best.max(self.depth(chain, memo) + usize::from(!goto));
+            }
+        }
+        memo.insert(c, best);
+        best
+    }
+
+    fn compile(mut self) -> Program {
+        let start = self.balancer.chain_index;
+        self.explore(start, 0);
+        let tg = &self.graph.tables[self.table];
+        // Outcome indices.
+        let endpoints = self.balancer.endpoints.len();
+        let other = endpoints as u32 + 1;
+        let mut mark_outcomes: Vec<((u32, u32), u32)> = self
+            .balancer
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e.outcome {
+                Outcome::Mark { value, mask } => Some(((value, mask), i as u32)),
+                _ => None,
+            })
+            .collect();
+        mark_outcomes.sort_unstable();
+        // Layout: chains in the order first entered, each followed by its End.
+        let mut chain_pc = HashMap::new();
+        let mut pc = 0u32;
+        for &c in &self.order {
+            chain_pc.insert(c, pc);
+            let n = (0..self.decisions[&c].len())
+                .filter(|&r| self.emitted(c, r))
+                .count();
+            pc += n as u32 + 1;
+        }
+        let mut instrs = Vec::with_capacity(pc as usize);
+        let mut decisions = Vec::new();
+        let mut rt = Vec::new();
+        let mut mark_ops = Vec::new();
+        for &c in &self.order {
+            let chain = self.graph.chain(self.table, c);
+            let mut cost = 0u32;
+            for (r, rule) in chain.rules.iter().enumerate() {
+                cost += 1;
+                if !self.emitted(c, r) {
+                    continue;
+                }
+                let dm = &self.decisions[&c][r];
+                let (dec, multi_start, multi_len) = if dm.len() == 1 {
+                    (*dm.values().next().expect("one"), 0, 0)
+                } else {
+                    let s = decisions.len() as u32;
+                    decisions.extend(dm.iter().map(|(&k, &d)| (k, d)));
+                    let any = *dm.values().next().expect("non-empty");
+                    (any, s, dm.len() as u32)
+                };
+                let rt_start = rt.len() as u32;
+                rt.extend(self.conds[&(c, r)].iter().filter_map(|k| match k {
+                    Cond::Runtime(x) => Some(*x),
+                    _ => None,
+                }));
+                let target = match tg.targets[c][r] {
+                    // A chain never entered belongs to a rule that never matches.
+                    TargetRef::Chain { chain, goto } => {
+                        let to = chain_pc.get(&chain).copied().unwrap_or(0);
+                        if goto { Tgt::Goto(to) } else { Tgt::Jump(to) }
+                    }
+                    TargetRef::Return => Tgt::Return,
+                    TargetRef::Terminal => {
+                        let o = terminal_outcome(rule);
+                        let i = self
+                            .balancer
+                            .endpoints
+                            .iter()
+                            .position(|e| e.outcome == o)
+                            .map_or(other, |i| i as u32);
+                        Tgt::Terminal(i)
+                    }
+                    TargetRef::Mark => {
+                        let start = mark_ops.len() as u32;
+                        mark_ops.extend(compile_mark(rule));
+                        Tgt::Mark {
+                            start,
+                            len: mark_ops.len() as u32 - start,
+                        }
+                    }
+                    // Not relevant, so never emitted.
+                    TargetRef::None | TargetRef::Continue | TargetRef::Missing => Tgt::End,
+                };
+                instrs.push(Instr {
+                    dec,
+                    multi_start,
+                    multi_len,
+                    rt_start,
+                    cost,
+                    target,
+                });
+                cost = 0;
+            }
+            instrs.push(Instr {
+                dec: Decision {
+                    reach: 0,
+                    pass: true,
+                    next: 0,
+                },
+                multi_start: 0,
+                multi_len: 0,
+                rt_start: rt.len() as u32,
+                cost,
+                target: Tgt::End,
+            });
+        }
+        let depth = self.depth(start, &mut HashMap::new());
+        let has_recent = rt.iter().any(|x| matches!(x, Rt::Recent { .. }));
+        Program {
+            instrs,
+            decisions,
+            rt,
+            mark_ops,
+            nth_init: self.nth_init,
+            recent_tables: self.recent_names.len(),
+            has_recent,
+            has_rdest: self.has_rdest,
+            depth,
+            mark_outcomes,
+            endpoints,
+        }
+    }
+}
+
+fn compile_mark(rule: &Rule<'_>) -> Vec<MarkOp> {
+    let Some(target) = &rule.target else {
+        return Vec::new();
+    };
+    let masks = || {
+        let get = |n: &str| {
+            target
+                .opt(n)
+                .and_then(|o| parse_u32(o.value()))
+                .unwrap_or(u32::MAX)
+        };
+        (get("nfmask"), get("ctmask"))
+    };
+    let mut ops = Vec::new();
+    for o in &target.options {
+        let v = o.value();
+        let op = match (target.name, o.name) {
+            ("MARK", "set-xmark") => {
+                eval::parse_mark(v).map(|(value, mask)| MarkOp::NfXset { value, mask })
+            }
+            ("MARK", "set-mark") => {
+                eval::parse_mark(v).map(|(value, mask)| MarkOp::NfSet { value, mask })
+            }
+            ("MARK", "and-mark") => parse_u32(v).map(MarkOp::NfAnd),
+            ("MARK", "or-mark") => parse_u32(v).map(MarkOp::NfOr),
+            ("MARK", "xor-mark") => parse_u32(v).map(MarkOp::NfXor),
+            ("CONNMARK", "set-xmark") => {
+                eval::parse_mark(v).map(|(value, mask)| MarkOp::CtXset { value, mask })
+            }
+            ("CONNMARK", "set-mark") => {
+                eval::parse_mark(v).map(|(value, mask)| MarkOp::CtSet { value, mask })
+            }
+            ("CONNMARK", "restore-mark") => {
+                let (nfmask, ctmask) = masks();
+                Some(MarkOp::Restore { nfmask, ctmask })
+            }
+            ("CONNMARK", "save-mark") => {
+                let (nfmask, ctmask) = masks();
+                Some(MarkOp::Save { nfmask, ctmask })
+            }
+            _ => None,
+        };
+        ops.extend(op);
+    }
+    ops
+}
+
+// ---------------------------------------------------------------------------------------
+// Fixed conditions: copies of the evaluator's private helpers (src/eval.rs `core_test`,
+// `match_test` without its mark/recent arms, `port_test`, `range_test`, `tcp_flags`,
+// `first_addr`, `first_port`, `parse_u32`, `terminal_outcome`). Keep them in step with
+// eval.rs; the cross-check tests below compare the two on sample rulesets.
+
+fn static_test(module: &str, o: &Opt<'_>, packet: &mut Packet) -> Option<bool> {
+    match (module, o.name) {
+        ("comment", _) => Some(true),
+        (
+            "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
+            "dport" | "destination-port" | "dports" | "destination-ports",
+        ) => port_test(o, &mut packet.dport),
+        (
+            "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
+            "sport" | "source-port" | "sports" | "source-ports",
+        ) => port_test(o, &mut packet.sport),
+        ("multiport", "ports") => {
+            let d = port_test(o, &mut packet.dport);
+            if d == Some(true) {
+                Some(true)
+            } else {
+                port_test(o, &mut packet.sport).or(d)
+            }
+        }
+        ("tcp", "syn") => Some(!o.negated),
+        ("tcp", "tcp-flags") => Some(tcp_flags(o)),
+        ("conntrack", "ctstate") | ("state", "state") => {
+            let new = o.value().split(',').any(|s| s.eq_ignore_ascii_case("NEW"));
+            Some(new != o.negated)
+        }
+        ("addrtype", "dst-type") => packet.dst_local.map(|local| {
+            let wants_local = o.value().split(',').any(|v| v == "LOCAL");
+            (wants_local == local) != o.negated
+        }),
+        ("addrtype", "limit-iface-in" | "limit-iface-out") => Some(true),
+        ("iprange", "src-range") => range_test(o, packet.src),
+        ("iprange", "dst-range") => range_test(o, packet.dst),
+        _ => None,
+    }
+}
+
+fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
+    let v = o.value();
+    let r = match o.name {
+        "p" => {
+            let want = eval::proto_name(v);
+            if want == "all" || want == "0" {
+                Some(true)
+            } else {
+                match &p.proto {
+                    Some(have) => Some(*have == want || (want == "icmpv6" && have == "ipv6-icmp")),
+                    None if !o.negated => {
+                        p.proto = Some(want);
+                        Some(true)
+                    }
+                    None => None,
+                }
+            }
+        }
+        "s" | "d" => {
+            let field = if o.name == "s" {
+                &mut p.src
+            } else {
+                &mut p.dst
+            };
+            match field {
+                Some(addr) => {
+                    let a = *addr;
+                    let mut any = false;
+                    let mut known = true;
+                    for part in v.split(',') {
+                        match eval::cidr_contains(part, a) {
+                            Some(true) => any = true,
+                            Some(false) => {}
+                            None => known = false,
+                        }
+                    }
+                    if any || known { Some(any) } else { None }
+                }
+                None if !o.negated && !v.contains(',') => match first_addr(v) {
+                    Some(a) => {
+                        *field = Some(a);
+                        Some(true)
+                    }
+                    None => None,
+                },
+                None => None,
+            }
+        }
+        "i" | "o" => {
+            let field = if o.name == "i" {
+                &mut p.in_iface
+            } else {
+                &mut p.out_iface
+            };
+            match field {
+                Some(have) => Some(match v.strip_suffix('+') {
+                    Some(prefix) => have.starts_with(prefix),
+                    None => have == v,
+                }),
+                None if !o.negated => {
+                    *field = Some(v.trim_end_matches('+').to_string());
+                    Some(true)
+                }
+                None => None,
+            }
+        }
+        "f" => Some(false),
+        _ => None,
+    };
+    r.map(|m| m != o.negated)
+}
+
+fn first_addr(v: &str) -> Option<IpAddr> {
+    let first = v.split(',').next()?;
+    let addr = first.split('/').next()?;
+    addr.parse().ok()
+}
+
+fn first_port(v: &str) -> Option<u16> {
+    let first = v.split(',').next()?;
+    first.split(':').next()?.parse().ok()
+}
+
+fn port_test(o: &Opt<'_>, field: &mut Option<u16>) -> Option<bool> {
+    let v = o.value();
+    match *field {
+        Some(port) => {
+            let mut any = false;
+            for part in v.split(',') {
+                let (lo, hi) = match part.split_once(':') {
+                    Some((a, b)) => (
+                        if a.is_empty() { 0 } else { a.parse().ok()? },
+                        if b.is_empty() {
+                            u16::MAX
+                        } else {
+                            b.parse().ok()?
+                        },
+                    ),
+                    None => {
+                        let x: u16 = part.parse().ok()?;
+                        (x, x)
+                    }
+                };
+                any |= (lo..=hi).contains(&port);
+            }
+            Some(any != o.negated)
+        }
+        None if !o.negated => {
+            *field = Some(first_port(v)?);
+            Some(true)
+        }
+        None => None,
+    }
+}
+
+fn range_test(o: &Opt<'_>, a: Option<IpAddr>) -> Option<bool> {
+    let a = a?;
+    let (lo, hi) = o.value().split_once('-')?;
+    let (lo, hi): (IpAddr, IpAddr) = (lo.parse().ok()?, hi.parse().ok()?);
+    Some(((lo..=hi).contains(&a)) != o.negated)
+}
+
+fn tcp_flags(o: &Opt<'_>) -> bool {
+    let flags = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(|f| f.trim().to_ascii_uppercase())
+            .flat_map(|f| {
+                if f == "ALL" {
+                    ["SYN", "ACK", "FIN", "RST", "URG", "PSH"]
+                        .iter()
+                        .map(|s| (*s).to_string())
+                        .collect()
+                } else if f == "NONE" {
+                    Vec::new()
+                } else {
+                    vec![f]
+                }
+            })
+            .collect()
+    };
+    let mask = flags(o.values.first().map_or("", |v| v.as_ref()));
+    let comp = flags(o.values.get(1).map_or("", |v| v.as_ref()));
+    let ok = mask.iter().all(|f| (f == "SYN") == comp.contains(f));
+    ok != o.negated
+}
+
+fn parse_u32(v: &str) -> Option<u32> {
+    if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        u32::from_str_radix(h, 16).ok()
+    } else {
+        v.parse().ok()
+    }
+}
+
+fn terminal_outcome(rule: &Rule<'_>) -> Outcome {
+    let Some(target) = &rule.target else {
+        return Outcome::Unmatched;
+    };
+    let arg = |names: &[&str]| {
+        target
+            .options
+            .iter()
+            .find(|o| names.contains(&o.name))
+            .map(|o| o.value().to_string())
+    };
+    match target.name {
+        "DNAT" => Outcome::Dnat(arg(&["to-destination", "to"]).unwrap_or_default()),
+        "SNAT" => Outcome::Verdict(match arg(&["to-source", "to"]) {
+            Some(a) => format!("SNAT {a}"),
+            None => "SNAT".into(),
+        }),
+        "REDIRECT" | "MASQUERADE" => Outcome::Verdict(match arg(&["to-ports"]) {
+            Some(a) => format!("{} {a}", target.name),
+            None => target.name.to_string(),
+        }),
+        "NFQUEUE" => Outcome::Verdict(match arg(&["queue-num", "queue-balance"]) {
+            Some(a) => format!("NFQUEUE {a}"),
+            None => "NFQUEUE".into(),
+        }),
+        other => Outcome::Verdict(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance;
+    use crate::model::Ruleset;
+    use crate::parse::{ParseOptions, parse};
+
+    fn ruleset(text: &str) -> Ruleset<'_> {
+        parse(text, &ParseOptions::default()).expect("parses")
+    }
+
+    /// Parses, builds the graph, finds the balancers, and runs `f` on them.
+    fn with_balancers<T>(text: &str, f: impl FnOnce(&Graph<'_, '_>, &[Balancer]) -> T) -> T {
+        let rs = ruleset(text);
+        let graph = Graph::build(&rs, false).expect("graph");
+        let balancers = balance::find(&graph);
+        f(&graph, &balancers)
+    }
+
+    fn opts(connections: u64, seed: u64) -> SimOptions {
+        SimOptions {
+            connections,
+            seed,
+            clients: None,
+        }
+    }
+
+    /// Index of the endpoint DNATting to `dest`.
+    fn ep(b: &Balancer, dest: &str) -> usize {
+        b.endpoints
+            .iter()
+            .position(|e| e.outcome == Outcome::Dnat(dest.to_string()))
+            .unwrap_or_else(|| panic!("no endpoint {dest}"))
+    }
+
+    const ROUND_ROBIN: &str = "*nat
+:PREROUTING ACCEPT [0:0]
+:LB - [0:0]
+-A PREROUTING -d 10.0.0.1/32 -p tcp -m tcp --dport 80 -j LB
+-A LB -m statistic --mode nth --every 3 --packet 0 -j DNAT --to-destination 10.1.0.1:80
+-A LB -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.1.0.2:80
+-A LB -j DNAT --to-destination 10.1.0.3:80
+COMMIT
+";
+
+    #[test]
+    fn nth_round_robin_is_exact() {
+        with_balancers(ROUND_ROBIN, |g, bs| {
+            assert_eq!(bs.len(), 1);
+            let b = &bs[0];
+            assert_eq!(b.endpoints.len(), 3);
+            for k in [1u64, 7, 100_000] {
+                let r = simulate(g, b, 0, &opts(3 * k, 1));
+                assert_eq!(r.counts, vec![k; 3], "k = {k}");
+                assert_eq!((r.unmatched, r.other, r.random_draws), (0, 0, 0));
+                assert!(r.sequential);
+            }
+            // The order is round robin: 1, 2, 3, 1, 2, …
+            for n in 1..=6u64 {
+                let r = simulate(g, b, 0, &opts(n, 1));
+                let want: Vec<u64> = (0..3u64).map(|i| (n + 2 - i) / 3).collect();
+                assert_eq!(r.counts, want, "n = {n}");
+            }
+        });
+    }
+
+    /// The kernel's counters, written out plainly: per rule `(every, packet)`.
+    fn kernel_nth(rules: &[(u32, u32)], connections: u64) -> (Vec<u64>, u64) {
+        let mut count: Vec<u32> = rules.iter().map(|&(n, p)| n - 1 - p).collect();
+        let mut hits = vec![0u64; rules.len()];
+        let mut unmatched = 0;
+        'conn: for _ in 0..connections {
+            for (i, &(n, _)) in rules.iter().enumerate() {
+                count[i] = if count[i] == n - 1 { 0 } else { count[i] + 1 };
+                if count[i] == 0 {
+                    hits[i] += 1;
+                    continue 'conn;
+                }
+            }
+            unmatched += 1;
+        }
+        (hits, unmatched)
+    }
+
+    #[test]
+    fn nth_without_fallback_leaks_deterministically() {
+        let text = "*nat
+:PREROUTING ACCEPT [0:0]
+:LB - [0:0]
+-A PREROUTING -d 10.0.0.1/32 -j LB
+-A LB -m statistic --mode nth --every 3 --packet 0 -j DNAT --to-destination 10.1.0.1:80
+-A LB -m statistic --mode nth --every 3 --packet 1 -j DNAT --to-destination 10.1.0.2:80
+-A LB -m statistic --mode nth --every 3 --packet 2 -j DNAT --to-destination 10.1.0.3:80
+COMMIT
+";
+        with_balancers(text, |g, bs| {
+            let b = &bs[0];
+            let idx = [
+                ep(b, "10.1.0.1:80"),
+                ep(b, "10.1.0.2:80"),
+                ep(b, "10.1.0.3:80"),
+            ];
+            // 27 connections: 9, 6, 4 and 8 unmatched (1/3, 2/9, 4/27, 8/27).
+            let r = simulate(g, b, 0, &opts(27_000, 5));
+            assert_eq!(idx.map(|i| r.counts[i]), [9_000, 6_000, 4_000]);
+            assert_eq!(r.unmatched, 8_000);
+            for n in [1u64, 2, 5, 10, 26, 100, 65_537, 200_003] {
+                let r = simulate(g, b, 3, &opts(n, 9));
+                let (hits, unmatched) = kernel_nth(&[(3, 0), (3, 1), (3, 2)], n);
+                assert_eq!(idx.map(|i| r.counts[i]).to_vec(), hits, "n = {n}");
+                assert_eq!(r.unmatched, unmatched);
+                assert_eq!(r.other, 0);
+                // Three rules per unmatched connection, 1..3 for the others.
+                assert!(r.rule_evaluations >= n && r.rule_evaluations <= 3 * n);
+            }
+        });
+    }
+
+    const CASCADE_2: &str = "*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAA1 - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAA2 - [0:0]
+-A PREROUTING -j KUBE-SERVICES
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -d 172.30.0.10/32 -p tcp -m comment --comment \"ns/web:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-AAAAAAAAAAAAAAAA
+-A KUBE-SVC-AAAAAAAAAAAAAAAA ! -s 10.244.0.0/16 -d 172.30.0.10/32 -p tcp -m comment --comment \"ns/web:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.1.5:8080\" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-AAAAAAAAAAAAAAA1
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.2.6:8080\" -j KUBE-SEP-AAAAAAAAAAAAAAA2
+-A KUBE-SEP-AAAAAAAAAAAAAAA1 -s 10.244.1.5/32 -m comment --comment \"ns/web:http\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-AAAAAAAAAAAAAAA1 -p tcp -m comment --comment \"ns/web:http\" -m tcp -j DNAT --to-destination 10.244.1.5:8080
+-A KUBE-SEP-AAAAAAAAAAAAAAA2 -s 10.244.2.6/32 -m comment --comment \"ns/web:http\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-AAAAAAAAAAAAAAA2 -p tcp -m comment --comment \"ns/web:http\" -m tcp -j DNAT --to-destination 10.244.2.6:8080
+COMMIT
+";
+
+    /// |count - n p| <= 5 sigma of the binomial.
+    fn within_5_sigma(count: u64, n: u64, p: f64) -> bool {
+        let mean = n as f64 * p;
+        let sd = (n as f64 * p * (1.0 - p)).sqrt();
+        (count as f64 - mean).abs() <= 5.0 * sd.max(1.0)
+    }
+
+    #[test]
+    fn half_cascade_is_binomial() {
+        with_balancers(CASCADE_2, |g, bs| {
+            assert_eq!(bs.len(), 1);
+            let b = &bs[0];
+            let n = 1_000_000;
+            let r = simulate(g, b, 0, &opts(n, 42));
+            assert_eq!(r.counts.iter().sum::<u64>(), n);
+            assert_eq!((r.unmatched, r.other), (0, 0));
+            assert!(!r.sequential);
+            for &c in &r.counts {
+                assert!(within_5_sigma(c, n, 0.5), "{:?}", r.counts);
+            }
+            // One draw per connection, at the single statistic rule.
+            assert_eq!(r.random_draws, n);
+            // KUBE-SVC: masq rule, statistic rule (+ the fallback rule for the second
+            // endpoint); KUBE-SEP: the hairpin rule (which binds -s, as the evaluator
+            // does, and so jumps to KUBE-MARK-MASQ and its MARK rule), then DNAT.
+            let (c1, c2) = (
+                r.counts[ep(b, "10.244.1.5:8080")],
+                r.counts[ep(b, "10.244.2.6:8080")],
+            );
+            assert_eq!(r.rule_evaluations, 5 * c1 + 6 * c2);
+        });
+    }
+}
