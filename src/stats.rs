@@ -28,8 +28,8 @@
 //!   and from the degrees of freedom). A category with `p_i = 0` and observations
 //!   makes the hypothesis impossible: statistic `+∞`, p-value 0.
 //! * `df` = (number of categories with `p_i > 0`) − 1.
-//! * With no observations (`N = 0`) or a single category (`df = 0`) there is nothing
-//!   to test: p-value 1.
+//! * With no observations (`N = 0`, which includes empty slices) or a single
+//!   category (`df = 0`) there is nothing to test: statistic 0, p-value 1.
 //! * Invalid input — `observed` and `probs` of different lengths, a negative, NaN or
 //!   infinite weight, or weights summing to 0 — gives a statistic and p-value of NaN
 //!   (nothing here panics).
@@ -705,8 +705,11 @@ fn exact_relative_mass(exp: &[f64], n: u64, s_obs: f64, threshold: f64) -> f64 {
 ///
 /// Each sample is drawn exactly from the multinomial distribution: when `N ≤ 16 k`
 /// (k categories) as `N` categorical draws from a Walker–Vose alias table, otherwise
-/// category by category as conditional binomials (`statrs` BINV/BTPE), so the cost
-/// per replicate is `O(min(N, k))`-ish and never grows with huge `N`. Replicates run in
+/// category by category as conditional binomials (`statrs` BINV/BTPE); a replicate
+/// costs `O(N)` in the first case and `O(k)` in the second, never more with huge
+/// `N`. (R draws `N` categorical samples each time; the distribution is the same,
+/// the random streams are not, so p-values agree with R's only statistically.)
+/// Replicates run in
 /// batches of [`MC_BATCH`]; batch `b` uses
 /// `Xoshiro256PlusPlus::seed_from_u64(seed + b · 0x9E37_79B9_7F4A_7C15)` (wrapping),
 /// so the result depends on `seed` only — not on the number of threads.
@@ -866,7 +869,8 @@ pub fn goodness_of_fit(observed: &[u64], probs: &[f64], seed: u64) -> TestResult
 /// Wilson score interval for a proportion `successes / n` at the given confidence
 /// level (e.g. 0.95): with `z` the `1 − (1−confidence)/2` normal quantile,
 /// `(p̂ + z²/2n ± z √(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)`, clamped to [0, 1].
-/// Returns (0, 1) when `n = 0` or `confidence ≥ 1`.
+/// Returns (0, 1) when `n = 0` or `confidence ≥ 1`; `successes > n` is treated as
+/// `n`. Equals `scipy.stats.binomtest(s, n).proportion_ci(c, method="wilson")`.
 pub fn wilson(successes: u64, n: u64, confidence: f64) -> (f64, f64) {
     if confidence.is_nan() {
         return (f64::NAN, f64::NAN);
