@@ -508,7 +508,7 @@ impl<'p> Runner<'p> {
                         inverted,
                     } => {
                         draws += 1;
-                        ((rng.next_u32() & 0x7FFF_FFFF) < threshold) != inverted
+                        random_match(rng.next_u32(), threshold, inverted)
                     }
                     Rt::Nth {
                         counter,
@@ -625,6 +625,13 @@ impl Program {
             Err(_) => self.other_index(),
         }
     }
+}
+
+/// `xt_statistic` random mode: `(get_random_u32() & 0x7FFFFFFF) < probability`, inverted
+/// by `!`.
+#[inline(always)]
+fn random_match(draw: u32, threshold: u32, inverted: bool) -> bool {
+    ((draw & 0x7FFF_FFFF) < threshold) != inverted
 }
 
 /// `xt_recent` on one record (0: none; otherwise the number of time stamps).
@@ -1620,6 +1627,316 @@ COMMIT
                 r.counts[ep(b, "10.244.2.6:8080")],
             );
             assert_eq!(r.rule_evaluations, 5 * c1 + 6 * c2);
+        });
+    }
+
+    #[test]
+    fn same_result_for_any_thread_count() {
+        with_balancers(CASCADE_2, |g, bs| {
+            // Five batches, the last one partial.
+            let o = opts(4 * BATCH + 123, 7);
+            let run = |threads: usize| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool")
+                    .install(|| (simulate(g, &bs[0], 3, &o), simulate_all(g, bs, &o)))
+            };
+            let (one, all_one) = run(1);
+            let (two, all_two) = run(2);
+            let (four, all_four) = run(4);
+            assert_eq!(one, two);
+            assert_eq!(one, four);
+            assert_eq!(all_one, all_two);
+            assert_eq!(all_one, all_four);
+            assert_eq!(one.counts.iter().sum::<u64>(), o.connections);
+            // simulate_all uses the slice index as balancer index.
+            assert_eq!(all_one[0], simulate(g, &bs[0], 0, &o));
+            // Another seed or balancer index gives other streams.
+            assert_ne!(one.counts, simulate(g, &bs[0], 4, &o).counts);
+            assert_ne!(
+                one.counts,
+                simulate(g, &bs[0], 3, &opts(o.connections, 8)).counts
+            );
+        });
+    }
+
+    #[test]
+    fn threshold_zero_never_and_full_always() {
+        let text = "*nat
+:PREROUTING ACCEPT [0:0]
+:LB - [0:0]
+-A PREROUTING -j LB
+-A LB -m statistic --mode random --probability 0 -j DNAT --to-destination 10.1.0.1:80
+-A LB -m statistic --mode random ! --probability 1 -j DNAT --to-destination 10.1.0.2:80
+-A LB -m statistic --mode random --probability 1 -j DNAT --to-destination 10.1.0.3:80
+-A LB -j DNAT --to-destination 10.1.0.4:80
+COMMIT
+";
+        with_balancers(text, |g, bs| {
+            let b = &bs[0];
+            let n = 300_000;
+            let r = simulate(g, b, 0, &opts(n, 11));
+            let count = |d: &str| {
+                b.endpoints
+                    .iter()
+                    .position(|e| e.outcome == Outcome::Dnat(d.to_string()))
+                    .map_or(0, |i| r.counts[i])
+            };
+            assert_eq!(count("10.1.0.1:80"), 0);
+            assert_eq!(count("10.1.0.2:80"), 0);
+            assert_eq!(count("10.1.0.3:80"), n);
+            assert_eq!(count("10.1.0.4:80"), 0);
+            assert_eq!((r.unmatched, r.other), (0, 0));
+            assert_eq!(r.random_draws, 3 * n);
+        });
+        // The comparison itself, at the extremes of the 31-bit draw.
+        for draw in [0u32, 1, 0x3FFF_FFFF, 0x7FFF_FFFF, 0x8000_0000, u32::MAX] {
+            assert!(!random_match(draw, 0, false), "q = 0 never matches");
+            assert!(random_match(draw, 0, true));
+            assert!(
+                random_match(draw, 1 << 31, false),
+                "q = 2^31 always matches"
+            );
+            assert!(!random_match(draw, 1 << 31, true));
+        }
+        // The top bit is masked off: 0x8000_0000 is a draw of 0.
+        assert!(random_match(0x8000_0000, 1, false));
+        assert!(!random_match(0x7FFF_FFFF, 0x7FFF_FFFF, false));
+        assert!(random_match(0x7FFF_FFFE, 0x7FFF_FFFF, false));
+    }
+
+    /// Every endpoint's count is within 5 sigma of its exact probability, and nothing
+    /// falls outside the evaluator's outcomes.
+    fn agrees_with_eval(g: &Graph<'_, '_>, bs: &[Balancer], n: u64, seed: u64) {
+        for r in simulate_all(g, bs, &opts(n, seed)).iter().zip(bs) {
+            let (r, b) = r;
+            assert_eq!(r.other, 0, "{}", b.name);
+            for (e, &c) in b.endpoints.iter().zip(&r.counts) {
+                let p = e.prob.to_f64();
+                assert!(
+                    within_5_sigma(c, n, p),
+                    "{} {}: {c} of {n}, p = {p}",
+                    b.name,
+                    e.outcome.label()
+                );
+            }
+            let p = b.unmatched.to_f64();
+            assert!(within_5_sigma(r.unmatched, n, p), "{}: unmatched", b.name);
+        }
+    }
+
+    #[test]
+    fn tree_with_goto_and_return_matches_eval() {
+        let text = "*nat
+:PREROUTING ACCEPT [0:0]
+:LB - [0:0]
+:A - [0:0]
+:B - [0:0]
+:C - [0:0]
+-A PREROUTING -d 10.0.0.1/32 -j LB
+-A LB -m statistic --mode random --probability 0.50000000000 -j A
+-A LB -j B
+-A LB -j DNAT --to-destination 10.1.0.3:80
+-A A -m statistic --mode random --probability 0.25000000000 -g C
+-A A -j DNAT --to-destination 10.1.0.1:80
+-A B -m statistic --mode random ! --probability 0.75000000000 -j RETURN
+-A B -j DNAT --to-destination 10.1.0.2:80
+-A C -j LOG
+-A C -j DNAT --to-destination 10.1.0.4:80
+COMMIT
+";
+        with_balancers(text, |g, bs| {
+            let lb = bs.iter().find(|b| b.chain == "LB").expect("LB");
+            assert_eq!(lb.endpoints.len(), 4);
+            agrees_with_eval(g, bs, 400_000, 3);
+            let r = simulate(g, lb, 0, &opts(400_000, 3));
+            let share = |d: &str| r.counts[ep(lb, d)] as f64 / 400_000.0;
+            assert!((share("10.1.0.4:80") - 0.125).abs() < 0.005);
+            assert!((share("10.1.0.3:80") - 0.125).abs() < 0.005);
+        });
+    }
+
+    #[test]
+    fn marks_are_outcomes() {
+        let text = "*mangle
+:PREROUTING ACCEPT [0:0]
+:mwan3_policy_balanced - [0:0]
+-A PREROUTING -i br-lan -j mwan3_policy_balanced
+-A mwan3_policy_balanced -m mark --mark 0x0/0x3f00 -m statistic --mode random --probability 0.25000000000 -j MARK --set-xmark 0x100/0x3f00
+-A mwan3_policy_balanced -m mark --mark 0x0/0x3f00 -m statistic --mode random --probability 0.33333333349 -j MARK --set-xmark 0x200/0x3f00
+-A mwan3_policy_balanced -m mark --mark 0x0/0x3f00 -j MARK --set-xmark 0x300/0x3f00
+COMMIT
+";
+        with_balancers(text, |g, bs| {
+            let b = &bs[0];
+            assert_eq!(b.endpoints.len(), 3);
+            assert!(
+                b.endpoints
+                    .iter()
+                    .all(|e| matches!(e.outcome, Outcome::Mark { .. }))
+            );
+            agrees_with_eval(g, bs, 400_000, 5);
+            let r = simulate(g, b, 0, &opts(400_000, 5));
+            assert_eq!(r.counts.iter().sum::<u64>(), 400_000);
+            // Rules after the one that set the mark are traversed but fail their mark test.
+            assert_eq!(r.rule_evaluations, 3 * 400_000);
+        });
+    }
+
+    #[test]
+    fn bindings_depend_on_the_path() {
+        // SUB binds -s 10.0.0.1 (as the evaluator does) so LB's -s 10.0.0.2 rule cannot
+        // match afterwards; without SUB it binds 10.0.0.2 and matches.
+        let text = "*nat
+:PREROUTING ACCEPT [0:0]
+:LB - [0:0]
+:SUB - [0:0]
+-A PREROUTING -j LB
+-A LB -m statistic --mode random --probability 0.50000000000 -j SUB
+-A LB -s 10.0.0.2/32 -j DNAT --to-destination 10.1.0.1:80
+-A LB -j DNAT --to-destination 10.1.0.2:80
+-A SUB -s 10.0.0.1/32 -j MARK --set-xmark 0x1/0x1
+COMMIT
+";
+        with_balancers(text, |g, bs| {
+            let b = bs.iter().find(|b| b.chain == "LB").expect("LB");
+            let prog = Program::compile(g, b);
+            assert!(prog.instrs.iter().any(|i| i.multi_len == 2), "{prog:?}");
+            agrees_with_eval(g, bs, 200_000, 1);
+            let r = simulate(g, b, 0, &opts(200_000, 1));
+            assert!(r.counts.iter().all(|&c| within_5_sigma(c, 200_000, 0.5)));
+        });
+    }
+
+    const AFFINITY: &str = "*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-AAAAAAAAAAAAAAAA - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAA1 - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAA2 - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAA3 - [0:0]
+-A PREROUTING -j KUBE-SERVICES
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -d 172.30.0.10/32 -p tcp -m comment --comment \"ns/web:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-AAAAAAAAAAAAAAAA
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.1.5:8080\" -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-AAAAAAAAAAAAAAA1 --mask 255.255.255.255 --rsource -j KUBE-SEP-AAAAAAAAAAAAAAA1
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.2.6:8080\" -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-AAAAAAAAAAAAAAA2 --mask 255.255.255.255 --rsource -j KUBE-SEP-AAAAAAAAAAAAAAA2
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.3.7:8080\" -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-AAAAAAAAAAAAAAA3 --mask 255.255.255.255 --rsource -j KUBE-SEP-AAAAAAAAAAAAAAA3
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.1.5:8080\" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-AAAAAAAAAAAAAAA1
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.2.6:8080\" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-AAAAAAAAAAAAAAA2
+-A KUBE-SVC-AAAAAAAAAAAAAAAA -m comment --comment \"ns/web:http -> 10.244.3.7:8080\" -j KUBE-SEP-AAAAAAAAAAAAAAA3
+-A KUBE-SEP-AAAAAAAAAAAAAAA1 -s 10.244.1.5/32 -m comment --comment \"ns/web:http\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-AAAAAAAAAAAAAAA1 -p tcp -m comment --comment \"ns/web:http\" -m recent --set --name KUBE-SEP-AAAAAAAAAAAAAAA1 --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.1.5:8080
+-A KUBE-SEP-AAAAAAAAAAAAAAA2 -s 10.244.2.6/32 -m comment --comment \"ns/web:http\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-AAAAAAAAAAAAAAA2 -p tcp -m comment --comment \"ns/web:http\" -m recent --set --name KUBE-SEP-AAAAAAAAAAAAAAA2 --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.2.6:8080
+-A KUBE-SEP-AAAAAAAAAAAAAAA3 -s 10.244.3.7/32 -m comment --comment \"ns/web:http\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-AAAAAAAAAAAAAAA3 -p tcp -m comment --comment \"ns/web:http\" -m recent --set --name KUBE-SEP-AAAAAAAAAAAAAAA3 --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.3.7:8080
+COMMIT
+";
+
+    #[test]
+    fn session_affinity_follows_clients() {
+        with_balancers(AFFINITY, |g, bs| {
+            let b = &bs[0];
+            assert!(b.affinity.is_some());
+            assert_eq!(b.endpoints.len(), 3);
+            let n = 300_000;
+            // New clients only: the plain cascade, in parallel.
+            let r = simulate(g, b, 0, &opts(n, 2));
+            assert!(!r.sequential);
+            assert_eq!((r.unmatched, r.other), (0, 0));
+            agrees_with_eval(g, bs, n, 2);
+            assert_eq!(r.per_client_max_share, None);
+            // One client: all its connections go where its first one went.
+            let one = simulate(
+                g,
+                b,
+                0,
+                &SimOptions {
+                    clients: Some(1),
+                    ..opts(n, 2)
+                },
+            );
+            assert!(one.sequential);
+            assert_eq!(one.counts.iter().filter(|&&c| c > 0).count(), 1);
+            assert_eq!(one.per_client_max_share, Some(1.0));
+            assert_eq!(one.returning_connections, Some(n - 1));
+            assert_eq!(one.same_outcome_connections, Some(n - 1));
+            // Returning clients take the rcheck rules: no draws for them.
+            assert!((1..=2).contains(&one.random_draws), "{}", one.random_draws);
+            // Many clients: each sticks; loads follow the clients' first choices.
+            let k = 1_000;
+            let many = simulate(
+                g,
+                b,
+                0,
+                &SimOptions {
+                    clients: Some(k),
+                    ..opts(n, 2)
+                },
+            );
+            assert_eq!(many.counts.iter().sum::<u64>(), n);
+            assert_eq!(many.returning_connections, many.same_outcome_connections);
+            assert!(many.returning_connections.unwrap() >= n - k);
+            let share = many.per_client_max_share.unwrap();
+            assert!(share > 1.0 / 3.0 && share < 0.5, "{share}");
+            // Deterministic.
+            assert_eq!(
+                many,
+                simulate(
+                    g,
+                    b,
+                    0,
+                    &SimOptions {
+                        clients: Some(k),
+                        ..opts(n, 2)
+                    }
+                )
+            );
+        });
+    }
+
+    #[test]
+    fn recent_follows_xt_recent() {
+        let mut slot = 0u8;
+        assert!(!recent(&mut slot, RecentOp::Check, 0, false));
+        assert!(recent(&mut slot, RecentOp::Check, 0, true));
+        assert!(!recent(&mut slot, RecentOp::Remove, 0, false));
+        assert!(recent(&mut slot, RecentOp::Set, 0, false));
+        assert!(recent(&mut slot, RecentOp::Check, 0, false));
+        assert!(!recent(&mut slot, RecentOp::Check, 2, false));
+        assert!(!recent(&mut slot, RecentOp::Update, 2, false));
+        assert!(recent(&mut slot, RecentOp::Update, 1, false));
+        assert_eq!(slot, 2);
+        assert!(recent(&mut slot, RecentOp::Check, 2, false));
+        assert!(!recent(&mut slot, RecentOp::Set, 0, true));
+        assert_eq!(slot, 3);
+        for _ in 0..30 {
+            recent(&mut slot, RecentOp::Set, 0, false);
+        }
+        assert_eq!(slot, RECENT_STAMPS);
+        assert!(recent(&mut slot, RecentOp::Remove, 0, false));
+        assert_eq!(slot, 0);
+    }
+
+    #[test]
+    fn uniform_clients_are_uniform() {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(1);
+        let mut c = [0u64; 3];
+        for _ in 0..300_000 {
+            c[uniform(&mut rng, 3) as usize] += 1;
+        }
+        assert!(c.iter().all(|&x| within_5_sigma(x, 300_000, 1.0 / 3.0)));
+        assert_eq!(uniform(&mut rng, 1), 0);
+    }
+
+    #[test]
+    fn zero_connections() {
+        with_balancers(CASCADE_2, |g, bs| {
+            let r = simulate(g, &bs[0], 0, &opts(0, 0));
+            assert_eq!(r.counts, vec![0, 0]);
+            assert_eq!(r.rule_evaluations, 0);
         });
     }
 }
