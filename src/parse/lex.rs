@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use nom::bytes::complete::{take_till, take_till1, take_while, take_while1};
+use nom::bytes::complete::take_till;
 use nom::character::complete::{anychar, char, digit1};
 use nom::error::{ContextError, ErrorKind, ParseError};
 use nom::{IResult, Parser};
@@ -88,17 +88,46 @@ pub(crate) fn is_blank(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\r' | '\x0b' | '\x0c')
 }
 
+#[inline]
+fn is_blank_byte(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | 0x0b | 0x0c)
+}
+
+/// Scans bytes with nom (`&[u8]` input: a plain byte loop, no UTF-8 decoding) and
+/// splits the `&str` at the first byte for which `stop` holds. Every `stop` used here
+/// matches ASCII bytes only, so the split is on a character boundary.
+#[inline]
+fn split_till(i: &str, stop: impl Fn(u8) -> bool) -> (&str, &str) {
+    let r: IResult<&[u8], &[u8], nom::error::Error<&[u8]>> = take_till(stop).parse(i.as_bytes());
+    let n = r.map_or(0, |(_, taken)| taken.len());
+    match i.split_at_checked(n) {
+        Some((taken, rest)) => (rest, taken),
+        None => (i, ""),
+    }
+}
+
+/// Like [`split_till`], failing with `kind` when nothing is taken.
+#[inline]
+fn split_till1(i: &str, stop: impl Fn(u8) -> bool, kind: ErrorKind) -> PResult<'_, &str> {
+    let (rest, taken) = split_till(i, stop);
+    if taken.is_empty() {
+        Err(nom::Err::Error(PErr::from_error_kind(i, kind)))
+    } else {
+        Ok((rest, taken))
+    }
+}
+
 pub(crate) fn blank0(i: &str) -> PResult<'_, &str> {
-    take_while(is_blank).parse(i)
+    Ok(split_till(i, |b| !is_blank_byte(b)))
 }
 
 pub(crate) fn blank1(i: &str) -> PResult<'_, &str> {
-    take_while1(is_blank).parse(i)
+    split_till1(i, |b| !is_blank_byte(b), ErrorKind::Space)
 }
 
 /// A run of characters up to the next blank (a chain or table name, a policy).
 pub(crate) fn word(i: &str) -> PResult<'_, &str> {
-    take_till1(is_blank).parse(i)
+    split_till1(i, is_blank_byte, ErrorKind::TakeTill1)
 }
 
 /// A decimal `u64` (counters can be large).
@@ -136,7 +165,7 @@ pub(crate) struct Tok<'a> {
     /// Its text with quotes removed and escapes resolved.
     pub text: Cow<'a, str>,
     pub kind: TokKind,
-    /// Byte offset of the token in its line (set by the caller of [`token`]).
+    /// Byte offset of the token in its line (set by [`tokens`]).
     pub off: usize,
 }
 
@@ -144,7 +173,7 @@ pub(crate) struct Tok<'a> {
 fn quoted(i: &str) -> PResult<'_, Cow<'_, str>> {
     let start = i;
     let (i, _) = char('"').parse(i)?;
-    let (mut i, plain) = take_till(|c| c == '"' || c == '\\').parse(i)?;
+    let (mut i, plain) = split_till(i, |b| b == b'"' || b == b'\\');
     if let Ok((rest, _)) = char::<_, PErr<'_>>('"').parse(i) {
         return Ok((rest, Cow::Borrowed(plain)));
     }
@@ -159,7 +188,7 @@ fn quoted(i: &str) -> PResult<'_, Cow<'_, str>> {
             return fail(start, "a closing quote `\"`");
         };
         s.push(c);
-        let (rest, more) = take_till(|c| c == '"' || c == '\\').parse(rest)?;
+        let (rest, more) = split_till(rest, |b| b == b'"' || b == b'\\');
         s.push_str(more);
         i = rest;
     }
@@ -167,7 +196,41 @@ fn quoted(i: &str) -> PResult<'_, Cow<'_, str>> {
 
 /// An unquoted part: up to a blank or a quote.
 fn bare(i: &str) -> PResult<'_, &str> {
-    take_till1(|c| is_blank(c) || c == '"').parse(i)
+    split_till1(i, |b| is_blank_byte(b) || b == b'"', ErrorKind::TakeTill1)
+}
+
+/// Splits `body` (a slice of `line`) into tokens, appended to `out` with their byte
+/// offsets in `line`.
+pub(crate) fn tokens<'a>(
+    line: &'a str,
+    body: &'a str,
+    out: &mut Vec<Tok<'a>>,
+) -> Result<(), nom::Err<PErr<'a>>> {
+    let base = line.as_ptr() as usize;
+    let mut i = body;
+    loop {
+        let (r, _) = blank0(i)?;
+        if r.is_empty() {
+            return Ok(());
+        }
+        let off = (r.as_ptr() as usize).wrapping_sub(base);
+        // Fast path: a plain word.
+        let (rest, b) = split_till(r, |b| is_blank_byte(b) || b == b'"');
+        if !b.is_empty() && !rest.starts_with('"') {
+            out.push(Tok {
+                raw: b,
+                text: Cow::Borrowed(b),
+                kind: classify_bare(b),
+                off,
+            });
+            i = rest;
+            continue;
+        }
+        let (rest, mut t) = token(r)?;
+        t.off = off;
+        out.push(t);
+        i = rest;
+    }
 }
 
 /// One token: unquoted and quoted parts with no blank between them. The input must not

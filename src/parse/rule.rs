@@ -15,7 +15,7 @@ use crate::error::{InputError, InputErrorKind};
 use crate::model::{Counters, Jump, Match, Opt, Rule, Target};
 use crate::statistic;
 
-use super::lex::{PErr, Tok, TokKind, blank0, is_blank, token};
+use super::lex::{PErr, Tok, TokKind, is_blank, tokens};
 
 /// A line being parsed: its text, number and a fast path for columns.
 pub(crate) struct LineCtx<'a> {
@@ -175,26 +175,12 @@ pub(crate) fn rule<'a>(
 
     // Tokens.
     sc.toks.clear();
-    let mut i = body;
-    loop {
-        let r = blank0(i).map_or(i, |(r, _)| r);
-        if r.is_empty() {
-            break;
-        }
-        match token(r) {
-            Ok((rest, mut t)) => {
-                t.off = ctx.off_of(r);
-                sc.toks.push(t);
-                i = rest;
-            }
-            Err(e) => {
-                return Err(ctx.nom_err(
-                    e,
-                    "close the quote; inside quotes write `\\\"` for a quote and `\\\\` for a backslash",
-                ));
-            }
-        }
-    }
+    tokens(ctx.text, body, &mut sc.toks).map_err(|e| {
+        ctx.nom_err(
+            e,
+            "close the quote; inside quotes write `\\\"` for a quote and `\\\\` for a backslash",
+        )
+    })?;
 
     // Steps: what each option is and which tokens are its values.
     let toks = &sc.toks;

@@ -1,7 +1,8 @@
 //! Tests of the whole parser on small inputs written to mimic real dumps.
 
 use super::*;
-use crate::model::Jump;
+use crate::error::InputErrorKind;
+use crate::model::{Counters, Family, Format, Jump, Policy};
 
 fn ok(text: &str) -> Ruleset<'_> {
     match parse(text, &ParseOptions::default()) {

@@ -1,0 +1,244 @@
+//! What one line of input is: a table header, a chain declaration, a rule, `COMMIT`,
+//! a comment, a shell prompt or a blank.
+
+use nom::Parser;
+use nom::character::complete::char;
+use nom::combinator::eof;
+use nom::error::context;
+
+use crate::error::{InputError, InputErrorKind};
+use crate::model::{Counters, Policy, Rule};
+
+use super::lex::{PErr, blank0, blank1, counters, is_blank, number, word};
+use super::rule::{self, LineCtx, Scratch};
+
+pub(super) const HINT_EMPTY: &str = "pipe `iptables-save` output or give a dump file";
+const EXPECTED_FORMS: &str =
+    "expected `*table`, `:CHAIN POLICY [p:b]`, `-A CHAIN rule`, `COMMIT` or `#comment`";
+
+/// What one line is.
+pub(super) enum Item<'a> {
+    Blank,
+    Comment {
+        v6: bool,
+        legacy_tables: bool,
+    },
+    Prompt,
+    Table(&'a str),
+    Decl {
+        name: &'a str,
+        policy: Option<Policy<'a>>,
+        counters: Option<Counters>,
+        how: DeclHow,
+    },
+    Commit,
+}
+
+/// A line: a rule, or anything else. (Rules are kept out of [`Item`] so that items stay
+/// small.)
+pub(super) enum Line<'a> {
+    Rule { chain: &'a str, rule: Rule<'a> },
+    Other(Item<'a>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DeclHow {
+    /// `:CHAIN POLICY [p:b]`
+    Colon,
+    /// `-P CHAIN POLICY`
+    Policy,
+    /// `-N CHAIN`
+    New,
+}
+
+fn policy(word: &str) -> Option<Policy<'_>> {
+    match word {
+        "-" => None,
+        "ACCEPT" => Some(Policy::Accept),
+        "DROP" => Some(Policy::Drop),
+        other => Some(Policy::Other(other)),
+    }
+}
+
+/// Reads one line.
+pub(super) fn parse_line<'a>(
+    ctx: &LineCtx<'a>,
+    sc: &mut Scratch<'a>,
+) -> Result<Line<'a>, InputError> {
+    let body = ctx.text.trim_matches(is_blank);
+    if body.starts_with(['[', '-']) {
+        return command(ctx, body, sc);
+    }
+    other_line(ctx, body).map(Line::Other)
+}
+
+/// A line that is not a command.
+fn other_line<'a>(ctx: &LineCtx<'a>, body: &'a str) -> Result<Item<'a>, InputError> {
+    let Some(&first) = body.as_bytes().first() else {
+        return Ok(Item::Blank);
+    };
+    let syntax = |e: nom::Err<PErr<'a>>, hint: &str| ctx.nom_err(e, hint);
+    match first {
+        b'#' => Ok(Item::Comment {
+            v6: body.contains("ip6tables"),
+            legacy_tables: body.contains("iptables-legacy tables present"),
+        }),
+        b'*' => {
+            let (_, (_, name, _, _)) = (
+                char('*'),
+                context("a table name after `*`", word),
+                blank0,
+                context("end of line after the table name", eof),
+            )
+                .parse(body)
+                .map_err(|e| syntax(e, "write the table header as `*nat`, `*filter`, …"))?;
+            Ok(Item::Table(name))
+        }
+        b':' => {
+            let hint = "write a chain declaration as `:CHAIN POLICY [packets:bytes]` (policy `-` for user chains)";
+            let (rest, (_, name, _, pol)) = (
+                char(':'),
+                context("a chain name after `:`", word),
+                context("a policy (ACCEPT, DROP or -)", blank1),
+                context("a policy (ACCEPT, DROP or -)", word),
+            )
+                .parse(body)
+                .map_err(|e| syntax(e, hint))?;
+            let (rest, _) = blank0(rest).map_err(|e| syntax(e, hint))?;
+            let (rest, counters) = if rest.starts_with('[') {
+                let (rest, c) = context("counters `[packets:bytes]`", counters)
+                    .parse(rest)
+                    .map_err(|e| syntax(e, hint))?;
+                (rest, Some(c))
+            } else {
+                (rest, None)
+            };
+            (
+                blank0,
+                context("end of line after the policy counters", eof),
+            )
+                .parse(rest)
+                .map_err(|e| syntax(e, hint))?;
+            Ok(Item::Decl {
+                name,
+                policy: policy(pol),
+                counters,
+                how: DeclHow::Colon,
+            })
+        }
+        b'C' if body == "COMMIT" => Ok(Item::Commit),
+        b'$' if body == "$" || body.starts_with("$ ") || body.starts_with("$\t") => {
+            Ok(Item::Prompt)
+        }
+        _ => Err(unknown_line(ctx, body)),
+    }
+}
+
+fn unknown_line(ctx: &LineCtx<'_>, body: &str) -> InputError {
+    let hint = if body.starts_with("Chain ")
+        || body.starts_with("target ")
+        || body.starts_with("pkts ")
+        || body.starts_with("num ")
+    {
+        "this looks like `iptables -L` output; give `iptables-save` or `iptables -S` output instead"
+    } else {
+        "give `iptables-save` or `iptables -S` output; use --lenient to skip lines like this one"
+    };
+    InputError::new(
+        InputErrorKind::Syntax,
+        ctx.no,
+        ctx.col_of(body),
+        body,
+        format!("this line fits no known form: {EXPECTED_FORMS}"),
+        hint,
+    )
+}
+
+/// `[p:b] -A CHAIN …`, `-A CHAIN …`, `-P CHAIN POLICY [-c P B]`, `-N CHAIN`.
+fn command<'a>(
+    ctx: &LineCtx<'a>,
+    body: &'a str,
+    sc: &mut Scratch<'a>,
+) -> Result<Line<'a>, InputError> {
+    let syntax = |e: nom::Err<PErr<'a>>, hint: &str| ctx.nom_err(e, hint);
+    let hint_rule = "write a rule as `[packets:bytes] -A CHAIN options`";
+    let (rest, counters) = if body.starts_with('[') {
+        let (rest, (c, _)) = (
+            context("counters `[packets:bytes]`", counters),
+            context("a blank after the counters", blank1),
+        )
+            .parse(body)
+            .map_err(|e| syntax(e, hint_rule))?;
+        (rest, Some(c))
+    } else {
+        (body, None)
+    };
+    let (after_cmd, cmd) = word(rest).map_err(|e| syntax(e, hint_rule))?;
+    match cmd {
+        "-A" | "--append" => {
+            let (body, (_, chain)) = (
+                context("a chain name after -A", blank1),
+                context("a chain name after -A", word),
+            )
+                .parse(after_cmd)
+                .map_err(|e| syntax(e, hint_rule))?;
+            let rule = rule::rule(ctx, body, counters, sc)?;
+            Ok(Line::Rule { chain, rule })
+        }
+        "-P" | "--policy" if counters.is_none() => {
+            let hint = "write a policy as `-P CHAIN POLICY`";
+            let (rest, (_, name, _, pol, _)) = (
+                context("a chain name after -P", blank1),
+                context("a chain name after -P", word),
+                context("a policy after the chain name", blank1),
+                context("a policy after the chain name", word),
+                blank0,
+            )
+                .parse(after_cmd)
+                .map_err(|e| syntax(e, hint))?;
+            let (rest, counters) = if rest.is_empty() {
+                (rest, None)
+            } else {
+                let (rest, (_, _, packets, _, bytes)) = (
+                    context(
+                        "`-c PACKETS BYTES` or end of line",
+                        nom::bytes::complete::tag("-c"),
+                    ),
+                    context("packets after -c", blank1),
+                    context("packets after -c", number),
+                    context("bytes after the packets", blank1),
+                    context("bytes after the packets", number),
+                )
+                    .parse(rest)
+                    .map_err(|e| syntax(e, hint))?;
+                (rest, Some(Counters { packets, bytes }))
+            };
+            (blank0, context("end of line after the policy", eof))
+                .parse(rest)
+                .map_err(|e| syntax(e, hint))?;
+            Ok(Line::Other(Item::Decl {
+                name,
+                policy: policy(pol),
+                counters,
+                how: DeclHow::Policy,
+            }))
+        }
+        "-N" | "--new-chain" | "--new" if counters.is_none() => {
+            let (_, (_, name, _, _)) = (
+                context("a chain name after -N", blank1),
+                context("a chain name after -N", word),
+                blank0,
+                context("end of line after the chain name", eof),
+            )
+                .parse(after_cmd)
+                .map_err(|e| syntax(e, "write a new chain as `-N CHAIN`"))?;
+            Ok(Line::Other(Item::Decl {
+                name,
+                policy: None,
+                counters: None,
+                how: DeclHow::New,
+            }))
+        }
+        _ => Err(unknown_line(ctx, body)),
+    }
+}
