@@ -1,8 +1,10 @@
 //! The command line: argument parsing, input, output, and error rendering.
 
+use crate::audit::{self, Adjustment, AuditOptions};
 use crate::balance::{self, Balancer};
 use crate::error::{Error, InputError, Result};
 use crate::eval::{self, Mode, Packet};
+use crate::expect::Expectations;
 use crate::graph::Graph;
 use crate::model::{Ruleset, Warning};
 use crate::parse::{self, ParseOptions};
@@ -31,6 +33,71 @@ pub enum Command {
     Report(ReportArgs),
     /// The outcome distribution of one connection, with the chain path of each outcome.
     Trace(TraceArgs),
+    /// Simulate new connections through the rules, connection by connection, the way the
+    /// kernel decides, and test the counts (the report with a larger simulation).
+    Simulate(SimulateArgs),
+}
+
+/// Monte-Carlo and counter tests.
+#[derive(Debug, Args, Clone)]
+pub struct AuditArgs {
+    /// Simulated connections per balancer (`0` turns the simulation off). Default for
+    /// `report`: a budget of 4,000,000 connections spread over the balancers.
+    #[arg(long, value_name = "N")]
+    pub connections: Option<u64>,
+    /// Seed of the simulation (the same seed gives the same counts on any machine).
+    #[arg(long, value_name = "S", default_value_t = crate::audit::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Simulate K clients (each connection from one of them) so that session affinity
+    /// can recognise returning clients.
+    #[arg(long, value_name = "K")]
+    pub clients: Option<u64>,
+    /// Correction of p-values across balancers.
+    #[arg(long, value_enum, default_value_t = Adjustment::Holm)]
+    pub adjust: Adjustment,
+    /// Do not test the counters of an `iptables-save -c` dump.
+    #[arg(long)]
+    pub no_observed: bool,
+    /// Intended weights: a CSV of balancer-glob,endpoint,weight (default: uniform).
+    #[arg(long, value_name = "FILE")]
+    pub expect: Option<String>,
+}
+
+impl AuditArgs {
+    /// The audit options, reading the expectations file if one is named.
+    pub fn options(&self, default_connections: Option<u64>) -> Result<AuditOptions> {
+        let expectations = match &self.expect {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(Expectations::parse(&text, path)?)
+            }
+            None => None,
+        };
+        Ok(AuditOptions {
+            connections: self.connections.or(default_connections),
+            seed: self.seed,
+            clients: self.clients,
+            adjustment: self.adjust,
+            observed: !self.no_observed,
+            expectations,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    #[command(flatten)]
+    pub audit: AuditArgs,
 }
 
 /// Where the rules come from and how strictly to read them.
@@ -62,6 +129,8 @@ pub struct ReportArgs {
     pub format: ReportFormat,
     #[command(flatten)]
     pub select: SelectArgs,
+    #[command(flatten)]
+    pub audit: AuditArgs,
 }
 
 /// Which balancers to look at.
@@ -226,7 +295,16 @@ where
     let mut args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
     // `report` is the default command.
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
-    let known = ["report", "trace", "help", "-h", "--help", "-V", "--version"];
+    let known = [
+        "report",
+        "trace",
+        "simulate",
+        "help",
+        "-h",
+        "--help",
+        "-V",
+        "--version",
+    ];
     if !known.contains(&first) {
         args.insert(1.min(args.len()), "report".into());
     }
@@ -241,6 +319,12 @@ where
     match cli.command {
         Command::Report(a) => cmd_report(&a),
         Command::Trace(a) => cmd_trace(&a),
+        Command::Simulate(a) => {
+            let opts = a.audit.options(Some(1_000_000))?;
+            let report = build_report(&a.input, &a.select, &opts)?;
+            emit(&render(&report, a.format))?;
+            Ok(0)
+        }
     }
 }
 
@@ -264,24 +348,51 @@ pub fn emit(s: &str) -> Result<()> {
 }
 
 fn cmd_report(a: &ReportArgs) -> Result<i32> {
-    let input = Input::read(a.input.file.as_deref())?;
-    let (text, warnings) = decode(&input, a.input.lenient)?;
-    let (rs, mut warnings) = analyse(&text, &input, a.input.lenient, warnings)?;
-    let (_graph, found) = balancers(&rs, &text, &input, a.input.lenient, &mut warnings)?;
-    let selection = Selection::new(&a.select)?;
-    let chosen: Vec<Balancer> = found.into_iter().filter(|b| selection.matches(b)).collect();
-    let report = Report::new(&input.name, &rs, &chosen, warnings);
-    let out = match a.format {
+    let opts = a.audit.options(None)?;
+    let report = build_report(&a.input, &a.select, &opts)?;
+    emit(&render(&report, a.format))?;
+    // The process ends here: let the OS reclaim the report instead of freeing it.
+    std::mem::forget(report);
+    Ok(0)
+}
+
+/// Renders a report in the asked format.
+pub fn render(report: &Report, format: ReportFormat) -> String {
+    match format {
         ReportFormat::Table => report.to_table(color_stdout()),
         ReportFormat::Json => report.to_json(),
         ReportFormat::Csv => report.to_csv(),
         ReportFormat::Markdown => report.to_markdown(),
-    };
-    emit(&out)?;
-    // The process ends here: let the OS reclaim the parsed input instead of freeing
-    // millions of small allocations one by one.
-    std::mem::forget((report, chosen, rs));
-    Ok(0)
+    }
+}
+
+/// Reads, parses and analyses the input, and hands the pieces to `f`.
+pub fn with_analysis<T>(
+    input_args: &InputArgs,
+    select: &SelectArgs,
+    f: impl FnOnce(&Input, &Ruleset<'_>, &Graph<'_, '_>, Vec<Balancer>, Vec<Warning>) -> Result<T>,
+) -> Result<T> {
+    let input = Input::read(input_args.file.as_deref())?;
+    let (text, warnings) = decode(&input, input_args.lenient)?;
+    let (rs, mut warnings) = analyse(&text, &input, input_args.lenient, warnings)?;
+    let (graph, found) = balancers(&rs, &text, &input, input_args.lenient, &mut warnings)?;
+    let selection = Selection::new(select)?;
+    let chosen: Vec<Balancer> = found.into_iter().filter(|b| selection.matches(b)).collect();
+    let out = f(&input, &rs, &graph, chosen, warnings);
+    // Large inputs: leave the parsed rules to the OS at exit.
+    std::mem::forget(graph);
+    std::mem::forget(rs);
+    out
+}
+
+/// The full report: exact analysis, simulation and counter tests.
+pub fn build_report(input: &InputArgs, select: &SelectArgs, opts: &AuditOptions) -> Result<Report> {
+    with_analysis(input, select, |input, rs, graph, chosen, warnings| {
+        let (audits, info) = audit::run(graph, &chosen, opts);
+        let report = Report::new(&input.name, rs, &chosen, Some(&audits), info, warnings);
+        std::mem::forget(chosen);
+        Ok(report)
+    })
 }
 
 /// `IP`, `IP:PORT`, `[v6]:PORT` or a bare IPv6 address.

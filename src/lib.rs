@@ -4,6 +4,7 @@
 //! exact selection probability from cascaded `-m statistic` rules, simulates
 //! connections the way the kernel does, and tests the result for fairness.
 
+pub mod audit;
 pub mod balance;
 pub mod cli;
 pub mod error;

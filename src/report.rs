@@ -3,6 +3,7 @@
 //! The JSON form is a contract with users' scripts: fields may be added, never renamed
 //! or dropped.
 
+use crate::audit::{Audit, ObservedTest, Simulation, SimulationInfo};
 use crate::balance::{Affinity, Balancer, Entry, Kind};
 use crate::model::{Family, Format, Ruleset, Warning};
 use serde::Serialize;
@@ -44,6 +45,26 @@ pub struct EndpointReport {
     /// The exact probability as `num/den`, when short enough to print.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,
+    /// The intended probability (`ideal` unless an expectations file gives weights).
+    pub expected: f64,
+    /// Simulated connections that reached this endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulated: Option<u64>,
+    /// Their share of the simulated connections, with a 95% Wilson interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulated_share: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulated_interval: Option<[f64; 2]>,
+    /// Connections the node's counters show the split sent here (affinity excluded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed: Option<u64>,
+    /// Connections the node's affinity rules sent here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_affinity: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_share: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_interval: Option<[f64; 2]>,
 }
 
 /// One balancer in the report.
@@ -69,6 +90,14 @@ pub struct BalancerReport {
     pub max_relative_skew: f64,
     /// The exact probabilities plus `unmatched` sum to exactly 1.
     pub exact_sum_is_one: bool,
+    /// Where the intended split comes from: `uniform` or an expectations file.
+    pub expected_split: String,
+    /// The Monte-Carlo cross-check, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulation: Option<Simulation>,
+    /// The test of the node's counters, when the input has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed: Option<ObservedTest>,
 }
 
 /// The whole report.
@@ -76,6 +105,9 @@ pub struct BalancerReport {
 pub struct Report {
     pub lbaudit: &'static str,
     pub input: InputInfo,
+    /// The Monte-Carlo run, when one was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulation: Option<SimulationInfo>,
     pub balancers: Vec<BalancerReport>,
     pub warnings: Vec<Warning>,
 }
@@ -89,16 +121,36 @@ fn exact_text(p: &crate::prob::Prob) -> Option<String> {
 }
 
 impl BalancerReport {
-    pub fn from_balancer(b: &Balancer) -> Self {
+    pub fn from_balancer(b: &Balancer, audit: Option<&Audit>) -> Self {
         let n = b.endpoints.len() as u64;
         let ideal = if n == 0 { 0.0 } else { 1.0 / n as f64 };
         let mut total = b.unmatched.clone();
+        let sim = audit.and_then(|a| a.simulation.as_ref());
+        let obs = audit.and_then(|a| a.observed.as_ref());
         let endpoints = b
             .endpoints
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
                 total.add_assign(&e.prob);
+                let simulated = sim.and_then(|s| s.counts.get(i).copied());
+                let observed = obs.and_then(|o| o.counts.get(i).copied());
+                let share = |k: u64, of: u64| if of == 0 { 0.0 } else { k as f64 / of as f64 };
+                let interval = |k: u64, of: u64| {
+                    let (lo, hi) = crate::stats::wilson(k, of, 0.95);
+                    [lo, hi]
+                };
                 EndpointReport {
+                    expected: audit
+                        .and_then(|a| a.expected.probs.get(i).copied())
+                        .unwrap_or(ideal),
+                    simulated,
+                    simulated_share: sim.zip(simulated).map(|(s, k)| share(k, s.connections)),
+                    simulated_interval: sim.zip(simulated).map(|(s, k)| interval(k, s.connections)),
+                    observed,
+                    observed_affinity: obs.and_then(|o| o.affinity.get(i).copied()),
+                    observed_share: obs.zip(observed).map(|(o, k)| share(k, o.connections)),
+                    observed_interval: obs.zip(observed).map(|(o, k)| interval(k, o.connections)),
                     endpoint: e.outcome.label(),
                     probability: e.prob.to_f64(),
                     ideal,
@@ -126,6 +178,10 @@ impl BalancerReport {
             unmatched_exact: exact_text(&b.unmatched),
             max_relative_skew: b.max_relative_skew(),
             exact_sum_is_one: total.is_one(),
+            expected_split: audit
+                .map_or_else(|| "uniform".to_string(), |a| a.expected.source.clone()),
+            simulation: sim.cloned(),
+            observed: obs.cloned(),
         }
     }
 }
@@ -135,6 +191,8 @@ impl Report {
         source: &str,
         rs: &Ruleset<'_>,
         balancers: &[Balancer],
+        audits: Option<&[Audit]>,
+        simulation: Option<SimulationInfo>,
         mut warnings: Vec<Warning>,
     ) -> Self {
         for b in balancers {
@@ -152,9 +210,11 @@ impl Report {
                 rules: rs.rule_count(),
                 tables: rs.tables.iter().map(|t| t.name.to_string()).collect(),
             },
+            simulation,
             balancers: balancers
                 .iter()
-                .map(BalancerReport::from_balancer)
+                .enumerate()
+                .map(|(i, b)| BalancerReport::from_balancer(b, audits.and_then(|a| a.get(i))))
                 .collect(),
             warnings,
         }
