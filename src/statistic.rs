@@ -216,9 +216,9 @@ mod tests {
         // 2^31/3 = 715827882.67 -> 715827883; printed back as 0.33333333349.
         assert_eq!(threshold_from_text("0.33333333349"), Some(715_827_883));
         assert_eq!(threshold_from_text("0.3333333333"), Some(715_827_883));
-        // The 5-decimal era: 0.33333 * 2^31 = 715820725.9 -> 715820726, printed 0.33332999982.
-        assert_eq!(threshold_from_text("0.33333"), Some(715_820_726));
-        assert_eq!(threshold_from_text("0.33332999982"), Some(715_820_726));
+        // The 5-decimal era: 0.33333 * 2^31 = 715820724.39 -> 715820724, printed 0.33332999982.
+        assert_eq!(threshold_from_text("0.33333"), Some(715_820_724));
+        assert_eq!(threshold_from_text("0.33332999982"), Some(715_820_724));
         assert_eq!(threshold_from_text("1"), Some(1 << 31));
         assert_eq!(threshold_from_text("0"), Some(0));
         assert_eq!(threshold_from_text("1.5"), None);
