@@ -10,7 +10,7 @@ use crate::model::Warning;
 /// line feed, vertical tab, form feed, carriage return and escape.
 #[inline]
 fn is_binary(b: u8) -> bool {
-    (b < 9) | ((b >= 14) & (b < 32) & (b != 27))
+    (b < 9) | ((14..32).contains(&b) & (b != 27))
 }
 
 /// Offset of the first binary byte. Scans in blocks without early exit so that the

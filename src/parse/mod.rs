@@ -162,11 +162,25 @@ fn split_lines(text: &str, n: usize) -> Vec<&str> {
 /// cannot be read are skipped with a warning each; an input with nothing to read is an
 /// error in both modes. Large inputs are read by several threads.
 pub fn parse<'a>(text: &'a str, opts: &ParseOptions) -> Result<Ruleset<'a>, InputError> {
+    let threads = rayon::current_num_threads();
+    let pieces = if text.len() >= PARALLEL_MIN && threads > 1 {
+        threads * 4
+    } else {
+        1
+    };
+    parse_in(text, opts, pieces)
+}
+
+/// [`parse`], reading the text in about `pieces` pieces in parallel.
+fn parse_in<'a>(
+    text: &'a str,
+    opts: &ParseOptions,
+    pieces: usize,
+) -> Result<Ruleset<'a>, InputError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lenient = opts.lenient;
-    let threads = rayon::current_num_threads();
-    let (chunks, lines) = if text.len() >= PARALLEL_MIN && threads > 1 {
-        let pieces = split_lines(text, threads * 4);
+    let (chunks, lines) = if pieces > 1 {
+        let pieces = split_lines(text, pieces);
         let counts: Vec<u32> = pieces.par_iter().map(|p| count_lines(p)).collect();
         let mut firsts = Vec::with_capacity(pieces.len());
         let mut next: u32 = 1;

@@ -144,21 +144,40 @@ fn core_short(name: &str) -> Option<&'static str> {
     })
 }
 
-/// A `'static` name for an owned protocol text (only for quoted protocols with escapes).
-fn static_protocol(p: &str) -> &'static str {
-    match p {
-        "tcp" => "tcp",
-        "udp" => "udp",
-        "icmp" => "icmp",
-        "sctp" => "sctp",
-        "udplite" => "udplite",
-        "icmpv6" => "icmpv6",
-        "ipv6-icmp" => "ipv6-icmp",
-        "dccp" => "dccp",
-        "esp" => "esp",
-        "ah" => "ah",
-        _ => "",
-    }
+/// The match module that iptables loads for options given after `-p PROTOCOL` without
+/// `-m`: the protocol's name (numbers and capitals as iptables accepts them), or "" for
+/// a protocol without such a module. Decided by the text alone, so that a quoted or
+/// escaped protocol reads back the same.
+fn implicit_module(protocol: &str) -> &'static str {
+    const PROTOCOLS: &[(&str, &str)] = &[
+        ("tcp", "tcp"),
+        ("6", "tcp"),
+        ("udp", "udp"),
+        ("17", "udp"),
+        ("icmp", "icmp"),
+        ("1", "icmp"),
+        ("icmpv6", "icmp6"),
+        ("ipv6-icmp", "icmp6"),
+        ("icmp6", "icmp6"),
+        ("58", "icmp6"),
+        ("sctp", "sctp"),
+        ("132", "sctp"),
+        ("dccp", "dccp"),
+        ("33", "dccp"),
+        ("udplite", "udplite"),
+        ("136", "udplite"),
+        ("esp", "esp"),
+        ("50", "esp"),
+        ("ah", "ah"),
+        ("51", "ah"),
+        ("mh", "mh"),
+        ("ipv6-mh", "mh"),
+        ("135", "mh"),
+    ];
+    PROTOCOLS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(protocol))
+        .map_or("", |(_, module)| module)
 }
 
 const HINT_VALUE: &str =
@@ -466,11 +485,7 @@ pub(crate) fn rule<'a>(
             .iter()
             .find(|o: &&Opt<'a>| o.name == "p")
             .and_then(|o| o.values.first());
-        matches[0].module = match proto {
-            Some(Cow::Borrowed(p)) => p,
-            Some(Cow::Owned(p)) => static_protocol(p),
-            None => "",
-        };
+        matches[0].module = proto.map_or("", |p| implicit_module(p));
     }
 
     // `-m statistic` must make sense to the kernel.
@@ -592,6 +607,22 @@ mod tests {
         assert_eq!(m.options.len(), 2);
         assert_eq!(r.core("s").unwrap().value(), "1.2.3.4");
         assert_eq!(r.core.len(), 2);
+    }
+
+    #[test]
+    fn implicit_module_follows_the_protocol_text() {
+        for (body, module) in [
+            ("-p TCP --dport 80", "tcp"),
+            ("-p 17 --dport 53", "udp"),
+            ("-p \"t\\cp\" --dport 1", "tcp"),
+            ("-p ipv6-icmp --icmpv6-type 1", "icmp6"),
+            ("-p gre --key 1", ""),
+            ("--dport 80", ""),
+        ] {
+            let r = parse(body).unwrap();
+            assert_eq!(r.matches[0].module, module, "{body}");
+            assert!(r.matches[0].implicit);
+        }
     }
 
     #[test]
