@@ -99,11 +99,87 @@ fn is_blank_byte(b: u8) -> bool {
 #[inline]
 fn split_till(i: &str, stop: impl Fn(u8) -> bool) -> (&str, &str) {
     let r: IResult<&[u8], &[u8], nom::error::Error<&[u8]>> = take_till(stop).parse(i.as_bytes());
-    let n = r.map_or(0, |(_, taken)| taken.len());
+    split_at(i, r.map_or(0, |(_, taken)| taken.len()))
+}
+
+/// `(rest, taken)` for the first `n` bytes of `i`.
+#[inline]
+fn split_at(i: &str, n: usize) -> (&str, &str) {
     match i.split_at_checked(n) {
         Some((taken, rest)) => (rest, taken),
         None => (i, ""),
     }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Bytes of `s`, eight at a time, with the offset of each group (little endian).
+#[inline]
+fn words(s: &[u8]) -> impl Iterator<Item = (usize, u64)> + '_ {
+    s.chunks_exact(8).enumerate().map(|(k, c)| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        (k * 8, u64::from_le_bytes(w))
+    })
+}
+
+/// The first byte at or after `from` for which `stop` holds, among the bytes that
+/// `candidates` flags in each group of eight. `candidates` must flag (at least) every
+/// byte for which `stop` holds; its lowest flag must be exact (the SWAR tests below are).
+#[inline]
+fn scan(s: &[u8], candidates: impl Fn(u64) -> u64, stop: impl Fn(u8) -> bool) -> usize {
+    for (at, w) in words(s) {
+        let mut m = candidates(w);
+        while m != 0 {
+            let j = at + (m.trailing_zeros() / 8) as usize;
+            if stop(s[j]) {
+                return j;
+            }
+            m &= m - 1;
+        }
+    }
+    let tail = s.len() - s.len() % 8;
+    s[tail..]
+        .iter()
+        .position(|&b| stop(b))
+        .map_or(s.len(), |p| tail + p)
+}
+
+/// Flags bytes below 0x23: blanks, `"`, and (checked afterwards) `!` and controls.
+#[inline]
+fn below_0x23(w: u64) -> u64 {
+    w.wrapping_sub(ONES * 0x23) & !w & HIGHS
+}
+
+/// Flags bytes equal to `"` or `\`.
+#[inline]
+fn quote_or_backslash(w: u64) -> u64 {
+    let q = w ^ (ONES * u64::from(b'"'));
+    let b = w ^ (ONES * u64::from(b'\\'));
+    (q.wrapping_sub(ONES) & !q | b.wrapping_sub(ONES) & !b) & HIGHS
+}
+
+#[inline]
+fn ends_word(b: u8) -> bool {
+    is_blank_byte(b) || b == b'"'
+}
+
+/// An unquoted run up to a blank or a quote (possibly empty), eight bytes at a time.
+#[inline]
+fn bare0(i: &str) -> (&str, &str) {
+    split_at(i, scan(i.as_bytes(), below_0x23, ends_word))
+}
+
+/// Text inside quotes up to the closing quote or a backslash (possibly empty).
+#[inline]
+fn quoted_run(i: &str) -> (&str, &str) {
+    split_at(
+        i,
+        scan(i.as_bytes(), quote_or_backslash, |b| {
+            b == b'"' || b == b'\\'
+        }),
+    )
 }
 
 /// Like [`split_till`], failing with `kind` when nothing is taken.
@@ -127,7 +203,15 @@ pub(crate) fn blank1(i: &str) -> PResult<'_, &str> {
 
 /// A run of characters up to the next blank (a chain or table name, a policy).
 pub(crate) fn word(i: &str) -> PResult<'_, &str> {
-    split_till1(i, is_blank_byte, ErrorKind::TakeTill1)
+    let (rest, taken) = split_at(i, scan(i.as_bytes(), below_0x23, is_blank_byte));
+    if taken.is_empty() {
+        Err(nom::Err::Error(PErr::from_error_kind(
+            i,
+            ErrorKind::TakeTill1,
+        )))
+    } else {
+        Ok((rest, taken))
+    }
 }
 
 /// A decimal `u64` (counters can be large).
@@ -173,7 +257,7 @@ pub(crate) struct Tok<'a> {
 fn quoted(i: &str) -> PResult<'_, Cow<'_, str>> {
     let start = i;
     let (i, _) = char('"').parse(i)?;
-    let (mut i, plain) = split_till(i, |b| b == b'"' || b == b'\\');
+    let (mut i, plain) = quoted_run(i);
     if let Ok((rest, _)) = char::<_, PErr<'_>>('"').parse(i) {
         return Ok((rest, Cow::Borrowed(plain)));
     }
@@ -188,7 +272,7 @@ fn quoted(i: &str) -> PResult<'_, Cow<'_, str>> {
             return fail(start, "a closing quote `\"`");
         };
         s.push(c);
-        let (rest, more) = split_till(rest, |b| b == b'"' || b == b'\\');
+        let (rest, more) = quoted_run(rest);
         s.push_str(more);
         i = rest;
     }
@@ -196,7 +280,15 @@ fn quoted(i: &str) -> PResult<'_, Cow<'_, str>> {
 
 /// An unquoted part: up to a blank or a quote.
 fn bare(i: &str) -> PResult<'_, &str> {
-    split_till1(i, |b| is_blank_byte(b) || b == b'"', ErrorKind::TakeTill1)
+    let (rest, taken) = bare0(i);
+    if taken.is_empty() {
+        Err(nom::Err::Error(PErr::from_error_kind(
+            i,
+            ErrorKind::TakeTill1,
+        )))
+    } else {
+        Ok((rest, taken))
+    }
 }
 
 /// Splits `body` (a slice of `line`) into tokens, appended to `out` with their byte
@@ -215,7 +307,7 @@ pub(crate) fn tokens<'a>(
         }
         let off = (r.as_ptr() as usize).wrapping_sub(base);
         // Fast path: a plain word.
-        let (rest, b) = split_till(r, |b| is_blank_byte(b) || b == b'"');
+        let (rest, b) = bare0(r);
         if !b.is_empty() && !rest.starts_with('"') {
             out.push(Tok {
                 raw: b,
@@ -376,6 +468,39 @@ mod tests {
             panic!("expected failure")
         };
         assert_eq!(e.input, "\"ab\\");
+    }
+
+    #[test]
+    fn word_scanning_matches_a_byte_loop() {
+        let samples = [
+            "",
+            "abc",
+            "abcdefgh",
+            "abcdefghi jk",
+            "!!!!!!!!!!!!!!!!\"x",
+            "é!é!é!é!é!\t",
+            "0123456789abcdef#",
+            "########\x01#\x0b",
+            "a\\b\\c\\d\\e\"",
+            "quoted text with no end at all",
+        ];
+        for s in samples {
+            for start in 0..s.len() {
+                let Some(t) = s.get(start..) else { continue };
+                let b = t.as_bytes();
+                assert_eq!(
+                    scan(b, below_0x23, ends_word),
+                    b.iter().position(|&c| ends_word(c)).unwrap_or(b.len()),
+                    "{t:?}"
+                );
+                let qb = |c: u8| c == b'"' || c == b'\\';
+                assert_eq!(
+                    scan(b, quote_or_backslash, qb),
+                    b.iter().position(|&c| qb(c)).unwrap_or(b.len()),
+                    "{t:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Parser for `iptables-save` / `ip6tables-save` output (legacy and nft, with or
 //! without `-c`), `iptables -S` output (with or without `-v`) and grep fragments.
 //!
-//! The parser works line by line. Each line is read with nom parsers ([`lex`]) into a
-//! table header, a chain declaration, a rule ([`rule`]), `COMMIT`, a comment or a blank;
-//! a small state machine then files it into tables and chains. Strings borrow from the
-//! input; only quoted strings with escapes are copied.
+//! The parser works line by line. Each line is read with nom parsers (`lex`, `line`)
+//! into a table header, a chain declaration, a rule (`rule`), `COMMIT`, a comment or a
+//! blank; consecutive rules of one chain are gathered into one vector. A small state
+//! machine (`build`) then files these, in input order, into tables and chains. Lines
+//! are independent, so large inputs are read by several threads; the filing is
+//! sequential and the result the same for any number of threads. Strings borrow from
+//! the input; only quoted strings with escapes are copied.
 //!
 //! Forms recognised:
 //! - `*table` … `COMMIT` blocks with `:CHAIN POLICY [p:b]` declarations ([`Format::Save`]);
