@@ -79,56 +79,73 @@ enum Entry<'a> {
     Error(Box<InputError>),
 }
 
-/// Reads the lines of `text`, the first of which is line `first`. Without `lenient`,
-/// stops at the first bad line. Returns what was read and the number of lines read.
-fn read_lines<'a>(text: &'a str, first: u32, lenient: bool) -> (Vec<Entry<'a>>, u32) {
-    let mut out = Vec::new();
+/// Hands a run of consecutive rules of one chain to `sink`, in a vector of its exact
+/// size.
+fn flush_run<'a, E>(
+    sink: &mut impl FnMut(Entry<'a>) -> Result<(), E>,
+    run: &mut Vec<Rule<'a>>,
+    chain: &'a str,
+    v6: &mut bool,
+) -> Result<(), E> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let mut rules = Vec::with_capacity(run.len());
+    rules.append(run);
+    sink(Entry::Rules {
+        chain,
+        rules,
+        v6: std::mem::take(v6),
+    })
+}
+
+/// Reads the lines of `text`, the first of which is line `first`, handing what it reads
+/// to `sink` in order. Stops at the first error of `sink` (which decides whether a bad
+/// line is fatal). Returns the number of lines read.
+fn read_lines<'a, E>(
+    text: &'a str,
+    first: u32,
+    sink: &mut impl FnMut(Entry<'a>) -> Result<(), E>,
+) -> Result<u32, E> {
     let mut sc = Scratch::default();
     let mut run: Vec<Rule<'a>> = Vec::new();
-    let mut run_chain: &'a str = "";
+    let mut chain_of_run: &'a str = "";
     let mut v6 = false;
-    let flush =
-        |out: &mut Vec<Entry<'a>>, run: &mut Vec<Rule<'a>>, chain: &'a str, v6: &mut bool| {
-            if !run.is_empty() {
-                let mut rules = Vec::with_capacity(run.len());
-                rules.append(run);
-                out.push(Entry::Rules {
-                    chain,
-                    rules,
-                    v6: *v6,
-                });
-                *v6 = false;
-            }
-        };
     let mut no = first;
     for line in text.lines() {
         let ctx = LineCtx::new(line, no);
         match parse_line(&ctx, &mut sc) {
             Ok(Line::Other(Item::Blank)) => {}
             Ok(Line::Rule { chain, rule }) => {
-                if run_chain != chain {
-                    flush(&mut out, &mut run, run_chain, &mut v6);
-                    run_chain = chain;
+                if chain_of_run != chain {
+                    flush_run(sink, &mut run, chain_of_run, &mut v6)?;
+                    chain_of_run = chain;
                 }
                 v6 |= build::rule_is_v6(&rule);
                 run.push(rule);
             }
             Ok(Line::Other(item)) => {
-                flush(&mut out, &mut run, run_chain, &mut v6);
-                out.push(Entry::Line { line: no, item });
+                flush_run(sink, &mut run, chain_of_run, &mut v6)?;
+                sink(Entry::Line { line: no, item })?;
             }
             Err(e) => {
-                flush(&mut out, &mut run, run_chain, &mut v6);
-                out.push(Entry::Error(Box::new(e)));
-                if !lenient {
-                    break;
-                }
+                flush_run(sink, &mut run, chain_of_run, &mut v6)?;
+                sink(Entry::Error(Box::new(e)))?;
             }
         }
         no = no.saturating_add(1);
     }
-    flush(&mut out, &mut run, run_chain, &mut v6);
-    (out, no - first)
+    flush_run(sink, &mut run, chain_of_run, &mut v6)?;
+    Ok(no - first)
+}
+
+/// Files one entry.
+fn apply<'a>(b: &mut Builder<'a>, e: Entry<'a>) -> Result<(), InputError> {
+    match e {
+        Entry::Rules { chain, rules, v6 } => b.rules(chain, rules, v6),
+        Entry::Line { line, item } => b.apply(item, line),
+        Entry::Error(e) => b.fail(*e),
+    }
 }
 
 /// Number of lines `str::lines` yields for `text`.
@@ -182,25 +199,36 @@ fn parse_in<'a>(
 ) -> Result<Ruleset<'a>, InputError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lenient = opts.lenient;
-    let (chunks, lines) = if pieces > 1 {
-        let pieces = split_lines(text, pieces);
-        let counts: Vec<u32> = pieces.par_iter().map(|p| count_lines(p)).collect();
-        let mut firsts = Vec::with_capacity(pieces.len());
-        let mut next: u32 = 1;
-        for c in &counts {
-            firsts.push(next);
-            next = next.saturating_add(*c);
-        }
-        let chunks: Vec<Vec<Entry<'a>>> = pieces
-            .par_iter()
-            .zip(firsts.par_iter())
-            .map(|(p, &first)| read_lines(p, first, lenient).0)
-            .collect();
-        (chunks, next - 1)
-    } else {
-        let (entries, lines) = read_lines(text, 1, lenient);
-        (vec![entries], lines)
-    };
+    if pieces <= 1 {
+        // One thread: file each line as it is read.
+        let mut b = Builder::new(lenient, Vec::new());
+        let lines = read_lines(text, 1, &mut |e| apply(&mut b, e))?;
+        return b.finish(lines);
+    }
+    let pieces = split_lines(text, pieces);
+    let counts: Vec<u32> = pieces.par_iter().map(|p| count_lines(p)).collect();
+    let mut firsts = Vec::with_capacity(pieces.len());
+    let mut next: u32 = 1;
+    for c in &counts {
+        firsts.push(next);
+        next = next.saturating_add(*c);
+    }
+    let lines = next - 1;
+    // Each piece is read into a list; without `lenient` a piece stops at its first bad
+    // line, which is all the filing below can get to.
+    let chunks: Vec<Vec<Entry<'a>>> = pieces
+        .par_iter()
+        .zip(firsts.par_iter())
+        .map(|(p, &first)| {
+            let mut out = Vec::new();
+            let _ = read_lines(p, first, &mut |e| {
+                let fatal = !lenient && matches!(e, Entry::Error(_));
+                out.push(e);
+                if fatal { Err(()) } else { Ok(()) }
+            });
+            out
+        })
+        .collect();
     // Chain counts to expect, per table, so that indexes are allocated once.
     let mut sizes = Vec::new();
     let (mut decls, mut runs) = (0usize, 0usize);
@@ -223,14 +251,8 @@ fn parse_in<'a>(
     }
     sizes.push(decls.max(runs));
     let mut b = Builder::new(lenient, sizes);
-    for entries in chunks {
-        for e in entries {
-            match e {
-                Entry::Rules { chain, rules, v6 } => b.rules(chain, rules, v6)?,
-                Entry::Line { line, item } => b.apply(item, line)?,
-                Entry::Error(e) => b.fail(*e)?,
-            }
-        }
+    for e in chunks.into_iter().flatten() {
+        apply(&mut b, e)?;
     }
     b.finish(lines)
 }
