@@ -2,6 +2,7 @@
 
 use crate::audit::{self, Adjustment, AuditOptions};
 use crate::balance::{self, Balancer};
+use crate::check::{self, CheckOptions};
 use crate::error::{Error, InputError, Result};
 use crate::eval::{self, Mode, Packet};
 use crate::expect::Expectations;
@@ -36,6 +37,48 @@ pub enum Command {
     /// Simulate new connections through the rules, connection by connection, the way the
     /// kernel decides, and test the counts (the report with a larger simulation).
     Simulate(SimulateArgs),
+    /// A fairness gate: exit 0 when every selected balancer passes, 1 when any fails.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckFormat {
+    /// Failing balancers with reasons, then a summary line (the default).
+    Text,
+    /// JUnit XML: one testcase per balancer.
+    Junit,
+    /// A summary table for a pipeline's summary page.
+    Markdown,
+    /// The report JSON with a verdict per balancer and overall.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Largest allowed relative deviation of an endpoint's probability from the intended one.
+    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    pub max_skew: f64,
+    /// Do not fail balancers where some traffic reaches no endpoint.
+    #[arg(long)]
+    pub allow_unmatched: bool,
+    /// Significance level of the Monte-Carlo and counter tests (Holm-adjusted).
+    #[arg(long, value_name = "A", default_value_t = 1e-3)]
+    pub alpha: f64,
+    /// Fail balancers with fewer endpoints than this.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub min_endpoints: usize,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value_t = CheckFormat::Text)]
+    pub format: CheckFormat,
+    /// Write the formatted report to FILE; the text summary still goes to stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<String>,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    #[command(flatten)]
+    pub audit: AuditArgs,
 }
 
 /// Monte-Carlo and counter tests.
@@ -299,6 +342,7 @@ where
         "report",
         "trace",
         "simulate",
+        "check",
         "help",
         "-h",
         "--help",
@@ -325,6 +369,7 @@ where
             emit(&render(&report, a.format))?;
             Ok(0)
         }
+        Command::Check(a) => cmd_check(&a),
     }
 }
 
@@ -354,6 +399,68 @@ fn cmd_report(a: &ReportArgs) -> Result<i32> {
     // The process ends here: let the OS reclaim the report instead of freeing it.
     std::mem::forget(report);
     Ok(0)
+}
+
+fn cmd_check(a: &CheckArgs) -> Result<i32> {
+    let skew_ok = a.max_skew.is_finite() && a.max_skew >= 0.0;
+    if !skew_ok || !(a.alpha > 0.0 && a.alpha < 1.0) {
+        return Err(Error::Usage(
+            "--max-skew must be >= 0 and --alpha between 0 and 1".into(),
+        ));
+    }
+    let opts = a.audit.options(Some(0))?;
+    let report = build_report(&a.input, &a.select, &opts)?;
+    if report.balancers.is_empty() && Selection::new(&a.select)?.is_filtered() {
+        return Err(Error::Usage(
+            "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into(),
+        ));
+    }
+    let check = CheckOptions {
+        max_skew: a.max_skew,
+        allow_unmatched: a.allow_unmatched,
+        alpha: a.alpha,
+        min_endpoints: a.min_endpoints,
+    };
+    let outcome = check::Outcome::new(&report, &check);
+    let text = outcome.to_text(&report, color_stdout());
+    let formatted = match a.format {
+        CheckFormat::Text => text.clone(),
+        CheckFormat::Junit => outcome.to_junit(&report),
+        CheckFormat::Markdown => outcome.to_markdown(&report),
+        CheckFormat::Json => outcome.to_json(&report, &check),
+    };
+    match &a.output {
+        Some(path) => {
+            write_atomic(path, formatted.as_bytes())?;
+            emit(&text)?;
+        }
+        None => emit(&formatted)?,
+    }
+    if report.balancers.is_empty() {
+        eprintln!("lbaudit: warning: no load balancers found in the input");
+    }
+    Ok(if outcome.pass() { 0 } else { 1 })
+}
+
+/// Writes a file through a temporary file in the same folder and a rename, so that an
+/// error never leaves a half-written file behind.
+pub fn write_atomic(path: &str, bytes: &[u8]) -> Result<()> {
+    let p = std::path::Path::new(path);
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.lbaudit-{}.tmp", std::process::id()));
+    let io = |source| Error::Io {
+        path: path.to_string(),
+        source,
+    };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, p).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
 }
 
 /// Renders a report in the asked format.

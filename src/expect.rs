@@ -58,7 +58,7 @@ impl Expectations {
                     "three fields: balancer,endpoint,weight",
                 ));
             }
-            if i == 0 && rec[2].eq_ignore_ascii_case("weight") {
+            if rows.is_empty() && rec[2].eq_ignore_ascii_case("weight") {
                 continue;
             }
             let weight: f64 = rec[2]

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod balance;
+pub mod check;
 pub mod cli;
 pub mod error;
 pub mod eval;

@@ -98,6 +98,9 @@ pub struct BalancerReport {
     /// The test of the node's counters, when the input has them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed: Option<ObservedTest>,
+    /// Endpoints an expectations file names that the rules never choose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing_endpoints: Option<Vec<String>>,
 }
 
 /// The whole report.
@@ -182,6 +185,9 @@ impl BalancerReport {
                 .map_or_else(|| "uniform".to_string(), |a| a.expected.source.clone()),
             simulation: sim.cloned(),
             observed: obs.cloned(),
+            missing_endpoints: audit
+                .map(|a| a.expected.missing.clone())
+                .filter(|m| !m.is_empty()),
         }
     }
 }
