@@ -403,7 +403,7 @@ fn cmd_report(a: &ReportArgs) -> Result<i32> {
 
 fn cmd_check(a: &CheckArgs) -> Result<i32> {
     let skew_ok = a.max_skew.is_finite() && a.max_skew >= 0.0;
-    if !skew_ok || !(a.alpha > 0.0 && a.alpha < 1.0) {
+    if !(skew_ok && a.alpha > 0.0 && a.alpha < 1.0) {
         return Err(Error::Usage(
             "--max-skew must be >= 0 and --alpha between 0 and 1".into(),
         ));
