@@ -39,6 +39,8 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// A fairness gate: exit 0 when every selected balancer passes, 1 when any fails.
     Check(CheckArgs),
+    /// Charts: endpoints of one balancer, an overview of many, or a cascade (SVG or PNG).
+    Plot(crate::plot::PlotArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -343,6 +345,7 @@ where
         "trace",
         "simulate",
         "check",
+        "plot",
         "help",
         "-h",
         "--help",
@@ -370,6 +373,7 @@ where
             Ok(0)
         }
         Command::Check(a) => cmd_check(&a),
+        Command::Plot(a) => crate::plot::cmd_plot(&a),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod graph;
 pub mod model;
 pub mod observed;
 pub mod parse;
+pub mod plot;
 pub mod prob;
 pub mod report;
 pub mod select;
