@@ -286,7 +286,9 @@ fn build_table<'a>(
                 }
                 TargetRef::Missing => {
                     let target = rule.target.as_ref().expect("missing implies a target");
-                    if format == Format::Save && !lenient {
+                    // Tables without a `*table` header (excerpts) may name chains they
+                    // do not contain; a full table may not.
+                    if format == Format::Save && table.line.is_some() && !lenient {
                         return Err(InputError::new(
                             InputErrorKind::UndeclaredChain,
                             rule.line,
@@ -306,7 +308,7 @@ fn build_table<'a>(
                         warnings.push(Warning::new(
                             rule.line,
                             format!(
-                                "chain {} is not in the input; assumed to return without a verdict (as KUBE-MARK-MASQ, which only sets a mark, does)",
+                                "chain {} is not in the input; assumed to return without a verdict (the usual case for KUBE-MARK-MASQ, which only sets a mark)",
                                 target.name
                             ),
                         ));

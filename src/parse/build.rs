@@ -258,6 +258,22 @@ impl<'a> Builder<'a> {
                 self.content_lines += 1;
                 match self.open.take() {
                     Some(t) => self.tables[t].table.committed = true,
+                    // An excerpt that starts inside a table: the rules before this COMMIT
+                    // had no header. Keep them as a table of their own (assumed name).
+                    None if !self.saw_header && !self.loose.is_empty() => {
+                        let mut t = std::mem::replace(&mut self.loose, TableB::new("", None, 0));
+                        t.table.name = assumed_table(&t.table);
+                        t.table.committed = true;
+                        self.warnings.push(Warning::new(
+                            line,
+                            format!(
+                                "the rules before this COMMIT have no `*table` header (an excerpt that starts inside a table); assumed to be table {}",
+                                t.table.name
+                            ),
+                        ));
+                        self.saw_header = true;
+                        self.tables.push(t);
+                    }
                     None => self.structure(
                         line,
                         "COMMIT",
