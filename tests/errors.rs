@@ -154,11 +154,17 @@ fn bad_inputs_exit_2_and_name_line_and_column() {
         let file = case["file"].as_str().unwrap();
         let out = run_file(&[], file);
         let what = format!("{file} ({})", case["what"].as_str().unwrap());
-        errs.extend(check_error(&what, &out, case["locations"].as_array().unwrap()));
+        errs.extend(check_error(
+            &what,
+            &out,
+            case["locations"].as_array().unwrap(),
+        ));
         if file == "empty.txt" {
             let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
             if !(stderr.contains("empty") || stderr.contains("no rule")) {
-                errs.push(format!("{what}: stderr should say the input is empty: {stderr}"));
+                errs.push(format!(
+                    "{what}: stderr should say the input is empty: {stderr}"
+                ));
             }
         }
     }
@@ -267,7 +273,12 @@ fn lenient_skips_one_bad_line_with_a_warning() {
 #[test]
 fn missing_file_exits_2() {
     let out = lbaudit()
-        .args(["report", "/nonexistent/lbaudit/dump.txt", "--format", "json"])
+        .args([
+            "report",
+            "/nonexistent/lbaudit/dump.txt",
+            "--format",
+            "json",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -90,14 +90,17 @@ fn compare(exp: &J, got: &J, input_lines: usize) -> Vec<String> {
         .map(|b| {
             (
                 b.get("name").map_or(String::new(), |n| n.str().to_string()),
-                b.get("chain").map_or(String::new(), |n| n.str().to_string()),
+                b.get("chain")
+                    .map_or(String::new(), |n| n.str().to_string()),
             )
         })
         .collect();
     let mut sorted = keys.clone();
     sorted.sort();
     if keys != sorted {
-        errs.push(format!("{fx}: balancers are not sorted by (name, chain): {keys:?}"));
+        errs.push(format!(
+            "{fx}: balancers are not sorted by (name, chain): {keys:?}"
+        ));
     }
 
     // the set of balancers (by chain, with multiplicity)
@@ -127,7 +130,10 @@ fn compare(exp: &J, got: &J, input_lines: usize) -> Vec<String> {
             b.get("endpoints").map_or(Vec::new(), |e| {
                 e.arr()
                     .iter()
-                    .map(|x| x.get("endpoint").map_or(String::new(), |s| s.str().to_string()))
+                    .map(|x| {
+                        x.get("endpoint")
+                            .map_or(String::new(), |s| s.str().to_string())
+                    })
                     .collect()
             })
         };
@@ -174,7 +180,9 @@ fn compare(exp: &J, got: &J, input_lines: usize) -> Vec<String> {
         let have_affinity = gb.get("affinity").is_some_and(|a| !a.is_null());
         match eb.field("affinity") {
             J::Bool(true) if !have_affinity => {
-                errs.push(format!("{at}: affinity missing (the chain has --rcheck rules)"));
+                errs.push(format!(
+                    "{at}: affinity missing (the chain has --rcheck rules)"
+                ));
             }
             J::Bool(false) if have_affinity => {
                 errs.push(format!("{at}: affinity should be null"));
@@ -199,10 +207,14 @@ fn compare(exp: &J, got: &J, input_lines: usize) -> Vec<String> {
                 got_entries.iter().any(|(k, x)| k == kind && x == t.str())
             } else {
                 let part = ee.field("text_contains").str();
-                got_entries.iter().any(|(k, x)| k == kind && x.contains(part))
+                got_entries
+                    .iter()
+                    .any(|(k, x)| k == kind && x.contains(part))
             };
             if !ok {
-                errs.push(format!("{at}: entry {ee:?} missing; entries are {got_entries:?}"));
+                errs.push(format!(
+                    "{at}: entry {ee:?} missing; entries are {got_entries:?}"
+                ));
             }
         }
         // endpoints, in cascade order, with exact floats
@@ -273,15 +285,18 @@ fn compare(exp: &J, got: &J, input_lines: usize) -> Vec<String> {
         .filter_map(|w| w.get("line").map(J::f64))
         .collect();
     if lines.len() != warnings.len() {
-        errs.push(format!("{fx}: every warning needs a line (0 for the whole input)"));
+        errs.push(format!(
+            "{fx}: every warning needs a line (0 for the whole input)"
+        ));
     }
     match exp.field("expect_warnings") {
         J::Str(s) if s == "some" && warnings.is_empty() => {
-            errs.push(format!("{fx}: no warnings (a fragment or excerpt needs some)"));
+            errs.push(format!(
+                "{fx}: no warnings (a fragment or excerpt needs some)"
+            ));
         }
         J::Str(s)
-            if s == "with-line"
-                && !lines.iter().any(|&l| l >= 1.0 && l <= input_lines as f64) =>
+            if s == "with-line" && !lines.iter().any(|&l| l >= 1.0 && l <= input_lines as f64) =>
         {
             errs.push(format!(
                 "{fx}: no warning names an input line (1..={input_lines}): {lines:?}"
@@ -303,8 +318,16 @@ fn short(v: &[impl AsRef<str>]) -> String {
     } else {
         format!(
             "[{} ... {}] ({} endpoints)",
-            v[..3].iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", "),
-            v[v.len() - 2..].iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", "),
+            v[..3]
+                .iter()
+                .map(AsRef::as_ref)
+                .collect::<Vec<_>>()
+                .join(", "),
+            v[v.len() - 2..]
+                .iter()
+                .map(AsRef::as_ref)
+                .collect::<Vec<_>>()
+                .join(", "),
             v.len()
         )
     }
@@ -376,7 +399,12 @@ fn endpoint_probs(b: &J) -> Vec<(String, f64)> {
     b.field("endpoints")
         .arr()
         .iter()
-        .map(|e| (e.field("endpoint").str().to_string(), e.field("probability").f64()))
+        .map(|e| {
+            (
+                e.field("endpoint").str().to_string(),
+                e.field("probability").f64(),
+            )
+        })
         .collect()
 }
 
@@ -389,7 +417,10 @@ fn report_ok(name: &str) -> J {
 fn seed_one_replica_gets_everything() {
     let got = report_ok("seed-1-replica.txt");
     let b = by_name_and_entry(&got, "namingthings/simpleservice:", "172.30.40.155:80/tcp");
-    assert_eq!(endpoint_probs(b), vec![("172.17.0.2:9876".to_string(), 1.0)]);
+    assert_eq!(
+        endpoint_probs(b),
+        vec![("172.17.0.2:9876".to_string(), 1.0)]
+    );
     assert_eq!(b.field("chain").str(), "KUBE-SVC-IKIIGXZ2IBFIBYI6");
     assert_eq!(b.field("unmatched").f64(), 0.0);
     assert_eq!(b.field("max_relative_skew").f64(), 0.0);
@@ -511,7 +542,10 @@ fn five_decimal_skew_is_reported() {
         .find(|b| b.field("endpoints").arr().len() == 1000)
         .expect("the 1000-endpoint balancer");
     let skew = big.field("max_relative_skew").f64();
-    assert!(skew > 0.0 && skew < 1e-6, "10-decimal skew at 1000 endpoints: {skew}");
+    assert!(
+        skew > 0.0 && skew < 1e-6,
+        "10-decimal skew at 1000 endpoints: {skew}"
+    );
 }
 
 /// Cut excerpts: the incomplete cascade is reported as such (traffic falls off the end of
@@ -544,11 +578,21 @@ fn stdin_dash_and_piped_stdin() {
     let text = std::fs::read(fixture("seed-2-replicas.txt")).unwrap();
     let exp = load_expected("seed-2-replicas.json");
     let runs: [(&str, Vec<&str>); 2] = [
-        ("report - --format json", vec!["report", "-", "--format", "json"]),
-        ("report --format json (piped)", vec!["report", "--format", "json"]),
+        (
+            "report - --format json",
+            vec!["report", "-", "--format", "json"],
+        ),
+        (
+            "report --format json (piped)",
+            vec!["report", "--format", "json"],
+        ),
     ];
     for (what, args) in runs {
-        let out = lbaudit().args(&args).write_stdin(text.clone()).output().unwrap();
+        let out = lbaudit()
+            .args(&args)
+            .write_stdin(text.clone())
+            .output()
+            .unwrap();
         let got = parse_success(&out, what).unwrap_or_else(|e| panic!("{e}"));
         let errs = compare(&exp, &got, 7);
         assert!(errs.is_empty(), "{what}:\n{}", errs.join("\n"));
@@ -613,7 +657,10 @@ impl J {
 fn brief(j: &J) -> String {
     let s = format!("{j:?}");
     if s.len() > 200 {
-        format!("{}...", &s[..s.char_indices().nth(200).map_or(s.len(), |c| c.0)])
+        format!(
+            "{}...",
+            &s[..s.char_indices().nth(200).map_or(s.len(), |c| c.0)]
+        )
     } else {
         s
     }
@@ -716,11 +763,16 @@ impl Parser<'_> {
             Some(c) if *c == b'-' || c.is_ascii_digit() => {
                 let start = self.i;
                 while self.i < self.s.len()
-                    && matches!(self.s[self.i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                    && matches!(
+                        self.s[self.i],
+                        b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'
+                    )
                 {
                     self.i += 1;
                 }
-                let t = std::str::from_utf8(&self.s[start..self.i]).unwrap().to_string();
+                let t = std::str::from_utf8(&self.s[start..self.i])
+                    .unwrap()
+                    .to_string();
                 if t.parse::<f64>().is_err() {
                     return self.err("bad number");
                 }
@@ -751,9 +803,7 @@ impl Parser<'_> {
             while self.i < self.s.len() && self.s[self.i] != b'"' && self.s[self.i] != b'\\' {
                 self.i += 1;
             }
-            out.push_str(
-                std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?,
-            );
+            out.push_str(std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?);
             match self.s.get(self.i) {
                 None => return self.err("unterminated string"),
                 Some(b'"') => {
@@ -777,7 +827,9 @@ impl Parser<'_> {
                             let mut cp = self.hex4()?;
                             if (0xD800..0xDC00).contains(&cp) && self.eat("\\u") {
                                 let lo = self.hex4()?;
-                                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo.wrapping_sub(0xDC00) & 0x3FF);
+                                cp = 0x10000
+                                    + ((cp - 0xD800) << 10)
+                                    + (lo.wrapping_sub(0xDC00) & 0x3FF);
                             }
                             out.push(char::from_u32(cp).unwrap_or('\u{fffd}'));
                         }
@@ -791,7 +843,8 @@ impl Parser<'_> {
 
 #[test]
 fn json_reader_keeps_numbers_exact() {
-    let j = parse_json(r#"{"a": [1, -2.5e-7, 0.1], "b": "x\"y\u00e9", "c": null, "d": true}"#).unwrap();
+    let j =
+        parse_json(r#"{"a": [1, -2.5e-7, 0.1], "b": "x\"y\u00e9", "c": null, "d": true}"#).unwrap();
     assert_eq!(j.field("a").arr()[1].f64(), -2.5e-7);
     assert_eq!(j.field("a").arr()[2], J::Num("0.1".into()));
     assert_eq!(j.field("b").str(), "x\"y\u{e9}");
