@@ -8,6 +8,8 @@ use crate::observed::{self, Observed};
 use crate::simulate::{self, SimOptions, SimResult};
 use crate::stats::{self, TestResult};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 /// The default seed ("lbaudit!" in ASCII).
 pub const DEFAULT_SEED: u64 = 0x6c62_6175_6469_7421;
@@ -43,6 +45,9 @@ pub struct AuditOptions {
     /// Test real counters when the input has them.
     pub observed: bool,
     pub expectations: Option<Expectations>,
+    /// Show progress on stderr when the simulation takes longer than a second (the CLI
+    /// sets this only when stderr is a terminal).
+    pub progress: bool,
 }
 
 impl Default for AuditOptions {
@@ -54,6 +59,7 @@ impl Default for AuditOptions {
             adjustment: Adjustment::Holm,
             observed: true,
             expectations: None,
+            progress: false,
         }
     }
 }
@@ -248,7 +254,65 @@ pub fn run(
         })
         .collect();
     let simulate = per.iter().any(|&c| c > 0) && n > 0;
-    let mut audits: Vec<Audit> = balancers
+    let done = AtomicUsize::new(0);
+    let finished = AtomicBool::new(false);
+    let mut audits = std::thread::scope(|scope| {
+        if opts.progress && simulate {
+            scope.spawn(|| progress(&done, &finished, n));
+        }
+        let audits = audit_all(graph, balancers, &per, opts, &done);
+        finished.store(true, Ordering::Relaxed);
+        audits
+    });
+    adjust(&mut audits, opts.adjustment);
+    let info = simulate.then(|| SimulationInfo {
+        connections: per.iter().copied().max().unwrap_or(0),
+        budget: if opts.connections.is_none() {
+            "default"
+        } else {
+            "fixed"
+        },
+        seed: opts.seed,
+        generator: simulate::GENERATOR,
+        rule_evaluations: audits
+            .iter()
+            .filter_map(|a| a.simulation.as_ref())
+            .map(|s| s.rule_evaluations)
+            .sum(),
+        adjustment: opts.adjustment,
+    });
+    (audits, info)
+}
+
+/// Prints `simulating: k/n balancers` on stderr once a second has passed, until done.
+fn progress(done: &AtomicUsize, finished: &AtomicBool, n: usize) {
+    let start = Instant::now();
+    let mut shown = false;
+    while !finished.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if start.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        let k = done.load(Ordering::Relaxed);
+        eprint!(
+            "\rsimulating: {k}/{n} balancers ({:.0}%)",
+            k as f64 * 100.0 / n.max(1) as f64
+        );
+        shown = true;
+    }
+    if shown {
+        eprint!("\r\x1b[K");
+    }
+}
+
+fn audit_all(
+    graph: &Graph<'_, '_>,
+    balancers: &[Balancer],
+    per: &[u64],
+    opts: &AuditOptions,
+    done: &AtomicUsize,
+) -> Vec<Audit> {
+    balancers
         .par_iter()
         .zip(per.par_iter())
         .map(|(b, &connections)| {
@@ -270,31 +334,14 @@ pub fn run(
             } else {
                 None
             };
+            done.fetch_add(1, Ordering::Relaxed);
             Audit {
                 expected,
                 simulation,
                 observed,
             }
         })
-        .collect();
-    adjust(&mut audits, opts.adjustment);
-    let info = simulate.then(|| SimulationInfo {
-        connections: per.iter().copied().max().unwrap_or(0),
-        budget: if opts.connections.is_none() {
-            "default"
-        } else {
-            "fixed"
-        },
-        seed: opts.seed,
-        generator: simulate::GENERATOR,
-        rule_evaluations: audits
-            .iter()
-            .filter_map(|a| a.simulation.as_ref())
-            .map(|s| s.rule_evaluations)
-            .sum(),
-        adjustment: opts.adjustment,
-    });
-    (audits, info)
+        .collect()
 }
 
 fn summarise_simulation(

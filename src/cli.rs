@@ -128,6 +128,7 @@ impl AuditArgs {
             adjustment: self.adjust,
             observed: !self.no_observed,
             expectations,
+            progress: std::io::stderr().is_terminal(),
         })
     }
 }
