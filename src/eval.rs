@@ -462,6 +462,11 @@ impl Walker<'_, '_, '_> {
                 None => undecided.push(format!("-m {}", m.module)),
             }
         }
+        // A rule that only sets marks must not bind open fields of the connection:
+        // kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ` says nothing about who connects.
+        if mark_only && packet != t.packet {
+            return Decision::No;
+        }
         if !undecided.is_empty() {
             if mark_only {
                 // Cannot change where the connection goes; assume it does not apply.
@@ -885,5 +890,149 @@ fn terminal_outcome(rule: &Rule<'_>) -> Outcome {
             None => "NFQUEUE".into(),
         }),
         other => Outcome::Verdict(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{ParseOptions, parse};
+
+    fn walk(text: &str, chain: &str, packet: Packet, mode: Mode) -> Distribution {
+        let rs = parse(text, &ParseOptions::default()).expect("parses");
+        let g = Graph::build(&rs, false).expect("graph");
+        let t = rs.tables.iter().position(|t| t.name == "nat").unwrap_or(0);
+        let c = g.tables[t].index[chain];
+        evaluate(&g, t, c, packet, mode, true).expect("walk")
+    }
+
+    fn probs(d: &Distribution) -> Vec<(String, String)> {
+        d.outcomes
+            .iter()
+            .map(|o| (o.outcome.label(), o.prob.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn nth_without_fallback_leaks_eight_27ths() {
+        let text = "*nat\n:PREROUTING ACCEPT [0:0]\n\
+            -A PREROUTING -m statistic --mode nth --every 3 --packet 0 -j DNAT --to-destination 10.0.0.1\n\
+            -A PREROUTING -m statistic --mode nth --every 3 --packet 1 -j DNAT --to-destination 10.0.0.2\n\
+            -A PREROUTING -m statistic --mode nth --every 3 --packet 2 -j DNAT --to-destination 10.0.0.3\n\
+            COMMIT\n";
+        let d = walk(text, "PREROUTING", Packet::default(), Mode::Balancer);
+        let mut p = probs(&d);
+        p.sort();
+        assert_eq!(
+            p,
+            vec![
+                ("10.0.0.1".into(), "1/3".into()),
+                ("10.0.0.2".into(), "2/9".into()),
+                ("10.0.0.3".into(), "4/27".into()),
+                ("unmatched".into(), "8/27".into()),
+            ]
+        );
+        assert!(d.total().is_one());
+        // In trace mode the end of the built-in chain is its policy.
+        let d = walk(text, "PREROUTING", Packet::default(), Mode::Trace);
+        assert!(probs(&d).contains(&("policy ACCEPT".into(), "8/27".into())));
+    }
+
+    #[test]
+    fn inverted_random_and_goto_return() {
+        // `! --probability 0.25`: matches 3/4. The goto'd chain's RETURN goes back to the
+        // caller of PREROUTING's caller, i.e. ends the walk.
+        let text = "*nat\n:PREROUTING ACCEPT [0:0]\n:A - [0:0]\n:B - [0:0]\n\
+            -A PREROUTING -j A\n\
+            -A PREROUTING -j DNAT --to-destination 10.0.0.9\n\
+            -A A -m statistic --mode random ! --probability 0.25 -g B\n\
+            -A A -j DNAT --to-destination 10.0.0.1\n\
+            -A B -j RETURN\n\
+            -A B -j DNAT --to-destination 10.0.0.2\n\
+            COMMIT\n";
+        let d = walk(text, "PREROUTING", Packet::default(), Mode::Trace);
+        let mut p = probs(&d);
+        p.sort();
+        // 3/4 take the goto to B, RETURN from B returns to PREROUTING's next rule (the
+        // caller of A), which DNATs to .9; 1/4 DNAT to .1 in A.
+        assert_eq!(
+            p,
+            vec![
+                ("10.0.0.1".into(), "1/4".into()),
+                ("10.0.0.9".into(), "3/4".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn mark_cascade_outcomes_and_guards() {
+        let text = "*mangle\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n\
+            -A PREROUTING -j LB\n\
+            -A LB -m mark --mark 0x0/0xff00 -m statistic --mode random --probability 0.5 -j MARK --set-xmark 0x100/0xff00\n\
+            -A LB -m mark --mark 0x0/0xff00 -j MARK --set-xmark 0x200/0xff00\n\
+            COMMIT\n";
+        let d = walk(text, "LB", Packet::default(), Mode::Balancer);
+        let p = probs(&d);
+        assert_eq!(
+            p,
+            vec![
+                ("mark 0x100/0xff00".into(), "1/2".into()),
+                ("mark 0x200/0xff00".into(), "1/2".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn packet_fields_decide_and_bind() {
+        let text = "*nat\n:PREROUTING ACCEPT [0:0]\n\
+            -A PREROUTING -d 10.0.0.0/8 -p tcp -m tcp --dport 80 -j DNAT --to-destination 1.1.1.1\n\
+            -A PREROUTING -d 192.168.0.0/255.255.0.0 -p udp -m multiport --dports 53,5000:5010 -j DNAT --to-destination 2.2.2.2\n\
+            -A PREROUTING -m conntrack --ctstate ESTABLISHED -j DROP\n\
+            -A PREROUTING -m recent --rcheck --name X -j DROP\n\
+            -A PREROUTING -j DNAT --to-destination 3.3.3.3\n\
+            COMMIT\n";
+        let pk = |d: &str, proto: &str, port: u16| Packet {
+            dst: Some(d.parse().unwrap()),
+            proto: Some(proto.into()),
+            dport: Some(port),
+            ..Packet::default()
+        };
+        let one = |p: Packet| {
+            let d = walk(text, "PREROUTING", p, Mode::Trace);
+            assert_eq!(d.outcomes.len(), 1);
+            d.outcomes[0].outcome.label()
+        };
+        assert_eq!(one(pk("10.1.2.3", "tcp", 80)), "1.1.1.1");
+        assert_eq!(one(pk("10.1.2.3", "tcp", 81)), "3.3.3.3");
+        assert_eq!(one(pk("192.168.4.4", "udp", 5005)), "2.2.2.2");
+        assert_eq!(one(pk("192.168.4.4", "udp", 5011)), "3.3.3.3");
+        // An open packet is bound by the first positive test.
+        assert_eq!(one(Packet::default()), "1.1.1.1");
+    }
+
+    #[test]
+    fn undecidable_matches_are_assumed_and_warned() {
+        let text = "*nat\n:PREROUTING ACCEPT [0:0]\n\
+            -A PREROUTING -m set --match-set blocked src -j DROP\n\
+            -A PREROUTING -j DNAT --to-destination 3.3.3.3\n\
+            COMMIT\n";
+        let d = walk(text, "PREROUTING", Packet::default(), Mode::Trace);
+        assert_eq!(d.outcomes[0].outcome.label(), "DROP");
+        assert_eq!(d.warnings.len(), 1);
+        assert_eq!(d.warnings[0].line, 3);
+    }
+
+    #[test]
+    fn cidrs() {
+        let a: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(cidr_contains("10.0.0.0/8", a), Some(true));
+        assert_eq!(cidr_contains("10.1.2.3", a), Some(true));
+        assert_eq!(cidr_contains("10.1.2.0/255.255.255.0", a), Some(true));
+        assert_eq!(cidr_contains("11.0.0.0/8", a), Some(false));
+        assert_eq!(cidr_contains("0.0.0.0/0", a), Some(true));
+        let b: IpAddr = "fd00::5".parse().unwrap();
+        assert_eq!(cidr_contains("fd00::/64", b), Some(true));
+        assert_eq!(cidr_contains("10.0.0.0/8", b), Some(false));
+        assert_eq!(cidr_contains("bogus", a), None);
     }
 }

@@ -362,3 +362,80 @@ fn resolve(target: &Target<'_>, index: &HashMap<&str, usize>) -> TargetRef {
         _ => TargetRef::Missing,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{ParseOptions, parse};
+
+    fn graph_of(text: &str) -> Result<(), InputError> {
+        let rs = parse(text, &ParseOptions::default()).expect("parses");
+        Graph::build(&rs, false).map(|_| ())
+    }
+
+    #[test]
+    fn loops_are_errors_that_name_the_path() {
+        let text = "*filter\n:INPUT ACCEPT [0:0]\n:A - [0:0]\n:B - [0:0]\n-A INPUT -j A\n-A A -j B\n-A B -g A\nCOMMIT\n";
+        let e = graph_of(text).unwrap_err();
+        assert_eq!(e.kind, InputErrorKind::Loop);
+        assert_eq!(e.line, 7);
+        assert!(e.message.contains("A -> B -> A"), "{e}");
+        assert!(e.message.contains("lines 6, 7"), "{e}");
+    }
+
+    #[test]
+    fn undeclared_chains_are_errors_in_full_dumps_only() {
+        let text = "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j KUBE-SERVICES\nCOMMIT\n";
+        let e = graph_of(text).unwrap_err();
+        assert_eq!((e.kind, e.line), (InputErrorKind::UndeclaredChain, 3));
+        // Known target extensions are not chains.
+        let text = "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j MASQUERADE\n-A PREROUTING -j LOG --log-prefix x\n-A PREROUTING -j TPROXY2 --on-port 1\nCOMMIT\n";
+        assert!(graph_of(text).is_ok());
+        // A fragment assumes the chain returns, with a warning.
+        let rs = parse("-A KUBE-SVC-X -j KUBE-SEP-Y\n", &ParseOptions::default()).unwrap();
+        let g = Graph::build(&rs, false).unwrap();
+        assert_eq!(g.tables[0].targets[0][0], TargetRef::Missing);
+        assert!(g.warnings.iter().any(|w| w.message.contains("KUBE-SEP-Y")));
+    }
+
+    #[test]
+    fn a_chain_of_100000_jumps_does_not_overflow_the_stack() {
+        let n = 100_000;
+        let mut text = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n");
+        for i in 0..n {
+            text.push_str(&format!(":C{i} - [0:0]\n"));
+        }
+        text.push_str("-A PREROUTING -j C0\n");
+        for i in 0..n - 1 {
+            text.push_str(&format!("-A C{i} -j C{}\n", i + 1));
+        }
+        text.push_str(&format!(
+            "-A C{} -j DNAT --to-destination 10.0.0.1:80\nCOMMIT\n",
+            n - 1
+        ));
+        let rs = parse(&text, &ParseOptions::default()).unwrap();
+        let g = Graph::build(&rs, false).unwrap();
+        assert_eq!(g.callee_first_order(0).len(), n + 1);
+        let d = crate::eval::evaluate(
+            &g,
+            0,
+            0,
+            crate::eval::Packet::default(),
+            crate::eval::Mode::Trace,
+            false,
+        )
+        .unwrap();
+        assert_eq!(d.outcomes.len(), 1);
+        assert!(d.outcomes[0].prob.is_one());
+        // And a loop closed at the bottom of that chain is found without recursion.
+        let looped = text.replace(
+            &format!("-A C{} -j DNAT --to-destination 10.0.0.1:80", n - 1),
+            &format!("-A C{} -j C0", n - 1),
+        );
+        let rs = parse(&looped, &ParseOptions::default()).unwrap();
+        assert_eq!(
+            Graph::build(&rs, false).unwrap_err().kind,
+            InputErrorKind::Loop
+        );
+    }
+}
