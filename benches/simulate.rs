@@ -135,6 +135,27 @@ fn best_of<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     (best, out.expect("at least one repetition"))
 }
 
+/// Best times of `a` and `b`, run alternately `reps` times each (so that a change in
+/// the machine's load affects both alike).
+fn best_of_pair<A, B>(
+    reps: usize,
+    mut a: impl FnMut() -> A,
+    mut b: impl FnMut() -> B,
+) -> ((f64, A), (f64, B)) {
+    let (mut ta, mut tb) = (f64::INFINITY, f64::INFINITY);
+    let (mut ra, mut rb) = (None, None);
+    for _ in 0..reps {
+        let t = secs(|| ra = Some(a()));
+        ta = ta.min(t);
+        let t = secs(|| rb = Some(b()));
+        tb = tb.min(t);
+    }
+    (
+        (ta, ra.expect("at least one repetition")),
+        (tb, rb.expect("at least one repetition")),
+    )
+}
+
 fn main() {
     let scale: f64 = std::env::args()
         .skip(1)
@@ -168,21 +189,30 @@ fn main() {
         };
         let th = thresholds(n);
 
-        // One thread.
+        // One thread: the simulator once to learn the number of draws, then both
+        // alternately.
         let one = pool(1);
-        let (t_sim1, r) = best_of(3, || one.install(|| program.run(0, &opts)));
+        let r = one.install(|| program.run(0, &opts));
         assert_eq!(r.other, 0);
         assert_eq!(r.unmatched, 0);
         let evals = r.rule_evaluations as f64;
         let draws = r.random_draws;
-        let (t_bare1, hits) = best_of(3, || one.install(|| bare(1, draws, BATCH, &th)));
+        let ((t_sim1, r1), (t_bare1, hits)) = best_of_pair(
+            5,
+            || one.install(|| program.run(0, &opts)),
+            || one.install(|| bare(1, draws, BATCH, &th)),
+        );
+        assert_eq!(r, r1);
         black_box(hits);
 
         // All threads.
         let all = pool(threads);
-        let (t_sim_n, r_n) = best_of(3, || all.install(|| program.run(0, &opts)));
+        let ((t_sim_n, r_n), (t_bare_n, hits)) = best_of_pair(
+            5,
+            || all.install(|| program.run(0, &opts)),
+            || all.install(|| bare(1, draws, BATCH, &th)),
+        );
         assert_eq!(r, r_n, "thread count changed the result");
-        let (t_bare_n, hits) = best_of(3, || all.install(|| bare(1, draws, BATCH, &th)));
         black_box(hits);
 
         let sim_rate = evals / t_sim1;

@@ -26,8 +26,9 @@
 //!   would traverse.
 //! - Conditions on the connection (addresses, ports, protocol, interfaces, conntrack
 //!   state, addrtype, …) are decided exactly as the evaluator decides them, including
-//!   its *binding* of open packet fields by the first positive test and its assumptions
-//!   for undecidable tests. The reachable packet states are enumerated when compiling,
+//!   its *binding* of open packet fields by the first positive test (never by a rule
+//!   that only sets marks: such a rule does not apply) and its assumptions for
+//!   undecidable tests. The reachable packet states are enumerated when compiling,
 //!   so the decision is a table look-up (usually of a single entry).
 //! - `--mode random`: each connection that reaches the match draws
 //!   `rng.next_u32() & 0x7FFF_FFFF` and matches iff it is `< threshold` (`!`: `>=`), as
@@ -343,6 +344,9 @@ struct Instr {
     rt_start: u32,
     /// Rules traversed by reaching this instruction: skipped rules before it, plus itself.
     cost: u32,
+    /// `RandomTerminal` only: rules traversed after a match, on the way to the verdict
+    /// (a fused fixed path, see `fuse_fixed_paths`).
+    hit_cost: u32,
     target: Tgt,
 }
 
@@ -577,7 +581,7 @@ impl<'p> Runner<'p> {
                 random_match(rng.next_u32(), $threshold, $inverted)
             }};
         }
-        let outcome = loop {
+        let outcome = 'walk: loop {
             let ins = &instrs[pc];
             evaluations += u64::from(ins.cost);
             match ins.op {
@@ -632,14 +636,31 @@ impl<'p> Runner<'p> {
                     }
                 }
                 Op::RandomTerminal {
-                    threshold,
-                    inverted,
-                    outcome,
+                    mut threshold,
+                    mut inverted,
+                    mut outcome,
                 } => {
-                    if draw!(ins, threshold, inverted) {
-                        break outcome;
+                    // The same tight loop for a cascade whose rules lead straight to verdicts.
+                    let mut ins = ins;
+                    loop {
+                        if draw!(ins, threshold, inverted) {
+                            evaluations += u64::from(ins.hit_cost);
+                            break 'walk outcome;
+                        }
+                        pc += 1;
+                        let next = &instrs[pc];
+                        let Op::RandomTerminal {
+                            threshold: t,
+                            inverted: i,
+                            outcome: o,
+                        } = next.op
+                        else {
+                            break;
+                        };
+                        evaluations += u64::from(next.cost);
+                        ins = next;
+                        (threshold, inverted, outcome) = (t, i, o);
                     }
-                    pc += 1;
                 }
                 Op::RandomMark {
                     threshold,
@@ -1153,6 +1174,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             next: x,
         };
         for cond in conds {
+            let before = mark_only.then(|| packet.clone());
             let r = match *cond {
                 Cond::Core(o) => core_test(o, &mut packet),
                 Cond::Static(module, o) => static_test(module, o, &mut packet),
@@ -1163,6 +1185,12 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                     Some(true)
                 }
             };
+            // The evaluator: a rule that only sets marks never binds an open field
+            // (kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ` says nothing about who
+            // connects); it does not apply.
+            if before.is_some_and(|b| b != packet) {
+                return fail(reach);
+            }
             match r {
                 Some(true) => {}
                 Some(false) => return fail(reach),
@@ -1432,6 +1460,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                     multi_len,
                     rt_start,
                     cost,
+                    hit_cost: 0,
                     target,
                 });
                 cost = 0;
@@ -1447,6 +1476,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 multi_len: 0,
                 rt_start: rt.len() as u32,
                 cost,
+                hit_cost: 0,
                 target: Tgt::End,
             });
         }
@@ -1502,9 +1532,34 @@ fn fuse_fixed_paths(instrs: &mut [Instr]) {
         .filter(|&pc| matches!(instrs[pc].op, Op::Jump(_) | Op::Goto(_) | Op::Mark { .. }))
         .filter_map(|pc| fixed(pc).map(|(o, cost)| (pc, o, cost)))
         .collect();
+    // Random jumps into such paths become random verdicts.
+    let random: Vec<(usize, Op, u32)> = (0..instrs.len())
+        .filter_map(|pc| match instrs[pc].op {
+            Op::RandomJump {
+                threshold,
+                inverted,
+                to,
+            } => fixed(to as usize).map(|(outcome, cost)| {
+                (
+                    pc,
+                    Op::RandomTerminal {
+                        threshold,
+                        inverted,
+                        outcome,
+                    },
+                    cost,
+                )
+            }),
+            _ => None,
+        })
+        .collect();
     for (pc, o, cost) in fused {
         instrs[pc].op = Op::Terminal(o);
         instrs[pc].cost = cost;
+    }
+    for (pc, op, hit_cost) in random {
+        instrs[pc].op = op;
+        instrs[pc].hit_cost = hit_cost;
     }
 }
 
@@ -1941,13 +1996,13 @@ COMMIT
             // One draw per connection, at the single statistic rule.
             assert_eq!(r.random_draws, n);
             // KUBE-SVC: masq rule, statistic rule (+ the fallback rule for the second
-            // endpoint); KUBE-SEP: the hairpin rule (which binds -s, as the evaluator
-            // does, and so jumps to KUBE-MARK-MASQ and its MARK rule), then DNAT.
+            // endpoint); KUBE-SEP: the hairpin rule (mark-only, so it binds no source
+            // and does not apply, as in the evaluator), then DNAT.
             let (c1, c2) = (
                 r.counts[ep(b, "10.244.1.5:8080")],
                 r.counts[ep(b, "10.244.2.6:8080")],
             );
-            assert_eq!(r.rule_evaluations, 5 * c1 + 6 * c2);
+            assert_eq!(r.rule_evaluations, 4 * c1 + 5 * c2);
         });
     }
 
@@ -2107,17 +2162,25 @@ COMMIT
 
     #[test]
     fn bindings_depend_on_the_path() {
-        // SUB binds -s 10.0.0.1 (as the evaluator does) so LB's -s 10.0.0.2 rule cannot
-        // match afterwards; without SUB it binds 10.0.0.2 and matches.
+        // SUB binds -s 10.0.0.1 (as the evaluator does) and half the time returns, so
+        // LB's -s 10.0.0.2 rule cannot match afterwards; without SUB it binds 10.0.0.2
+        // and matches. KUBE-MARK-MASQ-like mark-only rules bind nothing (and so do not
+        // apply to an open source).
         let text = "*nat
 :PREROUTING ACCEPT [0:0]
 :LB - [0:0]
 :SUB - [0:0]
+:SUB2 - [0:0]
+:MASQ - [0:0]
 -A PREROUTING -j LB
 -A LB -m statistic --mode random --probability 0.50000000000 -j SUB
 -A LB -s 10.0.0.2/32 -j DNAT --to-destination 10.1.0.1:80
 -A LB -j DNAT --to-destination 10.1.0.2:80
--A SUB -s 10.0.0.1/32 -j MARK --set-xmark 0x1/0x1
+-A SUB -s 10.0.0.3/32 -j MASQ
+-A SUB -s 10.0.0.1/32 -j SUB2
+-A SUB2 -m statistic --mode random --probability 0.50000000000 -j RETURN
+-A SUB2 -j DNAT --to-destination 10.1.0.3:80
+-A MASQ -j MARK --set-xmark 0x4000/0x4000
 COMMIT
 ";
         with_balancers(text, |g, bs| {
@@ -2126,7 +2189,15 @@ COMMIT
             assert!(prog.instrs.iter().any(|i| i.multi_len == 2), "{prog:?}");
             agrees_with_eval(g, bs, 200_000, 1);
             let r = simulate(g, b, 0, &opts(200_000, 1));
-            assert!(r.counts.iter().all(|&c| within_5_sigma(c, 200_000, 0.5)));
+            assert_eq!(b.endpoints.len(), 3);
+            assert!(b.endpoints.iter().all(|e| e.outcome != Outcome::Unmatched));
+            for (d, p) in [
+                ("10.1.0.1:80", 0.5),
+                ("10.1.0.2:80", 0.25),
+                ("10.1.0.3:80", 0.25),
+            ] {
+                assert!(within_5_sigma(r.counts[ep(b, d)], 200_000, p), "{d}");
+            }
         });
     }
 
