@@ -523,37 +523,41 @@ impl<'p> Runner<'p> {
     }
 
     fn run(&mut self, rng: &mut Xoshiro256PlusPlus, connections: u64) {
-        for _ in 0..connections {
-            let client = match self.clients {
-                Some(k) => uniform(rng, k) as usize,
-                None => {
+        // A local copy, so that the generator's state can live in registers.
+        let mut local = rng.clone();
+        match self.clients {
+            None => {
+                for _ in 0..connections {
                     if self.prog.has_recent {
+                        // A new client: no records of its own yet.
                         self.dynamic.recent_src.fill(0);
                     }
-                    0
+                    let o = self.connection(&mut local, 0);
+                    self.acc.counts[o as usize] += 1;
                 }
-            };
-            let o = self.connection(rng, client);
-            self.acc.counts[o as usize] += 1;
-            if self.clients.is_some() {
-                let last = &mut self.last[client];
-                if *last != u32::MAX {
-                    self.acc.returning += 1;
-                    if *last == o {
-                        self.acc.same += 1;
+            }
+            Some(k) => {
+                for _ in 0..connections {
+                    let client = uniform(&mut local, k) as usize;
+                    let o = self.connection(&mut local, client);
+                    self.acc.counts[o as usize] += 1;
+                    let last = &mut self.last[client];
+                    if *last != u32::MAX {
+                        self.acc.returning += 1;
+                        if *last == o {
+                            self.acc.same += 1;
+                        }
                     }
+                    *last = o;
                 }
-                *last = o;
             }
         }
+        *rng = local;
     }
 
     /// One connection: returns its outcome index.
     #[inline]
-    fn connection(&mut self, rng_state: &mut Xoshiro256PlusPlus, client: usize) -> u32 {
-        // A local copy, so that the generator's state can live in registers.
-        let mut rng = rng_state.clone();
-        let rng = &mut rng;
+    fn connection(&mut self, rng: &mut Xoshiro256PlusPlus, client: usize) -> u32 {
         let prog = self.prog;
         let instrs = &prog.instrs[..];
         let mut pc = 0usize;
@@ -731,7 +735,6 @@ impl<'p> Runner<'p> {
         };
         self.acc.evaluations += evaluations;
         self.acc.draws += draws;
-        *rng_state = rng.clone();
         outcome
     }
 }
