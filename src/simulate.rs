@@ -995,6 +995,22 @@ fn packet_key(p: &Packet) -> PacketKey {
     )
 }
 
+/// One chain being walked by `Compiler::explore`.
+struct Frame {
+    chain: usize,
+    /// The entry state.
+    state: u32,
+    /// The rule being decided, for the states `cur[k..]`.
+    rule: usize,
+    cur: Vec<u32>,
+    k: usize,
+    /// States reaching the next rule.
+    next: BTreeSet<u32>,
+    /// States in which the chain is left by RETURN (or, through a goto, by the end of
+    /// another chain).
+    exits: BTreeSet<u32>,
+}
+
 struct Compiler<'g, 'r, 'a> {
     graph: &'g Graph<'r, 'a>,
     balancer: &'g Balancer,
@@ -1211,79 +1227,109 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         }
     }
 
-    /// The states in which chain `c` can be left (end of chain or RETURN) when entered
-    /// in state `s`; records every rule's decision on the way.
-    fn explore(&mut self, c: usize, s: u32) -> Rc<BTreeSet<u32>> {
-        if let Some(v) = self.memo.get(&(c, s)) {
-            return Rc::clone(v);
-        }
-        let rules = self.graph.chain(self.table, c).rules.len();
+    /// Enters chain `c` in state `s` (a new frame of `explore`).
+    fn frame(&mut self, c: usize, s: u32) -> Frame {
         if !self.decisions.contains_key(&c) {
             self.order.push(c);
+            let rules = self.graph.chain(self.table, c).rules.len();
             self.decisions.insert(c, vec![BTreeMap::new(); rules]);
         }
-        let mut cur = BTreeSet::from([s]);
-        let mut exits = BTreeSet::new();
-        for r in 0..rules {
-            let target = self.graph.tables[self.table].targets[c][r];
-            if !self.relevant(target) {
+        Frame {
+            chain: c,
+            state: s,
+            rule: 0,
+            cur: vec![s],
+            k: 0,
+            next: BTreeSet::new(),
+            exits: BTreeSet::new(),
+        }
+    }
+
+    /// The decision of rule `r` of chain `c` for state `x` (computed once).
+    fn decision(&mut self, c: usize, r: usize, x: u32, mark_only: bool) -> Decision {
+        if let Some(&d) = self.decisions[&c][r].get(&x) {
+            return d;
+        }
+        let conds = self.conds(c, r);
+        let d = self.decide(&conds, x, mark_only);
+        self.decisions.get_mut(&c).expect("entered")[r].insert(x, d);
+        d
+    }
+
+    /// Walks every path from the start chain in the balancer's packet state, over sets of
+    /// packet states: records each rule's decision for every state that reaches it, and
+    /// for every (chain, entry state) the states in which the chain can be left (end of
+    /// chain or RETURN). Iterative (an explicit stack of frames), so chains nested
+    /// 100,000 deep are fine; memoized per (chain, entry state).
+    fn explore(&mut self, start: usize) {
+        let first = self.frame(start, 0);
+        let mut stack = vec![first];
+        while let Some(f) = stack.last_mut() {
+            let c = f.chain;
+            let rules = self.decisions[&c].len();
+            if f.rule >= rules || (f.k == 0 && f.cur.is_empty()) {
+                // Left by its end, in the states that reach it.
+                let mut f = stack.pop().expect("non-empty");
+                f.exits.extend(f.cur.iter().copied());
+                self.memo.insert((f.chain, f.state), Rc::new(f.exits));
                 continue;
             }
+            let r = f.rule;
+            if f.k == f.cur.len() {
+                // Every state reaching rule r is done: on to the next rule.
+                f.cur = std::mem::take(&mut f.next).into_iter().collect();
+                f.k = 0;
+                f.rule += 1;
+                continue;
+            }
+            let target = self.graph.tables[self.table].targets[c][r];
+            if !self.relevant(target) {
+                f.next.extend(f.cur.iter().copied());
+                f.k = f.cur.len();
+                continue;
+            }
+            let x = f.cur[f.k];
             let mark_only = self.mark_only(target);
+            let d = self.decision(c, r, x, mark_only);
             let conds = self.conds(c, r);
-            let has_stat = conds
-                .iter()
-                .any(|k| matches!(k, Cond::Runtime(rt) if rt.is_statistic()));
-            let has_other = conds
-                .iter()
-                .any(|k| matches!(k, Cond::Runtime(rt) if !rt.is_statistic()));
-            let mut next = BTreeSet::new();
-            for x in std::mem::take(&mut cur) {
-                let d = match self.decisions[&c][r].get(&x) {
-                    Some(&d) => d,
-                    None => {
-                        let d = self.decide(&conds, x, mark_only);
-                        self.decisions.get_mut(&c).expect("entered")[r].insert(x, d);
-                        d
-                    }
-                };
-                if !d.pass {
-                    next.insert(x);
-                    continue;
-                }
-                if has_stat {
-                    next.insert(d.next);
-                }
-                if has_other {
-                    next.insert(x);
-                }
-                match target {
-                    TargetRef::Chain { chain, goto } => {
-                        let out = self.explore(chain, d.next);
-                        if goto {
-                            exits.extend(out.iter().copied());
-                        } else {
-                            next.extend(out.iter().copied());
-                        }
-                    }
-                    TargetRef::Return => {
-                        exits.insert(d.next);
-                    }
-                    TargetRef::Mark => {
-                        next.insert(d.next);
-                    }
-                    _ => {}
+            let f = stack.last_mut().expect("non-empty");
+            if !d.pass {
+                f.next.insert(x);
+                f.k += 1;
+                continue;
+            }
+            // The runtime matches may fail: a statistic failure keeps the bindings, a
+            // mark or recent failure does not.
+            for cond in conds.iter() {
+                if let Cond::Runtime(rt) = cond {
+                    f.next.insert(if rt.is_statistic() { d.next } else { x });
                 }
             }
-            cur = next;
-            if cur.is_empty() {
-                break;
+            match target {
+                TargetRef::Chain { chain, goto } => {
+                    let Some(out) = self.memo.get(&(chain, d.next)).cloned() else {
+                        // Explore the callee first; this state is done when we are back.
+                        let callee = self.frame(chain, d.next);
+                        stack.push(callee);
+                        continue;
+                    };
+                    let f = stack.last_mut().expect("non-empty");
+                    if goto {
+                        f.exits.extend(out.iter().copied());
+                    } else {
+                        f.next.extend(out.iter().copied());
+                    }
+                }
+                TargetRef::Return => {
+                    f.exits.insert(d.next);
+                }
+                TargetRef::Mark => {
+                    f.next.insert(d.next);
+                }
+                _ => {}
             }
+            stack.last_mut().expect("non-empty").k += 1;
         }
-        exits.extend(cur);
-        let exits = Rc::new(exits);
-        self.memo.insert((c, s), Rc::clone(&exits));
-        exits
     }
 
     /// Is rule `r` of `c` worth an instruction (reached, and it can do something)?
@@ -1293,29 +1339,47 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             .any(|d| d.pass || d.reach > 0)
     }
 
-    /// Deepest call stack below chain `c` (jumps push, gotos do not).
-    fn depth(&self, c: usize, memo: &mut HashMap<usize, usize>) -> usize {
-        if let Some(&d) = memo.get(&c) {
-            return d;
-        }
-        let mut best = 0;
-        for r in 0..self.decisions[&c].len() {
-            if !self.emitted(c, r) {
+    /// Deepest call stack below chain `start` (jumps push, gotos do not), by an
+    /// iterative depth-first walk over the chains entered.
+    fn depth(&self, start: usize) -> usize {
+        let tg = &self.graph.tables[self.table];
+        let callees = |c: usize| -> Vec<(usize, bool)> {
+            (0..self.decisions[&c].len())
+                .filter(|&r| self.emitted(c, r))
+                .filter_map(|r| match tg.targets[c][r] {
+                    TargetRef::Chain { chain, goto } if self.decisions.contains_key(&chain) => {
+                        Some((chain, goto))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut memo: HashMap<usize, usize> = HashMap::new();
+        let mut stack = vec![(start, callees(start), 0usize)];
+        while let Some((c, list, i)) = stack.last_mut() {
+            if let Some(&(callee, _)) = list.get(*i) {
+                if memo.contains_key(&callee) {
+                    *i += 1;
+                } else {
+                    let next = (callee, callees(callee), 0);
+                    stack.push(next);
+                }
                 continue;
             }
-            if let TargetRef::Chain { chain, goto } = self.graph.tables[self.table].targets[c][r]
-                && self.decisions.contains_key(&chain)
-            {
-                best = best.max(self.depth(chain, memo) + usize::from(!goto));
-            }
+            let best = list
+                .iter()
+                .map(|&(callee, goto)| memo[&callee] + usize::from(!goto))
+                .max()
+                .unwrap_or(0);
+            memo.insert(*c, best);
+            stack.pop();
         }
-        memo.insert(c, best);
-        best
+        memo[&start]
     }
 
     fn compile(mut self) -> Program {
         let start = self.balancer.chain_index;
-        self.explore(start, 0);
+        self.explore(start);
         let tg = &self.graph.tables[self.table];
         // Outcome indices.
         let endpoints = self.balancer.endpoints.len();
@@ -1484,7 +1548,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             });
         }
         fuse_fixed_paths(&mut instrs);
-        let depth = self.depth(start, &mut HashMap::new());
+        let depth = self.depth(start);
         let has_recent = rt.iter().any(|x| matches!(x, Rt::Recent { .. }));
         Program {
             instrs,
@@ -1508,61 +1572,91 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
 /// the summed rule count. Marks and bindings made on the way cannot matter after a
 /// verdict, so the result is unchanged; only the dispatches are saved.
 fn fuse_fixed_paths(instrs: &mut [Instr]) {
-    const STEPS: usize = 10_000;
-    let fixed = |start: usize| -> Option<(u32, u32)> {
-        let mut frames: Vec<usize> = Vec::new();
-        let mut pc = start;
-        let mut cost = 0u32;
-        for _ in 0..STEPS {
-            let ins = &instrs[pc];
-            cost = cost.saturating_add(ins.cost);
-            match ins.op {
-                Op::Jump(to) => {
-                    frames.push(pc + 1);
-                    pc = to as usize;
+    /// Where the fixed instructions from a program counter lead.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Path {
+        /// To this verdict, through this many rules.
+        Verdict(u32, u32),
+        /// Back to the caller of the current frame, through this many rules.
+        Back(u32),
+        /// To a runtime decision (or a mark outcome).
+        Open,
+    }
+    let n = instrs.len();
+    let mut memo: Vec<Option<Path>> = vec![None; n];
+    // Iterative, with the dependencies (the callee's start, the next instruction) first:
+    // the graph is acyclic, so this ends, and deep chains do not overflow the stack.
+    for root in 0..n {
+        let mut stack = vec![root];
+        while let Some(&pc) = stack.last() {
+            if memo[pc].is_some() {
+                stack.pop();
+                continue;
+            }
+            let cost = instrs[pc].cost;
+            let then = |p: Option<Path>, more: u32| -> Option<Path> {
+                Some(match p? {
+                    Path::Verdict(o, c) => Path::Verdict(o, c.saturating_add(more)),
+                    Path::Back(c) => Path::Back(c.saturating_add(more)),
+                    Path::Open => Path::Open,
+                })
+            };
+            let path = match instrs[pc].op {
+                Op::Terminal(o) => Some(Path::Verdict(o, cost)),
+                Op::Return | Op::End => Some(Path::Back(cost)),
+                Op::Mark { .. } => then(memo[pc + 1], cost),
+                Op::Goto(to) => then(memo[to as usize], cost),
+                Op::Jump(to) => match memo[to as usize] {
+                    None => None,
+                    Some(Path::Back(c)) => then(memo[pc + 1], cost.saturating_add(c)),
+                    callee => then(callee, cost),
+                },
+                _ => Some(Path::Open),
+            };
+            match path {
+                Some(p) => memo[pc] = Some(p),
+                None => {
+                    // Needs a dependency first.
+                    let dep = match instrs[pc].op {
+                        Op::Mark { .. } => pc + 1,
+                        Op::Goto(to) => to as usize,
+                        Op::Jump(to) if memo[to as usize].is_none() => to as usize,
+                        _ => pc + 1,
+                    };
+                    stack.push(dep);
                 }
-                Op::Goto(to) => pc = to as usize,
-                Op::Mark { .. } => pc += 1,
-                // Returning past `start`'s own frame is a runtime matter.
-                Op::Return | Op::End => pc = frames.pop()?,
-                Op::Terminal(o) => return Some((o, cost)),
-                _ => return None,
             }
         }
-        None
+    }
+    let verdict = |pc: usize| match memo[pc] {
+        Some(Path::Verdict(o, c)) => Some((o, c)),
+        _ => None,
     };
-    let fused: Vec<(usize, u32, u32)> = (0..instrs.len())
-        .filter(|&pc| matches!(instrs[pc].op, Op::Jump(_) | Op::Goto(_) | Op::Mark { .. }))
-        .filter_map(|pc| fixed(pc).map(|(o, cost)| (pc, o, cost)))
-        .collect();
-    // Random jumps into such paths become random verdicts.
-    let random: Vec<(usize, Op, u32)> = (0..instrs.len())
-        .filter_map(|pc| match instrs[pc].op {
+    for pc in 0..n {
+        match instrs[pc].op {
+            Op::Jump(_) | Op::Goto(_) | Op::Mark { .. } => {
+                if let Some((o, c)) = verdict(pc) {
+                    instrs[pc].op = Op::Terminal(o);
+                    instrs[pc].cost = c;
+                }
+            }
+            // Random jumps into such paths become random verdicts.
             Op::RandomJump {
                 threshold,
                 inverted,
                 to,
-            } => fixed(to as usize).map(|(outcome, cost)| {
-                (
-                    pc,
-                    Op::RandomTerminal {
+            } => {
+                if let Some((outcome, c)) = verdict(to as usize) {
+                    instrs[pc].op = Op::RandomTerminal {
                         threshold,
                         inverted,
                         outcome,
-                    },
-                    cost,
-                )
-            }),
-            _ => None,
-        })
-        .collect();
-    for (pc, o, cost) in fused {
-        instrs[pc].op = Op::Terminal(o);
-        instrs[pc].cost = cost;
-    }
-    for (pc, op, hit_cost) in random {
-        instrs[pc].op = op;
-        instrs[pc].hit_cost = hit_cost;
+                    };
+                    instrs[pc].hit_cost = c;
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -2385,5 +2479,39 @@ COMMIT
             }
         }
         assert!(checked > 0 || !dir.exists());
+    }
+
+    #[test]
+    fn chains_nested_100000_deep() {
+        let n = 100_000;
+        let mut text = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n");
+        for i in 0..n {
+            text.push_str(&format!(":C{i} - [0:0]\n"));
+        }
+        text.push_str("-A PREROUTING -j LB\n");
+        text.push_str("-A LB -m statistic --mode random --probability 0.5 -j C0\n");
+        text.push_str("-A LB -j DNAT --to-destination 10.0.0.2:80\n");
+        for i in 0..n - 1 {
+            text.push_str(&format!("-A C{i} -j C{}\n", i + 1));
+        }
+        text.push_str(&format!(
+            "-A C{} -j DNAT --to-destination 10.0.0.1:80\nCOMMIT\n",
+            n - 1
+        ));
+        with_balancers(&text, |g, bs| {
+            let b = bs.iter().find(|b| b.chain == "LB").expect("LB");
+            // In a rayon worker (small stack), as simulate_all runs it.
+            let r = simulate_all(g, std::slice::from_ref(b), &opts(2_000, 4)).remove(0);
+            let (c1, c2) = (
+                r.counts[ep(b, "10.0.0.1:80")],
+                r.counts[ep(b, "10.0.0.2:80")],
+            );
+            assert_eq!(c1 + c2, 2_000);
+            assert!(within_5_sigma(c1, 2_000, 0.5));
+            // LB's statistic rule, then 100,000 jumping rules down to the DNAT.
+            assert_eq!(r.rule_evaluations, (1 + n) * c1 + 2 * c2);
+            let prog = Program::compile(g, b);
+            assert_eq!(prog.depth, n as usize);
+        });
     }
 }
