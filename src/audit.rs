@@ -8,14 +8,16 @@ use crate::observed::{self, Observed};
 use crate::simulate::{self, SimOptions, SimResult};
 use crate::stats::{self, TestResult};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The default seed ("lbaudit!" in ASCII).
 pub const DEFAULT_SEED: u64 = 0x6c62_6175_6469_7421;
 
 /// Rule evaluations the report's default cross-check spreads over all balancers.
-pub const DEFAULT_TOTAL_EVALUATIONS: u64 = 40_000_000;
+pub const DEFAULT_TOTAL_EVALUATIONS: u64 = 20_000_000;
 
 /// Fewest expected connections per endpoint the default budget aims for, so that the
 /// chi-square approximation holds (expected counts of at least 5) with room to spare.
@@ -344,6 +346,27 @@ fn audit_all(
         .collect()
 }
 
+/// `stats::min_detectable_w` at α = 0.05 and power 0.8, remembered per (connections, df):
+/// a large cluster has thousands of balancers with the same few pairs, and each value
+/// costs a root search over the noncentral chi-square distribution.
+fn detectable_w(connections: u64, df: u32) -> f64 {
+    static CACHE: OnceLock<Mutex<HashMap<(u64, u32), f64>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&w) = cache
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&(connections, df)).copied())
+        .as_ref()
+    {
+        return w;
+    }
+    let w = stats::min_detectable_w(connections as f64, df, 0.05, 0.8);
+    if let Ok(mut c) = cache.lock() {
+        c.insert((connections, df), w);
+    }
+    w
+}
+
 fn summarise_simulation(
     r: &SimResult,
     connections: u64,
@@ -359,7 +382,7 @@ fn summarise_simulation(
     let fit_e = stats::goodness_of_fit(&oe, &pe, seed);
     let k = exact.len().max(1);
     let df = (o.len().max(2) - 1) as u32;
-    let w = stats::min_detectable_w(connections as f64, df, 0.05, 0.8);
+    let w = detectable_w(connections, df);
     Simulation {
         connections,
         statistic: fit.statistic,

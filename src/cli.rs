@@ -87,7 +87,7 @@ pub struct CheckArgs {
 #[derive(Debug, Args, Clone)]
 pub struct AuditArgs {
     /// Simulated connections per balancer (`0` turns the simulation off). Default for
-    /// `report`: a budget of 4,000,000 connections spread over the balancers.
+    /// `report`: a budget of 20,000,000 rule evaluations spread over the balancers.
     #[arg(long, value_name = "N")]
     pub connections: Option<u64>,
     /// Seed of the simulation (the same seed gives the same counts on any machine).
@@ -397,10 +397,28 @@ pub fn emit(s: &str) -> Result<()> {
     }
 }
 
+/// Writes to stdout through a buffer; a closed pipe is not an error.
+pub fn emit_with(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    match f(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(source) => Err(Error::Io {
+            path: "<stdout>".into(),
+            source,
+        }),
+    }
+}
+
 fn cmd_report(a: &ReportArgs) -> Result<i32> {
     let opts = a.audit.options(None)?;
     let report = build_report(&a.input, &a.select, &opts)?;
-    emit(&render(&report, a.format))?;
+    if a.format == ReportFormat::Json {
+        // Large reports are streamed rather than built as one string.
+        emit_with(|w| report.write_json(w))?;
+    } else {
+        emit(&render(&report, a.format))?;
+    }
     // The process ends here: let the OS reclaim the report instead of freeing it.
     std::mem::forget(report);
     Ok(0)

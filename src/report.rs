@@ -226,6 +226,12 @@ impl Report {
         }
     }
 
+    /// Writes the pretty JSON (the same text as [`Report::to_json`]).
+    pub fn write_json(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        serde_json::to_writer_pretty(&mut *w, self).map_err(std::io::Error::other)?;
+        w.write_all(b"\n")
+    }
+
     pub fn to_json(&self) -> String {
         let mut s = serde_json::to_string_pretty(self).expect("report serialises");
         s.push('\n');
