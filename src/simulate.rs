@@ -1632,12 +1632,12 @@ fn fuse_fixed_paths(instrs: &mut [Instr]) {
         Some(Path::Verdict(o, c)) => Some((o, c)),
         _ => None,
     };
-    for pc in 0..n {
-        match instrs[pc].op {
+    for (pc, ins) in instrs.iter_mut().enumerate() {
+        match ins.op {
             Op::Jump(_) | Op::Goto(_) | Op::Mark { .. } => {
                 if let Some((o, c)) = verdict(pc) {
-                    instrs[pc].op = Op::Terminal(o);
-                    instrs[pc].cost = c;
+                    ins.op = Op::Terminal(o);
+                    ins.cost = c;
                 }
             }
             // Random jumps into such paths become random verdicts.
@@ -1647,12 +1647,12 @@ fn fuse_fixed_paths(instrs: &mut [Instr]) {
                 to,
             } => {
                 if let Some((outcome, c)) = verdict(to as usize) {
-                    instrs[pc].op = Op::RandomTerminal {
+                    ins.op = Op::RandomTerminal {
                         threshold,
                         inverted,
                         outcome,
                     };
-                    instrs[pc].hit_cost = c;
+                    ins.hit_cost = c;
                 }
             }
             _ => {}
