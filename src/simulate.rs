@@ -110,7 +110,8 @@ pub struct SimOptions {
     pub seed: u64,
     /// `Some(K)`: each connection comes from one of K clients, drawn uniformly (session
     /// affinity can then recognise returning clients). `None`: every connection is a new
-    /// client.
+    /// client. The tables take `4 + (number of --name tables)` bytes per client and are
+    /// allocated up front, so callers should bound K (`Some(0)` is taken as 1).
     pub clients: Option<u64>,
 }
 
