@@ -83,6 +83,9 @@ pub struct CheckArgs {
     pub audit: AuditArgs,
 }
 
+/// The most simulated clients (`--clients`).
+pub const MAX_CLIENTS: u64 = 100_000_000;
+
 /// Monte-Carlo and counter tests.
 #[derive(Debug, Args, Clone)]
 pub struct AuditArgs {
@@ -121,6 +124,11 @@ impl AuditArgs {
             }
             None => None,
         };
+        if self.clients.is_some_and(|k| k > MAX_CLIENTS) {
+            return Err(Error::Usage(format!(
+                "--clients: at most {MAX_CLIENTS} clients (each keeps its own affinity records)"
+            )));
+        }
         Ok(AuditOptions {
             connections: self.connections.or(default_connections),
             seed: self.seed,

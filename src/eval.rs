@@ -488,51 +488,16 @@ impl Walker<'_, '_, '_> {
         let mut all = true;
         for o in &m.options {
             let r = match (m.module, o.name) {
-                ("comment", _) => Some(true),
-                (
-                    "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
-                    "dport" | "destination-port" | "dports" | "destination-ports",
-                ) => port_test(o, &mut packet.dport),
-                (
-                    "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
-                    "sport" | "source-port" | "sports" | "source-ports",
-                ) => port_test(o, &mut packet.sport),
-                ("multiport", "ports") => {
-                    let d = port_test(o, &mut packet.dport);
-                    if d == Some(true) {
-                        Some(true)
-                    } else {
-                        port_test(o, &mut packet.sport).or(d)
-                    }
-                }
-                ("tcp", "syn") => Some(!o.negated),
-                ("tcp", "tcp-flags") => Some(tcp_flags(o)),
                 ("mark", "mark") => mark_test(o, t.nfmark),
                 ("connmark", "mark") => mark_test(o, t.ctmark),
-                ("conntrack", "ctstate") | ("state", "state") => {
-                    let new = o.value().split(',').any(|s| s.eq_ignore_ascii_case("NEW"));
-                    Some(new != o.negated)
-                }
-                ("recent", "rcheck" | "update") => Some(o.negated),
-                ("recent", "remove") => Some(o.negated),
+                ("recent", "rcheck" | "update" | "remove") => Some(o.negated),
                 ("recent", "set") => Some(true),
                 (
                     "recent",
                     "seconds" | "reap" | "name" | "mask" | "rsource" | "rdest" | "hitcount"
                     | "rttl",
                 ) => Some(true),
-                ("addrtype", "dst-type") => match packet.dst_local {
-                    Some(local) => {
-                        let wants_local = o.value().split(',').any(|v| v == "LOCAL");
-                        Some((wants_local == local) != o.negated)
-                    }
-                    None => None,
-                },
-                ("addrtype", "limit-iface-in" | "limit-iface-out") => Some(true),
-                ("iprange", "src-range") => range_test(o, packet.src),
-                ("iprange", "dst-range") => range_test(o, packet.dst),
-                ("icmp" | "icmp6", _) | ("tcp" | "udp" | "sctp", _) => None,
-                _ => None,
+                _ => static_test(m.module, o, packet),
             };
             match r {
                 Some(true) => {}
@@ -545,6 +510,45 @@ impl Walker<'_, '_, '_> {
             return Some(true);
         }
         all.then_some(true)
+    }
+}
+
+/// The options whose result depends only on the connection (not on marks, the client's
+/// history or randomness): `Some(result)`, or `None` when undecidable. Open packet fields
+/// may be bound. Shared with the simulator, which decides these at compile time.
+pub(crate) fn static_test(module: &str, o: &Opt<'_>, packet: &mut Packet) -> Option<bool> {
+    match (module, o.name) {
+        ("comment", _) => Some(true),
+        (
+            "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
+            "dport" | "destination-port" | "dports" | "destination-ports",
+        ) => port_test(o, &mut packet.dport),
+        (
+            "tcp" | "udp" | "sctp" | "udplite" | "dccp" | "multiport",
+            "sport" | "source-port" | "sports" | "source-ports",
+        ) => port_test(o, &mut packet.sport),
+        ("multiport", "ports") => {
+            let d = port_test(o, &mut packet.dport);
+            if d == Some(true) {
+                Some(true)
+            } else {
+                port_test(o, &mut packet.sport).or(d)
+            }
+        }
+        ("tcp", "syn") => Some(!o.negated),
+        ("tcp", "tcp-flags") => Some(tcp_flags(o)),
+        ("conntrack", "ctstate") | ("state", "state") => {
+            let new = o.value().split(',').any(|s| s.eq_ignore_ascii_case("NEW"));
+            Some(new != o.negated)
+        }
+        ("addrtype", "dst-type") => packet.dst_local.map(|local| {
+            let wants_local = o.value().split(',').any(|v| v == "LOCAL");
+            (wants_local == local) != o.negated
+        }),
+        ("addrtype", "limit-iface-in" | "limit-iface-out") => Some(true),
+        ("iprange", "src-range") => range_test(o, packet.src),
+        ("iprange", "dst-range") => range_test(o, packet.dst),
+        _ => None,
     }
 }
 
@@ -569,7 +573,7 @@ pub fn proto_name(v: &str) -> String {
     }
 }
 
-fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
+pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
     let v = o.value();
     let r = match o.name {
         "p" => {
@@ -643,13 +647,13 @@ fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
     r.map(|m| m != o.negated)
 }
 
-fn first_addr(v: &str) -> Option<IpAddr> {
+pub(crate) fn first_addr(v: &str) -> Option<IpAddr> {
     let first = v.split(',').next()?;
     let addr = first.split('/').next()?;
     addr.parse().ok()
 }
 
-fn first_port(v: &str) -> Option<u16> {
+pub(crate) fn first_port(v: &str) -> Option<u16> {
     let first = v.split(',').next()?;
     first.split(':').next()?.parse().ok()
 }
@@ -700,7 +704,7 @@ pub fn cidr_contains(cidr: &str, a: IpAddr) -> Option<bool> {
     }
 }
 
-fn port_test(o: &Opt<'_>, field: &mut Option<u16>) -> Option<bool> {
+pub(crate) fn port_test(o: &Opt<'_>, field: &mut Option<u16>) -> Option<bool> {
     let v = o.value();
     match *field {
         Some(port) => {
@@ -732,7 +736,7 @@ fn port_test(o: &Opt<'_>, field: &mut Option<u16>) -> Option<bool> {
     }
 }
 
-fn range_test(o: &Opt<'_>, a: Option<IpAddr>) -> Option<bool> {
+pub(crate) fn range_test(o: &Opt<'_>, a: Option<IpAddr>) -> Option<bool> {
     let a = a?;
     let (lo, hi) = o.value().split_once('-')?;
     let (lo, hi): (IpAddr, IpAddr) = (lo.parse().ok()?, hi.parse().ok()?);
@@ -740,7 +744,7 @@ fn range_test(o: &Opt<'_>, a: Option<IpAddr>) -> Option<bool> {
 }
 
 /// `--tcp-flags MASK COMP` for the first packet of a connection (SYN alone).
-fn tcp_flags(o: &Opt<'_>) -> bool {
+pub(crate) fn tcp_flags(o: &Opt<'_>) -> bool {
     let flags = |s: &str| -> Vec<String> {
         s.split(',')
             .map(|f| f.trim().to_ascii_uppercase())
@@ -765,7 +769,7 @@ fn tcp_flags(o: &Opt<'_>) -> bool {
     ok != o.negated
 }
 
-fn parse_u32(v: &str) -> Option<u32> {
+pub(crate) fn parse_u32(v: &str) -> Option<u32> {
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
         u32::from_str_radix(h, 16).ok()
     } else {
@@ -864,7 +868,7 @@ fn apply_mark(rule: &Rule<'_>, t: &mut Thread) {
     }
 }
 
-fn terminal_outcome(rule: &Rule<'_>) -> Outcome {
+pub(crate) fn terminal_outcome(rule: &Rule<'_>) -> Outcome {
     let Some(target) = &rule.target else {
         return Outcome::Unmatched;
     };
