@@ -351,11 +351,19 @@ impl Report {
                 .max()
                 .unwrap_or(8)
                 .max(8);
-            let _ = writeln!(
-                s,
+            let sim = b.simulation.is_some();
+            let obs = b.observed.is_some();
+            let mut head = format!(
                 "  {:<width$}  {:>16}  {:>16}  {:>12}",
                 "endpoint", "probability", "ideal", "deviation"
             );
+            if sim {
+                let _ = write!(head, "  {:>30}", "simulated share [95% CI]");
+            }
+            if obs {
+                let _ = write!(head, "  {:>10}  {:>8}", "observed", "share");
+            }
+            let _ = writeln!(s, "{head}");
             for e in &b.endpoints {
                 let dev = fmt_dev(e.relative_deviation);
                 let dev = if e.relative_deviation.abs() >= 1e-3 {
@@ -363,14 +371,20 @@ impl Report {
                 } else {
                     format!("{dev:>12}")
                 };
-                let _ = writeln!(
-                    s,
+                let mut row = format!(
                     "  {:<width$}  {:>16}  {:>16}  {}",
                     e.endpoint,
                     fmt_prob(e.probability),
                     fmt_prob(e.ideal),
                     dev
                 );
+                if let (Some(share), Some([lo, hi])) = (e.simulated_share, e.simulated_interval) {
+                    let _ = write!(row, "  {:>30}", format!("{share:.5} [{lo:.5}, {hi:.5}]"));
+                }
+                if let (Some(n), Some(share)) = (e.observed, e.observed_share) {
+                    let _ = write!(row, "  {n:>10}  {share:>8.4}");
+                }
+                let _ = writeln!(s, "{row}");
             }
             if b.unmatched > 0.0 {
                 let _ = writeln!(
@@ -384,10 +398,55 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "  n = {}, largest relative skew {}\n",
+                "  n = {}, largest relative skew {}",
                 b.endpoints.len(),
                 fmt_dev(b.max_relative_skew)
             );
+            if let Some(x) = &b.simulation {
+                let _ = writeln!(
+                    s,
+                    "  simulated {} connections: fits the exact probabilities p = {:.3} (adjusted {:.3}); against the {} split p = {:.3} (adjusted {:.3}){}",
+                    x.connections,
+                    x.p_value,
+                    x.p_value_adjusted,
+                    x.expected.source,
+                    x.expected.p_value,
+                    x.expected.p_value_adjusted,
+                    if x.detectable_relative_skew.is_finite() {
+                        format!(
+                            "; detects a skew of {:.2e} (w = {:.2e}) at 5%/80% power",
+                            x.detectable_relative_skew, x.detectable_w
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                if let (Some(k), Some(share)) = (x.clients, x.max_endpoint_share) {
+                    let _ = writeln!(
+                        s,
+                        "  with {k} clients one endpoint got {:.1}% of connections; {} of {} returning connections went back to the same endpoint",
+                        share * 100.0,
+                        x.same_endpoint_connections.unwrap_or(0),
+                        x.returning_connections.unwrap_or(0)
+                    );
+                }
+            }
+            if let Some(o) = &b.observed {
+                let line = format!(
+                    "  the node's counters: {} connections chosen by the split ({} by affinity); fit the exact probabilities p = {:.3e} (adjusted {:.3e})",
+                    o.connections, o.affinity_connections, o.p_value, o.p_value_adjusted
+                );
+                let _ = writeln!(
+                    s,
+                    "{}",
+                    if o.p_value_adjusted < 1e-3 {
+                        paint("31", &line)
+                    } else {
+                        line
+                    }
+                );
+            }
+            s.push('\n');
         }
         if !self.warnings.is_empty() {
             let _ = writeln!(s, "{}", paint("33", "warnings:"));
