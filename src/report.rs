@@ -354,7 +354,7 @@ impl Report {
             let sim = b.simulation.is_some();
             let obs = b.observed.is_some();
             let mut head = format!(
-                "  {:<width$}  {:>16}  {:>16}  {:>12}",
+                "  {:<width$}  {:>16}  {:>16}  {:>14}",
                 "endpoint", "probability", "ideal", "deviation"
             );
             if sim {
@@ -367,9 +367,9 @@ impl Report {
             for e in &b.endpoints {
                 let dev = fmt_dev(e.relative_deviation);
                 let dev = if e.relative_deviation.abs() >= 1e-3 {
-                    paint("31", &format!("{dev:>12}"))
+                    paint("31", &format!("{dev:>14}"))
                 } else {
-                    format!("{dev:>12}")
+                    format!("{dev:>14}")
                 };
                 let mut row = format!(
                     "  {:<width$}  {:>16}  {:>16}  {}",
@@ -477,11 +477,11 @@ pub fn fmt_prob(p: f64) -> String {
         .to_string()
 }
 
-/// A relative deviation: `0`, or with 4 significant digits in scientific notation.
+/// A relative deviation: `0`, or with 6 significant digits in scientific notation.
 pub fn fmt_dev(d: f64) -> String {
     if d == 0.0 {
         "0".to_string()
     } else {
-        format!("{d:+.3e}")
+        format!("{d:+.5e}")
     }
 }
