@@ -36,7 +36,7 @@ pub enum Command {
     Trace(TraceArgs),
     /// Simulate new connections through the rules, connection by connection, the way the
     /// kernel decides, and test the counts (the report with a larger simulation).
-    Simulate(SimulateArgs),
+    Simulate(ReportArgs),
     /// A fairness gate: exit 0 when every selected balancer passes, 1 when any fails.
     Check(CheckArgs),
     /// Charts: endpoints of one balancer, an overview of many, or a cascade (SVG or PNG).
@@ -139,19 +139,6 @@ impl AuditArgs {
             progress: std::io::stderr().is_terminal(),
         })
     }
-}
-
-#[derive(Debug, Args)]
-pub struct SimulateArgs {
-    #[command(flatten)]
-    pub input: InputArgs,
-    /// Output format.
-    #[arg(long, short = 'f', value_enum, default_value_t = ReportFormat::Table)]
-    pub format: ReportFormat,
-    #[command(flatten)]
-    pub select: SelectArgs,
-    #[command(flatten)]
-    pub audit: AuditArgs,
 }
 
 /// Where the rules come from and how strictly to read them.
