@@ -297,9 +297,12 @@ pub fn cmd_plot(a: &PlotArgs) -> Result<i32> {
             };
             let scratch = scratch_path(&a.output);
             let bytes = render(&report, cascade_rules.as_deref(), &opts, format, &scratch)
-                .map_err(|e| Error::Io {
-                    path: a.output.clone(),
-                    source: std::io::Error::other(e),
+                .map_err(|e| match e {
+                    PlotError::TooSmall(m) => Error::Usage(m),
+                    PlotError::Draw(m) => Error::Io {
+                        path: a.output.clone(),
+                        source: std::io::Error::other(m),
+                    },
                 })?;
             cli::write_atomic(&a.output, &bytes)?;
             std::mem::forget(balancers);
@@ -337,7 +340,7 @@ pub fn render(
     opts: &PlotOptions,
     format: ImageFormat,
     scratch: &Path,
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<Vec<u8>, PlotError> {
     register();
     let size = (opts.width, opts.height);
     match format {
@@ -346,7 +349,7 @@ pub fn render(
             {
                 let area = SVGBackend::with_string(&mut svg, size).into_drawing_area();
                 draw_chart(&area, report, cascade, opts, false)?;
-                area.present().map_err(|e| e.to_string())?;
+                area.present().map_err(fail)?;
             }
             Ok(svg.into_bytes())
         }
@@ -361,9 +364,9 @@ pub fn render(
             {
                 let area = BitMapBackend::new(scratch, size).into_drawing_area();
                 draw_chart(&area, report, cascade, opts, true)?;
-                area.present().map_err(|e| e.to_string())?;
+                area.present().map_err(fail)?;
             }
-            std::fs::read(scratch).map_err(|e| e.to_string())
+            std::fs::read(scratch).map_err(fail)
         }
     }
 }
@@ -377,7 +380,34 @@ fn register() {
     });
 }
 
-type Draw = std::result::Result<(), String>;
+/// Why a chart could not be drawn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlotError {
+    /// The image is too small for the chart (a usage error).
+    TooSmall(String),
+    /// The backend failed (writing the PNG, a font problem).
+    Draw(String),
+}
+
+impl std::fmt::Display for PlotError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlotError::TooSmall(m) | PlotError::Draw(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for PlotError {
+    fn from(m: String) -> Self {
+        PlotError::Draw(m)
+    }
+}
+
+type Draw = std::result::Result<(), PlotError>;
+
+fn fail(e: impl std::fmt::Display) -> PlotError {
+    PlotError::Draw(e.to_string())
+}
 
 fn draw_chart<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
@@ -422,13 +452,11 @@ fn fmt_p(p: f64) -> String {
     }
 }
 
-/// A skew (an absolute relative deviation), with the report's 4 significant digits.
+/// A skew (an absolute relative deviation), as the report writes deviations, unsigned.
 fn fmt_skew(d: f64) -> String {
-    if d == 0.0 {
-        "0".into()
-    } else {
-        format!("{d:.3e}")
-    }
+    let s = fmt_dev(d);
+    s.strip_prefix('+')
+        .map_or_else(|| s.clone(), str::to_string)
 }
 
 /// A whole number with thousands separators.
@@ -436,7 +464,7 @@ fn fmt_count(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -485,15 +513,30 @@ fn fmt_tick(v: f64, step: f64, max_abs: f64) -> String {
     if v.abs() < step * 1e-6 {
         return "0".into();
     }
-    let step_exp = step.log10().floor() as i32;
-    let max_exp = max_abs.max(step).log10().floor() as i32;
+    let step_exp = (step.log10() + 1e-9).floor() as i32;
+    let max_exp = (max_abs.max(step).log10() + 1e-9).floor() as i32;
     if step_exp >= -3 && max_exp < 6 {
         let d = (-step_exp).max(0) as usize;
-        format!("{v:.d$}")
+        minus(format!("{v:.d$}"))
     } else {
-        let d = (max_exp - step_exp).max(0) as usize;
-        let m = v / 10f64.powi(max_exp);
-        format!("{m:.d$}e{max_exp}")
+        // Each tick with its own exponent: 5e-4, 1e-3, 1.5e-3.
+        let e = (v.abs().log10() + 1e-9).floor() as i32;
+        let d = (e - step_exp).max(0) as usize;
+        let m = format!("{:.d$}", v / 10f64.powi(e));
+        let m = if m.contains('.') {
+            m.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            m
+        };
+        minus(format!("{m}e{e}"))
+    }
+}
+
+/// A typographic minus sign in front of a negative tick label.
+fn minus(s: String) -> String {
+    match s.strip_prefix('-') {
+        Some(rest) => format!("\u{2212}{rest}"),
+        None => s,
     }
 }
 
@@ -525,6 +568,10 @@ struct Metrics {
     groups: Vec<(u32, u32, u32)>,
     /// hmtx: (advance, left side bearing) per glyph.
     hmetrics: Vec<(u16, i16)>,
+    /// Where the glyph outlines are: loca, its format (long offsets or not), glyf.
+    loca: usize,
+    long_loca: bool,
+    glyf: usize,
 }
 
 fn be16(d: &[u8], at: usize) -> Option<u16> {
@@ -590,11 +637,15 @@ impl Metrics {
             (None, Some(sub)) => format4_groups(d, sub)?,
             _ => return None,
         };
+        let head = table(b"head")?;
         Some(Metrics {
             height: ascent - descent,
             ascent,
             groups,
             hmetrics,
+            loca: table(b"loca")?,
+            long_loca: be16(FONT, head + 50)? == 1,
+            glyf: table(b"glyf")?,
         })
     }
 
@@ -617,6 +668,22 @@ impl Metrics {
         };
         let k = size / self.height;
         (f64::from(adv) * k, f64::from(lsb) * k)
+    }
+
+    /// The top of a glyph's outline (yMax, font units above the baseline); `None` for a
+    /// glyph without outline.
+    fn top(&self, g: usize) -> Option<i16> {
+        let d = FONT;
+        let (start, end) = if self.long_loca {
+            (be32(d, self.loca + 4 * g)?, be32(d, self.loca + 4 * g + 4)?)
+        } else {
+            (
+                u32::from(be16(d, self.loca + 2 * g)?) * 2,
+                u32::from(be16(d, self.loca + 2 * g + 2)?) * 2,
+            )
+        };
+        (end > start).then_some(())?;
+        be16(d, self.glyf + start as usize + 8).map(|v| v as i16)
     }
 
     fn width(&self, text: &str, size: f64) -> f64 {
@@ -700,7 +767,7 @@ pub fn text_boxes(
     report: &Report,
     cascade: Option<&[CascadeRule]>,
     opts: &PlotOptions,
-) -> std::result::Result<Vec<TextBox>, String> {
+) -> std::result::Result<Vec<TextBox>, PlotError> {
     register();
     let mut svg = String::new();
     let area = SVGBackend::with_string(&mut svg, (opts.width, opts.height)).into_drawing_area();
@@ -726,6 +793,8 @@ enum Marker {
     HollowCircle,
     Triangle,
     Diamond,
+    /// A small dot, for dense scatters.
+    Dot,
     /// A point with a vertical interval.
     PointBar,
     DiamondBar,
@@ -780,7 +849,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         let (w, h) = (opts.width as i32, opts.height as i32);
         let s = (f64::from(w) / 1000.0)
             .min(f64::from(h) / 600.0)
-            .clamp(0.55, 4.0);
+            .clamp(0.8, 4.0);
         Self {
             area,
             w,
@@ -792,22 +861,33 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         }
     }
 
+    /// Fails with a usage message when a plot area would be smaller than `need` pixels.
+    fn room(&self, have: i32, need: i32, chart: &str) -> Draw {
+        if have >= need {
+            return Ok(());
+        }
+        Err(PlotError::TooSmall(format!(
+            "{}x{} pixels is too small for the {chart} chart: give a larger --height or --width",
+            self.w, self.h
+        )))
+    }
+
     /// A length scaled to the image.
     fn u(&self, px: f64) -> i32 {
         (px * self.s).round() as i32
     }
 
     fn size_title(&self) -> f64 {
-        21.0 * self.s
+        22.0 * self.s
     }
     fn size_sub(&self) -> f64 {
-        14.0 * self.s
+        15.0 * self.s
     }
     fn size_label(&self) -> f64 {
-        13.0 * self.s
+        14.0 * self.s
     }
     fn size_tick(&self) -> f64 {
-        12.0 * self.s
+        13.0 * self.s
     }
 
     /// Height of a line of text of that size.
@@ -897,10 +977,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                 Rot::Up => self.font(size).transform(FontTransform::Rotate270),
             };
             let style = TextStyle::from(font).color(color).pos(Pos::new(h, v));
-            return self
-                .area
-                .draw_text(text, &style, (x, y))
-                .map_err(|e| e.to_string());
+            return self.area.draw_text(text, &style, (x, y)).map_err(fail);
         }
         // PNG: glyph by glyph. In the text's own frame, the line box is `th` high with
         // the baseline at the font's ascent; plotters draws a glyph with its ink's left
@@ -912,8 +989,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             HPos::Center => -real_w / 2.0,
             HPos::Right => -real_w,
         };
-        let baseline = f64::from(dy) + mtx.ascent * size / mtx.height;
-        let ty = (baseline - size / 2.0).round() as i32;
+        let baseline = (f64::from(dy) + mtx.ascent * size / mtx.height).round() as i32;
         let font = match rot {
             Rot::None => self.font(size),
             Rot::Up => self.font(size).transform(FontTransform::Rotate270),
@@ -921,11 +997,18 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         let style = TextStyle::from(font)
             .color(color)
             .pos(Pos::new(HPos::Left, VPos::Top));
+        let k = size / mtx.height;
         let mut pen = ox;
         let mut buf = [0u8; 4];
         for c in text.chars() {
             let (adv, lsb) = mtx.h(c, size);
-            if !c.is_whitespace() {
+            if let Some(top) = mtx.top(mtx.glyph(c)) {
+                // plotters puts the glyph's first pixel row at y + trunc(size/2 + fy),
+                // where fy = floor(-top·k) is that row relative to the baseline (ab_glyph's
+                // pixel bounds); the row belongs at baseline + fy.
+                let fy = (-f64::from(top) * k).floor();
+                let plotters_row = (size as f32 / 2.0 + fy as f32) as i32;
+                let ty = baseline + fy as i32 - plotters_row;
                 let tx = (pen + lsb).round() as i32;
                 let at = match rot {
                     Rot::None => (x + tx, y + ty),
@@ -933,7 +1016,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                 };
                 self.area
                     .draw_text(c.encode_utf8(&mut buf), &style, at)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(fail)?;
             }
             pen += adv;
         }
@@ -944,9 +1027,27 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         if pts.len() < 2 {
             return Ok(());
         }
-        self.area
-            .draw(&PathElement::new(pts, color.stroke_width(width)))
-            .map_err(|e| e.to_string())
+        if !self.png || width <= 1 {
+            return self
+                .area
+                .draw(&PathElement::new(pts, color.stroke_width(width)))
+                .map_err(fail);
+        }
+        // plotters' bitmap backend draws thick, nearly vertical segments with spikes far
+        // past their ends: draw thin copies side by side instead.
+        let w = width as i32;
+        for dx in 0..w {
+            for dy in 0..w {
+                let moved: Vec<(i32, i32)> = pts
+                    .iter()
+                    .map(|&(x, y)| (x + dx - (w - 1) / 2, y + dy - (w - 1) / 2))
+                    .collect();
+                self.area
+                    .draw(&PathElement::new(moved, color.stroke_width(1)))
+                    .map_err(fail)?;
+            }
+        }
+        Ok(())
     }
 
     fn dashed(&self, a: (i32, i32), b: (i32, i32), color: RGBAColor, width: u32) -> Draw {
@@ -978,9 +1079,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         } else {
             color.stroke_width(1)
         };
-        self.area
-            .draw(&Rectangle::new([a, b], style))
-            .map_err(|e| e.to_string())
+        self.area.draw(&Rectangle::new([a, b], style)).map_err(fail)
     }
 
     fn marker(&self, m: Marker, x: i32, y: i32, color: RGBColor) -> Draw {
@@ -990,6 +1089,11 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             Marker::Circle | Marker::PointBar => {
                 self.area.draw(&Circle::new((x, y), r, c.filled()))
             }
+            Marker::Dot => self.area.draw(&Circle::new(
+                (x, y),
+                ((f64::from(r) * 0.5).round() as i32).max(1),
+                c.filled(),
+            )),
             Marker::HollowCircle => self.area.draw(&Circle::new(
                 (x, y),
                 r,
@@ -1015,7 +1119,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             )),
             Marker::Line | Marker::Dashed | Marker::Band => Ok(()),
         };
-        res.map_err(|e| e.to_string())
+        res.map_err(fail)
     }
 
     /// A vertical interval with whiskers.
@@ -1059,7 +1163,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         title: &str,
         sub: &[String],
         legend: &[(Marker, RGBColor, String)],
-    ) -> std::result::Result<i32, String> {
+    ) -> std::result::Result<i32, PlotError> {
         let m = self.u(16.0);
         let max = self.w - 2 * m;
         let title = self.fit(
@@ -1149,8 +1253,19 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
     // Axes.
 
     fn y_ticks(&self, lo: f64, hi: f64, plot_h: i32) -> Ticks {
-        let max = (plot_h / (self.line_h(self.size_tick()) * 3)).clamp(2, 10) as usize;
-        let (at, step) = ticks(lo, hi, max, false);
+        let lh = self.line_h(self.size_tick());
+        let mut max = (plot_h / (lh * 3)).clamp(2, 10) as usize;
+        let (mut at, mut step) = ticks(lo, hi, max, false);
+        // At least three ticks when they can stand a line and a half apart.
+        while at.len() < 3 && max < 10 {
+            max += 1;
+            let (a, s) = ticks(lo, hi, max, false);
+            let spacing = f64::from(plot_h) * s / (hi - lo);
+            if spacing < f64::from(lh) * 1.5 {
+                break;
+            }
+            (at, step) = (a, s);
+        }
         let max_abs = lo.abs().max(hi.abs());
         let labels = at.iter().map(|&v| fmt_tick(v, step, max_abs)).collect();
         Ticks { at, labels }
@@ -1263,11 +1378,14 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
     // Charts.
 
     fn draw_chart(&self, report: &Report, cascade: Option<&[CascadeRule]>) -> Draw {
-        self.area.fill(&WHITE).map_err(|e| e.to_string())?;
+        self.area.fill(&WHITE).map_err(fail)?;
         match self.opts.kind {
             PlotKind::Overview => self.overview(report),
             PlotKind::Endpoints => {
-                let b = report.balancers.first().ok_or("no balancer to plot")?;
+                let b = report
+                    .balancers
+                    .first()
+                    .ok_or_else(|| PlotError::Draw("no balancer to plot".into()))?;
                 let n = b.endpoints.len() + usize::from(b.unmatched > 0.0);
                 if n <= MAX_BARS && self.bars_fit(b) {
                     self.bars(report, b)
@@ -1276,7 +1394,10 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                 }
             }
             PlotKind::Cascade => {
-                let b = report.balancers.first().ok_or("no balancer to plot")?;
+                let b = report
+                    .balancers
+                    .first()
+                    .ok_or_else(|| PlotError::Draw("no balancer to plot".into()))?;
                 self.cascade(b, cascade.unwrap_or(&[]))
             }
         }
@@ -1411,6 +1532,8 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             widest.min(max_label)
         };
         let y1 = self.h - m - self.line_h(self.size_label()) - self.u(8.0) - label_h - self.u(8.0);
+        self.room(y1 - top, self.u(60.0), "endpoints")?;
+        self.room(x1 - x0, self.u(150.0), "endpoints")?;
         let p = Panel {
             x0,
             y0: top,
@@ -1585,6 +1708,8 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         let x0 = self.left_edge(&yt);
         let last_w = self.text_w(&n.to_string(), self.size_tick());
         let x1 = self.w - m - last_w / 2;
+        self.room(y1 - top, self.u(60.0), "endpoints")?;
+        self.room(x1 - x0, self.u(150.0), "endpoints")?;
         let p = Panel {
             x0,
             y0: top,
@@ -1661,8 +1786,11 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             let (xh, yh) = pts[n - 1];
             let (xl, yl) = pts[0];
             let gap = self.u(8.0);
-            let yh = (yh + gap).clamp(p.y0 + gap, p.y1 - gap - self.line_h(size));
-            let yl = (yl - gap).clamp(p.y0 + gap + self.line_h(size), p.y1 - gap);
+            // The curve rises: above-left of its last point and below-right of its first
+            // there is nothing but the band.
+            let lh = self.line_h(size);
+            let yh = (yh - gap).clamp(p.y0 + gap + lh, p.y1 - gap);
+            let yl = (yl + gap).clamp(p.y0 + gap, p.y1 - gap - lh);
             self.text(
                 &hi_text,
                 xh - gap,
@@ -1670,7 +1798,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                 size,
                 &INK,
                 HPos::Right,
-                VPos::Top,
+                VPos::Bottom,
                 Rot::None,
             )?;
             self.text(
@@ -1680,7 +1808,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                 size,
                 &INK,
                 HPos::Left,
-                VPos::Bottom,
+                VPos::Top,
                 Rot::None,
             )?;
         }
@@ -1773,7 +1901,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         vmin = vmin.min(thr);
         vmax = vmax.max(thr);
         let mut lo = vmin.floor();
-        let mut hi = vmax.ceil();
+        let mut hi = (vmax + 0.35).ceil();
         if hi - lo < 2.0 {
             hi += 1.0;
             lo -= 1.0;
@@ -1817,6 +1945,8 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             self.w - m - self.text_w(&n.to_string(), size) / 2
         };
         let y1 = self.h - m - self.line_h(self.size_label()) - self.u(8.0) - label_h - self.u(8.0);
+        self.room(y1 - top, self.u(60.0), "overview")?;
+        self.room(x1 - x0, self.u(150.0), "overview")?;
         let p = Panel {
             x0,
             y0: top,
@@ -1940,11 +2070,11 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                     fmt_prob(ideal)
                 };
             sub.push(format!(
-                "largest rule error {} at rule {} (line {}): {} for {}",
+                "largest rule error {} at rule {} (line {}): {:.11} for {}",
                 fmt_dev(e),
                 j + 1,
                 r.line,
-                fmt_prob(r.conditional),
+                r.conditional,
                 ideal_text
             ));
         }
@@ -1953,16 +2083,12 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             fmt_skew(largest_skew(b)),
             fmt_threshold(max_skew)
         ));
-        let legend = vec![
+        let mut legend = vec![
+            (Marker::Circle, RULE, "rule: relative error".to_string()),
             (
-                Marker::Line,
-                RULE,
-                "rule: relative error of its probability".to_string(),
-            ),
-            (
-                Marker::Line,
+                Marker::Circle,
                 PASS,
-                "endpoint: relative deviation of its probability".to_string(),
+                "endpoint: relative deviation".to_string(),
             ),
             (
                 Marker::Band,
@@ -1970,13 +2096,21 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                 format!("±{} tolerance", fmt_threshold(max_skew)),
             ),
         ];
+        if devs.iter().flatten().any(|d| d.abs() > max_skew) {
+            legend.push((
+                Marker::Circle,
+                FAIL,
+                "endpoint outside the tolerance".into(),
+            ));
+        }
         let top = self.header(&b.name, &sub, &legend)?;
         let m = self.u(16.0);
         let k = n.max(rules.len()).max(1);
         let gap = self.u(14.0);
         let panel_title_h = self.line_h(self.size_label()) + self.u(6.0);
         let avail = self.h - top - m - 2 * self.x_axis_h() - gap - 2 * panel_title_h;
-        let ph = (avail / 2).max(self.u(40.0));
+        let ph = avail / 2;
+        self.room(ph, self.u(60.0), "cascade")?;
         // Top panel: rule errors.
         let rule_max = rules
             .iter()
@@ -2052,11 +2186,14 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             .enumerate()
             .filter_map(|(j, r)| r.relative_error.map(|e| (p1.px(j as f64 + 1.0), p1.py(e))))
             .collect();
-        self.path(pts.clone(), RULE.to_rgba(), lw)?;
-        if dots || pts.len() == 1 {
-            for (x, y) in &pts {
-                self.marker(Marker::Circle, *x, *y, RULE)?;
-            }
+        // Few points: a line through markers; many: small dots (a line would zigzag
+        // into a solid block).
+        if dots {
+            self.path(pts.clone(), RULE.to_rgba(), lw)?;
+        }
+        for (x, y) in &pts {
+            let mk = if dots { Marker::Circle } else { Marker::Dot };
+            self.marker(mk, *x, *y, RULE)?;
         }
         self.frame(&p1)?;
         self.x_title(
@@ -2092,13 +2229,12 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             .enumerate()
             .filter_map(|(i, d)| d.map(|d| (p2.px(i as f64 + 1.0), p2.py(d), d.abs() > max_skew)))
             .collect();
-        self.path(pts.iter().map(|p| (p.0, p.1)).collect(), PASS.to_rgba(), lw)?;
+        if dots {
+            self.path(pts.iter().map(|p| (p.0, p.1)).collect(), PASS.to_rgba(), lw)?;
+        }
         for (x, y, out) in &pts {
-            if *out && (dots || pts.len() <= 2000) {
-                self.marker(Marker::Circle, *x, *y, FAIL)?;
-            } else if dots {
-                self.marker(Marker::Circle, *x, *y, PASS)?;
-            }
+            let mk = if dots { Marker::Circle } else { Marker::Dot };
+            self.marker(mk, *x, *y, if *out { FAIL } else { PASS })?;
         }
         self.frame(&p2)?;
         self.x_title(
@@ -2148,6 +2284,176 @@ pub fn largest_skew(b: &BalancerReport) -> f64 {
 mod tests {
     use super::*;
 
+    use crate::audit::AuditOptions;
+    use crate::graph::Graph;
+    use crate::parse::{self, ParseOptions};
+
+    /// A kube-proxy service of n endpoints whose probabilities are written with `decimals`.
+    fn kube_service(n: usize, decimals: usize) -> String {
+        let mut s = String::from(
+            "-A KUBE-SERVICES -d 10.96.0.50/32 -p tcp -m comment --comment \"demo/big:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-DEMO\n",
+        );
+        for i in 0..n {
+            let ip = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+            s += &format!(
+                "-A KUBE-SEP-E{i} -p tcp -m comment --comment \"demo/big:http\" -m tcp -j DNAT --to-destination {ip}:8080\n"
+            );
+            if i + 1 < n {
+                let p = 1.0 / (n - i) as f64;
+                s += &format!(
+                    "-A KUBE-SVC-DEMO -m comment --comment \"demo/big:http\" -m statistic --mode random --probability {p:.decimals$} -j KUBE-SEP-E{i}\n"
+                );
+            } else {
+                s += &format!(
+                    "-A KUBE-SVC-DEMO -m comment --comment \"demo/big:http\" -j KUBE-SEP-E{i}\n"
+                );
+            }
+        }
+        s
+    }
+
+    /// k generic two-way balancers with a spread of skews (some exactly fair).
+    fn many_balancers(k: usize) -> String {
+        let ps = [
+            "0.50000000000",
+            "0.50001",
+            "0.5001",
+            "0.4999",
+            "0.49999999",
+            "0.5",
+            "0.51",
+        ];
+        let mut s = String::new();
+        for j in 0..k {
+            let net = format!("10.{}.{}", (j >> 8) & 255, j & 255);
+            s += &format!(
+                "-A LB{j} -m statistic --mode random --probability {} -j DNAT --to-destination {net}.1:80\n-A LB{j} -j DNAT --to-destination {net}.2:80\n",
+                ps[j % ps.len()]
+            );
+        }
+        s
+    }
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR")))
+            .expect("fixture")
+    }
+
+    /// The report of a text (one balancer chosen by a name prefix when given) and the
+    /// cascade of its first balancer.
+    fn report(text: &str, only: Option<&str>, connections: u64) -> (Report, Vec<CascadeRule>) {
+        let rs = parse::parse(text, &ParseOptions { lenient: false }).expect("parses");
+        let graph = Graph::build(&rs, false).expect("resolves");
+        let balancers: Vec<Balancer> = crate::balance::find(&graph)
+            .into_iter()
+            .filter(|b| only.is_none_or(|o| b.name.starts_with(o)))
+            .collect();
+        let opts = AuditOptions {
+            connections: Some(connections),
+            ..AuditOptions::default()
+        };
+        let (audits, info) = audit::run(&graph, &balancers, &opts);
+        let report = Report::new("test", &rs, &balancers, Some(&audits), info, Vec::new());
+        let rules = statistic_rules(&graph, &balancers[0]);
+        let c = cascade(&rules, &report.balancers[0]);
+        (report, c)
+    }
+
+    fn assert_layout(name: &str, report: &Report, rules: &[CascadeRule], kind: PlotKind) {
+        for (w, h) in [(1000, 600), (640, 400), (1600, 900), (400, 300)] {
+            let opts = PlotOptions {
+                kind,
+                width: w,
+                height: h,
+                title: None,
+                max_skew: 1e-3,
+            };
+            let boxes = match text_boxes(report, Some(rules), &opts) {
+                Ok(b) => b,
+                // The smallest size may be too small for a chart: a usage error, fine.
+                Err(PlotError::TooSmall(_)) if w < 640 => continue,
+                Err(e) => panic!("{name} {w}x{h}: {e}"),
+            };
+            assert!(boxes.len() >= 5, "{name} {w}x{h}: {boxes:?}");
+            let problems = layout_problems(&boxes, w, h);
+            assert!(
+                problems.is_empty(),
+                "{name} {w}x{h}:\n{}",
+                problems.join("\n")
+            );
+        }
+    }
+
+    #[test]
+    fn no_text_overlaps_or_leaves_the_image() {
+        for n in [2, 10, 41, 100, 5000] {
+            let (r, c) = report(&kube_service(n, 5), None, 0);
+            assert_layout(&format!("{n} endpoints"), &r, &c, PlotKind::Endpoints);
+            if n <= 100 {
+                assert_layout(&format!("{n} endpoints"), &r, &c, PlotKind::Cascade);
+            }
+        }
+        let (r, c) = report(&fixture("ex280-10-endpoints-counters.txt"), None, 20_000);
+        assert_layout("counters", &r, &c, PlotKind::Endpoints);
+        let (r, c) = report(&fixture("kube-2018-large.txt"), Some("batch/crawler"), 0);
+        assert_layout("kube-2018 cascade", &r, &c, PlotKind::Cascade);
+        for k in [3, 30, 61, 30_000] {
+            let (r, c) = report(&many_balancers(k), None, 0);
+            assert_layout(&format!("{k} balancers"), &r, &c, PlotKind::Overview);
+        }
+        let (r, c) = report(&fixture("kube-modern.txt"), None, 0);
+        assert_layout("kube-modern", &r, &c, PlotKind::Overview);
+    }
+
+    #[test]
+    fn bars_then_sorted_deviations() {
+        // Up to MAX_BARS endpoints every endpoint is named under its bar; past it, only
+        // the two extremes are, beside the sorted curve.
+        let opts = PlotOptions {
+            kind: PlotKind::Endpoints,
+            width: 1000,
+            height: 600,
+            title: None,
+            max_skew: 1e-3,
+        };
+        let (r, c) = report(&kube_service(10, 10), None, 0);
+        let boxes = text_boxes(&r, Some(&c), &opts).expect("draws");
+        for e in &r.balancers[0].endpoints {
+            assert!(boxes.iter().any(|b| b.text == e.endpoint), "{}", e.endpoint);
+        }
+        let (r, c) = report(&kube_service(100, 5), None, 0);
+        let boxes = text_boxes(&r, Some(&c), &opts).expect("draws");
+        let named = r.balancers[0]
+            .endpoints
+            .iter()
+            .filter(|e| {
+                boxes
+                    .iter()
+                    .any(|b| b.text.starts_with(&format!("{}  ", e.endpoint)))
+            })
+            .count();
+        assert_eq!(named, 2);
+    }
+
+    #[test]
+    fn cascade_rules_against_the_ideal() {
+        // 5-decimal era: rule i of n is written %0.5f of 1/(n−i).
+        let (r, c) = report(&kube_service(400, 5), None, 0);
+        assert_eq!(c.len(), 399);
+        for (i, rule) in c.iter().enumerate() {
+            let ideal = 1.0 / (400 - i) as f64;
+            assert!((rule.ideal.unwrap() - ideal).abs() < 1e-15 * ideal.max(1e-3));
+            let q = rule.threshold.unwrap();
+            assert_eq!(rule.conditional, f64::from(q) / 2f64.powi(31));
+        }
+        // 1/319 and 1/320 are both written 0.00313.
+        assert_eq!(c[80].threshold, c[81].threshold);
+        assert!(largest_skew(&r.balancers[0]) > 1e-3);
+        // 10 decimals: every rule within 2^-31 relative of its ideal times (n − i).
+        let (_, c) = report(&kube_service(400, 10), None, 0);
+        assert!(c.iter().all(|r| r.relative_error.unwrap().abs() < 1e-6));
+    }
+
     #[test]
     fn font_measures_text() {
         register();
@@ -2171,11 +2477,17 @@ mod tests {
         assert_eq!(fmt_tick(0.30000000000000004, 0.1, 0.56), "0.3");
         let (at, step) = ticks(-5.9e-3, 5.9e-3, 6, false);
         assert_eq!(step, 2e-3);
-        assert_eq!(fmt_tick(at[0], step, 5.9e-3), "-4e-3");
+        assert_eq!(fmt_tick(at[0], step, 5.9e-3), "\u{2212}0.004");
+        let (at, step) = ticks(-5.9e-7, 5.9e-7, 6, false);
+        assert_eq!(fmt_tick(at[0], step, 5.9e-7), "\u{2212}4e-7");
+        assert_eq!(fmt_tick(5e-4, 5e-4, 1.1e-3), "5e-4");
+        assert_eq!(fmt_tick(10.0 * 1e-4, 5e-4, 1.1e-3), "1e-3");
+        assert_eq!(fmt_tick(3.0 * 5e-4, 5e-4, 1.6e-3), "1.5e-3");
         assert_eq!(fmt_tick(0.0, step, 5.9e-3), "0");
         assert_eq!(fmt_decade(-12), "1e-12");
         assert_eq!(fmt_decade(-1), "0.1");
-        assert_eq!(fmt_threshold(1e-3), "0.001");
+        assert_eq!(fmt_threshold(1e-3), "1e-3");
+        assert_eq!(fmt_threshold(0.05), "0.05");
         assert_eq!(fmt_threshold(2.5e-7), "2.5e-7");
         assert_eq!(fmt_count(1_000_000), "1,000,000");
         assert_eq!(fmt_count(999), "999");
