@@ -1547,11 +1547,13 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         self.y_axis(&p, &yt, "probability of a new connection")?;
 
         let bar_w = (slot * 0.62).min(f64::from(self.u(150.0)));
-        let off = if has_sim && has_obs {
-            bar_w * 0.22
-        } else {
-            0.0
-        };
+        // Measured shares stand right of the bar's middle (simulated left, counters right,
+        // when both), so that the value written up the middle stays clear of them.
+        let measured = has_sim || has_obs;
+        let off = if measured { bar_w * 0.3 } else { 0.0 };
+        let sim_dx = if has_obs { -off } else { off }.round() as i32;
+        let obs_dx = off.round() as i32;
+        let reach = self.u(5.0) + 1;
         for (i, &prob) in probs.iter().enumerate() {
             let cx = p.px(i as f64);
             let hw = (bar_w / 2.0).round() as i32;
@@ -1569,7 +1571,12 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
             let vs = self.size_tick();
             let bar_h = p.y1 - p.py(prob);
             let tw = self.text_w(&v, vs);
-            if tw + self.u(6.0) <= 2 * hw && bar_h >= self.line_h(vs) + self.u(8.0) {
+            let free = if measured {
+                obs_dx - reach - self.u(2.0)
+            } else {
+                hw - self.u(3.0)
+            };
+            if tw / 2 <= free && bar_h >= self.line_h(vs) + self.u(8.0) {
                 self.text(
                     &v,
                     cx,
@@ -1580,7 +1587,7 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
                     VPos::Bottom,
                     Rot::None,
                 )?;
-            } else if self.line_h(vs) + self.u(4.0) <= 2 * hw && bar_h >= tw + self.u(10.0) {
+            } else if self.line_h(vs) / 2 + self.u(1.0) <= free && bar_h >= tw + self.u(10.0) {
                 self.text(
                     &v,
                     cx,
@@ -1610,12 +1617,12 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         for (i, e) in b.endpoints.iter().enumerate() {
             let cx = p.px(i as f64);
             if let (Some(s), Some(iv)) = (e.simulated_share, e.simulated_interval) {
-                let x = cx - off.round() as i32;
+                let x = cx + sim_dx;
                 self.interval(x, p.clamp_y(p.py(iv[0])), p.clamp_y(p.py(iv[1])), SIMULATED)?;
                 self.marker(Marker::Circle, x, p.py(s), SIMULATED)?;
             }
             if let (Some(s), Some(iv)) = (e.observed_share, e.observed_interval) {
-                let x = cx + off.round() as i32;
+                let x = cx + obs_dx;
                 self.interval(x, p.clamp_y(p.py(iv[0])), p.clamp_y(p.py(iv[1])), OBSERVED)?;
                 self.marker(Marker::Diamond, x, p.py(s), OBSERVED)?;
             }
