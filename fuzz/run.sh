@@ -23,7 +23,7 @@ target="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing"
-cargo build --release --locked --target "$target" --bin parse
+cargo build --release --target "$target" --bin parse
 bin="$CARGO_TARGET_DIR/$target/release/parse"
 
 corpus=corpus/parse

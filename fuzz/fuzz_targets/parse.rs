@@ -1,121 +1,15 @@
-//! Arbitrary bytes through everything `lbaudit report` and `lbaudit check` do: decode,
-//! parse (strict or lenient), the chain graph, balancer discovery, a small Monte-Carlo
-//! cross-check and the counter tests, the report in every format, the check verdicts and
-//! traces from the built-in chains.
-//! None of it may panic. Inputs that parse must also print back with `to_save` to text
-//! that parses to the same rules (the property `parse::to_save` documents).
+//! The parser fuzz target: see `pipeline.rs` for what one input goes through.
+//!
+//! Traces (`lbaudit trace`) run only with LBAUDIT_FUZZ_TRACE=1: on some small inputs a
+//! trace takes tens of seconds before giving up (fuzz/README.md, findings), which stalls
+//! a run that is after panics.
 #![no_main]
 
-use lbaudit::audit::{self, AuditOptions};
-use lbaudit::check::{CheckOptions, Outcome};
-use lbaudit::eval::{Mode, Packet};
-use lbaudit::graph::Graph;
-use lbaudit::model::Ruleset;
-use lbaudit::parse::{self, ParseOptions};
-use lbaudit::report::Report;
-use lbaudit::{balance, eval};
+mod pipeline;
+
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    // The first byte picks the options; the rest is the input.
-    let Some((&flags, bytes)) = data.split_first() else {
-        return;
-    };
-    let lenient = flags & 1 != 0;
-    let Ok((text, mut warnings)) = parse::decode(bytes, lenient) else {
-        return;
-    };
-    let strict = parse::parse(&text, &ParseOptions { lenient: false });
-    let loose = parse::parse(&text, &ParseOptions { lenient: true });
-    // Lenient reading accepts whatever strict reading accepts, with the same rules.
-    if let Ok(s) = &strict {
-        let l = loose.as_ref().expect("lenient accepts what strict accepts");
-        assert!(parse::same_rules(s, l), "strict and lenient rules differ");
-    }
-    // Round trip (the property `parse::to_save` documents): what parses prints back to
-    // text that parses, read the same way, to the same rules, and prints the same again.
-    for (rs, lenient) in [(&strict, false), (&loose, true)] {
-        let Ok(rs) = rs else { continue };
-        let saved = parse::to_save(rs);
-        let back = parse::parse(&saved, &ParseOptions { lenient })
-            .unwrap_or_else(|e| panic!("to_save output does not parse: {e:?}\n{saved}"));
-        assert!(
-            parse::same_rules(rs, &back),
-            "round trip changed the rules:\n{saved}"
-        );
-        assert_eq!(parse::to_save(&back), saved, "to_save is not stable");
-    }
-    let Ok(rs) = (if lenient { loose } else { strict }) else {
-        return;
-    };
-    warnings.extend(rs.warnings.iter().cloned());
-
-    let Ok(graph) = Graph::build(&rs, lenient) else {
-        return;
-    };
-    warnings.extend(graph.warnings.iter().cloned());
-    let balancers = balance::find(&graph);
-    let opts = AuditOptions {
-        // A few simulated connections per balancer exercise the simulator without
-        // making an input slow.
-        connections: Some(if flags & 2 != 0 { 64 } else { 0 }),
-        clients: (flags & 4 != 0).then_some(3),
-        ..AuditOptions::default()
-    };
-    let (audits, info) = audit::run(&graph, &balancers, &opts);
-    let report = Report::new("fuzz", &rs, &balancers, Some(&audits), info, warnings);
-    let _ = report.to_json();
-    let _ = report.to_csv();
-    let _ = report.to_markdown();
-    let _ = report.to_table(false);
-    let check = CheckOptions::default();
-    let outcome = Outcome::new(&report, &check);
-    let _ = outcome.to_text(&report, false);
-    let _ = outcome.to_junit(&report);
-    let _ = outcome.to_markdown(&report);
-    let _ = outcome.to_json(&report, &check);
-    // `lbaudit trace --dst IP[:PORT]` from each built-in chain, as the CLI does it, for the
-    // first destination the rules name. Only with LBAUDIT_FUZZ_TRACE=1: traces of small
-    // inputs can take tens of seconds before giving up (README.md, findings), which
-    // stalls a run that is after panics.
-    if flags & 8 != 0
-        && trace_enabled()
-        && let Some(packet) = first_destination(&rs)
-    {
-        for (t, table) in rs.tables.iter().enumerate() {
-            for (c, chain) in table.chains.iter().enumerate() {
-                if chain.policy.is_some() && !chain.rules.is_empty() {
-                    let _ = eval::evaluate(&graph, t, c, packet.clone(), Mode::Trace, true);
-                }
-            }
-        }
-    }
-});
-
-/// A TCP connection to the first `-d` address of the rules (with the rule's `--dport`).
-fn first_destination(rs: &Ruleset<'_>) -> Option<Packet> {
-    rs.tables
-        .iter()
-        .flat_map(|t| &t.chains)
-        .flat_map(|c| &c.rules)
-        .find_map(|r| {
-            let d = r.core("d")?.value();
-            let dst = d.split('/').next()?.parse().ok()?;
-            let dport = r
-                .matches
-                .iter()
-                .find_map(|m| m.opt("dport"))
-                .and_then(|o| o.value().parse().ok());
-            Some(Packet {
-                dst: Some(dst),
-                dport,
-                proto: Some(eval::proto_name("tcp")),
-                // As the CLI: `--local` or not, never unknown.
-                dst_local: Some(false),
-                ..Packet::default()
-            })
-        })
-}
+fuzz_target!(|data: &[u8]| pipeline::run(data, trace_enabled()));
 
 fn trace_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
