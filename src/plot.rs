@@ -2161,7 +2161,14 @@ impl<'a, DB: DrawingBackend> Canvas<'a, DB> {
         let dots = k <= 200;
         let size = self.size_label();
         // Panel 1.
-        let ideal_name = if uniform {
+        // "1/(n−i)" names the ideal only when it is one: a cascade of one rule per
+        // endpoint with a uniform intended split.
+        let one_per_endpoint = uniform
+            && rules.iter().enumerate().all(|(j, r)| {
+                r.ideal
+                    .is_some_and(|i| j < n && (i * (n - j) as f64 - 1.0).abs() < 1e-12)
+            });
+        let ideal_name = if one_per_endpoint {
             "the ideal 1/(n−i)"
         } else {
             "the ideal conditional share"
