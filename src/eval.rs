@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 /// What is known about the connection being walked.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Packet {
     pub src: Option<IpAddr>,
     pub dst: Option<IpAddr>,
@@ -188,6 +188,39 @@ struct Thread {
     packet: Packet,
     path: Vec<Step>,
     via: u32,
+    /// Branches merged into this thread (see [`StateKey`]).
+    paths: u32,
+}
+
+/// Everything that decides how a thread goes on. Two waiting threads with the same key
+/// behave identically from here on, so the walk merges them (adding their weights): without
+/// this, every statistic rule whose branches meet again (a jump to a chain that returns)
+/// would double the work.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StateKey {
+    chain: usize,
+    rule: usize,
+    stack: Vec<(usize, usize)>,
+    nfmark: u32,
+    ctmark: u32,
+    mark_mask: u32,
+    packet: Packet,
+    via: u32,
+}
+
+impl Thread {
+    fn key(&self) -> StateKey {
+        StateKey {
+            chain: self.chain,
+            rule: self.rule,
+            stack: self.stack.clone(),
+            nfmark: self.nfmark,
+            ctmark: self.ctmark,
+            mark_mask: self.mark_mask,
+            packet: self.packet.clone(),
+            via: self.via,
+        }
+    }
 }
 
 struct Walker<'g, 'r, 'a> {
@@ -200,6 +233,8 @@ struct Walker<'g, 'r, 'a> {
     warned: BTreeSet<(u32, String)>,
     steps: u64,
     statistic_rules: u32,
+    /// Threads waiting in the work list, by state: their index in it.
+    pending: HashMap<StateKey, usize>,
 }
 
 /// Walks the graph from the start of `chain` in `table` for `packet`.
@@ -221,6 +256,7 @@ pub fn evaluate(
         warned: BTreeSet::new(),
         steps: 0,
         statistic_rules: 0,
+        pending: HashMap::new(),
     };
     let start = Thread {
         chain,
@@ -233,9 +269,16 @@ pub fn evaluate(
         packet,
         path: Vec::new(),
         via: 0,
+        paths: 1,
     };
     let mut work = vec![start];
     while let Some(t) = work.pop() {
+        if !w.pending.is_empty() {
+            let key = t.key();
+            if w.pending.get(&key) == Some(&work.len()) {
+                w.pending.remove(&key);
+            }
+        }
         w.run(t, &mut work)?;
     }
     Ok(Distribution {
@@ -268,7 +311,7 @@ impl Walker<'_, '_, '_> {
             Some(&i) => {
                 let o = &mut self.outcomes[i];
                 o.prob.add_assign(&t.weight);
-                o.paths += 1;
+                o.paths += t.paths;
                 if t.via > 0 && !o.via.contains(&t.via) {
                     o.via.push(t.via);
                 }
@@ -278,7 +321,7 @@ impl Walker<'_, '_, '_> {
                 self.outcomes.push(OutcomeInfo {
                     outcome,
                     prob: t.weight.clone(),
-                    paths: 1,
+                    paths: t.paths,
                     path: t.path.clone(),
                     via,
                     line,
@@ -286,6 +329,31 @@ impl Walker<'_, '_, '_> {
                 });
             }
         }
+    }
+
+    /// Adds `t` to a waiting thread in the same state, if there is one.
+    fn merge_into_pending(&mut self, t: &Thread, work: &mut [Thread]) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        match self.pending.get(&t.key()) {
+            Some(&i) => {
+                let w = &mut work[i];
+                w.weight.add_assign(&t.weight);
+                w.paths = w.paths.saturating_add(t.paths);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues a thread that waits at its current state, merging it when one is there.
+    fn enqueue(&mut self, t: Thread, work: &mut Vec<Thread>) {
+        if self.merge_into_pending(&t, work) {
+            return;
+        }
+        self.pending.insert(t.key(), work.len());
+        work.push(t);
     }
 
     fn run(&mut self, mut t: Thread, work: &mut Vec<Thread>) -> Result<(), TooComplex> {
@@ -297,6 +365,13 @@ impl Walker<'_, '_, '_> {
                 if let Some((c, r)) = t.stack.pop() {
                     t.chain = c;
                     t.rule = r + 1;
+                    if t.stack.is_empty() {
+                        // Back in the start chain: that jump did not decide the outcome.
+                        t.via = 0;
+                    }
+                    if self.merge_into_pending(&t, work) {
+                        return Ok(());
+                    }
                     continue;
                 }
                 let outcome = self.end_outcome(&t);
@@ -338,7 +413,7 @@ impl Walker<'_, '_, '_> {
                     let mut rest = t.clone();
                     rest.weight = t.weight.mul_ratio(den - num, den);
                     rest.rule += 1;
-                    work.push(rest);
+                    self.enqueue(rest, work);
                     t.weight = t.weight.mul_ratio(num, den);
                 }
                 Decision::Yes(None) => {}
@@ -364,6 +439,12 @@ impl Walker<'_, '_, '_> {
                     if let Some((c, r)) = t.stack.pop() {
                         t.chain = c;
                         t.rule = r + 1;
+                        if t.stack.is_empty() {
+                            t.via = 0;
+                        }
+                        if self.merge_into_pending(&t, work) {
+                            return Ok(());
+                        }
                     } else {
                         let outcome = self.end_outcome(&t);
                         self.finish(&t, outcome, rule.line);
@@ -1024,6 +1105,21 @@ mod tests {
         assert_eq!(d.outcomes[0].outcome.label(), "DROP");
         assert_eq!(d.warnings.len(), 1);
         assert_eq!(d.warnings[0].line, 3);
+    }
+
+    #[test]
+    fn branches_that_meet_again_are_merged() {
+        // 64 statistic rules each jump to a chain that returns: without merging the walk
+        // would have 2^64 branches. The DNAT at the end gets everything.
+        let mut text = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:LOGIT - [0:0]\n");
+        for _ in 0..64 {
+            text.push_str("-A PREROUTING -m statistic --mode random --probability 0.5 -j LOGIT\n");
+        }
+        text.push_str("-A PREROUTING -j DNAT --to-destination 10.0.0.1\n");
+        text.push_str("-A LOGIT -m mark --mark 0x1 -j DROP\n-A LOGIT -j RETURN\nCOMMIT\n");
+        let d = walk(&text, "PREROUTING", Packet::default(), Mode::Balancer);
+        assert_eq!(probs(&d), vec![("10.0.0.1".into(), "1".into())]);
+        assert!(d.steps < 10_000, "{}", d.steps);
     }
 
     #[test]
