@@ -18,18 +18,17 @@ fn input(name: &str) -> Vec<u8> {
     std::fs::read(regressions().join(name)).expect("regression input")
 }
 
-/// Every saved input passes the fuzz target's checks (without traces, as `fuzz/run.sh`
-/// runs it), with every choice of flags.
+/// Every saved input passes the fuzz target's checks, with every choice of flags.
 #[test]
 fn every_saved_input_passes_the_fuzz_target() {
     let mut n = 0;
     for entry in std::fs::read_dir(regressions()).expect("fuzz/regressions") {
         let path = entry.unwrap().path();
         let mut data = std::fs::read(&path).unwrap();
-        for flags in 0..8u8 {
+        for flags in 0..16u8 {
             data[0] = flags;
             let t = Instant::now();
-            pipeline::run(&data, false);
+            pipeline::run(&data);
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "{} with flags {flags:#x}: {:?}",
@@ -64,16 +63,14 @@ fn table_without_commit_round_trips_leniently() {
     assert!(parse::parse(&saved, &ParseOptions::default()).is_err());
 }
 
-/// Found by fuzzing with traces on: a 152-line, 13 KB mangled kube-proxy dump (tables
-/// repeated, cut lines) on which `lbaudit trace --lenient --dst 10.0.0.164:80` walks
-/// 200,000,000 rule evaluations (about 22 s in release) and then gives up with "the rules
-/// branch too much to enumerate": the exact walk forks at every rule whose match it
-/// cannot decide (`! -s …`, `-m recent --rcheck`) and never merges identical states, so
-/// its work doubles with every such non-terminal rule on the path. The report path
-/// (balancers only) is fast on the same input. Ignored until the walk merges states (or
-/// stops sooner): `cargo test --test fuzz_regressions -- --ignored` shows it.
+/// Found by fuzzing with traces on: a 152-line, 13 kB mangled kube-proxy dump (tables
+/// repeated, cut lines) on which `lbaudit trace --lenient --dst 10.0.0.164:80` walked
+/// 200,000,000 rule evaluations (about 22 s in release) and then gave up with "the rules
+/// branch too much to enumerate": the exact walk forked at every rule whose match it
+/// could not decide (`! -s …`, `-m recent --rcheck`) and never merged branches in the
+/// same state, so its work doubled with every such non-terminal rule on the path. Fixed
+/// in b867c52 (branches in the same state merge, adding their weights).
 #[test]
-#[ignore = "known: eval's exact walk is exponential here (22 s, then TooComplex); see fuzz/README.md"]
 fn trace_of_a_small_mangled_dump_finishes_quickly() {
     let data = input("trace-exponential-walk.bin");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));

@@ -2,14 +2,14 @@
 //! includes this file with `#[path]`): arbitrary bytes through everything `lbaudit
 //! report` and `lbaudit check` do, namely decode, parse (strict and lenient), the chain
 //! graph, balancer discovery, a small Monte-Carlo cross-check and the counter tests, the
-//! report in every format and the check verdicts; optionally traces from the built-in
-//! chains. None of it may panic. Inputs that parse must also print back with `to_save`
-//! to text that parses to the same rules (the property `parse::to_save` documents), and
-//! lenient reading must accept whatever strict reading accepts, with the same rules.
+//! report in every format, the check verdicts, and traces from the built-in chains.
+//! None of it may panic. Inputs that parse must also print back with `to_save` to text
+//! that parses to the same rules (the property `parse::to_save` documents), and lenient
+//! reading must accept whatever strict reading accepts, with the same rules.
 //!
 //! The first byte of the input picks the options: bit 0 lenient, bit 1 simulate 64
-//! connections per balancer, bit 2 with 3 clients (session affinity), bit 3 trace
-//! (only when `trace` is true). The rest is the dump.
+//! connections per balancer, bit 2 with 3 clients (session affinity), bit 3 trace.
+//! The rest is the dump.
 
 use lbaudit::audit::{self, AuditOptions};
 use lbaudit::balance;
@@ -21,7 +21,7 @@ use lbaudit::parse::{self, ParseOptions};
 use lbaudit::report::Report;
 
 /// Runs one input; panics on any violated property.
-pub fn run(data: &[u8], trace: bool) {
+pub fn run(data: &[u8]) {
     // The first byte picks the options; the rest is the input.
     let Some((&flags, bytes)) = data.split_first() else {
         return;
@@ -82,7 +82,6 @@ pub fn run(data: &[u8], trace: bool) {
     // `lbaudit trace --dst IP[:PORT]` from each built-in chain, as the CLI does it, for the
     // first destination the rules name.
     if flags & 8 != 0
-        && trace
         && let Some(packet) = first_destination(&rs)
     {
         for (t, table) in rs.tables.iter().enumerate() {
