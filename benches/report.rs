@@ -241,10 +241,29 @@ fn generate(dir: &Path, name: &str, make: impl FnOnce() -> String) -> PathBuf {
 
 // ------------------------------------------------------------------ measuring
 
-/// Wall time and peak memory (kB, when `/usr/bin/time` is there) of one command.
+/// Wall time, and with `/usr/bin/time` peak memory (kB) and CPU time (user + system), of
+/// one command.
 struct Sample {
     secs: f64,
     max_rss_kb: Option<u64>,
+    cpu_secs: Option<f64>,
+}
+
+/// Medians over several runs: wall seconds, peak memory in bytes, CPU seconds.
+struct Measured {
+    secs: f64,
+    rss: Option<f64>,
+    cpu: Option<f64>,
+}
+
+impl Measured {
+    /// `0.700 s (CPU 1.10 s)`.
+    fn shown(&self) -> String {
+        match self.cpu {
+            Some(c) => format!("{:.3} s (CPU {c:.2} s)", self.secs),
+            None => format!("{:.3} s", self.secs),
+        }
+    }
 }
 
 fn time_tool() -> Option<&'static str> {
@@ -260,7 +279,7 @@ fn run_once(argv: &[&str], stdin: Option<&Path>, ok_codes: &[i32], dir: &Path) -
     let mut cmd = match time_tool() {
         Some(t) => {
             let mut c = Command::new(t);
-            c.args(["-f", "%M", "-o"]).arg(&rss_file).args(argv);
+            c.args(["-f", "%M %U %S", "-o"]).arg(&rss_file).args(argv);
             c
         }
         None => {
@@ -283,16 +302,23 @@ fn run_once(argv: &[&str], stdin: Option<&Path>, ok_codes: &[i32], dir: &Path) -
         "{argv:?} exited {code}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let max_rss_kb = time_tool().and_then(|_| {
-        std::fs::read_to_string(&rss_file)
-            .ok()?
-            .lines()
-            .last()?
-            .trim()
-            .parse()
-            .ok()
-    });
-    Sample { secs, max_rss_kb }
+    // `/usr/bin/time -o` writes "MAXRSS USER SYSTEM" as its last line.
+    let fields: Vec<f64> = time_tool()
+        .and_then(|_| std::fs::read_to_string(&rss_file).ok())
+        .and_then(|t| {
+            let last = t.lines().last()?.to_string();
+            last.split_whitespace().map(|f| f.parse().ok()).collect()
+        })
+        .unwrap_or_default();
+    let (max_rss_kb, cpu_secs) = match fields[..] {
+        [rss, user, sys] => (Some(rss as u64), Some(user + sys)),
+        _ => (None, None),
+    };
+    Sample {
+        secs,
+        max_rss_kb,
+        cpu_secs,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -305,8 +331,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Median wall time and median peak memory of `runs` runs (after one warm-up run when
-/// `warm`).
+/// Medians of `runs` runs (after one warm-up run when `warm`).
 fn measure(
     argv: &[&str],
     stdin: Option<&Path>,
@@ -314,7 +339,7 @@ fn measure(
     runs: usize,
     warm: bool,
     dir: &Path,
-) -> (f64, Option<f64>) {
+) -> Measured {
     if warm {
         run_once(argv, stdin, ok_codes, dir);
     }
@@ -326,10 +351,20 @@ fn measure(
         .filter_map(|s| s.max_rss_kb)
         .map(|k| k as f64 * 1024.0)
         .collect();
-    (
-        median(samples.iter().map(|s| s.secs).collect()),
-        (!rss.is_empty()).then(|| median(rss)),
-    )
+    let cpu: Vec<f64> = samples.iter().filter_map(|s| s.cpu_secs).collect();
+    Measured {
+        secs: median(samples.iter().map(|s| s.secs).collect()),
+        rss: (!rss.is_empty()).then(|| median(rss)),
+        cpu: (!cpu.is_empty()).then(|| median(cpu)),
+    }
+}
+
+/// The 1-minute load average: other work on the machine makes wall times noisy.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// A program on PATH or in the system folders.
@@ -512,9 +547,10 @@ fn main() {
     );
     std::fs::create_dir_all(&dir).expect("bench dir");
     println!(
-        "lbaudit benchmarks: {} cores, median of {runs} runs, {}",
+        "lbaudit benchmarks: {} cores, median of {runs} runs, {}; load average {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        LBAUDIT
+        LBAUDIT,
+        load_average()
     );
 
     let big = generate(&dir, "kube-30000.txt", || kube_dump(30_000, endpoint_count));
@@ -538,23 +574,25 @@ fn main() {
     let mut argv: Vec<&str> = vec![LBAUDIT];
     argv.extend(report0);
     argv.push(big_s);
-    let (t_lb, rss_lb) = measure(&argv, None, &[0], runs, true, &dir);
+    let lb = measure(&argv, None, &[0], runs, true, &dir);
+    let t_lb = lb.secs;
     row(
         &mut rows,
         "lbaudit report --format json --connections 0, 30k services",
-        format!("{t_lb:.3} s"),
+        lb.shown(),
         "-",
         None,
     );
 
-    let (t_grep, _) = measure(
+    let t_grep = measure(
         &["grep", "-c", "statistic", big_s],
         None,
         &[0],
         runs,
         true,
         &dir,
-    );
+    )
+    .secs;
     let r = t_lb / t_grep;
     row(
         &mut rows,
@@ -599,7 +637,7 @@ fn main() {
         // One timed run first: if it is slow, fewer runs.
         let first = run_once(&argv, Some(&big), &[0], &dir);
         let n = if first.secs > 20.0 { 1 } else { runs.min(3) };
-        let (t, _) = measure(&argv, Some(&big), &[0], n, false, &dir);
+        let t = measure(&argv, Some(&big), &[0], n, false, &dir).secs;
         let r = t / t_lb;
         let shown = Path::new(path).file_name().unwrap().to_string_lossy();
         row(
@@ -617,16 +655,16 @@ fn main() {
 
     let mut argv_mc: Vec<&str> = vec![LBAUDIT, "report", "--format", "json"];
     argv_mc.push(big_s);
-    let (t_mc, rss_mc) = measure(&argv_mc, None, &[0], runs, false, &dir);
-    let r = t_mc / t_lb;
+    let mc = measure(&argv_mc, None, &[0], runs, false, &dir);
+    let r = mc.secs / t_lb;
     row(
         &mut rows,
         "  with the default Monte-Carlo cross-check",
-        format!("{t_mc:.3} s; with/without = {r:.2}x"),
+        format!("{}; with/without = {r:.2}x", mc.shown()),
         "<= 2x",
         Some(r <= 2.0),
     );
-    for (what, rss) in [("--connections 0", rss_lb), ("default cross-check", rss_mc)] {
+    for (what, rss) in [("--connections 0", lb.rss), ("default cross-check", mc.rss)] {
         match rss {
             Some(rss) => {
                 let r = rss / size;
@@ -660,7 +698,7 @@ fn main() {
     let mut argv: Vec<&str> = vec![LBAUDIT];
     argv.extend(report0);
     argv.push(one_s);
-    let (t_one_cli, _) = measure(&argv, None, &[0], runs, true, &dir);
+    let t_one_cli = measure(&argv, None, &[0], runs, true, &dir).secs;
     row(
         &mut rows,
         "  the whole command (--connections 0)",
@@ -670,7 +708,7 @@ fn main() {
     );
     let mut argv: Vec<&str> = vec![LBAUDIT, "report", "--format", "json"];
     argv.push(one_s);
-    let (t_one_mc, _) = measure(&argv, None, &[0], runs, false, &dir);
+    let t_one_mc = measure(&argv, None, &[0], runs, false, &dir).secs;
     row(
         &mut rows,
         "  the whole command with the default cross-check",
@@ -700,8 +738,8 @@ fn main() {
             "\nScale: lbaudit report --format json --connections 0 (median of {})",
             runs.min(3)
         );
-        println!("| input | size | lines | time | MB/s | peak memory | memory/size |");
-        println!("|---|---:|---:|---:|---:|---:|---:|");
+        println!("| input | size | lines | time | CPU | MB/s | peak memory | memory/size |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         for (path, what) in &inputs {
             let size = std::fs::metadata(path).unwrap().len() as f64;
             let lines = std::fs::read(path)
@@ -712,15 +750,18 @@ fn main() {
             let mut argv: Vec<&str> = vec![LBAUDIT];
             argv.extend(report0);
             argv.push(path.to_str().unwrap());
-            let (t, rss) = measure(&argv, None, &[0], runs.min(3), true, &dir);
+            let m = measure(&argv, None, &[0], runs.min(3), true, &dir);
+            let (t, rss) = (m.secs, m.rss);
             println!(
-                "| {what} | {} | {lines} | {t:.3} s | {:.0} | {} | {} |",
+                "| {what} | {} | {lines} | {t:.3} s | {} | {:.0} | {} | {} |",
                 mb(size),
+                m.cpu.map_or("n/a".into(), |c| format!("{c:.2} s")),
                 size / 1e6 / t,
                 rss.map_or("n/a".into(), mb),
                 rss.map_or("n/a".into(), |r| format!("{:.2}x", r / size)),
             );
         }
     }
+    println!("\nload average at the end: {}", load_average());
     std::io::stdout().flush().unwrap();
 }

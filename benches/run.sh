@@ -10,7 +10,9 @@
 # figures, targets and PASS/MISS, then the scale runs (100,000 services, one service of
 # 20,000 endpoints). Peak memory needs /usr/bin/time (Debian package `time`);
 # iptables-restore --test needs the `iptables` package and root (for its network
-# namespace). Takes about 3 minutes on 2 cores. Run it on an otherwise idle machine.
+# namespace). Takes about 4 minutes on 2 cores. Run it on an otherwise idle machine:
+# wall times move with other load (the load average is printed at the start and end,
+# and CPU time beside the wall time of lbaudit's runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=5
