@@ -746,43 +746,31 @@ pub fn cidr_contains(cidr: &str, a: IpAddr) -> Option<bool> {
         None => (cidr, None),
     };
     let net: IpAddr = addr.parse().ok()?;
-    match (net, a) {
-        (IpAddr::V4(n), IpAddr::V4(x)) => {
-            let bits = match mask {
-                None => u32::MAX,
-                Some(m) => match m.parse::<u32>() {
-                    Ok(len) if len <= 32 => {
-                        if len == 0 {
-                            0
-                        } else {
-                            u32::MAX << (32 - len)
-                        }
-                    }
-                    Ok(_) => return None,
-                    Err(_) => u32::from(m.parse::<std::net::Ipv4Addr>().ok()?),
-                },
-            };
-            Some(u32::from(n) & bits == u32::from(x) & bits)
-        }
-        (IpAddr::V6(n), IpAddr::V6(x)) => {
-            let bits = match mask {
-                None => u128::MAX,
-                Some(m) => match m.parse::<u32>() {
-                    Ok(len) if len <= 128 => {
-                        if len == 0 {
-                            0
-                        } else {
-                            u128::MAX << (128 - len)
-                        }
-                    }
-                    Ok(_) => return None,
-                    Err(_) => u128::from(m.parse::<std::net::Ipv6Addr>().ok()?),
-                },
-            };
-            Some(u128::from(n) & bits == u128::from(x) & bits)
-        }
-        _ => Some(false),
-    }
+    // Both families as u128 with their width, so one mask computation serves both.
+    let (n, x, width) = match (net, a) {
+        (IpAddr::V4(n), IpAddr::V4(x)) => (u128::from(u32::from(n)), u128::from(u32::from(x)), 32),
+        (IpAddr::V6(n), IpAddr::V6(x)) => (u128::from(n), u128::from(x), 128),
+        _ => return Some(false),
+    };
+    let full = if width == 128 {
+        u128::MAX
+    } else {
+        (1u128 << width) - 1
+    };
+    let bits = match mask {
+        None => full,
+        Some(m) => match m.parse::<u32>() {
+            Ok(0) => 0,
+            Ok(len) if len <= width => (full << (width - len)) & full,
+            Ok(_) => return None,
+            // A dotted mask (`255.255.0.0`) of the same family.
+            Err(_) => match net {
+                IpAddr::V4(_) => u128::from(u32::from(m.parse::<std::net::Ipv4Addr>().ok()?)),
+                IpAddr::V6(_) => u128::from(m.parse::<std::net::Ipv6Addr>().ok()?),
+            },
+        },
+    };
+    Some(n & bits == x & bits)
 }
 
 pub(crate) fn port_test(o: &Opt<'_>, field: &mut Option<u16>) -> Option<bool> {
@@ -1134,5 +1122,13 @@ mod tests {
         assert_eq!(cidr_contains("fd00::/64", b), Some(true));
         assert_eq!(cidr_contains("10.0.0.0/8", b), Some(false));
         assert_eq!(cidr_contains("bogus", a), None);
+        assert_eq!(cidr_contains("10.1.2.4/32", a), Some(false));
+        assert_eq!(cidr_contains("10.1.2.0/31", a), Some(false));
+        assert_eq!(cidr_contains("10.1.2.2/31", a), Some(true));
+        assert_eq!(cidr_contains("10.1.2.3/33", a), None);
+        assert_eq!(cidr_contains("fd00::5/128", b), Some(true));
+        assert_eq!(cidr_contains("fd00::4/127", b), Some(true));
+        assert_eq!(cidr_contains("fd00::6/127", b), Some(false));
+        assert_eq!(cidr_contains("fd00::/ffff:ffff::", b), Some(true));
     }
 }
