@@ -9,8 +9,8 @@
 //! about 60 MB and 500,000 lines; services of 1–10 endpoints, fewer endpoints being
 //! likelier, comments, KUBE-SERVICES / KUBE-SVC / KUBE-SEP / KUBE-MARK-MASQ /
 //! KUBE-NODEPORTS / KUBE-EXT chains, all declared) and a dump with one service of 5,000
-//! endpoints. With `--scale`, also a 100,000-service dump and one service of 20,000
-//! endpoints.
+//! endpoints. With `--scale`, also a 100,000-service dump, one service of 20,000
+//! endpoints, and the 30,000-service dump with small `iptables-save -c` counters.
 //!
 //! Every figure is the median of several runs of the release binary as a child process
 //! (wall time; peak memory is the child's maximum resident set from `/usr/bin/time`),
@@ -216,10 +216,50 @@ fn kube_dump(services: usize, mut endpoints: impl FnMut(&mut Rng) -> usize) -> S
     s
 }
 
+/// `text` as `iptables-save -c` prints it on a quiet node: each service chain took 0–40
+/// connections, split uniformly over its endpoints (as its rules intend); every other
+/// rule shows `[0:0]`. Small counts like these send lbaudit's counter test to the exact
+/// or Monte-Carlo multinomial test for many services.
+fn with_counters(text: &str) -> String {
+    let mut rng = Rng(7);
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let Some(rest) = line.strip_prefix("-A KUBE-SVC-") else {
+            if line.starts_with("-A ") {
+                out.push_str("[0:0] ");
+            }
+            out.push_str(line);
+            out.push('\n');
+            i += 1;
+            continue;
+        };
+        let prefix = format!("-A KUBE-SVC-{} ", rest.split(' ').next().unwrap_or(""));
+        let end = (i..lines.len())
+            .find(|&j| !lines[j].starts_with(&prefix))
+            .unwrap_or(lines.len());
+        let block = &lines[i..end];
+        let choices: Vec<usize> = (0..block.len())
+            .filter(|&k| !block[k].ends_with("-j KUBE-MARK-MASQ"))
+            .collect();
+        let mut counts = vec![0u64; block.len()];
+        for _ in 0..rng.next() % 41 {
+            counts[choices[(rng.next() % choices.len() as u64) as usize]] += 1;
+        }
+        for (l, n) in block.iter().zip(counts) {
+            writeln!(out, "[{n}:{}] {l}", n * 60).unwrap();
+        }
+        i = end;
+    }
+    out
+}
+
 /// Writes `name` into `dir` unless it is already there with the same content length
 /// and a marker of this generator's version.
 fn generate(dir: &Path, name: &str, make: impl FnOnce() -> String) -> PathBuf {
-    const VERSION: &str = "gen-v1";
+    const VERSION: &str = "gen-v2";
     let path = dir.join(name);
     let stamp = dir.join(format!("{name}.{VERSION}"));
     if path.exists() && stamp.exists() {
@@ -727,6 +767,12 @@ fn main() {
                     kube_dump(100_000, endpoint_count)
                 }),
                 "100,000 services",
+            ),
+            (
+                generate(&dir, "kube-30000-counters.txt", || {
+                    with_counters(&kube_dump(30_000, endpoint_count))
+                }),
+                "30,000 services with counters (-c; 0-40 connections each)",
             ),
             (one.clone(), "1 service, 5,000 endpoints"),
             (
