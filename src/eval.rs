@@ -311,7 +311,7 @@ impl Walker<'_, '_, '_> {
             Some(&i) => {
                 let o = &mut self.outcomes[i];
                 o.prob.add_assign(&t.weight);
-                o.paths += t.paths;
+                o.paths = o.paths.saturating_add(t.paths);
                 if t.via > 0 && !o.via.contains(&t.via) {
                     o.via.push(t.via);
                 }

@@ -104,11 +104,10 @@ fn trace_of_a_small_mangled_dump_finishes_quickly() {
 /// `eval::Walker::finish` (`o.paths += t.paths`, src/eval.rs): a debug build panics
 /// with "attempt to add with overflow"; a release build prints wrapped path counts
 /// (3257961504, 2594613670, … beside 4294967295). The merge itself uses
-/// `saturating_add`; `finish` does not.
+/// `saturating_add`; `finish` did not (fixed: it saturates too).
 #[test]
-#[ignore = "open bug: eval::Walker::finish adds path counts without saturating (overflow); see fuzz/README.md"]
 fn trace_path_counts_do_not_overflow() {
-    let data = std::fs::read(regressions().join("open/trace-paths-overflow.bin")).unwrap();
+    let data = std::fs::read(regressions().join("trace-paths-overflow.bin")).unwrap();
     pipeline::run(&data);
     let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trace-paths-overflow.txt");
     std::fs::write(&file, &data[1..]).unwrap();
