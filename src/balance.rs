@@ -156,11 +156,11 @@ pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
     for (t, table) in graph.rs.tables.iter().enumerate() {
         for (c, chain) in table.chains.iter().enumerate() {
             let mut groups: Vec<(String, usize)> = Vec::new();
-            for (r, rule) in chain.rules.iter().enumerate() {
-                if rule.find_match("statistic").is_none() {
+            for (r, line) in chain.rules.iter().enumerate() {
+                if !line.statistic {
                     continue;
                 }
-                let key = selector(rule);
+                let key = selector(&line.parse());
                 if !groups.iter().any(|(k, _)| *k == key) {
                     groups.push((key, r));
                 }
@@ -206,7 +206,7 @@ fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
     };
     let entries = entries(graph, cand.table, cand.chain, cand.first_rule);
     let packet = match (cand.first_rule, kind) {
-        (Some(r), Kind::Generic) => Packet::from_rule(&chain.rules[r]),
+        (Some(r), Kind::Generic) => Packet::from_rule(&chain.rules[r].parse()),
         _ => entries
             .iter()
             .find(|e| e.kind == "cluster-ip")
@@ -294,7 +294,7 @@ fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
     };
     if kind == Kind::KubeProxy
         && let Some(last) = chain.rules.last()
-        && last.find_match("statistic").is_some()
+        && last.statistic
     {
         warnings.push(Warning::new(
             last.line,
@@ -367,16 +367,16 @@ fn kube_name(chain: &Chain<'_>, entries: &[Entry]) -> Option<String> {
     chain
         .rules
         .iter()
-        .find_map(|r| r.comment())
-        .or_else(|| entries.iter().find_map(|e| e.comment.as_deref()))
-        .map(strip)
+        .find_map(|r| r.parse().comment().map(strip))
+        .or_else(|| entries.iter().find_map(|e| e.comment.as_deref()).map(strip))
         .filter(|n| !n.is_empty())
 }
 
 fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
     let mut lines = Vec::new();
     let mut seconds = None;
-    for rule in &chain.rules {
+    for line in &chain.rules {
+        let rule = line.parse();
         if let Some(m) = rule.find_match("recent")
             && m.opt("rcheck").is_some()
         {
@@ -406,7 +406,7 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
     while let Some(cur) = stack.pop() {
         for &(pc, pr) in &tg.callers[cur] {
             let parent = &table.chains[pc];
-            let rule = &parent.rules[pr];
+            let rule = parent.rules[pr].parse();
             let dispatch = parent.name == "KUBE-SERVICES"
                 || parent.name == "KUBE-NODEPORTS"
                 || parent.policy.is_some()
@@ -422,7 +422,7 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
                 }
                 continue;
             }
-            out.push(entry_from_rule(parent, rule));
+            out.push(entry_from_rule(parent, &rule));
         }
     }
     if out.is_empty()
@@ -430,9 +430,10 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
     {
         let chain = &table.chains[c];
         if chain.policy.is_some() {
-            let mut e = entry_from_rule(chain, &chain.rules[r]);
+            let rule = chain.rules[r].parse();
+            let mut e = entry_from_rule(chain, &rule);
             e.kind = "rule";
-            e.text = selector(&chain.rules[r]);
+            e.text = selector(&rule);
             out.push(e);
         }
     }

@@ -17,8 +17,10 @@ use crate::graph::{Graph, TargetRef};
 use crate::model::{Match, Opt, Rule, Warning};
 use crate::prob::Prob;
 use crate::statistic::{self, SCALE, Statistic};
+use rustc_hash::FxHashMap;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 /// What is known about the connection being walked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -235,6 +237,8 @@ struct Walker<'g, 'r, 'a> {
     statistic_rules: u32,
     /// Threads waiting in the work list, by state: their index in it.
     pending: HashMap<StateKey, usize>,
+    /// Rules read so far (the ruleset keeps only their text), by (chain, rule).
+    rules: FxHashMap<(usize, usize), Rc<Rule<'a>>>,
 }
 
 /// Walks the graph from the start of `chain` in `table` for `packet`.
@@ -257,6 +261,7 @@ pub fn evaluate(
         steps: 0,
         statistic_rules: 0,
         pending: HashMap::new(),
+        rules: FxHashMap::default(),
     };
     let start = Thread {
         chain,
@@ -382,7 +387,6 @@ impl Walker<'_, '_, '_> {
             if self.steps > STEP_LIMIT {
                 return Err(TooComplex { limit: STEP_LIMIT });
             }
-            let rule = &chain.rules[t.rule];
             let target = tg.targets[t.chain][t.rule];
             // Rules whose target cannot change the outcome are skipped unevaluated.
             let relevant = match target {
@@ -399,6 +403,12 @@ impl Walker<'_, '_, '_> {
                 TargetRef::Chain { chain, .. } => !tg.may_terminate[chain],
                 _ => false,
             };
+            let rule = Rc::clone(
+                self.rules
+                    .entry((t.chain, t.rule))
+                    .or_insert_with(|| Rc::new(chain.rules[t.rule].parse())),
+            );
+            let rule = &*rule;
             let at_top = t.stack.is_empty();
             match self.decide(rule, &mut t, mark_only) {
                 Decision::No => {

@@ -2,7 +2,7 @@
 //! extension; loops and jumps to undeclared chains found here.
 
 use crate::error::{InputError, InputErrorKind};
-use crate::model::{Chain, Format, Jump, Ruleset, Table, Target, Warning};
+use crate::model::{Chain, Format, Jump, Ruleset, Table, TargetHead, Warning};
 use rustc_hash::FxHashMap as HashMap;
 
 /// What a rule's target does to traversal.
@@ -340,7 +340,7 @@ fn build_table<'a>(
     })
 }
 
-fn resolve(target: &Target<'_>, index: &HashMap<&str, usize>) -> TargetRef {
+fn resolve(target: &TargetHead<'_>, index: &HashMap<&str, usize>) -> TargetRef {
     let name = target.name;
     if let Some(&chain) = index.get(name) {
         return TargetRef::Chain {
@@ -358,7 +358,7 @@ fn resolve(target: &Target<'_>, index: &HashMap<&str, usize>) -> TargetRef {
         _ if CONTINUE.contains(&name) => TargetRef::Continue,
         // An unknown name with options is a target extension we do not know; without
         // options it is a chain the input does not contain.
-        _ if !target.options.is_empty() => TargetRef::Continue,
+        _ if target.has_options => TargetRef::Continue,
         _ => TargetRef::Missing,
     }
 }

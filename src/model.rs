@@ -153,6 +153,56 @@ impl<'a> Rule<'a> {
     }
 }
 
+/// A rule's target as far as the chain graph needs it: `-j NAME` or `-g CHAIN`,
+/// without the target's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetHead<'a> {
+    pub jump: Jump,
+    /// The chain or target extension name, as written.
+    pub name: &'a str,
+    /// 1-based column of `-j`/`-g`.
+    pub col: u32,
+    /// The target has options (`--to-destination …`).
+    pub has_options: bool,
+}
+
+impl<'a> TargetHead<'a> {
+    pub fn of(t: &Target<'a>) -> Self {
+        TargetHead {
+            jump: t.jump,
+            name: t.name,
+            col: t.col,
+            has_options: !t.options.is_empty(),
+        }
+    }
+}
+
+/// One `-A CHAIN …` line as the ruleset keeps it: the line's text, its number, its
+/// target's name and whether it has a `-m statistic` match. The options are read
+/// again from the text when they are needed ([`RuleLine::parse`]), so that a dump of
+/// half a million rules costs little more memory than its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleLine<'a> {
+    /// 1-based line of the rule in the input.
+    pub line: u32,
+    /// The whole input line, as it was read (without its line break).
+    pub text: &'a str,
+    /// `None` for a rule without `-j`/`-g`.
+    pub target: Option<TargetHead<'a>>,
+    /// The rule has a `-m statistic` match.
+    pub statistic: bool,
+    /// The rule has counters (`[p:b]` or `-c P B`).
+    pub counted: bool,
+}
+
+impl<'a> RuleLine<'a> {
+    /// The rule with all its options. The line was read once already without error,
+    /// so this reads it the same way again.
+    pub fn parse(&self) -> Rule<'a> {
+        crate::parse::reparse(self.text, self.line)
+    }
+}
+
 /// A chain's default policy (built-in chains only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy<'a> {
@@ -184,7 +234,7 @@ pub struct Chain<'a> {
     /// Line of the `:CHAIN` / `-N` / `-P` declaration; `None` when the chain only
     /// appears in `-A` lines or as a jump target (fragments).
     pub declared_line: Option<u32>,
-    pub rules: Vec<Rule<'a>>,
+    pub rules: Vec<RuleLine<'a>>,
 }
 
 impl Chain<'_> {

@@ -139,8 +139,10 @@ pub fn statistic_rules(graph: &Graph<'_, '_>, b: &Balancer) -> Vec<(u32, Statist
     let all: Vec<(u32, Statistic)> = chain
         .rules
         .iter()
+        .filter(|r| r.statistic)
         .filter_map(|r| {
-            let m = r.find_match("statistic")?;
+            let rule = r.parse();
+            let m = rule.find_match("statistic")?;
             statistic::from_match(m).ok().map(|s| (r.line, s))
         })
         .collect();

@@ -958,12 +958,12 @@ fn uniform(rng: &mut Xoshiro256PlusPlus, k: u64) -> u64 {
 // Compilation.
 
 /// One condition of a rule, in the order the kernel checks them.
-#[derive(Debug, Clone, Copy)]
-enum Cond<'r, 'a> {
+#[derive(Debug, Clone)]
+enum Cond<'a> {
     /// `-s -d -p -i -o -f`.
-    Core(&'r Opt<'a>),
+    Core(Opt<'a>),
     /// An option of a match decided from the packet.
-    Static(&'r str, &'r Opt<'a>),
+    Static(&'a str, Opt<'a>),
     /// Always passes (a statistic match the evaluator ignores, recent bookkeeping, …).
     Pass,
     /// Cannot be decided: assumed to match (not on mark-only rules).
@@ -1024,7 +1024,9 @@ struct Compiler<'g, 'r, 'a> {
     order: Vec<usize>,
     /// Per chain, per rule: the decision for each state that reaches it.
     decisions: HashMap<usize, Vec<BTreeMap<u32, Decision>>>,
-    conds: HashMap<(usize, usize), Rc<[Cond<'r, 'a>]>>,
+    conds: HashMap<(usize, usize), Rc<[Cond<'a>]>>,
+    /// Rules read so far (the ruleset keeps only their text).
+    rules: HashMap<(usize, usize), Rc<Rule<'a>>>,
     nth_init: Vec<u32>,
     recent_names: HashMap<String, u32>,
     has_rdest: bool,
@@ -1042,6 +1044,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             order: Vec::new(),
             decisions: HashMap::new(),
             conds: HashMap::new(),
+            rules: HashMap::new(),
             nth_init: Vec::new(),
             recent_names: HashMap::new(),
             has_rdest: false,
@@ -1080,20 +1083,26 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         }
     }
 
-    fn rule(&self, c: usize, r: usize) -> &'r Rule<'a> {
-        &self.graph.chain(self.table, c).rules[r]
+    fn rule(&mut self, c: usize, r: usize) -> Rc<Rule<'a>> {
+        let graph = self.graph;
+        let table = self.table;
+        Rc::clone(
+            self.rules
+                .entry((c, r))
+                .or_insert_with(|| Rc::new(graph.chain(table, c).rules[r].parse())),
+        )
     }
 
     /// The rule's conditions in the kernel's order; runtime matches get their counters
     /// and tables here (once per rule).
-    fn conds(&mut self, c: usize, r: usize) -> Rc<[Cond<'r, 'a>]> {
+    fn conds(&mut self, c: usize, r: usize) -> Rc<[Cond<'a>]> {
         if let Some(v) = self.conds.get(&(c, r)) {
             return Rc::clone(v);
         }
         let rule = self.rule(c, r);
         let mut v = Vec::new();
         for o in &rule.core {
-            v.push(Cond::Core(o));
+            v.push(Cond::Core(o.clone()));
         }
         for m in &rule.matches {
             match m.module {
@@ -1138,17 +1147,17 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 "recent" => v.push(self.recent_cond(m)),
                 module => {
                     for o in &m.options {
-                        v.push(Cond::Static(module, o));
+                        v.push(Cond::Static(module, o.clone()));
                     }
                 }
             }
         }
-        let v: Rc<[Cond<'r, 'a>]> = v.into();
+        let v: Rc<[Cond<'a>]> = v.into();
         self.conds.insert((c, r), Rc::clone(&v));
         v
     }
 
-    fn recent_cond(&mut self, m: &Match<'_>) -> Cond<'r, 'a> {
+    fn recent_cond(&mut self, m: &Match<'_>) -> Cond<'a> {
         let mut op = None;
         let mut name = "DEFAULT".to_string();
         let mut dest = false;
@@ -1185,7 +1194,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
 
     /// The fixed part of a rule's conditions for packet state `x`, as the evaluator's
     /// `decide` does it (bindings are tentative until every fixed condition passed).
-    fn decide(&mut self, conds: &[Cond<'r, 'a>], x: u32, mark_only: bool) -> Decision {
+    fn decide(&mut self, conds: &[Cond<'a>], x: u32, mark_only: bool) -> Decision {
         let mut packet = self.states[x as usize].clone();
         let mut reach: u16 = 0;
         let fail = |reach| Decision {
@@ -1195,7 +1204,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         };
         for cond in conds {
             let before = mark_only.then(|| packet.clone());
-            let r = match *cond {
+            let r = match cond {
                 Cond::Core(o) => core_test(o, &mut packet),
                 Cond::Static(module, o) => static_test(module, o, &mut packet),
                 Cond::Pass => Some(true),
@@ -1410,14 +1419,16 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         let mut decisions = Vec::new();
         let mut rt = Vec::new();
         let mut mark_ops = Vec::new();
-        for &c in &self.order {
+        for &c in &self.order.clone() {
             let chain = self.graph.chain(self.table, c);
             let mut cost = 0u32;
-            for (r, rule) in chain.rules.iter().enumerate() {
+            for r in 0..chain.rules.len() {
                 cost += 1;
                 if !self.emitted(c, r) {
                     continue;
                 }
+                let rule = self.rule(c, r);
+                let rule = &*rule;
                 let dm = &self.decisions[&c][r];
                 let first = *dm.values().next().expect("non-empty");
                 let (dec, multi_start, multi_len) = if dm.len() == 1 {

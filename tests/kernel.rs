@@ -505,8 +505,8 @@ fn check_thresholds(dump: &str, services: &[Service], problems: &mut Vec<String>
             problems.push(format!("{}: chain missing from the dump", svc.svc_chain));
             continue;
         };
-        let printed: Vec<_> = chain
-            .rules
+        let parsed: Vec<_> = chain.rules.iter().map(|r| r.parse()).collect();
+        let printed: Vec<_> = parsed
             .iter()
             .filter_map(|r| r.find_match("statistic"))
             .collect();

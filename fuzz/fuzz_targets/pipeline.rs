@@ -103,6 +103,7 @@ fn first_destination(rs: &Ruleset<'_>) -> Option<Packet> {
         .flat_map(|t| &t.chains)
         .flat_map(|c| &c.rules)
         .find_map(|r| {
+            let r = r.parse();
             let d = r.core("d")?.value();
             let dst = d.split('/').next()?.parse().ok()?;
             let dport = r

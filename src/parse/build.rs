@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{InputError, InputErrorKind};
-use crate::model::{Chain, Family, Format, Rule, Ruleset, Table, Warning};
+use crate::model::{Chain, Family, Format, Rule, RuleLine, Ruleset, Table, Warning};
 
 use super::assumed_table;
 use super::line::{DeclHow, HINT_EMPTY, Item};
@@ -110,7 +110,7 @@ impl<'a> TableB<'a> {
 
     /// Appends consecutive rules of one chain; the first run of a chain becomes its rule
     /// vector as it is.
-    fn push_rules(&mut self, chain: &'a str, mut rules: Vec<Rule<'a>>) {
+    fn push_rules(&mut self, chain: &'a str, mut rules: Vec<RuleLine<'a>>) {
         let c = self.chain_mut(chain);
         if c.rules.is_empty() {
             c.rules = rules;
@@ -325,7 +325,7 @@ impl<'a> Builder<'a> {
     pub(super) fn rules(
         &mut self,
         chain: &'a str,
-        rules: Vec<Rule<'a>>,
+        rules: Vec<RuleLine<'a>>,
         v6: bool,
     ) -> Result<(), InputError> {
         let Some(first) = rules.first().map(|r| r.line) else {

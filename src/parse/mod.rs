@@ -28,7 +28,7 @@ mod proptests;
 use rayon::prelude::*;
 
 use crate::error::InputError;
-use crate::model::{Rule, Ruleset, Table};
+use crate::model::{Rule, RuleLine, Ruleset, Table, TargetHead};
 
 pub use decode::decode;
 pub use save::to_save;
@@ -49,7 +49,7 @@ pub struct ParseOptions {
 /// or uses `-m statistic`; `filter` otherwise.
 pub fn assumed_table(t: &Table<'_>) -> &'static str {
     let nat = t.chains.iter().flat_map(|c| &c.rules).any(|r| {
-        r.matches.iter().any(|m| m.module == "statistic")
+        r.statistic
             || r.target.as_ref().is_some_and(|t| {
                 matches!(t.name, "DNAT" | "SNAT" | "MASQUERADE" | "REDIRECT")
                     || t.name.starts_with("KUBE-SVC-")
@@ -70,7 +70,7 @@ enum Entry<'a> {
     /// Consecutive rules of one chain.
     Rules {
         chain: &'a str,
-        rules: Vec<Rule<'a>>,
+        rules: Vec<RuleLine<'a>>,
         v6: bool,
     },
     /// Any other line, except blanks.
@@ -83,7 +83,7 @@ enum Entry<'a> {
 /// size.
 fn flush_run<'a, E>(
     sink: &mut impl FnMut(Entry<'a>) -> Result<(), E>,
-    run: &mut Vec<Rule<'a>>,
+    run: &mut Vec<RuleLine<'a>>,
     chain: &'a str,
     v6: &mut bool,
 ) -> Result<(), E> {
@@ -108,7 +108,7 @@ fn read_lines<'a, E>(
     sink: &mut impl FnMut(Entry<'a>) -> Result<(), E>,
 ) -> Result<u32, E> {
     let mut sc = Scratch::default();
-    let mut run: Vec<Rule<'a>> = Vec::new();
+    let mut run: Vec<RuleLine<'a>> = Vec::new();
     let mut chain_of_run: &'a str = "";
     let mut v6 = false;
     let mut no = first;
@@ -122,7 +122,13 @@ fn read_lines<'a, E>(
                     chain_of_run = chain;
                 }
                 v6 |= build::rule_is_v6(&rule);
-                run.push(rule);
+                run.push(RuleLine {
+                    line: no,
+                    text: line,
+                    target: rule.target.as_ref().map(TargetHead::of),
+                    statistic: rule.matches.iter().any(|m| m.module == "statistic"),
+                    counted: rule.counters.is_some(),
+                });
             }
             Ok(Line::Other(item)) => {
                 flush_run(sink, &mut run, chain_of_run, &mut v6)?;
@@ -137,6 +143,27 @@ fn read_lines<'a, E>(
     }
     flush_run(sink, &mut run, chain_of_run, &mut v6)?;
     Ok(no - first)
+}
+
+/// Reads line `no`, the text of a rule line that was read before without error, into
+/// its [`Rule`]. (Should the text not read as a rule, which cannot happen for the text
+/// of a [`RuleLine`], the rule is empty.)
+pub fn reparse(text: &str, no: u32) -> Rule<'_> {
+    let ctx = LineCtx::new(text, no);
+    let mut sc = Scratch::default();
+    match parse_line(&ctx, &mut sc) {
+        Ok(Line::Rule { rule, .. }) => rule,
+        _ => {
+            debug_assert!(false, "line {no} read differently the second time: {text}");
+            Rule {
+                line: no,
+                counters: None,
+                core: Vec::new(),
+                matches: Vec::new(),
+                target: None,
+            }
+        }
+    }
 }
 
 /// Files one entry.
@@ -260,13 +287,35 @@ fn parse_in<'a>(
 /// Do two rulesets have the same tables, chains and rules, ignoring line and column
 /// numbers (declared or not still counts), the input format and the warnings?
 pub fn same_rules(a: &Ruleset<'_>, b: &Ruleset<'_>) -> bool {
+    a.tables.len() == b.tables.len()
+        && a.tables.iter().zip(&b.tables).all(|(x, y)| {
+            x.name == y.name
+                && (x.line.is_none() || y.line.is_none() || x.committed == y.committed)
+                && x.chains.len() == y.chains.len()
+                && x.chains.iter().zip(&y.chains).all(|(c, d)| {
+                    c.name == d.name
+                        && c.policy == d.policy
+                        && c.policy_counters == d.policy_counters
+                        && c.declared_line.is_some() == d.declared_line.is_some()
+                        && c.rules.len() == d.rules.len()
+                        && c.rules
+                            .iter()
+                            .zip(&d.rules)
+                            .all(|(r, s)| rules_equal(&r.parse(), &s.parse()))
+                })
+        })
+}
+
+/// Do two rules have the same counters, options and target, ignoring line and column
+/// numbers?
+pub fn rules_equal(a: &Rule<'_>, b: &Rule<'_>) -> bool {
     fn opts_eq(a: &[crate::model::Opt<'_>], b: &[crate::model::Opt<'_>]) -> bool {
         a.len() == b.len()
             && a.iter()
                 .zip(b)
                 .all(|(x, y)| x.name == y.name && x.negated == y.negated && x.values == y.values)
     }
-    fn rule_eq(a: &Rule<'_>, b: &Rule<'_>) -> bool {
+    {
         a.counters == b.counters
             && opts_eq(&a.core, &b.core)
             && a.matches.len() == b.matches.len()
@@ -281,20 +330,6 @@ pub fn same_rules(a: &Ruleset<'_>, b: &Ruleset<'_>) -> bool {
                 _ => false,
             }
     }
-    a.tables.len() == b.tables.len()
-        && a.tables.iter().zip(&b.tables).all(|(x, y)| {
-            x.name == y.name
-                && (x.line.is_none() || y.line.is_none() || x.committed == y.committed)
-                && x.chains.len() == y.chains.len()
-                && x.chains.iter().zip(&y.chains).all(|(c, d)| {
-                    c.name == d.name
-                        && c.policy == d.policy
-                        && c.policy_counters == d.policy_counters
-                        && c.declared_line.is_some() == d.declared_line.is_some()
-                        && c.rules.len() == d.rules.len()
-                        && c.rules.iter().zip(&d.rules).all(|(r, s)| rule_eq(r, s))
-                })
-        })
 }
 
 #[cfg(test)]

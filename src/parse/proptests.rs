@@ -7,7 +7,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::model::{
-    Chain, Counters, Family, Format, Jump, Match, Opt, Policy, Rule, Table, Target,
+    Chain, Counters, Family, Format, Jump, Match, Opt, Policy, Rule, RuleLine, Table, Target,
+    TargetHead,
 };
 
 fn lenient() -> ParseOptions {
@@ -253,17 +254,70 @@ fn opt_of(o: &GOpt) -> Opt<'_> {
     }
 }
 
-fn ruleset_of(tables: &[GTable]) -> Ruleset<'_> {
+/// The generated rule as the parser's full form.
+fn full_rule(r: &GRule) -> Rule<'_> {
+    Rule {
+        line: 0,
+        counters: r
+            .counters
+            .map(|(packets, bytes)| Counters { packets, bytes }),
+        core: r.core.iter().map(opt_of).collect(),
+        matches: r
+            .matches
+            .iter()
+            .map(|(module, opts)| Match {
+                module,
+                implicit: false,
+                options: opts.iter().map(opt_of).collect(),
+                col: 0,
+            })
+            .collect(),
+        target: r.target.as_ref().map(|(goto, name, opts)| Target {
+            jump: if *goto { Jump::Goto } else { Jump::Jump },
+            name,
+            options: opts.iter().map(opt_of).collect(),
+            col: 0,
+        }),
+    }
+}
+
+/// Each generated rule printed as its `-A` line (per table, per chain, per rule).
+fn rule_lines(tables: &[GTable]) -> Vec<Vec<Vec<String>>> {
+    tables
+        .iter()
+        .map(|t| {
+            t.chains
+                .iter()
+                .map(|c| {
+                    c.rules
+                        .iter()
+                        .map(|r| {
+                            let mut line = String::new();
+                            save::write_rule(&mut line, &c.name, &full_rule(r));
+                            line.truncate(line.trim_end_matches('\n').len());
+                            line
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The generated tables as a ruleset whose rules are the printed lines.
+fn ruleset_of<'a>(tables: &'a [GTable], lines: &'a [Vec<Vec<String>>]) -> Ruleset<'a> {
     let tables = tables
         .iter()
-        .map(|t| Table {
+        .zip(lines)
+        .map(|(t, tl)| Table {
             name: &t.name,
             line: Some(0),
             committed: t.committed,
             chains: t
                 .chains
                 .iter()
-                .map(|c| Chain {
+                .zip(tl)
+                .map(|(c, cl)| Chain {
                     name: &c.name,
                     policy: c.policy.as_deref().map(|p| match p {
                         "ACCEPT" => Policy::Accept,
@@ -277,28 +331,16 @@ fn ruleset_of(tables: &[GTable]) -> Ruleset<'_> {
                     rules: c
                         .rules
                         .iter()
-                        .map(|r| Rule {
-                            line: 0,
-                            counters: r
-                                .counters
-                                .map(|(packets, bytes)| Counters { packets, bytes }),
-                            core: r.core.iter().map(opt_of).collect(),
-                            matches: r
-                                .matches
-                                .iter()
-                                .map(|(module, opts)| Match {
-                                    module,
-                                    implicit: false,
-                                    options: opts.iter().map(opt_of).collect(),
-                                    col: 0,
-                                })
-                                .collect(),
-                            target: r.target.as_ref().map(|(goto, name, opts)| Target {
-                                jump: if *goto { Jump::Goto } else { Jump::Jump },
-                                name,
-                                options: opts.iter().map(opt_of).collect(),
-                                col: 0,
-                            }),
+                        .zip(cl)
+                        .map(|(r, text)| {
+                            let full = full_rule(r);
+                            RuleLine {
+                                line: 0,
+                                text,
+                                target: full.target.as_ref().map(TargetHead::of),
+                                statistic: full.matches.iter().any(|m| m.module == "statistic"),
+                                counted: full.counters.is_some(),
+                            }
                         })
                         .collect(),
                 })
@@ -354,7 +396,16 @@ proptest! {
 
     #[test]
     fn well_formed_rulesets_parse_back(tables in gtables()) {
-        let mut rs = ruleset_of(&tables);
+        let lines = rule_lines(&tables);
+        // Each generated rule's printed line reads back as the generated rule.
+        for (t, tl) in tables.iter().zip(&lines) {
+            for (c, cl) in t.chains.iter().zip(tl) {
+                for (r, text) in c.rules.iter().zip(cl) {
+                    prop_assert!(rules_equal(&full_rule(r), &reparse(text, 1)), "{text}");
+                }
+            }
+        }
+        let mut rs = ruleset_of(&tables, &lines);
         let text = to_save(&rs);
         let back = parse(&text, &ParseOptions::default());
         prop_assert!(back.is_ok(), "{:?}\n{text}", back.err());

@@ -42,7 +42,7 @@ fn write_table(out: &mut String, t: &Table<'_>) {
         }
         for c in &t.chains {
             for r in &c.rules {
-                write_rule(out, c.name, r);
+                write_rule(out, c.name, &r.parse());
             }
         }
     } else {
@@ -51,7 +51,7 @@ fn write_table(out: &mut String, t: &Table<'_>) {
                 write_decl(out, c);
             }
             for r in &c.rules {
-                write_rule(out, c.name, r);
+                write_rule(out, c.name, &r.parse());
             }
         }
     }

@@ -76,7 +76,7 @@ fn seed_fragment() {
     );
     let svc = t.chain("KUBE-SVC-IKIIGXZ2IBFIBYI6").unwrap();
     assert_eq!(svc.rules.len(), 2);
-    let r = &svc.rules[0];
+    let r = &svc.rules[0].parse();
     assert_eq!(r.line, 7);
     assert_eq!(r.comment(), Some("namingthings/simpleservice:"));
     let st = r.find_match("statistic").unwrap();
@@ -88,7 +88,7 @@ fn seed_fragment() {
             inverted: false
         }
     );
-    let sep = &t.chain("KUBE-SEP-ASIN52LB5SMYF6KR").unwrap().rules[1];
+    let sep = &t.chain("KUBE-SEP-ASIN52LB5SMYF6KR").unwrap().rules[1].parse();
     let target = sep.target.as_ref().unwrap();
     assert_eq!(target.name, "DNAT");
     assert_eq!(
@@ -168,7 +168,7 @@ fn nft_dump_with_two_tables() {
             bytes: 0
         })
     );
-    let snat = &nat.chain("DOCKER_POSTROUTING").unwrap().rules[0];
+    let snat = &nat.chain("DOCKER_POSTROUTING").unwrap().rules[0].parse();
     assert_eq!(
         snat.target
             .as_ref()
@@ -178,7 +178,7 @@ fn nft_dump_with_two_tables() {
             .value(),
         ":53"
     );
-    let masq = &nat.chain("POSTROUTING").unwrap().rules[0];
+    let masq = &nat.chain("POSTROUTING").unwrap().rules[0].parse();
     assert!(masq.core("o").unwrap().negated);
     assert!(masq.target.as_ref().unwrap().opt("random-fully").is_some());
     let filter = &rs.tables[1];
@@ -201,7 +201,7 @@ COMMIT
 ";
     let rs = ok(text);
     assert_eq!(rs.family, Family::Ipv6);
-    let r = &rs.tables[0].chains[1].rules[1];
+    let r = &rs.tables[0].chains[1].rules[1].parse();
     assert_eq!(
         r.target
             .as_ref()
@@ -245,13 +245,13 @@ COMMIT
     );
     assert_eq!(f.chains[2].policy_counters.unwrap().packets, 402_612);
     assert_eq!(
-        f.chains[0].rules[0].counters,
+        f.chains[0].rules[0].parse().counters,
         Some(Counters {
             packets: u64::MAX,
             bytes: 123_456_789_012_345
         })
     );
-    let rej = &f.chains[3].rules[0];
+    let rej = &f.chains[3].rules[0].parse();
     assert_eq!(
         rej.target
             .as_ref()
@@ -262,8 +262,8 @@ COMMIT
         "icmp-port-unreachable"
     );
     let svc = &rs.tables[1].chains[1];
-    assert_eq!(svc.rules[0].counters.unwrap().packets, 102);
-    assert_eq!(svc.rules[1].counters.unwrap().packets, 90);
+    assert_eq!(svc.rules[0].parse().counters.unwrap().packets, 102);
+    assert_eq!(svc.rules[1].parse().counters.unwrap().packets, 90);
     round_trips(&rs);
     // Counters too large for 64 bits are a syntax error at the counters.
     let e = err("*filter\n[99999999999999999999:1] -A INPUT\nCOMMIT\n");
@@ -299,7 +299,7 @@ fn spec_output() {
     assert_eq!(t.chains[4].policy, None);
     assert_eq!(t.chains[4].declared_line, Some(5));
     assert_eq!(t.chains[0].rules.len(), 2);
-    let snat = &t.chain("POSTROUTING").unwrap().rules[0];
+    let snat = &t.chain("POSTROUTING").unwrap().rules[0].parse();
     assert!(
         snat.find_match("addrtype")
             .unwrap()
@@ -329,7 +329,7 @@ fn spec_verbose_inline_counters() {
             bytes: 3400
         })
     );
-    let rules = &t.chains[1].rules;
+    let rules: Vec<_> = t.chains[1].rules.iter().map(|r| r.parse()).collect();
     assert_eq!(
         rules[0].counters,
         Some(Counters {
@@ -367,7 +367,7 @@ COMMIT \r
 ";
     let rs = ok(text);
     let t = &rs.tables[0];
-    let input = &t.chains[0].rules;
+    let input: Vec<_> = t.chains[0].rules.iter().map(|r| r.parse()).collect();
     assert_eq!(input.len(), 8);
     assert_eq!(input[0].core("s").unwrap().value(), "10.0.0.1");
     assert_eq!(input[1].comment(), Some("kickoff"));
@@ -416,10 +416,10 @@ COMMIT
 ";
     let rs = ok(text);
     let t = &rs.tables[0];
-    let r = &t.chains[0].rules[0];
+    let r = &t.chains[0].rules[0].parse();
     assert!(r.core("s").unwrap().negated);
     assert_eq!(r.core("s").unwrap().value(), "192.168.0.0/16");
-    let w = &t.chains[1].rules;
+    let w: Vec<_> = t.chains[1].rules.iter().map(|r| r.parse()).collect();
     assert_eq!(
         w[0].matches[0].options[0].values,
         ["weave-;rGqyMIl1HN^cfDki~Z$3]6!N", "dst"]
@@ -428,7 +428,7 @@ COMMIT
         w[2].matches[0].options[0].value(),
         "weave-Rzff}h:=]JaaJl/G;(XJpGjZ["
     );
-    assert!(t.chains[0].rules[1].matches[0].options[0].negated);
+    assert!(t.chains[0].rules[1].parse().matches[0].options[0].negated);
     round_trips(&rs);
 }
 
@@ -585,7 +585,11 @@ COMMIT
     let e = err(text);
     assert_eq!((e.kind, e.line, e.col), (InputErrorKind::Value, 3, 42));
     let rs = lenient(text);
-    let rules = &rs.tables[0].chains[0].rules;
+    let rules: Vec<_> = rs.tables[0].chains[0]
+        .rules
+        .iter()
+        .map(|r| r.parse())
+        .collect();
     // Line 6 is fine: --mode defaults to random when --probability is given.
     assert_eq!(rules.len(), 2);
     assert_eq!(rules[0].line, 6);
