@@ -407,13 +407,30 @@ pub fn emit_with(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Resul
 
 fn cmd_report(a: &ReportArgs) -> Result<i32> {
     let opts = a.audit.options(None)?;
-    let report = build_report(&a.input, &a.select, &opts)?;
     if a.format == ReportFormat::Json {
-        // Large reports are streamed rather than built as one string.
-        emit_with(|w| report.write_json(w))?;
-    } else {
-        emit(&render(&report, a.format))?;
+        // Large reports are printed a balancer at a time rather than built.
+        with_analysis(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
+            let (audits, info) = audit::run(graph, &chosen, &opts);
+            emit_with(|w| {
+                Report::write_json_streamed(
+                    w,
+                    &input.name,
+                    rs,
+                    &chosen,
+                    Some(&audits),
+                    info,
+                    warnings,
+                )
+            })?;
+            // The process ends here: let the OS reclaim them instead of freeing them.
+            std::mem::forget(audits);
+            std::mem::forget(chosen);
+            Ok(())
+        })?;
+        return Ok(0);
     }
+    let report = build_report(&a.input, &a.select, &opts)?;
+    emit(&render(&report, a.format))?;
     // The process ends here: let the OS reclaim the report instead of freeing it.
     std::mem::forget(report);
     Ok(0)

@@ -199,6 +199,23 @@ impl Report {
         balancers: &[Balancer],
         audits: Option<&[Audit]>,
         simulation: Option<SimulationInfo>,
+        warnings: Vec<Warning>,
+    ) -> Self {
+        let mut report = Report::header(source, rs, balancers, simulation, warnings);
+        report.balancers = balancers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| BalancerReport::from_balancer(b, audits.and_then(|a| a.get(i))))
+            .collect();
+        report
+    }
+
+    /// The report without its balancers (their warnings are in).
+    fn header(
+        source: &str,
+        rs: &Ruleset<'_>,
+        balancers: &[Balancer],
+        simulation: Option<SimulationInfo>,
         mut warnings: Vec<Warning>,
     ) -> Self {
         for b in balancers {
@@ -217,13 +234,76 @@ impl Report {
                 tables: rs.tables.iter().map(|t| t.name.to_string()).collect(),
             },
             simulation,
-            balancers: balancers
-                .iter()
-                .enumerate()
-                .map(|(i, b)| BalancerReport::from_balancer(b, audits.and_then(|a| a.get(i))))
-                .collect(),
+            balancers: Vec::new(),
             warnings,
         }
+    }
+
+    /// Writes the pretty JSON of the report that [`Report::new`] would build from the
+    /// same arguments, without building it: the balancers are converted and printed a
+    /// batch at a time (batches on several threads, written in order), so that a report
+    /// of tens of thousands of balancers never exists in memory as a whole. The text is
+    /// the same as [`Report::to_json`] of the built report.
+    pub fn write_json_streamed(
+        w: &mut dyn std::io::Write,
+        source: &str,
+        rs: &Ruleset<'_>,
+        balancers: &[Balancer],
+        audits: Option<&[Audit]>,
+        simulation: Option<SimulationInfo>,
+        warnings: Vec<Warning>,
+    ) -> std::io::Result<()> {
+        use rayon::prelude::*;
+        let head = Report::header(source, rs, balancers, simulation, warnings);
+        let head = head.to_json();
+        // Keys are printed in order and a string value cannot hold an unescaped quote,
+        // so the first such line is the key.
+        const EMPTY: &str = "\n  \"balancers\": []";
+        let at = head
+            .find(EMPTY)
+            .ok_or_else(|| std::io::Error::other("report JSON without balancers"))?;
+        let open = at + EMPTY.len() - 1;
+        w.write_all(&head.as_bytes()[..open])?;
+        // Each balancer, pretty-printed on its own and indented two levels: what the
+        // pretty printer writes for it as an element of `balancers`.
+        let render = |i: usize, out: &mut Vec<u8>| {
+            let b = BalancerReport::from_balancer(&balancers[i], audits.and_then(|a| a.get(i)));
+            let mut one = Vec::with_capacity(1024);
+            serde_json::to_writer_pretty(&mut one, &b).expect("balancer serialises");
+            out.extend_from_slice(if i == 0 { b"\n    " } else { b",\n    " });
+            for line in one.split_inclusive(|&c| c == b'\n') {
+                out.extend_from_slice(line);
+                if line.ends_with(b"\n") {
+                    out.extend_from_slice(b"    ");
+                }
+            }
+        };
+        const BATCH: usize = 64;
+        let window = BATCH * 4 * rayon::current_num_threads().max(1);
+        let mut start = 0;
+        while start < balancers.len() {
+            let end = (start + window).min(balancers.len());
+            let parts: Vec<Vec<u8>> = (start..end)
+                .step_by(BATCH)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|from| {
+                    let mut out = Vec::new();
+                    for i in from..(from + BATCH).min(end) {
+                        render(i, &mut out);
+                    }
+                    out
+                })
+                .collect();
+            for p in parts {
+                w.write_all(&p)?;
+            }
+            start = end;
+        }
+        if !balancers.is_empty() {
+            w.write_all(b"\n  ")?;
+        }
+        w.write_all(&head.as_bytes()[open..])
     }
 
     /// Writes the pretty JSON (the same text as [`Report::to_json`]).
@@ -483,5 +563,79 @@ pub fn fmt_dev(d: f64) -> String {
         "0".to_string()
     } else {
         format!("{d:+.5e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{self, AuditOptions};
+    use crate::graph::Graph;
+    use crate::parse::{self, ParseOptions};
+
+    /// The streamed JSON is the built report's JSON, byte for byte, on every fixture
+    /// (none, one and many balancers; with and without a simulation and counters).
+    #[test]
+    fn streamed_json_is_the_built_reports_json() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        files.sort();
+        assert!(files.len() > 30);
+        // And 150 balancers: more than one batch.
+        let mut synthetic = String::from("*nat\n");
+        for i in 0..150 {
+            synthetic.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
+        }
+        for i in 0..150 {
+            synthetic.push_str(&format!(
+                "-A KUBE-SVC-{i} -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 10.0.{i}.1:80\n-A KUBE-SVC-{i} -j DNAT --to-destination 10.0.{i}.2:80\n"
+            ));
+        }
+        synthetic.push_str("COMMIT\n");
+        let mut many = false;
+        for path in files.into_iter().map(Some).chain([None]) {
+            let text = match &path {
+                Some(p) => std::fs::read_to_string(p).unwrap(),
+                None => synthetic.clone(),
+            };
+            let rs = parse::parse(&text, &ParseOptions { lenient: true }).unwrap();
+            let graph = Graph::build(&rs, true).unwrap();
+            let balancers = crate::balance::find(&graph);
+            many |= balancers.len() > 64;
+            for connections in [0, 500] {
+                let opts = AuditOptions {
+                    connections: Some(connections),
+                    ..AuditOptions::default()
+                };
+                let (audits, info) = audit::run(&graph, &balancers, &opts);
+                let warnings = vec![Warning::new(0, "a \"quoted\" warning\nover two lines")];
+                let built = Report::new(
+                    "x \"balancers\": []",
+                    &rs,
+                    &balancers,
+                    Some(&audits),
+                    info.clone(),
+                    warnings.clone(),
+                )
+                .to_json();
+                let mut streamed = Vec::new();
+                Report::write_json_streamed(
+                    &mut streamed,
+                    "x \"balancers\": []",
+                    &rs,
+                    &balancers,
+                    Some(&audits),
+                    info,
+                    warnings,
+                )
+                .unwrap();
+                assert_eq!(String::from_utf8(streamed).unwrap(), built, "{path:?}");
+            }
+        }
+        assert!(many, "a fixture with more balancers than one batch");
     }
 }
