@@ -143,16 +143,52 @@ fn selector(rule: &Rule<'_>) -> String {
     parts.join(" ")
 }
 
-struct Candidate {
-    table: usize,
-    chain: usize,
-    selector: Option<String>,
+/// A place that may be a balancer, with the name and line it will be listed under.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub table: usize,
+    pub chain: usize,
+    pub kind: Kind,
+    /// The selector that tells this group of statistic rules from others in the chain.
+    pub selector: Option<String>,
     first_rule: Option<usize>,
+    /// The balancer's name: the kube-proxy service, or the chain (and selector).
+    pub name: String,
+    /// The chain's name.
+    pub chain_name: String,
+    /// Line of the first statistic rule of the group, or of the chain.
+    pub line: u32,
+}
+
+impl Candidate {
+    /// The namespace of a kube-proxy service (`ns` of `ns/name:port`).
+    pub fn namespace(&self) -> Option<&str> {
+        (self.kind == Kind::KubeProxy)
+            .then(|| self.name.split_once('/').map(|(ns, _)| ns))
+            .flatten()
+    }
 }
 
 /// Finds and analyses every balancer. Balancers are sorted by (name, chain, line).
 pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
-    let mut candidates = Vec::new();
+    candidates(graph)
+        .par_iter()
+        .filter_map(|cand| analyse(graph, cand))
+        .collect()
+}
+
+/// Every place that may be a balancer: each group of statistic rules of a chain (rules
+/// with the same selector), and every kube-proxy service chain. Sorted by (name, chain,
+/// line), the order of [`find`]'s balancers. (A generic candidate whose statistic rules
+/// no traffic reaches is no balancer: [`analyse`] gives `None` for it.)
+pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
+    struct Found {
+        table: usize,
+        chain: usize,
+        selector: Option<String>,
+        first_rule: Option<usize>,
+    }
+    let mut found = Vec::new();
     for (t, table) in graph.rs.tables.iter().enumerate() {
         for (c, chain) in table.chains.iter().enumerate() {
             let mut groups: Vec<(String, usize)> = Vec::new();
@@ -168,7 +204,7 @@ pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
             let kube = is_kube_balancer_chain(chain.name);
             if groups.is_empty() {
                 if kube {
-                    candidates.push(Candidate {
+                    found.push(Found {
                         table: t,
                         chain: c,
                         selector: None,
@@ -179,7 +215,7 @@ pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
             }
             let split = groups.len() > 1 || chain.policy.is_some();
             for (key, r) in groups {
-                candidates.push(Candidate {
+                found.push(Found {
                     table: t,
                     chain: c,
                     selector: (split && !key.is_empty()).then_some(key),
@@ -188,22 +224,51 @@ pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
             }
         }
     }
-    let mut out: Vec<Balancer> = candidates
-        .par_iter()
-        .filter_map(|cand| analyse(graph, cand))
+    let mut out: Vec<Candidate> = found
+        .into_par_iter()
+        .map(|f| {
+            let chain = graph.chain(f.table, f.chain);
+            let kind = if is_kube_balancer_chain(chain.name) {
+                Kind::KubeProxy
+            } else {
+                Kind::Generic
+            };
+            let name = match kind {
+                Kind::KubeProxy => kube_name(chain, || {
+                    entries(graph, f.table, f.chain, f.first_rule)
+                        .into_iter()
+                        .find_map(|e| e.comment)
+                })
+                .unwrap_or_else(|| chain.name.to_string()),
+                Kind::Generic => match &f.selector {
+                    Some(s) => format!("{} {s}", chain.name),
+                    None => chain.name.to_string(),
+                },
+            };
+            Candidate {
+                table: f.table,
+                chain: f.chain,
+                kind,
+                selector: f.selector,
+                first_rule: f.first_rule,
+                name,
+                chain_name: chain.name.to_string(),
+                line: f
+                    .first_rule
+                    .map_or_else(|| first_line(chain), |r| chain.rules[r].line),
+            }
+        })
         .collect();
-    out.sort_by(|a, b| (&a.name, &a.chain, a.line).cmp(&(&b.name, &b.chain, b.line)));
+    out.sort_by(|a, b| (&a.name, &a.chain_name, a.line).cmp(&(&b.name, &b.chain_name, b.line)));
     out
 }
 
-fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
+/// Analyses one candidate: its entries, exact endpoint probabilities and affinity.
+/// `None` for a generic candidate whose statistic rules no traffic reaches.
+pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
     let table = graph.table(cand.table);
     let chain = &table.chains[cand.chain];
-    let kind = if is_kube_balancer_chain(chain.name) {
-        Kind::KubeProxy
-    } else {
-        Kind::Generic
-    };
+    let kind = cand.kind;
     let entries = entries(graph, cand.table, cand.chain, cand.first_rule);
     let packet = match (cand.first_rule, kind) {
         (Some(r), Kind::Generic) => Packet::from_rule(&chain.rules[r].parse()),
@@ -230,14 +295,14 @@ fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
                 format!("{}: {e}", chain.name),
             ));
             return Some(Balancer {
-                name: chain.name.to_string(),
+                name: cand.name.clone(),
                 table: table.name.to_string(),
                 table_index: cand.table,
                 chain: chain.name.to_string(),
                 chain_index: cand.chain,
                 kind,
                 selector: cand.selector.clone(),
-                line: first_line(chain),
+                line: cand.line,
                 entries,
                 affinity: None,
                 endpoints: Vec::new(),
@@ -285,13 +350,7 @@ fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
             paths,
         });
     }
-    let name = match kind {
-        Kind::KubeProxy => kube_name(chain, &entries).unwrap_or_else(|| chain.name.to_string()),
-        Kind::Generic => match &cand.selector {
-            Some(s) => format!("{} {s}", chain.name),
-            None => chain.name.to_string(),
-        },
-    };
+    let name = cand.name.clone();
     if kind == Kind::KubeProxy
         && let Some(last) = chain.rules.last()
         && last.statistic
@@ -321,9 +380,7 @@ fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
         chain_index: cand.chain,
         kind,
         selector: cand.selector.clone(),
-        line: cand
-            .first_rule
-            .map_or_else(|| first_line(chain), |r| chain.rules[r].line),
+        line: cand.line,
         entries,
         affinity: affinity(chain),
         endpoints,
@@ -351,7 +408,9 @@ fn entry_packet(e: &Entry) -> Packet {
 }
 
 /// The kube-proxy service name `ns/name:port` from the comments.
-fn kube_name(chain: &Chain<'_>, entries: &[Entry]) -> Option<String> {
+/// `entry_comment` gives the first comment of the entries, asked only when no rule of
+/// the chain has one.
+fn kube_name(chain: &Chain<'_>, entry_comment: impl FnOnce() -> Option<String>) -> Option<String> {
     let strip = |c: &str| -> String {
         let c = c.split(" -> ").next().unwrap_or(c);
         let c = [
@@ -368,7 +427,7 @@ fn kube_name(chain: &Chain<'_>, entries: &[Entry]) -> Option<String> {
         .rules
         .iter()
         .find_map(|r| r.parse().comment().map(strip))
-        .or_else(|| entries.iter().find_map(|e| e.comment.as_deref()).map(strip))
+        .or_else(|| entry_comment().as_deref().map(strip))
         .filter(|n| !n.is_empty())
 }
 

@@ -1,7 +1,7 @@
 //! The command line: argument parsing, input, output, and error rendering.
 
 use crate::audit::{self, Adjustment, AuditOptions};
-use crate::balance::{self, Balancer};
+use crate::balance::{self, Balancer, Candidate};
 use crate::check::{self, CheckOptions};
 use crate::error::{Error, InputError, Result};
 use crate::eval::{self, Mode, Packet};
@@ -9,9 +9,10 @@ use crate::expect::Expectations;
 use crate::graph::Graph;
 use crate::model::{Ruleset, Warning};
 use crate::parse::{self, ParseOptions};
-use crate::report::{Report, fmt_prob};
+use crate::report::{JsonStream, Report, fmt_prob};
 use crate::select::Selection;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rayon::prelude::*;
 use std::borrow::Cow;
 use std::io::{IsTerminal, Read, Write};
 use std::net::IpAddr;
@@ -313,17 +314,18 @@ pub fn analyse<'t>(
     Ok((rs, warnings))
 }
 
-/// Resolves the graph and finds the balancers.
-pub fn balancers<'r, 'a>(
+/// Resolves the graph and lists the places that may be balancers, sorted as
+/// balancers are listed.
+pub fn candidates<'r, 'a>(
     rs: &'r Ruleset<'a>,
     text: &str,
     input: &Input,
     lenient: bool,
     warnings: &mut Vec<Warning>,
-) -> Result<(Graph<'r, 'a>, Vec<Balancer>)> {
+) -> Result<(Graph<'r, 'a>, Vec<Candidate>)> {
     let graph = Graph::build(rs, lenient).map_err(|e| with_source(e, input, Some(text)))?;
     warnings.extend(graph.warnings.iter().cloned());
-    let found = balance::find(&graph);
+    let found = balance::candidates(&graph);
     Ok((graph, found))
 }
 
@@ -409,22 +411,49 @@ fn cmd_report(a: &ReportArgs) -> Result<i32> {
     let opts = a.audit.options(None)?;
     if a.format == ReportFormat::Json {
         // Large reports are printed a balancer at a time rather than built.
-        with_analysis(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
-            let (audits, info) = audit::run(graph, &chosen, &opts);
-            emit_with(|w| {
-                Report::write_json_streamed(
-                    w,
-                    &input.name,
-                    rs,
-                    &chosen,
-                    Some(&audits),
-                    info,
-                    warnings,
-                )
-            })?;
-            // The process ends here: let the OS reclaim them instead of freeing them.
-            std::mem::forget(audits);
-            std::mem::forget(chosen);
+        with_candidates(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
+            let counters = rs
+                .tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .any(|c| c.rules.iter().any(|r| r.counted));
+            if opts.connections != Some(0) || (opts.observed && counters) {
+                // p-values, adjusted across all balancers: analyse them all first.
+                let chosen: Vec<Balancer> = chosen
+                    .par_iter()
+                    .filter_map(|c| balance::analyse(graph, c))
+                    .collect();
+                let (audits, info) = audit::run(graph, &chosen, &opts);
+                emit_with(|w| {
+                    Report::write_json_streamed(
+                        w,
+                        &input.name,
+                        rs,
+                        &chosen,
+                        Some(&audits),
+                        info,
+                        warnings,
+                    )
+                })?;
+                // The process ends here: let the OS reclaim them instead of freeing them.
+                std::mem::forget(audits);
+                std::mem::forget(chosen);
+            } else {
+                // Nothing ties balancers together: analyse and print a window at a time.
+                emit_with(|w| {
+                    let mut out = JsonStream::begin(w, &input.name, rs, None, warnings)?;
+                    let window = 1024 * rayon::current_num_threads().max(1);
+                    for part in chosen.chunks(window) {
+                        let balancers: Vec<Balancer> = part
+                            .par_iter()
+                            .filter_map(|c| balance::analyse(graph, c))
+                            .collect();
+                        let (audits, _) = audit::run(graph, &balancers, &opts);
+                        out.balancers(&balancers, Some(&audits))?;
+                    }
+                    out.finish()
+                })?;
+            }
             Ok(())
         })?;
         return Ok(0);
@@ -514,13 +543,32 @@ pub fn with_analysis<T>(
     select: &SelectArgs,
     f: impl FnOnce(&Input, &Ruleset<'_>, &Graph<'_, '_>, Vec<Balancer>, Vec<Warning>) -> Result<T>,
 ) -> Result<T> {
+    with_candidates(input_args, select, |input, rs, graph, chosen, warnings| {
+        let chosen: Vec<Balancer> = chosen
+            .par_iter()
+            .filter_map(|c| balance::analyse(graph, c))
+            .collect();
+        f(input, rs, graph, chosen, warnings)
+    })
+}
+
+/// Reads and parses the input, resolves the graph, and hands `f` the candidates that
+/// the selection keeps, unanalysed.
+pub fn with_candidates<T>(
+    input_args: &InputArgs,
+    select: &SelectArgs,
+    f: impl FnOnce(&Input, &Ruleset<'_>, &Graph<'_, '_>, &[Candidate], Vec<Warning>) -> Result<T>,
+) -> Result<T> {
     let input = Input::read(input_args.file.as_deref())?;
     let (text, warnings) = decode(&input, input_args.lenient)?;
     let (rs, mut warnings) = analyse(&text, &input, input_args.lenient, warnings)?;
-    let (graph, found) = balancers(&rs, &text, &input, input_args.lenient, &mut warnings)?;
+    let (graph, found) = candidates(&rs, &text, &input, input_args.lenient, &mut warnings)?;
     let selection = Selection::new(select)?;
-    let chosen: Vec<Balancer> = found.into_iter().filter(|b| selection.matches(b)).collect();
-    let out = f(&input, &rs, &graph, chosen, warnings);
+    let chosen: Vec<Candidate> = found
+        .into_iter()
+        .filter(|c| selection.matches_candidate(c))
+        .collect();
+    let out = f(&input, &rs, &graph, &chosen, warnings);
     // Large inputs: leave the parsed rules to the OS at exit.
     std::mem::forget(graph);
     std::mem::forget(rs);

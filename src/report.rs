@@ -240,10 +240,8 @@ impl Report {
     }
 
     /// Writes the pretty JSON of the report that [`Report::new`] would build from the
-    /// same arguments, without building it: the balancers are converted and printed a
-    /// batch at a time (batches on several threads, written in order), so that a report
-    /// of tens of thousands of balancers never exists in memory as a whole. The text is
-    /// the same as [`Report::to_json`] of the built report.
+    /// same arguments, without building it (see [`JsonStream`]). The text is the same as
+    /// [`Report::to_json`] of the built report.
     pub fn write_json_streamed(
         w: &mut dyn std::io::Write,
         source: &str,
@@ -253,57 +251,9 @@ impl Report {
         simulation: Option<SimulationInfo>,
         warnings: Vec<Warning>,
     ) -> std::io::Result<()> {
-        use rayon::prelude::*;
-        let head = Report::header(source, rs, balancers, simulation, warnings);
-        let head = head.to_json();
-        // Keys are printed in order and a string value cannot hold an unescaped quote,
-        // so the first such line is the key.
-        const EMPTY: &str = "\n  \"balancers\": []";
-        let at = head
-            .find(EMPTY)
-            .ok_or_else(|| std::io::Error::other("report JSON without balancers"))?;
-        let open = at + EMPTY.len() - 1;
-        w.write_all(&head.as_bytes()[..open])?;
-        // Each balancer, pretty-printed on its own and indented two levels: what the
-        // pretty printer writes for it as an element of `balancers`.
-        let render = |i: usize, out: &mut Vec<u8>| {
-            let b = BalancerReport::from_balancer(&balancers[i], audits.and_then(|a| a.get(i)));
-            let mut one = Vec::with_capacity(1024);
-            serde_json::to_writer_pretty(&mut one, &b).expect("balancer serialises");
-            out.extend_from_slice(if i == 0 { b"\n    " } else { b",\n    " });
-            for line in one.split_inclusive(|&c| c == b'\n') {
-                out.extend_from_slice(line);
-                if line.ends_with(b"\n") {
-                    out.extend_from_slice(b"    ");
-                }
-            }
-        };
-        const BATCH: usize = 64;
-        let window = BATCH * 4 * rayon::current_num_threads().max(1);
-        let mut start = 0;
-        while start < balancers.len() {
-            let end = (start + window).min(balancers.len());
-            let parts: Vec<Vec<u8>> = (start..end)
-                .step_by(BATCH)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|from| {
-                    let mut out = Vec::new();
-                    for i in from..(from + BATCH).min(end) {
-                        render(i, &mut out);
-                    }
-                    out
-                })
-                .collect();
-            for p in parts {
-                w.write_all(&p)?;
-            }
-            start = end;
-        }
-        if !balancers.is_empty() {
-            w.write_all(b"\n  ")?;
-        }
-        w.write_all(&head.as_bytes()[open..])
+        let mut out = JsonStream::begin(w, source, rs, simulation, warnings)?;
+        out.balancers(balancers, audits)?;
+        out.finish()
     }
 
     /// Writes the pretty JSON (the same text as [`Report::to_json`]).
@@ -566,6 +516,118 @@ pub fn fmt_dev(d: f64) -> String {
     }
 }
 
+/// A report's JSON written while its balancers are analysed: the head first, then the
+/// balancers a window at a time (each converted and printed in batches on several
+/// threads, written in order), then the warnings, which come last in the report. A
+/// report of tens of thousands of balancers never exists in memory as a whole; the text
+/// is the same as [`Report::to_json`] of the built report.
+pub struct JsonStream<'w> {
+    w: &'w mut dyn std::io::Write,
+    /// The report without balancers, and where its `balancers` array opens.
+    head: Report,
+    open: usize,
+    written: usize,
+}
+
+impl<'w> JsonStream<'w> {
+    /// Writes everything up to the first balancer.
+    pub fn begin(
+        w: &'w mut dyn std::io::Write,
+        source: &str,
+        rs: &Ruleset<'_>,
+        simulation: Option<SimulationInfo>,
+        warnings: Vec<Warning>,
+    ) -> std::io::Result<Self> {
+        let head = Report::header(source, rs, &[], simulation, warnings);
+        let text = head.to_json();
+        let open = Self::opening(&text)?;
+        w.write_all(&text.as_bytes()[..open])?;
+        Ok(JsonStream {
+            w,
+            head,
+            open,
+            written: 0,
+        })
+    }
+
+    /// Where the text after `"balancers": [` starts. Keys are printed in order and a
+    /// string value cannot hold an unescaped quote, so the first such line is the key.
+    fn opening(text: &str) -> std::io::Result<usize> {
+        const EMPTY: &str = "\n  \"balancers\": []";
+        text.find(EMPTY)
+            .map(|at| at + EMPTY.len() - 1)
+            .ok_or_else(|| std::io::Error::other("report JSON without balancers"))
+    }
+
+    /// Writes the next balancers (with their audits, index for index).
+    pub fn balancers(
+        &mut self,
+        balancers: &[Balancer],
+        audits: Option<&[Audit]>,
+    ) -> std::io::Result<()> {
+        use rayon::prelude::*;
+        // Each balancer, pretty-printed on its own and indented two levels: what the
+        // pretty printer writes for it as an element of `balancers`.
+        let first = self.written;
+        let render = |i: usize, out: &mut Vec<u8>| {
+            let b = BalancerReport::from_balancer(&balancers[i], audits.and_then(|a| a.get(i)));
+            let mut one = Vec::with_capacity(1024);
+            serde_json::to_writer_pretty(&mut one, &b).expect("balancer serialises");
+            out.extend_from_slice(if first + i == 0 {
+                b"\n    "
+            } else {
+                b",\n    "
+            });
+            for line in one.split_inclusive(|&c| c == b'\n') {
+                out.extend_from_slice(line);
+                if line.ends_with(b"\n") {
+                    out.extend_from_slice(b"    ");
+                }
+            }
+        };
+        const BATCH: usize = 64;
+        let window = BATCH * 4 * rayon::current_num_threads().max(1);
+        let mut start = 0;
+        while start < balancers.len() {
+            let end = (start + window).min(balancers.len());
+            let parts: Vec<Vec<u8>> = (start..end)
+                .step_by(BATCH)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|from| {
+                    let mut out = Vec::new();
+                    for i in from..(from + BATCH).min(end) {
+                        render(i, &mut out);
+                    }
+                    out
+                })
+                .collect();
+            for p in parts {
+                self.w.write_all(&p)?;
+            }
+            start = end;
+        }
+        for b in balancers {
+            self.head.warnings.extend(b.warnings.iter().cloned());
+        }
+        self.written += balancers.len();
+        Ok(())
+    }
+
+    /// Closes the balancers and writes the rest: the warnings, sorted, each once.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if self.written > 0 {
+            self.w.write_all(b"\n  ")?;
+        }
+        self.head.warnings.sort();
+        self.head.warnings.dedup();
+        let text = self.head.to_json();
+        let open = Self::opening(&text)?;
+        debug_assert_eq!(open, self.open);
+        self.w.write_all(&text.as_bytes()[open..])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,11 +691,26 @@ mod tests {
                     &rs,
                     &balancers,
                     Some(&audits),
-                    info,
+                    info.clone(),
                     warnings,
                 )
                 .unwrap();
                 assert_eq!(String::from_utf8(streamed).unwrap(), built, "{path:?}");
+                // The same, handed over in windows of 7 balancers.
+                let mut windowed = Vec::new();
+                let mut out = JsonStream::begin(
+                    &mut windowed,
+                    "x \"balancers\": []",
+                    &rs,
+                    info,
+                    vec![Warning::new(0, "a \"quoted\" warning\nover two lines")],
+                )
+                .unwrap();
+                for (bs, au) in balancers.chunks(7).zip(audits.chunks(7)) {
+                    out.balancers(bs, Some(au)).unwrap();
+                }
+                out.finish().unwrap();
+                assert_eq!(String::from_utf8(windowed).unwrap(), built, "{path:?}");
             }
         }
         assert!(many, "a fixture with more balancers than one batch");

@@ -1,6 +1,6 @@
 //! Choosing balancers: globs over names and chains, namespaces, exclusions.
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Candidate};
 use crate::cli::SelectArgs;
 use crate::error::Result;
 
@@ -52,11 +52,19 @@ impl Selection {
     }
 
     pub fn matches(&self, b: &Balancer) -> bool {
-        let hit = |g: &String| glob(g, &b.name) || glob(g, &b.chain);
+        self.matches_parts(&b.name, &b.chain, b.namespace())
+    }
+
+    /// [`Selection::matches`] for the balancer a candidate would be.
+    pub fn matches_candidate(&self, c: &Candidate) -> bool {
+        self.matches_parts(&c.name, &c.chain_name, c.namespace())
+    }
+
+    fn matches_parts(&self, name: &str, chain: &str, namespace: Option<&str>) -> bool {
+        let hit = |g: &String| glob(g, name) || glob(g, chain);
         (self.include.is_empty() || self.include.iter().any(hit))
             && (self.namespaces.is_empty()
-                || b.namespace()
-                    .is_some_and(|ns| self.namespaces.iter().any(|n| n == ns)))
+                || namespace.is_some_and(|ns| self.namespaces.iter().any(|n| n == ns)))
             && !self.exclude.iter().any(hit)
     }
 }
