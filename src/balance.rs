@@ -463,7 +463,7 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
     let mut stack = vec![c];
     seen.insert(c);
     while let Some(cur) = stack.pop() {
-        for &(pc, pr) in &tg.callers[cur] {
+        for (pc, pr) in tg.callers(cur) {
             let parent = &table.chains[pc];
             let rule = parent.rules[pr].parse();
             let dispatch = parent.name == "KUBE-SERVICES"

@@ -387,7 +387,7 @@ impl Walker<'_, '_, '_> {
             if self.steps > STEP_LIMIT {
                 return Err(TooComplex { limit: STEP_LIMIT });
             }
-            let target = tg.targets[t.chain][t.rule];
+            let target = tg.target(t.chain, t.rule);
             // Rules whose target cannot change the outcome are skipped unevaluated.
             let relevant = match target {
                 TargetRef::None | TargetRef::Continue | TargetRef::Missing => false,

@@ -87,14 +87,41 @@ pub fn is_terminal_name(name: &str) -> bool {
 pub struct TableGraph<'a> {
     /// Chain name to index in `Table::chains`.
     pub index: HashMap<&'a str, usize>,
-    /// Per chain, per rule: the resolved target.
-    pub targets: Vec<Vec<TargetRef>>,
-    /// Per chain: the `(chain, rule)` positions that jump or go to it.
-    pub callers: Vec<Vec<(usize, usize)>>,
+    /// The resolved targets of all rules, chain after chain; chain `c`'s are
+    /// `target_list[target_start[c]..target_start[c + 1]]`.
+    target_start: Vec<u32>,
+    target_list: Vec<TargetRef>,
+    /// The `(chain, rule)` positions that jump or go to each chain, likewise.
+    caller_start: Vec<u32>,
+    caller_list: Vec<(u32, u32)>,
     /// Per chain: can traversal end with a verdict inside it (directly or below)?
     pub may_terminate: Vec<bool>,
     /// Per chain: does it (or anything below it) change marks?
     pub may_mark: Vec<bool>,
+}
+
+impl TableGraph<'_> {
+    /// Number of chains.
+    pub fn chains(&self) -> usize {
+        self.target_start.len() - 1
+    }
+
+    /// The resolved targets of chain `c`'s rules.
+    pub fn targets(&self, c: usize) -> &[TargetRef] {
+        &self.target_list[self.target_start[c] as usize..self.target_start[c + 1] as usize]
+    }
+
+    /// The resolved target of rule `r` of chain `c`.
+    pub fn target(&self, c: usize, r: usize) -> TargetRef {
+        self.targets(c)[r]
+    }
+
+    /// The `(chain, rule)` positions that jump or go to chain `c`, in input order.
+    pub fn callers(&self, c: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.caller_list[self.caller_start[c] as usize..self.caller_start[c + 1] as usize]
+            .iter()
+            .map(|&(pc, pr)| (pc as usize, pr as usize))
+    }
 }
 
 /// The resolved graph of a whole ruleset.
@@ -142,7 +169,7 @@ impl<'r, 'a> Graph<'r, 'a> {
     /// Chains in an order where every chain comes after all chains it jumps to.
     pub fn callee_first_order(&self, t: usize) -> Vec<usize> {
         let tg = &self.tables[t];
-        let n = tg.targets.len();
+        let n = tg.chains();
         let mut order = Vec::with_capacity(n);
         let mut state = vec![0u8; n]; // 0 new, 1 on stack, 2 done
         for root in 0..n {
@@ -152,8 +179,8 @@ impl<'r, 'a> Graph<'r, 'a> {
             let mut stack = vec![(root, 0usize)];
             state[root] = 1;
             while let Some(&mut (c, ref mut r)) = stack.last_mut() {
-                if *r < tg.targets[c].len() {
-                    let target = tg.targets[c][*r];
+                if *r < tg.targets(c).len() {
+                    let target = tg.target(c, *r);
                     *r += 1;
                     if let TargetRef::Chain { chain, .. } = target
                         && state[chain] == 0
@@ -178,8 +205,8 @@ impl<'r, 'a> Graph<'r, 'a> {
         for c in order {
             let mut term = false;
             let mut mark = false;
-            for target in &tg.targets[c] {
-                match *target {
+            for i in tg.target_start[c]..tg.target_start[c + 1] {
+                match tg.target_list[i as usize] {
                     TargetRef::Terminal => term = true,
                     TargetRef::Mark => mark = true,
                     TargetRef::Chain { chain, .. } => {
@@ -209,13 +236,13 @@ impl<'r, 'a> Graph<'r, 'a> {
             state[root] = 1;
             while let Some(top) = stack.last_mut() {
                 let (c, r) = *top;
-                if r >= tg.targets[c].len() {
+                if r >= tg.targets(c).len() {
                     state[c] = 2;
                     stack.pop();
                     continue;
                 }
                 top.1 += 1;
-                if let TargetRef::Chain { chain, .. } = tg.targets[c][r] {
+                if let TargetRef::Chain { chain, .. } = tg.target(c, r) {
                     match state[chain] {
                         0 => {
                             state[chain] = 1;
@@ -269,19 +296,22 @@ fn build_table<'a>(
         index.entry(c.name).or_insert(i);
     }
     let n = table.chains.len();
-    let mut targets = Vec::with_capacity(n);
-    let mut callers = vec![Vec::new(); n];
+    let rules: usize = table.chains.iter().map(|c| c.rules.len()).sum();
+    let mut target_start = Vec::with_capacity(n + 1);
+    let mut target_list = Vec::with_capacity(rules);
+    // Callers are counted first, then filed (counting sort by callee).
+    let mut caller_count = vec![0u32; n + 1];
     let mut missing_warned: HashMap<&str, ()> = HashMap::default();
-    for (ci, chain) in table.chains.iter().enumerate() {
-        let mut row = Vec::with_capacity(chain.rules.len());
-        for (ri, rule) in chain.rules.iter().enumerate() {
+    for chain in &table.chains {
+        target_start.push(target_list.len() as u32);
+        for rule in &chain.rules {
             let resolved = match &rule.target {
                 None => TargetRef::None,
                 Some(target) => resolve(target, &index),
             };
             let resolved = match resolved {
                 TargetRef::Chain { chain: callee, .. } => {
-                    callers[callee].push((ci, ri));
+                    caller_count[callee + 1] += 1;
                     resolved
                 }
                 TargetRef::Missing => {
@@ -327,14 +357,31 @@ fn build_table<'a>(
                 }
                 other => other,
             };
-            row.push(resolved);
+            target_list.push(resolved);
         }
-        targets.push(row);
+    }
+    target_start.push(target_list.len() as u32);
+    for c in 0..n {
+        caller_count[c + 1] += caller_count[c];
+    }
+    let caller_start = caller_count;
+    let mut next = caller_start.clone();
+    let mut caller_list = vec![(0u32, 0u32); caller_start[n] as usize];
+    for (ci, chain) in table.chains.iter().enumerate() {
+        let base = target_start[ci] as usize;
+        for ri in 0..chain.rules.len() {
+            if let TargetRef::Chain { chain: callee, .. } = target_list[base + ri] {
+                caller_list[next[callee] as usize] = (ci as u32, ri as u32);
+                next[callee] += 1;
+            }
+        }
     }
     Ok(TableGraph {
         index,
-        targets,
-        callers,
+        target_start,
+        target_list,
+        caller_start,
+        caller_list,
         may_terminate: vec![false; n],
         may_mark: vec![false; n],
     })
@@ -394,7 +441,7 @@ mod tests {
         // A fragment assumes the chain returns, with a warning.
         let rs = parse("-A KUBE-SVC-X -j KUBE-SEP-Y\n", &ParseOptions::default()).unwrap();
         let g = Graph::build(&rs, false).unwrap();
-        assert_eq!(g.tables[0].targets[0][0], TargetRef::Missing);
+        assert_eq!(g.tables[0].target(0, 0), TargetRef::Missing);
         assert!(g.warnings.iter().any(|w| w.message.contains("KUBE-SEP-Y")));
     }
 

@@ -1292,7 +1292,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 f.rule += 1;
                 continue;
             }
-            let target = self.graph.tables[self.table].targets[c][r];
+            let target = self.graph.tables[self.table].target(c, r);
             if !self.relevant(target) {
                 f.next.extend(f.cur.iter().copied());
                 f.k = f.cur.len();
@@ -1356,7 +1356,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         let callees = |c: usize| -> Vec<(usize, bool)> {
             (0..self.decisions[&c].len())
                 .filter(|&r| self.emitted(c, r))
-                .filter_map(|r| match tg.targets[c][r] {
+                .filter_map(|r| match tg.target(c, r) {
                     TargetRef::Chain { chain, goto } if self.decisions.contains_key(&chain) => {
                         Some((chain, goto))
                     }
@@ -1458,7 +1458,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                     Cond::Runtime(x) => Some(*x),
                     _ => None,
                 }));
-                let target = match tg.targets[c][r] {
+                let target = match tg.target(c, r) {
                     // A chain never entered belongs to a rule that never matches.
                     TargetRef::Chain { chain, goto } => {
                         let to = chain_pc.get(&chain).copied().unwrap_or(0);
