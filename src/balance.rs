@@ -193,7 +193,7 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
         for (c, chain) in table.chains.iter().enumerate() {
             let mut groups: Vec<(String, usize)> = Vec::new();
             for (r, line) in chain.rules.iter().enumerate() {
-                if !line.statistic {
+                if !line.statistic() {
                     continue;
                 }
                 let key = selector(&line.parse());
@@ -353,7 +353,7 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
     let name = cand.name.clone();
     if kind == Kind::KubeProxy
         && let Some(last) = chain.rules.last()
-        && last.statistic
+        && last.statistic()
     {
         warnings.push(Warning::new(
             last.line,

@@ -416,7 +416,7 @@ fn cmd_report(a: &ReportArgs) -> Result<i32> {
                 .tables
                 .iter()
                 .flat_map(|t| &t.chains)
-                .any(|c| c.rules.iter().any(|r| r.counted));
+                .any(|c| c.rules.iter().any(|r| r.counted()));
             if opts.connections != Some(0) || (opts.observed && counters) {
                 // p-values, adjusted across all balancers: analyse them all first.
                 let chosen: Vec<Balancer> = chosen

@@ -273,7 +273,7 @@ fn loop_error(table: &Table<'_>, stack: &[(usize, usize)], back_to: usize) -> In
     InputError::new(
         InputErrorKind::Loop,
         rule.line,
-        rule.target.as_ref().map_or(0, |t| t.col),
+        rule.parse().target.as_ref().map_or(0, |t| t.col),
         names.join(" -> "),
         format!(
             "chain loop in table {}: {} (rules on lines {})",
@@ -305,7 +305,7 @@ fn build_table<'a>(
     for chain in &table.chains {
         target_start.push(target_list.len() as u32);
         for rule in &chain.rules {
-            let resolved = match &rule.target {
+            let resolved = match &rule.target() {
                 None => TargetRef::None,
                 Some(target) => resolve(target, &index),
             };
@@ -315,14 +315,14 @@ fn build_table<'a>(
                     resolved
                 }
                 TargetRef::Missing => {
-                    let target = rule.target.as_ref().expect("missing implies a target");
+                    let target = rule.target().expect("missing implies a target");
                     // Tables without a `*table` header (excerpts) may name chains they
                     // do not contain; a full table may not.
                     if format == Format::Save && table.line.is_some() && !lenient {
                         return Err(InputError::new(
                             InputErrorKind::UndeclaredChain,
                             rule.line,
-                            target.col,
+                            rule.parse().target.as_ref().map_or(0, |t| t.col),
                             target.name,
                             format!(
                                 "jump to chain {} which table {} does not declare",
@@ -346,7 +346,7 @@ fn build_table<'a>(
                     resolved
                 }
                 TargetRef::Continue => {
-                    let name = rule.target.as_ref().map_or("", |t| t.name);
+                    let name = rule.target().map_or("", |t| t.name);
                     if !CONTINUE.contains(&name) && missing_warned.insert(name, ()).is_none() {
                         warnings.push(Warning::new(
                             rule.line,

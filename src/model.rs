@@ -160,46 +160,100 @@ pub struct TargetHead<'a> {
     pub jump: Jump,
     /// The chain or target extension name, as written.
     pub name: &'a str,
-    /// 1-based column of `-j`/`-g`.
-    pub col: u32,
     /// The target has options (`--to-destination …`).
     pub has_options: bool,
 }
 
-impl<'a> TargetHead<'a> {
-    pub fn of(t: &Target<'a>) -> Self {
-        TargetHead {
-            jump: t.jump,
-            name: t.name,
-            col: t.col,
-            has_options: !t.options.is_empty(),
-        }
-    }
-}
-
-/// One `-A CHAIN …` line as the ruleset keeps it: the line's text, its number, its
-/// target's name and whether it has a `-m statistic` match. The options are read
-/// again from the text when they are needed ([`RuleLine::parse`]), so that a dump of
-/// half a million rules costs little more memory than its text.
+/// One `-A CHAIN …` line as the ruleset keeps it: the line's text, its number, where
+/// its target's name is and a few flags (32 bytes). The options are read again from
+/// the text when they are needed ([`RuleLine::parse`]), so that a dump of half a
+/// million rules costs little more memory than its text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleLine<'a> {
-    /// 1-based line of the rule in the input.
-    pub line: u32,
     /// The whole input line, as it was read (without its line break).
     pub text: &'a str,
-    /// `None` for a rule without `-j`/`-g`.
-    pub target: Option<TargetHead<'a>>,
-    /// The rule has a `-m statistic` match.
-    pub statistic: bool,
-    /// The rule has counters (`[p:b]` or `-c P B`).
-    pub counted: bool,
+    /// 1-based line of the rule in the input.
+    pub line: u32,
+    /// Byte range of the target's name in `text`.
+    target_at: u32,
+    target_len: u32,
+    flags: u8,
 }
 
+const HAS_TARGET: u8 = 1;
+const GOTO: u8 = 2;
+const TARGET_OPTIONS: u8 = 4;
+const STATISTIC: u8 = 8;
+const COUNTED: u8 = 16;
+
 impl<'a> RuleLine<'a> {
+    /// The line `text` (number `line`), whose rule `rule` is.
+    pub fn new(line: u32, text: &'a str, rule: &Rule<'_>) -> Self {
+        let mut flags = 0u8;
+        let (mut at, mut len) = (0u32, 0u32);
+        if let Some(t) = &rule.target {
+            flags |= HAS_TARGET;
+            if t.jump == Jump::Goto {
+                flags |= GOTO;
+            }
+            if !t.options.is_empty() {
+                flags |= TARGET_OPTIONS;
+            }
+            // The name is a slice of the line; find it there otherwise.
+            let off = (t.name.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+            let off = if off <= text.len() && text.get(off..off + t.name.len()) == Some(t.name) {
+                off
+            } else {
+                text.rfind(t.name).unwrap_or(text.len())
+            };
+            at = u32::try_from(off).unwrap_or(u32::MAX);
+            len = u32::try_from(t.name.len()).unwrap_or(0);
+        }
+        if rule.matches.iter().any(|m| m.module == "statistic") {
+            flags |= STATISTIC;
+        }
+        if rule.counters.is_some() {
+            flags |= COUNTED;
+        }
+        RuleLine {
+            text,
+            line,
+            target_at: at,
+            target_len: len,
+            flags,
+        }
+    }
+
     /// The rule with all its options. The line was read once already without error,
     /// so this reads it the same way again.
     pub fn parse(&self) -> Rule<'a> {
         crate::parse::reparse(self.text, self.line)
+    }
+
+    /// `-j NAME` or `-g CHAIN`, if the rule has one.
+    pub fn target(&self) -> Option<TargetHead<'a>> {
+        (self.flags & HAS_TARGET != 0).then(|| TargetHead {
+            jump: if self.flags & GOTO != 0 {
+                Jump::Goto
+            } else {
+                Jump::Jump
+            },
+            name: self
+                .text
+                .get(self.target_at as usize..(self.target_at as usize + self.target_len as usize))
+                .unwrap_or(""),
+            has_options: self.flags & TARGET_OPTIONS != 0,
+        })
+    }
+
+    /// The rule has a `-m statistic` match.
+    pub fn statistic(&self) -> bool {
+        self.flags & STATISTIC != 0
+    }
+
+    /// The rule has counters (`[p:b]` or `-c P B`).
+    pub fn counted(&self) -> bool {
+        self.flags & COUNTED != 0
     }
 }
 
@@ -290,3 +344,6 @@ impl<'a> Ruleset<'a> {
             .sum()
     }
 }
+
+// A rule costs 32 bytes besides its text (see `RuleLine`).
+const _: () = assert!(std::mem::size_of::<RuleLine<'static>>() <= 32);

@@ -24,12 +24,12 @@ pub struct Observed {
 /// rules that choose its endpoints.
 pub fn observed(graph: &Graph<'_, '_>, b: &Balancer) -> Option<Observed> {
     let chain = graph.chain(b.table_index, b.chain_index);
-    if b.endpoints.is_empty() || chain.rules.iter().all(|r| !r.counted) {
+    if b.endpoints.is_empty() || chain.rules.iter().all(|r| !r.counted()) {
         return None;
     }
     let counter_of = |line: u32| -> Option<(u64, bool)> {
         let i = chain.rules.binary_search_by_key(&line, |r| r.line).ok()?;
-        if !chain.rules[i].counted {
+        if !chain.rules[i].counted() {
             return None;
         }
         let rule = chain.rules[i].parse();

@@ -139,7 +139,7 @@ pub fn statistic_rules(graph: &Graph<'_, '_>, b: &Balancer) -> Vec<(u32, Statist
     let all: Vec<(u32, Statistic)> = chain
         .rules
         .iter()
-        .filter(|r| r.statistic)
+        .filter(|r| r.statistic())
         .filter_map(|r| {
             let rule = r.parse();
             let m = rule.find_match("statistic")?;

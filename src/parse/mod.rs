@@ -28,7 +28,7 @@ mod proptests;
 use rayon::prelude::*;
 
 use crate::error::InputError;
-use crate::model::{Rule, RuleLine, Ruleset, Table, TargetHead};
+use crate::model::{Rule, RuleLine, Ruleset, Table};
 
 pub use decode::decode;
 pub use save::to_save;
@@ -49,8 +49,8 @@ pub struct ParseOptions {
 /// or uses `-m statistic`; `filter` otherwise.
 pub fn assumed_table(t: &Table<'_>) -> &'static str {
     let nat = t.chains.iter().flat_map(|c| &c.rules).any(|r| {
-        r.statistic
-            || r.target.as_ref().is_some_and(|t| {
+        r.statistic()
+            || r.target().is_some_and(|t| {
                 matches!(t.name, "DNAT" | "SNAT" | "MASQUERADE" | "REDIRECT")
                     || t.name.starts_with("KUBE-SVC-")
                     || t.name.starts_with("KUBE-SVL-")
@@ -122,13 +122,7 @@ fn read_lines<'a, E>(
                     chain_of_run = chain;
                 }
                 v6 |= build::rule_is_v6(&rule);
-                run.push(RuleLine {
-                    line: no,
-                    text: line,
-                    target: rule.target.as_ref().map(TargetHead::of),
-                    statistic: rule.matches.iter().any(|m| m.module == "statistic"),
-                    counted: rule.counters.is_some(),
-                });
+                run.push(RuleLine::new(no, line, &rule));
             }
             Ok(Line::Other(item)) => {
                 flush_run(sink, &mut run, chain_of_run, &mut v6)?;
@@ -175,11 +169,41 @@ fn apply<'a>(b: &mut Builder<'a>, e: Entry<'a>) -> Result<(), InputError> {
     }
 }
 
-/// Number of lines `str::lines` yields for `text`.
-fn count_lines(text: &str) -> u32 {
-    let newlines = text.as_bytes().iter().filter(|&&b| b == b'\n').count();
-    let last = usize::from(!text.is_empty() && !text.ends_with('\n'));
-    u32::try_from(newlines + last).unwrap_or(u32::MAX)
+/// What a first quick look at a piece of text finds: its number of lines (as
+/// `str::lines` counts them) and, for sizing the chain lists, the chain declarations
+/// (`:CHAIN …`, `-N`, `-P` lines) before its first `*table` line and after each one.
+struct Outline {
+    lines: u32,
+    decls: Vec<usize>,
+}
+
+fn outline(text: &str) -> Outline {
+    let bytes = text.as_bytes();
+    let mut decls = vec![0usize];
+    let mut lines = 0usize;
+    let mut start = 0;
+    while start < bytes.len() {
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(bytes.len(), |p| start + p);
+        lines += 1;
+        let line = &bytes[start..end];
+        let body = line.trim_ascii_start();
+        match body.first() {
+            Some(b':') => *decls.last_mut().expect("non-empty") += 1,
+            Some(b'*') => decls.push(0),
+            Some(b'-') if body.starts_with(b"-N") || body.starts_with(b"-P") => {
+                *decls.last_mut().expect("non-empty") += 1;
+            }
+            _ => {}
+        }
+        start = end + 1;
+    }
+    Outline {
+        lines: u32::try_from(lines).unwrap_or(u32::MAX),
+        decls,
+    }
 }
 
 /// Cuts `text` into about `n` pieces that end after a line feed.
@@ -211,7 +235,7 @@ fn split_lines(text: &str, n: usize) -> Vec<&str> {
 pub fn parse<'a>(text: &'a str, opts: &ParseOptions) -> Result<Ruleset<'a>, InputError> {
     let threads = rayon::current_num_threads();
     let pieces = if text.len() >= PARALLEL_MIN && threads > 1 {
-        threads * 4
+        threads * 32
     } else {
         1
     };
@@ -233,53 +257,41 @@ fn parse_in<'a>(
         return b.finish(lines);
     }
     let pieces = split_lines(text, pieces);
-    let counts: Vec<u32> = pieces.par_iter().map(|p| count_lines(p)).collect();
+    let outlines: Vec<Outline> = pieces.par_iter().map(|p| outline(p)).collect();
     let mut firsts = Vec::with_capacity(pieces.len());
     let mut next: u32 = 1;
-    for c in &counts {
+    // Declarations per table (the first entry: before any `*table` line), so that each
+    // table's chain list is allocated once.
+    let mut sizes = vec![0usize];
+    for o in &outlines {
         firsts.push(next);
-        next = next.saturating_add(*c);
+        next = next.saturating_add(o.lines);
+        *sizes.last_mut().expect("non-empty") += o.decls[0];
+        sizes.extend_from_slice(&o.decls[1..]);
     }
     let lines = next - 1;
-    // Each piece is read into a list; without `lenient` a piece stops at its first bad
-    // line, which is all the filing below can get to.
-    let chunks: Vec<Vec<Entry<'a>>> = pieces
-        .par_iter()
-        .zip(firsts.par_iter())
-        .map(|(p, &first)| {
-            let mut out = Vec::new();
-            let _ = read_lines(p, first, &mut |e| {
-                let fatal = !lenient && matches!(e, Entry::Error(_));
-                out.push(e);
-                if fatal { Err(()) } else { Ok(()) }
-            });
-            out
-        })
-        .collect();
-    // Chain counts to expect, per table, so that indexes are allocated once.
-    let mut sizes = Vec::new();
-    let (mut decls, mut runs) = (0usize, 0usize);
-    for e in chunks.iter().flatten() {
-        match e {
-            Entry::Line {
-                item: Item::Table(_),
-                ..
-            } => {
-                sizes.push(decls.max(runs));
-                (decls, runs) = (0, 0);
-            }
-            Entry::Line {
-                item: Item::Decl { .. },
-                ..
-            } => decls += 1,
-            Entry::Rules { .. } => runs += 1,
-            _ => {}
-        }
-    }
-    sizes.push(decls.max(runs));
     let mut b = Builder::new(lenient, sizes);
-    for e in chunks.into_iter().flatten() {
-        apply(&mut b, e)?;
+    // The pieces are read in waves, a piece per thread at a time, and filed in order
+    // after each wave: what was read but not filed stays small. Without `lenient` a
+    // piece stops at its first bad line, which is all the filing can get to.
+    let threads = rayon::current_num_threads().max(1);
+    for (wave, wave_firsts) in pieces.chunks(threads).zip(firsts.chunks(threads)) {
+        let chunks: Vec<Vec<Entry<'a>>> = wave
+            .par_iter()
+            .zip(wave_firsts.par_iter())
+            .map(|(p, &first)| {
+                let mut out = Vec::new();
+                let _ = read_lines(p, first, &mut |e| {
+                    let fatal = !lenient && matches!(e, Entry::Error(_));
+                    out.push(e);
+                    if fatal { Err(()) } else { Ok(()) }
+                });
+                out
+            })
+            .collect();
+        for e in chunks.into_iter().flatten() {
+            apply(&mut b, e)?;
+        }
     }
     b.finish(lines)
 }

@@ -8,7 +8,6 @@ use proptest::prelude::*;
 use super::*;
 use crate::model::{
     Chain, Counters, Family, Format, Jump, Match, Opt, Policy, Rule, RuleLine, Table, Target,
-    TargetHead,
 };
 
 fn lenient() -> ParseOptions {
@@ -332,16 +331,7 @@ fn ruleset_of<'a>(tables: &'a [GTable], lines: &'a [Vec<Vec<String>>]) -> Rulese
                         .rules
                         .iter()
                         .zip(cl)
-                        .map(|(r, text)| {
-                            let full = full_rule(r);
-                            RuleLine {
-                                line: 0,
-                                text,
-                                target: full.target.as_ref().map(TargetHead::of),
-                                statistic: full.matches.iter().any(|m| m.module == "statistic"),
-                                counted: full.counters.is_some(),
-                            }
-                        })
+                        .map(|(r, text)| RuleLine::new(0, text, &full_rule(r)))
                         .collect(),
                 })
                 .collect(),

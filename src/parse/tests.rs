@@ -393,10 +393,7 @@ COMMIT \r
     assert_eq!(m.module, "tcp");
     assert!(m.options[0].negated);
     assert_eq!(m.options[0].values, ["FIN,SYN,RST,ACK", "SYN"]);
-    let goto = t.chain("FORWARD").unwrap().rules[0]
-        .target
-        .as_ref()
-        .unwrap();
+    let goto = t.chain("FORWARD").unwrap().rules[0].target().unwrap();
     assert_eq!(goto.jump, Jump::Goto);
     assert!(rs.warnings.is_empty(), "{:?}", rs.warnings);
     round_trips(&rs);
