@@ -653,24 +653,22 @@ fn cmd_trace(a: &TraceArgs) -> Result<i32> {
                     .join(", ")
             ))
         })?;
-    let tg = &graph.tables[t];
     let chain_name = match &a.chain {
         Some(c) => c.clone(),
         None => ["PREROUTING", "OUTPUT", "KUBE-SERVICES"]
             .iter()
             .find(|n| {
-                tg.index
-                    .get(**n)
-                    .is_some_and(|&c| !rs.tables[t].chains[c].rules.is_empty())
+                graph
+                    .chain_index(t, n)
+                    .is_some_and(|c| !rs.tables[t].chains[c].rules.is_empty())
             })
             .map(|s| s.to_string())
             .ok_or_else(|| {
                 Error::Usage("no PREROUTING, OUTPUT or KUBE-SERVICES rules to start from; name a chain with --chain".into())
             })?,
     };
-    let c = *tg
-        .index
-        .get(chain_name.as_str())
+    let c = graph
+        .chain_index(t, &chain_name)
         .ok_or_else(|| Error::Usage(format!("chain {chain_name} is not in table {}", a.table)))?;
     let packet = Packet {
         src,

@@ -985,7 +985,7 @@ mod tests {
         let rs = parse(text, &ParseOptions::default()).expect("parses");
         let g = Graph::build(&rs, false).expect("graph");
         let t = rs.tables.iter().position(|t| t.name == "nat").unwrap_or(0);
-        let c = g.tables[t].index[chain];
+        let c = g.chain_index(t, chain).expect("chain");
         evaluate(&g, t, c, packet, mode, true).expect("walk")
     }
 

@@ -84,13 +84,11 @@ pub fn is_terminal_name(name: &str) -> bool {
 
 /// One table's resolved graph.
 #[derive(Debug, Clone)]
-pub struct TableGraph<'a> {
-    /// Chain name to index in `Table::chains`.
-    pub index: HashMap<&'a str, usize>,
+pub struct TableGraph {
     /// The resolved targets of all rules, chain after chain; chain `c`'s are
     /// `target_list[target_start[c]..target_start[c + 1]]`.
     target_start: Vec<u32>,
-    target_list: Vec<TargetRef>,
+    target_list: Vec<Packed>,
     /// The `(chain, rule)` positions that jump or go to each chain, likewise.
     caller_start: Vec<u32>,
     caller_list: Vec<(u32, u32)>,
@@ -100,20 +98,22 @@ pub struct TableGraph<'a> {
     pub may_mark: Vec<bool>,
 }
 
-impl TableGraph<'_> {
+impl TableGraph {
     /// Number of chains.
     pub fn chains(&self) -> usize {
         self.target_start.len() - 1
     }
 
-    /// The resolved targets of chain `c`'s rules.
-    pub fn targets(&self, c: usize) -> &[TargetRef] {
-        &self.target_list[self.target_start[c] as usize..self.target_start[c + 1] as usize]
+    /// Number of rules of chain `c`.
+    pub fn rules(&self, c: usize) -> usize {
+        (self.target_start[c + 1] - self.target_start[c]) as usize
     }
 
     /// The resolved target of rule `r` of chain `c`.
     pub fn target(&self, c: usize, r: usize) -> TargetRef {
-        self.targets(c)[r]
+        let i = self.target_start[c] as usize + r;
+        debug_assert!(i < self.target_start[c + 1] as usize);
+        self.target_list[i].unpack()
     }
 
     /// The `(chain, rule)` positions that jump or go to chain `c`, in input order.
@@ -124,11 +124,48 @@ impl TableGraph<'_> {
     }
 }
 
+/// A [`TargetRef`] in 4 bytes: the kind in the top 3 bits, a chain index below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed(u32);
+
+const CHAIN_BITS: u32 = 29;
+
+impl Packed {
+    fn pack(t: TargetRef) -> Packed {
+        let (kind, chain) = match t {
+            TargetRef::None => (0, 0),
+            TargetRef::Missing => (1, 0),
+            TargetRef::Return => (2, 0),
+            TargetRef::Terminal => (3, 0),
+            TargetRef::Mark => (4, 0),
+            TargetRef::Continue => (5, 0),
+            TargetRef::Chain { chain, goto } => (6 + u32::from(goto), chain as u32),
+        };
+        Packed(kind << CHAIN_BITS | chain)
+    }
+
+    fn unpack(self) -> TargetRef {
+        let chain = (self.0 & ((1 << CHAIN_BITS) - 1)) as usize;
+        match self.0 >> CHAIN_BITS {
+            0 => TargetRef::None,
+            1 => TargetRef::Missing,
+            2 => TargetRef::Return,
+            3 => TargetRef::Terminal,
+            4 => TargetRef::Mark,
+            5 => TargetRef::Continue,
+            k => TargetRef::Chain {
+                chain,
+                goto: k == 7,
+            },
+        }
+    }
+}
+
 /// The resolved graph of a whole ruleset.
 #[derive(Debug, Clone)]
 pub struct Graph<'r, 'a> {
     pub rs: &'r Ruleset<'a>,
-    pub tables: Vec<TableGraph<'a>>,
+    pub tables: Vec<TableGraph>,
     /// Assumptions made while resolving (undeclared chains in fragments, …).
     pub warnings: Vec<Warning>,
 }
@@ -158,6 +195,12 @@ impl<'r, 'a> Graph<'r, 'a> {
         Ok(graph)
     }
 
+    /// The index of the chain of table `t` with that name. (A linear search: the
+    /// graph keeps no name index, to stay small; its users look up a chain or two.)
+    pub fn chain_index(&self, t: usize, name: &str) -> Option<usize> {
+        self.rs.tables[t].chains.iter().position(|c| c.name == name)
+    }
+
     pub fn table(&self, t: usize) -> &'r Table<'a> {
         &self.rs.tables[t]
     }
@@ -179,7 +222,7 @@ impl<'r, 'a> Graph<'r, 'a> {
             let mut stack = vec![(root, 0usize)];
             state[root] = 1;
             while let Some(&mut (c, ref mut r)) = stack.last_mut() {
-                if *r < tg.targets(c).len() {
+                if *r < tg.rules(c) {
                     let target = tg.target(c, *r);
                     *r += 1;
                     if let TargetRef::Chain { chain, .. } = target
@@ -206,7 +249,7 @@ impl<'r, 'a> Graph<'r, 'a> {
             let mut term = false;
             let mut mark = false;
             for i in tg.target_start[c]..tg.target_start[c + 1] {
-                match tg.target_list[i as usize] {
+                match tg.target_list[i as usize].unpack() {
                     TargetRef::Terminal => term = true,
                     TargetRef::Mark => mark = true,
                     TargetRef::Chain { chain, .. } => {
@@ -236,7 +279,7 @@ impl<'r, 'a> Graph<'r, 'a> {
             state[root] = 1;
             while let Some(top) = stack.last_mut() {
                 let (c, r) = *top;
-                if r >= tg.targets(c).len() {
+                if r >= tg.rules(c) {
                     state[c] = 2;
                     stack.pop();
                     continue;
@@ -290,12 +333,25 @@ fn build_table<'a>(
     table: &Table<'a>,
     lenient: bool,
     warnings: &mut Vec<Warning>,
-) -> Result<TableGraph<'a>, InputError> {
+) -> Result<TableGraph, InputError> {
     let mut index = HashMap::with_capacity_and_hasher(table.chains.len(), Default::default());
     for (i, c) in table.chains.iter().enumerate() {
         index.entry(c.name).or_insert(i);
     }
     let n = table.chains.len();
+    if n >= 1 << CHAIN_BITS {
+        return Err(InputError::new(
+            InputErrorKind::Structure,
+            table.line.unwrap_or(0),
+            0,
+            table.name,
+            format!(
+                "table {} has {n} chains, more than lbaudit handles",
+                table.name
+            ),
+            format!("analyse fewer than {} chains at a time", 1u32 << CHAIN_BITS),
+        ));
+    }
     let rules: usize = table.chains.iter().map(|c| c.rules.len()).sum();
     let mut target_start = Vec::with_capacity(n + 1);
     let mut target_list = Vec::with_capacity(rules);
@@ -357,7 +413,7 @@ fn build_table<'a>(
                 }
                 other => other,
             };
-            target_list.push(resolved);
+            target_list.push(Packed::pack(resolved));
         }
     }
     target_start.push(target_list.len() as u32);
@@ -370,14 +426,13 @@ fn build_table<'a>(
     for (ci, chain) in table.chains.iter().enumerate() {
         let base = target_start[ci] as usize;
         for ri in 0..chain.rules.len() {
-            if let TargetRef::Chain { chain: callee, .. } = target_list[base + ri] {
+            if let TargetRef::Chain { chain: callee, .. } = target_list[base + ri].unpack() {
                 caller_list[next[callee] as usize] = (ci as u32, ri as u32);
                 next[callee] += 1;
             }
         }
     }
     Ok(TableGraph {
-        index,
         target_start,
         target_list,
         caller_start,
@@ -418,6 +473,26 @@ mod tests {
     fn graph_of(text: &str) -> Result<(), InputError> {
         let rs = parse(text, &ParseOptions::default()).expect("parses");
         Graph::build(&rs, false).map(|_| ())
+    }
+
+    #[test]
+    fn packed_targets_unpack_to_themselves() {
+        let mut all = vec![
+            TargetRef::None,
+            TargetRef::Missing,
+            TargetRef::Return,
+            TargetRef::Terminal,
+            TargetRef::Mark,
+            TargetRef::Continue,
+        ];
+        for chain in [0, 1, 200_000, (1 << CHAIN_BITS) - 1] {
+            for goto in [false, true] {
+                all.push(TargetRef::Chain { chain, goto });
+            }
+        }
+        for t in all {
+            assert_eq!(Packed::pack(t).unpack(), t);
+        }
     }
 
     #[test]
