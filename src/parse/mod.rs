@@ -144,7 +144,7 @@ fn read_lines<'a, E>(
 /// of a [`RuleLine`], the rule is empty.)
 pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     let ctx = LineCtx::new(text, no);
-    let mut sc = Scratch::default();
+    let mut sc = Scratch::with_capacity(32);
     match parse_line(&ctx, &mut sc) {
         Ok(Line::Rule { rule, .. }) => rule,
         _ => {

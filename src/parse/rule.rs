@@ -131,6 +131,16 @@ pub(crate) struct Scratch<'a> {
     steps: Vec<Step<'a>>,
 }
 
+impl Scratch<'_> {
+    /// Buffers for one line of up to `n` tokens (they grow when there are more).
+    pub fn with_capacity(n: usize) -> Self {
+        Scratch {
+            toks: Vec::with_capacity(n),
+            steps: Vec::with_capacity(n),
+        }
+    }
+}
+
 /// The short name of a core option, if `name` is one.
 fn core_short(name: &str) -> Option<&'static str> {
     Some(match name {
