@@ -189,30 +189,50 @@ const COUNTED: u8 = 16;
 impl<'a> RuleLine<'a> {
     /// The line `text` (number `line`), whose rule `rule` is.
     pub fn new(line: u32, text: &'a str, rule: &Rule<'_>) -> Self {
+        Self::from_parts(
+            line,
+            text,
+            rule.target
+                .as_ref()
+                .map(|t| (t.jump, t.name, !t.options.is_empty())),
+            rule.matches.iter().any(|m| m.module == "statistic"),
+            rule.counters.is_some(),
+        )
+    }
+
+    /// The line `text` (number `line`) of a rule with that target (jump, name, whether
+    /// it has options), a statistic match or not, counters or not.
+    pub(crate) fn from_parts(
+        line: u32,
+        text: &'a str,
+        target: Option<(Jump, &str, bool)>,
+        statistic: bool,
+        counted: bool,
+    ) -> Self {
         let mut flags = 0u8;
         let (mut at, mut len) = (0u32, 0u32);
-        if let Some(t) = &rule.target {
+        if let Some((jump, name, options)) = target {
             flags |= HAS_TARGET;
-            if t.jump == Jump::Goto {
+            if jump == Jump::Goto {
                 flags |= GOTO;
             }
-            if !t.options.is_empty() {
+            if options {
                 flags |= TARGET_OPTIONS;
             }
             // The name is a slice of the line; find it there otherwise.
-            let off = (t.name.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
-            let off = if off <= text.len() && text.get(off..off + t.name.len()) == Some(t.name) {
+            let off = (name.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+            let off = if off <= text.len() && text.get(off..off + name.len()) == Some(name) {
                 off
             } else {
-                text.rfind(t.name).unwrap_or(text.len())
+                text.rfind(name).unwrap_or(text.len())
             };
             at = u32::try_from(off).unwrap_or(u32::MAX);
-            len = u32::try_from(t.name.len()).unwrap_or(0);
+            len = u32::try_from(name.len()).unwrap_or(0);
         }
-        if rule.matches.iter().any(|m| m.module == "statistic") {
+        if statistic {
             flags |= STATISTIC;
         }
-        if rule.counters.is_some() {
+        if counted {
             flags |= COUNTED;
         }
         RuleLine {

@@ -37,7 +37,15 @@ pub(super) enum Item<'a> {
 /// A line: a rule, or anything else. (Rules are kept out of [`Item`] so that items stay
 /// small.)
 pub(super) enum Line<'a> {
-    Rule { chain: &'a str, rule: Rule<'a> },
+    Rule {
+        chain: &'a str,
+        rule: Rule<'a>,
+    },
+    /// A rule read for its summary only (see [`parse_line`]'s `full`).
+    Summary {
+        chain: &'a str,
+        summary: rule::Summary<'a>,
+    },
     Other(Item<'a>),
 }
 
@@ -60,14 +68,15 @@ fn policy(word: &str) -> Option<Policy<'_>> {
     }
 }
 
-/// Reads one line.
+/// Reads one line. A rule is read whole with `full`, else only checked and summed up.
 pub(super) fn parse_line<'a>(
     ctx: &LineCtx<'a>,
     sc: &mut Scratch<'a>,
+    full: bool,
 ) -> Result<Line<'a>, InputError> {
     let body = ctx.text.trim_matches(is_blank);
     if body.starts_with(['[', '-']) {
-        return command(ctx, body, sc);
+        return command(ctx, body, sc, full);
     }
     other_line(ctx, body).map(Line::Other)
 }
@@ -159,6 +168,7 @@ fn command<'a>(
     ctx: &LineCtx<'a>,
     body: &'a str,
     sc: &mut Scratch<'a>,
+    full: bool,
 ) -> Result<Line<'a>, InputError> {
     let syntax = |e: nom::Err<PErr<'a>>, hint: &str| ctx.nom_err(e, hint);
     let hint_rule = "write a rule as `[packets:bytes] -A CHAIN options`";
@@ -182,8 +192,13 @@ fn command<'a>(
             )
                 .parse(after_cmd)
                 .map_err(|e| syntax(e, hint_rule))?;
-            let rule = rule::rule(ctx, body, counters, sc)?;
-            Ok(Line::Rule { chain, rule })
+            if full {
+                let rule = rule::rule(ctx, body, counters, sc)?;
+                Ok(Line::Rule { chain, rule })
+            } else {
+                let summary = rule::summary(ctx, body, counters, sc)?;
+                Ok(Line::Summary { chain, summary })
+            }
         }
         "-P" | "--policy" if counters.is_none() => {
             let hint = "write a policy as `-P CHAIN POLICY`";

@@ -114,9 +114,24 @@ fn read_lines<'a, E>(
     let mut no = first;
     for line in text.lines() {
         let ctx = LineCtx::new(line, no);
-        match parse_line(&ctx, &mut sc) {
+        match parse_line(&ctx, &mut sc, false) {
             Ok(Line::Other(Item::Blank)) => {}
+            Ok(Line::Summary { chain, summary }) => {
+                if chain_of_run != chain {
+                    flush_run(sink, &mut run, chain_of_run, &mut v6)?;
+                    chain_of_run = chain;
+                }
+                v6 |= summary.v6;
+                run.push(RuleLine::from_parts(
+                    no,
+                    line,
+                    summary.target,
+                    summary.statistic,
+                    summary.counted,
+                ));
+            }
             Ok(Line::Rule { chain, rule }) => {
+                // (Not given when asking for summaries; kept for completeness.)
                 if chain_of_run != chain {
                     flush_run(sink, &mut run, chain_of_run, &mut v6)?;
                     chain_of_run = chain;
@@ -145,7 +160,7 @@ fn read_lines<'a, E>(
 pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     let ctx = LineCtx::new(text, no);
     let mut sc = Scratch::with_capacity(32);
-    match parse_line(&ctx, &mut sc) {
+    match parse_line(&ctx, &mut sc, true) {
         Ok(Line::Rule { rule, .. }) => rule,
         _ => {
             debug_assert!(false, "line {no} read differently the second time: {text}");

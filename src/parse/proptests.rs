@@ -14,6 +14,36 @@ fn lenient() -> ParseOptions {
     ParseOptions { lenient: true }
 }
 
+/// Reading a line for its summary (as `parse` does) and reading it whole (as
+/// `RuleLine::parse` does) agree: the same error, or the same kept facts.
+fn check_summaries(text: &str) -> Result<(), TestCaseError> {
+    for (i, line) in text.lines().enumerate() {
+        let ctx = rule::LineCtx::new(line, i as u32 + 1);
+        let mut sc = Scratch::default();
+        let light = line::parse_line(&ctx, &mut sc, false);
+        let mut sc = Scratch::default();
+        let full = line::parse_line(&ctx, &mut sc, true);
+        match (light, full) {
+            (Err(a), Err(b)) => prop_assert_eq!(a, b),
+            (Ok(Line::Summary { chain: c1, summary }), Ok(Line::Rule { chain: c2, rule })) => {
+                prop_assert_eq!(c1, c2);
+                prop_assert_eq!(summary.v6, build::rule_is_v6(&rule), "{}", line);
+                let a = RuleLine::from_parts(
+                    1,
+                    line,
+                    summary.target,
+                    summary.statistic,
+                    summary.counted,
+                );
+                prop_assert_eq!(a, RuleLine::new(1, line, &rule), "{}", line);
+            }
+            (Ok(Line::Other(_)), Ok(Line::Other(_))) => {}
+            (a, b) => prop_assert!(false, "{line}: {:?} / {:?}", a.is_ok(), b.is_ok()),
+        }
+    }
+    Ok(())
+}
+
 /// Whatever a lenient parse accepted prints to text that parses back to the same rules.
 fn check_round_trip(rs: &Ruleset<'_>) -> Result<(), TestCaseError> {
     let text = to_save(rs);
@@ -363,6 +393,11 @@ proptest! {
     }
 
     #[test]
+    fn summaries_agree_with_whole_rules(text in soup()) {
+        check_summaries(&text)?;
+    }
+
+    #[test]
     fn random_text_never_panics(text in "\\PC{0,300}") {
         let _ = parse(&text, &ParseOptions::default());
         if let Ok(rs) = parse(&text, &lenient()) {
@@ -387,6 +422,9 @@ proptest! {
     #[test]
     fn well_formed_rulesets_parse_back(tables in gtables()) {
         let lines = rule_lines(&tables);
+        for t in lines.iter().flatten().flatten() {
+            check_summaries(t)?;
+        }
         // Each generated rule's printed line reads back as the generated rule.
         for (t, tl) in tables.iter().zip(&lines) {
             for (c, cl) in t.chains.iter().zip(tl) {

@@ -200,6 +200,114 @@ pub(crate) fn rule<'a>(
     counters: Option<Counters>,
     sc: &mut Scratch<'a>,
 ) -> Result<Rule<'a>, InputError> {
+    let counters = read_steps(ctx, body, counters, sc)?;
+    build(ctx, counters, sc)
+}
+
+/// What the ruleset keeps of a rule line besides its text (see `RuleLine`).
+pub(crate) struct Summary<'a> {
+    /// `-j`/`-g`, the target's name (a slice of the line) and whether it has options.
+    pub target: Option<(Jump, &'a str, bool)>,
+    pub statistic: bool,
+    pub counted: bool,
+    /// An IPv6 address in `-s`/`-d` or `--to-destination`/`--to-source`.
+    pub v6: bool,
+}
+
+/// Checks the tokens after `-A CHAIN` as [`rule`] does (the same errors), but keeps only
+/// the rule's [`Summary`]: no vectors are built, except for `-m statistic` matches,
+/// whose values are checked.
+pub(crate) fn summary<'a>(
+    ctx: &LineCtx<'a>,
+    body: &'a str,
+    counters: Option<Counters>,
+    sc: &mut Scratch<'a>,
+) -> Result<Summary<'a>, InputError> {
+    let counters = read_steps(ctx, body, counters, sc)?;
+    let toks = &sc.toks;
+    let steps = &sc.steps;
+    let first = |st: &Step<'a>| -> &str {
+        if st.nv == 0 {
+            ""
+        } else {
+            toks[st.v0].text.as_ref()
+        }
+    };
+    let mut out = Summary {
+        target: None,
+        statistic: false,
+        counted: counters.is_some(),
+        v6: false,
+    };
+    for (i, st) in steps.iter().enumerate() {
+        match st.kind {
+            StepKind::Core if (st.name == "s" || st.name == "d") && first(st).contains(':') => {
+                out.v6 = true;
+            }
+            StepKind::Target(jump) => {
+                let has_options = steps[i + 1..]
+                    .iter()
+                    .any(|x| x.kind == StepKind::Opt(Sec::Target));
+                out.target = Some((jump, st.name, has_options));
+            }
+            StepKind::Opt(Sec::Target)
+                if (st.name == "to-destination" || st.name == "to-source")
+                    && first(st).starts_with('[') =>
+            {
+                out.v6 = true;
+            }
+            StepKind::MatchStart if st.name == "statistic" => {
+                out.statistic = true;
+                let options = steps[i + 1..]
+                    .iter()
+                    .take_while(|x| x.kind != StepKind::MatchStart)
+                    .filter(|x| x.kind == StepKind::Opt(Sec::Match))
+                    .map(|x| Opt {
+                        name: x.name,
+                        negated: x.negated,
+                        values: toks[x.v0..x.v0 + x.nv]
+                            .iter()
+                            .map(|t| t.text.clone())
+                            .collect(),
+                        col: x.col,
+                    })
+                    .collect();
+                let m = Match {
+                    module: st.name,
+                    implicit: false,
+                    options,
+                    col: st.col,
+                };
+                check_statistic(ctx, &m)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `-m statistic` must make sense to the kernel.
+fn check_statistic(ctx: &LineCtx<'_>, m: &Match<'_>) -> Result<(), InputError> {
+    statistic::from_match(m).map(|_| ()).map_err(|e| {
+        InputError::new(
+            InputErrorKind::Value,
+            ctx.no,
+            e.col,
+            e.text,
+            e.message,
+            e.hint,
+        )
+    })
+}
+
+/// Reads the tokens after `-A CHAIN` into `sc.steps` (what each option is and which
+/// tokens are its values), checking the rule's structure. Returns the counters.
+fn read_steps<'a>(
+    ctx: &LineCtx<'a>,
+    body: &'a str,
+    counters: Option<Counters>,
+    sc: &mut Scratch<'a>,
+) -> Result<Option<Counters>, InputError> {
     use InputErrorKind::Syntax;
 
     // Tokens.
@@ -403,7 +511,16 @@ pub(crate) fn rule<'a>(
             "put `!` before the option it negates",
         ));
     }
+    Ok(counters)
+}
 
+/// Builds the rule from the steps [`read_steps`] read.
+fn build<'a>(
+    ctx: &LineCtx<'a>,
+    counters: Option<Counters>,
+    sc: &mut Scratch<'a>,
+) -> Result<Rule<'a>, InputError> {
+    let steps = &sc.steps;
     // Sizes, so that every vector is allocated once.
     let mut n_core = 0;
     let mut n_implicit = 0;
@@ -499,19 +616,8 @@ pub(crate) fn rule<'a>(
     }
 
     // `-m statistic` must make sense to the kernel.
-    for m in &matches {
-        if m.module == "statistic"
-            && let Err(e) = statistic::from_match(m)
-        {
-            return Err(InputError::new(
-                InputErrorKind::Value,
-                ctx.no,
-                e.col,
-                e.text,
-                e.message,
-                e.hint,
-            ));
-        }
+    for m in matches.iter().filter(|m| m.module == "statistic") {
+        check_statistic(ctx, m)?;
     }
 
     Ok(Rule {
