@@ -15,7 +15,7 @@
 
 use crate::graph::{Graph, TargetRef};
 use crate::model::{Match, Opt, Rule, Warning};
-use crate::prob::Prob;
+use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob};
 use crate::statistic::{self, SCALE, Statistic};
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -116,11 +116,13 @@ pub struct Step {
     pub line: u32,
 }
 
-/// One outcome with its exact probability and how it is reached.
+/// One outcome with its probability and how it is reached.
 #[derive(Debug, Clone)]
 pub struct OutcomeInfo {
     pub outcome: Outcome,
-    pub prob: Prob,
+    /// Exact while short, otherwise a 128-bit approximation with a proven bound
+    /// (see [`CompactProb`]): an outcome of a long cascade has a huge exact form.
+    pub prob: CompactProb,
     /// How many distinct branches of the walk reach it.
     pub paths: u32,
     /// The first path found (jumping rules and the terminal rule).
@@ -144,16 +146,15 @@ pub struct Distribution {
     pub steps: u64,
     /// Statistic rules reached at the start chain's level.
     pub statistic_rules: u32,
+    /// The exact sum of all outcome probabilities, added up exactly as the walk recorded
+    /// them (before any was approximated).
+    pub total: Prob,
 }
 
 impl Distribution {
     /// The exact sum of all outcome probabilities (1 for every complete walk).
-    pub fn total(&self) -> Prob {
-        let mut t = Prob::zero();
-        for o in &self.outcomes {
-            t.add_assign(&o.prob);
-        }
-        t
+    pub fn total(&self) -> &Prob {
+        &self.total
     }
 }
 
@@ -235,6 +236,12 @@ struct Walker<'g, 'r, 'a> {
     statistic_rules: u32,
     /// Threads waiting in the work list, by state: their index in it.
     pending: HashMap<StateKey, usize>,
+    /// Exact sum of the weights recorded in `outcomes`.
+    total: Prob,
+    /// A finished thread's weight, whose allocation the next split reuses (in a long
+    /// cascade the weights are long: allocating afresh at every rule costs time and leaves
+    /// the allocator holding many blocks of different sizes).
+    spare: Prob,
 }
 
 /// Walks the graph from the start of `chain` in `table` for `packet`.
@@ -257,6 +264,8 @@ pub fn evaluate(
         steps: 0,
         statistic_rules: 0,
         pending: HashMap::new(),
+        total: Prob::zero(),
+        spare: Prob::zero(),
     };
     let start = Thread {
         chain,
@@ -281,6 +290,7 @@ pub fn evaluate(
         }
         w.run(t, &mut work)?;
     }
+    w.recover_exact();
     Ok(Distribution {
         outcomes: w.outcomes,
         warnings: w
@@ -290,6 +300,7 @@ pub fn evaluate(
             .collect(),
         steps: w.steps,
         statistic_rules: w.statistic_rules,
+        total: w.total,
     })
 }
 
@@ -305,22 +316,33 @@ impl Walker<'_, '_, '_> {
         self.warned.insert((line, message));
     }
 
-    fn finish(&mut self, t: &Thread, outcome: Outcome, line: u32) {
+    /// Records the end of thread `t` (its weight is taken) in `outcome`.
+    fn finish(&mut self, t: &mut Thread, outcome: Outcome, line: u32) {
         let via = if t.via > 0 { vec![t.via] } else { Vec::new() };
+        let weight = std::mem::replace(&mut t.weight, Prob::zero());
+        self.total.add_assign(&weight);
         match self.index.get(&outcome) {
             Some(&i) => {
                 let o = &mut self.outcomes[i];
-                o.prob.add_assign(&t.weight);
+                o.prob.add_exact(&weight);
                 o.paths = o.paths.saturating_add(t.paths);
                 if t.via > 0 && !o.via.contains(&t.via) {
                     o.via.push(t.via);
                 }
+                self.recycle(weight);
             }
             None => {
+                let prob = if weight.bits() <= KEEP_EXACT_BITS {
+                    CompactProb::Exact(weight)
+                } else {
+                    let approx = CompactProb::Approx(Approx::from_prob(&weight));
+                    self.recycle(weight);
+                    approx
+                };
                 self.index.insert(outcome.clone(), self.outcomes.len());
                 self.outcomes.push(OutcomeInfo {
                     outcome,
-                    prob: t.weight.clone(),
+                    prob,
                     paths: t.paths,
                     path: t.path.clone(),
                     via,
@@ -329,6 +351,38 @@ impl Walker<'_, '_, '_> {
                 });
             }
         }
+    }
+
+    /// Keeps the larger of `w` and the spare weight for the next split to reuse.
+    fn recycle(&mut self, w: Prob) {
+        if w.bits() > self.spare.bits() {
+            self.spare = w;
+        }
+    }
+
+    /// When exactly one outcome's probability had to be approximated, it is the exact total
+    /// less all the others: exact again. (A sum of long terms that collapses to a short
+    /// value, e.g. every branch of a long cascade reaching one outcome, is then exact.)
+    fn recover_exact(&mut self) {
+        let mut approx = self
+            .outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.prob.exact().is_none());
+        let (Some((i, _)), None) = (approx.next(), approx.next()) else {
+            return;
+        };
+        let mut rest = self.total.clone();
+        for (j, o) in self.outcomes.iter().enumerate() {
+            if let (true, Some(p)) = (j != i, o.prob.exact()) {
+                match rest.checked_sub(p) {
+                    Some(r) => rest = r,
+                    None => return,
+                }
+            }
+        }
+        debug_assert!(self.outcomes[i].prob.approx().contains(&rest));
+        self.outcomes[i].prob = CompactProb::new(rest);
     }
 
     /// Adds `t` to a waiting thread in the same state, if there is one.
@@ -375,7 +429,7 @@ impl Walker<'_, '_, '_> {
                     continue;
                 }
                 let outcome = self.end_outcome(&t);
-                self.finish(&t, outcome, 0);
+                self.finish(&mut t, outcome, 0);
                 return Ok(());
             }
             self.steps += 1;
@@ -410,11 +464,17 @@ impl Walker<'_, '_, '_> {
                         self.statistic_rules += 1;
                     }
                     // Split: the branch that does not match goes on with the next rule.
+                    // The weight is moved, not cloned: it is long in a long cascade.
+                    let mut taken = std::mem::replace(&mut self.spare, Prob::zero());
+                    taken.clone_from(&t.weight);
+                    taken.mul_ratio_assign(num, den);
+                    let weight = std::mem::replace(&mut t.weight, Prob::zero());
                     let mut rest = t.clone();
-                    rest.weight = t.weight.mul_ratio(den - num, den);
+                    t.weight = taken;
+                    rest.weight = weight;
+                    rest.weight.mul_ratio_assign(den - num, den);
                     rest.rule += 1;
                     self.enqueue(rest, work);
-                    t.weight = t.weight.mul_ratio(num, den);
                 }
                 Decision::Yes(None) => {}
             }
@@ -447,7 +507,7 @@ impl Walker<'_, '_, '_> {
                         }
                     } else {
                         let outcome = self.end_outcome(&t);
-                        self.finish(&t, outcome, rule.line);
+                        self.finish(&mut t, outcome, rule.line);
                         return Ok(());
                     }
                 }
@@ -463,7 +523,7 @@ impl Walker<'_, '_, '_> {
                         });
                     }
                     let outcome = terminal_outcome(rule);
-                    self.finish(&t, outcome, rule.line);
+                    self.finish(&mut t, outcome, rule.line);
                     return Ok(());
                 }
                 TargetRef::None | TargetRef::Continue | TargetRef::Missing => t.rule += 1,
@@ -1130,5 +1190,106 @@ mod tests {
         assert_eq!(cidr_contains("fd00::4/127", b), Some(true));
         assert_eq!(cidr_contains("fd00::6/127", b), Some(false));
         assert_eq!(cidr_contains("fd00::/ffff:ffff::", b), Some(true));
+    }
+
+    /// A kube-proxy style cascade of `n` endpoints in KUBE-SVC-X (`%.10f` of 1/(n−i)),
+    /// each a DNAT to `dest(i)`; returns the text and the thresholds q_i.
+    fn cascade(n: usize, dest: impl Fn(usize) -> String) -> (String, Vec<u64>) {
+        let mut text = String::from(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SVC-X - [0:0]\n-A PREROUTING -j KUBE-SVC-X\n",
+        );
+        let mut qs = Vec::new();
+        for i in 0..n {
+            if i + 1 < n {
+                let p = format!("{:.10}", 1.0 / (n - i) as f64);
+                qs.push(u64::from(
+                    statistic::threshold_from_text(&p).expect("threshold"),
+                ));
+                text.push_str(&format!(
+                    "-A KUBE-SVC-X -m statistic --mode random --probability {p} -j DNAT --to-destination {}\n",
+                    dest(i)
+                ));
+            } else {
+                text.push_str(&format!(
+                    "-A KUBE-SVC-X -j DNAT --to-destination {}\n",
+                    dest(i)
+                ));
+            }
+        }
+        text.push_str("COMMIT\n");
+        (text, qs)
+    }
+
+    fn addr(i: usize) -> String {
+        format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255)
+    }
+
+    #[test]
+    fn long_cascade_agrees_with_exact_arithmetic() {
+        // Every endpoint of a 600-endpoint cascade, walked (most approximated) and computed
+        // exactly on the side: the same f64 and relative deviation, within 1e-12.
+        let n = 600;
+        let (text, qs) = cascade(n, addr);
+        let d = walk(&text, "KUBE-SVC-X", Packet::default(), Mode::Balancer);
+        assert_eq!(d.outcomes.len(), n);
+        assert!(d.total().is_one());
+        let mut rest = Prob::one();
+        let mut approximated = 0;
+        for (i, o) in d.outcomes.iter().enumerate() {
+            assert_eq!(o.outcome.label(), addr(i));
+            let exact = match qs.get(i) {
+                Some(&q) => {
+                    let p = rest.mul_ratio(q, SCALE);
+                    rest.mul_ratio_assign(SCALE - q, SCALE);
+                    p
+                }
+                None => rest.clone(),
+            };
+            match &o.prob {
+                CompactProb::Exact(p) => assert_eq!(*p, exact),
+                CompactProb::Approx(a) => {
+                    approximated += 1;
+                    assert!(a.contains(&exact));
+                    assert!(a.relative_error_bound() < 1e-12);
+                    assert_eq!(a.to_f64_checked(), (exact.to_f64(), true));
+                    assert_eq!(
+                        a.relative_deviation_checked(n as u64),
+                        (exact.relative_deviation(n as u64), true)
+                    );
+                }
+            }
+        }
+        assert!(approximated > 500, "{approximated}");
+    }
+
+    #[test]
+    fn twenty_thousand_endpoints_sum_to_exactly_one() {
+        let n = 20_000;
+        let (text, _) = cascade(n, addr);
+        let d = walk(&text, "KUBE-SVC-X", Packet::default(), Mode::Balancer);
+        assert_eq!(d.outcomes.len(), n);
+        assert!(d.total().is_one());
+        let sum: f64 = d.outcomes.iter().map(|o| o.prob.to_f64()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+        let kept = d
+            .outcomes
+            .iter()
+            .filter(|o| o.prob.exact().is_some())
+            .count();
+        assert!(kept < 100, "{kept} exact forms kept");
+        for o in &d.outcomes {
+            assert!(o.prob.approx().relative_error_bound() < 1e-12);
+            assert!((o.prob.relative_deviation(n as u64)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_long_cascade_into_one_destination_is_exactly_one() {
+        // Every branch reaches the same DNAT: the recorded sum of long weights is
+        // approximate, but it is the only approximate outcome, so it is recovered exactly.
+        let (text, _) = cascade(300, |_| "10.0.0.1:80".to_string());
+        let d = walk(&text, "KUBE-SVC-X", Packet::default(), Mode::Balancer);
+        assert_eq!(probs(&d), vec![("10.0.0.1:80".into(), "1".into())]);
+        assert!(d.outcomes[0].prob.is_one());
     }
 }
