@@ -6,6 +6,12 @@
 //! exact weights: `q/2^31` for random mode, the long-run share `1/N` for nth mode.
 //! The result is a distribution over outcomes whose exact probabilities sum to 1.
 //!
+//! Branches in the same state (place, return points, marks, what is known of the
+//! connection) are merged, adding their weights; the walk advances its branches in program
+//! order so that all branches reaching a state meet there (`Queue`), and so walks each
+//! state once. Weights and the running sum stay exact; each outcome's probability is kept
+//! exact while short and as a bounded 128-bit approximation otherwise ([`CompactProb`]).
+//!
 //! Conditions on the connection are decided against a [`Packet`]. A field the packet
 //! leaves open is *bound* by the first positive test on it (the walk describes "a
 //! connection of the kind these rules serve"); a test that cannot be decided otherwise
@@ -17,7 +23,10 @@ use crate::graph::{Graph, TargetRef};
 use crate::model::{Match, Opt, Rule, Warning};
 use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob};
 use crate::statistic::{self, SCALE, Statistic};
-use std::collections::{BTreeSet, HashMap};
+use rustc_hash::FxHashMap as HashMap;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, BinaryHeap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 /// What is known about the connection being walked.
@@ -125,11 +134,12 @@ pub struct OutcomeInfo {
     pub prob: CompactProb,
     /// How many distinct branches of the walk reach it.
     pub paths: u32,
-    /// The first path found (jumping rules and the terminal rule).
+    /// A shortest path found (jumping rules and the terminal rule), the first in
+    /// depth-first order among equally short ones.
     pub path: Vec<Step>,
-    /// Lines of the rules in the start chain through which it is reached, in order.
+    /// Lines of the rules in the start chain through which it is reached, in line order.
     pub via: Vec<u32>,
-    /// Line of the rule that produced the outcome (0 for a fall-through).
+    /// Line of the rule that produced the outcome on `path` (0 for a fall-through).
     pub line: u32,
     /// The chain the walk was in when it ended.
     pub chain: usize,
@@ -138,7 +148,8 @@ pub struct OutcomeInfo {
 /// The result of a walk.
 #[derive(Debug, Clone)]
 pub struct Distribution {
-    /// Outcomes in the order the walk first reached them.
+    /// Outcomes in the order a depth-first walk that takes the matching branch of each
+    /// statistic rule first reaches them (for a cascade: the order of its rules).
     pub outcomes: Vec<OutcomeInfo>,
     /// Assumptions made, with lines.
     pub warnings: Vec<Warning>,
@@ -169,13 +180,24 @@ pub enum Mode {
 
 /// The walk gave up: too many branches.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("more than {limit} rule evaluations for one walk (the rules branch too much to enumerate)")]
+#[error("more than {limit} {what} for one walk (the rules branch too much to enumerate)")]
 pub struct TooComplex {
     pub limit: u64,
+    /// What went over the limit: `rule evaluations` ([`STEP_LIMIT`]) or `outcomes and
+    /// waiting branches at once` ([`STATE_LIMIT`]).
+    pub what: &'static str,
 }
 
 /// The most rule evaluations one walk may make.
 pub const STEP_LIMIT: u64 = 200_000_000;
+
+/// The most outcomes plus waiting branches one walk may hold at once (several hundred
+/// bytes each). Branches in different states do not merge, and every rule that may set
+/// one of several marks can double their number: 20 rules `-m statistic … -j MARK
+/// --or-mark BIT` make a million distinct outcomes (hundreds of megabytes, and four times
+/// that per further rule). A balancer has far fewer endpoints than this (the largest
+/// benchmark: 20,000).
+pub const STATE_LIMIT: usize = 100_000;
 
 #[derive(Clone)]
 struct Thread {
@@ -189,37 +211,251 @@ struct Thread {
     packet: Packet,
     path: Vec<Step>,
     via: u32,
-    /// Branches merged into this thread (see [`StateKey`]).
+    /// Branches merged into this thread (see [`Thread::same_state`]).
     paths: u32,
+    /// The statistic-rule choices of its first path in depth-first order (of the merged
+    /// branches, the least), which orders the outcomes.
+    choices: Choices,
 }
 
-/// Everything that decides how a thread goes on. Two waiting threads with the same key
-/// behave identically from here on, so the walk merges them (adding their weights): without
-/// this, every statistic rule whose branches meet again (a jump to a chain that returns)
-/// would double the work.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct StateKey {
-    chain: usize,
-    rule: usize,
-    stack: Vec<(usize, usize)>,
-    nfmark: u32,
-    ctmark: u32,
-    mark_mask: u32,
-    packet: Packet,
-    via: u32,
+/// The choices a path made at statistic rules (the matching branch, or the rest), in
+/// runs: `(took the rest, how many times in a row)`. Compared as the sequences they stand
+/// for, they order paths as a depth-first walk that takes the matching branch first meets
+/// them; a kube-proxy cascade's paths are one or two runs long.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Choices(Vec<(bool, u32)>);
+
+impl Choices {
+    fn push(&mut self, rest: bool) {
+        match self.0.last_mut() {
+            Some((b, n)) if *b == rest && *n < u32::MAX => *n += 1,
+            _ => self.0.push((rest, 1)),
+        }
+    }
+}
+
+impl Ord for Choices {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let (mut a, mut b) = (self.0.iter().copied(), other.0.iter().copied());
+        let (mut x, mut y) = (a.next(), b.next());
+        loop {
+            match (x, y) {
+                (None, None) => return Ordering::Equal,
+                (None, Some(_)) => return Ordering::Less,
+                (Some(_), None) => return Ordering::Greater,
+                (Some((p, n)), Some((q, m))) => {
+                    if p != q {
+                        return p.cmp(&q);
+                    }
+                    let k = n.min(m);
+                    x = if n > k { Some((p, n - k)) } else { a.next() };
+                    y = if m > k { Some((q, m - k)) } else { b.next() };
+                }
+            }
+        }
+    }
+}
+
+/// Which path an outcome shows (with its rule): the shortest (fewest recorded steps; all
+/// are empty unless paths are recorded), the earlier in depth-first order among equals.
+fn shorter_path(a: (&[Step], &Choices), b: (&[Step], &Choices)) -> bool {
+    (a.0.len(), a.1) < (b.0.len(), b.1)
+}
+
+impl PartialOrd for Choices {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Thread {
-    fn key(&self) -> StateKey {
-        StateKey {
-            chain: self.chain,
-            rule: self.rule,
-            stack: self.stack.clone(),
-            nfmark: self.nfmark,
-            ctmark: self.ctmark,
-            mark_mask: self.mark_mask,
-            packet: self.packet.clone(),
-            via: self.via,
+    /// Compares the thread's place in the program with a [`Queue`] position: the rule
+    /// indices of its return points, then its own rule.
+    fn cmp_position(&self, pos: &[u32]) -> Ordering {
+        self.stack
+            .iter()
+            .map(|&(_, r)| r as u32)
+            .chain(std::iter::once(self.rule as u32))
+            .cmp(pos.iter().copied())
+    }
+
+    fn position(&self) -> Box<[u32]> {
+        self.stack
+            .iter()
+            .map(|&(_, r)| r as u32)
+            .chain(std::iter::once(self.rule as u32))
+            .collect()
+    }
+
+    /// Do the two threads go on identically from here? Everything that decides how a
+    /// thread goes on is compared: its place and return points, marks, what is known of
+    /// the connection, and the start-chain rule it went through (reported per outcome).
+    /// Two threads in the same state are merged (their weights added): without this,
+    /// every statistic rule whose branches meet again (a jump to a chain that returns)
+    /// would double the work. The [`Queue`] makes sure that such threads meet.
+    fn same_state(&self, o: &Thread) -> bool {
+        self.chain == o.chain
+            && self.rule == o.rule
+            && self.nfmark == o.nfmark
+            && self.ctmark == o.ctmark
+            && self.mark_mask == o.mark_mask
+            && self.via == o.via
+            && self.stack == o.stack
+            && self.packet == o.packet
+    }
+
+    /// A hash of what [`Thread::same_state`] compares.
+    fn state_hash(&self) -> u64 {
+        let mut h = rustc_hash::FxHasher::default();
+        (
+            self.chain,
+            self.rule,
+            self.nfmark,
+            self.ctmark,
+            self.mark_mask,
+            self.via,
+        )
+            .hash(&mut h);
+        self.stack.hash(&mut h);
+        self.packet.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The threads waiting to go on, taken in the order of their place in the program.
+///
+/// A thread's *position* is the rule indices of its return points followed by its own
+/// rule index, compared lexicographically. Every step of the walk moves a thread to a
+/// greater position: the next rule (the last index grows), a jump (the position is
+/// extended), a return (a shorter position whose last index grew). So when the walk
+/// always advances the waiting thread of least position, and a running thread waits as
+/// soon as another is behind it, every thread that will ever reach a state has reached it
+/// before that state is walked on: branches that meet again are merged wherever they
+/// meet, and each state is walked once. (A goto restarts the frame's index at 0 and
+/// breaks the order; that can only cost a missed merge, never a wrong result. kube-proxy
+/// and mwan3 rules do not use goto.)
+///
+/// The walk used to go depth first and merge a branch only with the branches waiting at
+/// that moment: branches that differed for a while (in a mark, say) and met again later
+/// were walked separately from there on, and on a mark-heavy input the number of such
+/// walks grew with every MARK rule (fuzz/README.md, finding 5).
+#[derive(Default)]
+struct Queue {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// The first slot of each state hash (further slots with that hash are chained).
+    heads: HashMap<u64, usize>,
+    order: BinaryHeap<Reverse<(Box<[u32]>, usize)>>,
+    len: usize,
+}
+
+/// A waiting thread, with its state hash and the next slot of the same hash.
+struct Slot {
+    thread: Option<Thread>,
+    hash: u64,
+    next: usize,
+}
+
+const NO_SLOT: usize = usize::MAX;
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The slot of a waiting thread in the same state as `t`.
+    fn find(&self, t: &Thread, hash: u64) -> Option<usize> {
+        let mut i = *self.heads.get(&hash)?;
+        while i != NO_SLOT {
+            let slot = &self.slots[i];
+            if slot.thread.as_ref().is_some_and(|w| w.same_state(t)) {
+                return Some(i);
+            }
+            i = slot.next;
+        }
+        None
+    }
+
+    /// Adds `t` to the waiting thread in slot `i` (same state).
+    fn add_to(&mut self, i: usize, t: &Thread) {
+        let w = self.slots[i].thread.as_mut().expect("waiting thread");
+        w.weight.add_assign(&t.weight);
+        w.paths = w.paths.saturating_add(t.paths);
+        if shorter_path((&t.path, &t.choices), (&w.path, &w.choices)) {
+            w.path.clone_from(&t.path);
+        }
+        if t.choices < w.choices {
+            w.choices.clone_from(&t.choices);
+        }
+    }
+
+    /// Queues `t`, merging it into a waiting thread in the same state if there is one.
+    fn push(&mut self, t: Thread) {
+        let hash = t.state_hash();
+        if let Some(i) = self.find(&t, hash) {
+            self.add_to(i, &t);
+            return;
+        }
+        let pos = t.position();
+        let next = self.heads.get(&hash).copied().unwrap_or(NO_SLOT);
+        let slot = Slot {
+            thread: Some(t),
+            hash,
+            next,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        };
+        self.heads.insert(hash, i);
+        self.order.push(Reverse((pos, i)));
+        self.len += 1;
+    }
+
+    /// Takes the waiting thread of least position.
+    fn pop(&mut self) -> Option<Thread> {
+        let Reverse((_, i)) = self.order.pop()?;
+        let (hash, next) = (self.slots[i].hash, self.slots[i].next);
+        // Unlink slot i from its hash chain.
+        let head = self.heads[&hash];
+        if head == i {
+            if next == NO_SLOT {
+                self.heads.remove(&hash);
+            } else {
+                self.heads.insert(hash, next);
+            }
+        } else {
+            let mut p = head;
+            while self.slots[p].next != i {
+                p = self.slots[p].next;
+            }
+            self.slots[p].next = next;
+        }
+        self.free.push(i);
+        self.len -= 1;
+        self.slots[i].thread.take()
+    }
+
+    /// How the least waiting position compares with the thread's.
+    fn least_vs(&self, t: &Thread) -> Option<Ordering> {
+        let Reverse((pos, _)) = self.order.peek()?;
+        Some(t.cmp_position(pos).reverse())
+    }
+
+    /// Adds `t` to a waiting thread in the same state, if there is one.
+    fn merge(&mut self, t: &Thread) -> bool {
+        match self.find(t, t.state_hash()) {
+            Some(i) => {
+                self.add_to(i, t);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -234,8 +470,10 @@ struct Walker<'g, 'r, 'a> {
     warned: BTreeSet<(u32, String)>,
     steps: u64,
     statistic_rules: u32,
-    /// Threads waiting in the work list, by state: their index in it.
-    pending: HashMap<StateKey, usize>,
+    /// Threads waiting to go on.
+    queue: Queue,
+    /// For each outcome, the choices of its first path (see [`Choices`]).
+    first: Vec<Choices>,
     /// Exact sum of the weights recorded in `outcomes`.
     total: Prob,
     /// A finished thread's weight, whose allocation the next split reuses (in a long
@@ -259,11 +497,12 @@ pub fn evaluate(
         mode,
         record_paths,
         outcomes: Vec::new(),
-        index: HashMap::new(),
+        index: HashMap::default(),
         warned: BTreeSet::new(),
         steps: 0,
         statistic_rules: 0,
-        pending: HashMap::new(),
+        queue: Queue::default(),
+        first: Vec::new(),
         total: Prob::zero(),
         spare: Prob::zero(),
     };
@@ -279,18 +518,26 @@ pub fn evaluate(
         path: Vec::new(),
         via: 0,
         paths: 1,
+        choices: Choices::default(),
     };
-    let mut work = vec![start];
-    while let Some(t) = work.pop() {
-        if !w.pending.is_empty() {
-            let key = t.key();
-            if w.pending.get(&key) == Some(&work.len()) {
-                w.pending.remove(&key);
-            }
-        }
-        w.run(t, &mut work)?;
+    w.queue.push(start);
+    while let Some(t) = w.queue.pop() {
+        w.run(t)?;
+        w.check_size()?;
     }
     w.recover_exact();
+    // Outcomes in the order a depth-first walk (matching branch first) reaches them: the
+    // order of the rules for a cascade, whatever order the walk went in.
+    let mut order: Vec<usize> = (0..w.outcomes.len()).collect();
+    order.sort_by(|&i, &j| w.first[i].cmp(&w.first[j]));
+    let mut slots: Vec<Option<OutcomeInfo>> = w.outcomes.drain(..).map(Some).collect();
+    w.outcomes = order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each outcome once"))
+        .collect();
+    for o in &mut w.outcomes {
+        o.via.sort_unstable();
+    }
     Ok(Distribution {
         outcomes: w.outcomes,
         warnings: w
@@ -329,6 +576,14 @@ impl Walker<'_, '_, '_> {
                 if t.via > 0 && !o.via.contains(&t.via) {
                     o.via.push(t.via);
                 }
+                if shorter_path((&t.path, &t.choices), (&o.path, &self.first[i])) {
+                    o.path = std::mem::take(&mut t.path);
+                    o.line = line;
+                    o.chain = t.chain;
+                }
+                if t.choices < self.first[i] {
+                    self.first[i] = std::mem::take(&mut t.choices);
+                }
                 self.recycle(weight);
             }
             None => {
@@ -340,6 +595,7 @@ impl Walker<'_, '_, '_> {
                     approx
                 };
                 self.index.insert(outcome.clone(), self.outcomes.len());
+                self.first.push(std::mem::take(&mut t.choices));
                 self.outcomes.push(OutcomeInfo {
                     outcome,
                     prob,
@@ -351,6 +607,16 @@ impl Walker<'_, '_, '_> {
                 });
             }
         }
+    }
+
+    fn check_size(&self) -> Result<(), TooComplex> {
+        if self.outcomes.len() + self.queue.len() > STATE_LIMIT {
+            return Err(TooComplex {
+                limit: STATE_LIMIT as u64,
+                what: "outcomes and waiting branches at once",
+            });
+        }
+        Ok(())
     }
 
     /// Keeps the larger of `w` and the spare weight for the next split to reuse.
@@ -385,35 +651,19 @@ impl Walker<'_, '_, '_> {
         self.outcomes[i].prob = CompactProb::new(rest);
     }
 
-    /// Adds `t` to a waiting thread in the same state, if there is one.
-    fn merge_into_pending(&mut self, t: &Thread, work: &mut [Thread]) -> bool {
-        if self.pending.is_empty() {
-            return false;
-        }
-        match self.pending.get(&t.key()) {
-            Some(&i) => {
-                let w = &mut work[i];
-                w.weight.add_assign(&t.weight);
-                w.paths = w.paths.saturating_add(t.paths);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Queues a thread that waits at its current state, merging it when one is there.
-    fn enqueue(&mut self, t: Thread, work: &mut Vec<Thread>) {
-        if self.merge_into_pending(&t, work) {
-            return;
-        }
-        self.pending.insert(t.key(), work.len());
-        work.push(t);
-    }
-
-    fn run(&mut self, mut t: Thread, work: &mut Vec<Thread>) -> Result<(), TooComplex> {
+    fn run(&mut self, mut t: Thread) -> Result<(), TooComplex> {
         let tg = &self.graph.tables[self.table];
         let table = self.graph.table(self.table);
         loop {
+            // Go on only while no waiting thread is behind this one (see [`Queue`]).
+            match self.queue.least_vs(&t) {
+                Some(Ordering::Less) => {
+                    self.queue.push(t);
+                    return Ok(());
+                }
+                Some(Ordering::Equal) if self.queue.merge(&t) => return Ok(()),
+                _ => {}
+            }
             let chain = &table.chains[t.chain];
             if t.rule >= chain.rules.len() {
                 if let Some((c, r)) = t.stack.pop() {
@@ -423,9 +673,6 @@ impl Walker<'_, '_, '_> {
                         // Back in the start chain: that jump did not decide the outcome.
                         t.via = 0;
                     }
-                    if self.merge_into_pending(&t, work) {
-                        return Ok(());
-                    }
                     continue;
                 }
                 let outcome = self.end_outcome(&t);
@@ -434,7 +681,10 @@ impl Walker<'_, '_, '_> {
             }
             self.steps += 1;
             if self.steps > STEP_LIMIT {
-                return Err(TooComplex { limit: STEP_LIMIT });
+                return Err(TooComplex {
+                    limit: STEP_LIMIT,
+                    what: "rule evaluations",
+                });
             }
             let rule = &chain.rules[t.rule];
             let target = tg.targets[t.chain][t.rule];
@@ -474,7 +724,10 @@ impl Walker<'_, '_, '_> {
                     rest.weight = weight;
                     rest.weight.mul_ratio_assign(den - num, den);
                     rest.rule += 1;
-                    self.enqueue(rest, work);
+                    rest.choices.push(true);
+                    t.choices.push(false);
+                    self.queue.push(rest);
+                    self.check_size()?;
                 }
                 Decision::Yes(None) => {}
             }
@@ -501,9 +754,6 @@ impl Walker<'_, '_, '_> {
                         t.rule = r + 1;
                         if t.stack.is_empty() {
                             t.via = 0;
-                        }
-                        if self.merge_into_pending(&t, work) {
-                            return Ok(());
                         }
                     } else {
                         let outcome = self.end_outcome(&t);
@@ -1291,5 +1541,80 @@ mod tests {
         let d = walk(&text, "KUBE-SVC-X", Packet::default(), Mode::Balancer);
         assert_eq!(probs(&d), vec![("10.0.0.1:80".into(), "1".into())]);
         assert!(d.outcomes[0].prob.is_one());
+    }
+
+    #[test]
+    fn branches_that_differ_in_marks_for_a_while_still_merge() {
+        // 40 times: a statistic rule sets a mark, the next rule sets it back for everyone.
+        // The branches differ until the second rule and are in one state again after it.
+        // A depth-first walk that merges only with waiting branches walked the rest of the
+        // chain once per path (2^40); taken in program order, they meet and merge.
+        let mut text = String::from("*mangle\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n");
+        text.push_str("-A PREROUTING -j LB\n");
+        for _ in 0..40 {
+            text.push_str(
+                "-A LB -m statistic --mode random --probability 0.3 -j MARK --set-xmark 0x1/0xff\n",
+            );
+            text.push_str("-A LB -j MARK --set-xmark 0x2/0xff\n");
+        }
+        text.push_str("-A LB -m mark --mark 0x2/0xff -j ACCEPT\nCOMMIT\n");
+        let d = walk(&text, "LB", Packet::default(), Mode::Balancer);
+        assert_eq!(probs(&d), vec![("ACCEPT".into(), "1".into())]);
+        // 2^40 paths lead there (the count saturates).
+        assert_eq!(d.outcomes[0].paths, u32::MAX);
+        assert!(d.steps < 1_000, "{} rule evaluations", d.steps);
+    }
+
+    #[test]
+    fn outcomes_are_listed_in_depth_first_order() {
+        // The matching branch of the first rule waits for the rest at the second rule, so
+        // the walk does not finish the branches in rule order; the outcomes are still
+        // listed in it (the order of a depth-first walk, matching branch first).
+        let text = "*mangle\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n\
+            -A LB -m statistic --mode random --probability 0.25 -j MARK --set-xmark 0x100/0xff00\n\
+            -A LB -m mark --mark 0x0/0xff00 -m statistic --mode random --probability 0.5 -j MARK --set-xmark 0x200/0xff00\n\
+            -A LB -m mark --mark 0x0/0xff00 -j MARK --set-xmark 0x300/0xff00\n\
+            -A LB -m mark --mark 0x300/0xff00 -j DNAT --to-destination 10.0.0.3\n\
+            COMMIT\n";
+        let d = walk(text, "LB", Packet::default(), Mode::Balancer);
+        assert_eq!(
+            probs(&d),
+            vec![
+                ("mark 0x100/0xff00".into(), "1/4".into()),
+                ("mark 0x200/0xff00".into(), "3/8".into()),
+                ("10.0.0.3".into(), "3/8".into()),
+            ]
+        );
+        let c = |a: &[(bool, u32)]| Choices(a.to_vec());
+        assert!(c(&[(false, 1)]) < c(&[(true, 1), (false, 1)]));
+        assert!(c(&[(true, 3), (false, 1)]) < c(&[(true, 4)]));
+        assert!(c(&[(true, 2)]) < c(&[(true, 2), (false, 1)]));
+        assert_eq!(
+            c(&[(true, 2), (true, 1)]).cmp(&c(&[(true, 3)])),
+            Ordering::Equal
+        );
+    }
+
+    #[test]
+    fn too_many_distinct_outcomes_stop_the_walk() {
+        // 17 rules that each may set their own bit: 2^17 distinct marks, more than
+        // STATE_LIMIT outcomes and waiting branches. The walk stops instead of filling memory.
+        let mut text = String::from("*mangle\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n");
+        for i in 0..17 {
+            text.push_str(&format!(
+                "-A LB -m statistic --mode random --probability 0.5 -j MARK --or-mark {:#x}\n",
+                1u32 << i
+            ));
+        }
+        text.push_str("COMMIT\n");
+        let rs = parse(&text, &ParseOptions::default()).expect("parses");
+        let g = Graph::build(&rs, false).expect("graph");
+        let c = g.tables[0].index["LB"];
+        let e = evaluate(&g, 0, c, Packet::default(), Mode::Balancer, false).unwrap_err();
+        assert_eq!(e.limit, STATE_LIMIT as u64);
+        assert!(
+            e.to_string().contains("outcomes and waiting branches"),
+            "{e}"
+        );
     }
 }
