@@ -528,13 +528,15 @@ pub fn evaluate(
     w.recover_exact();
     // Outcomes in the order a depth-first walk (matching branch first) reaches them: the
     // order of the rules for a cascade, whatever order the walk went in.
-    let mut order: Vec<usize> = (0..w.outcomes.len()).collect();
-    order.sort_by(|&i, &j| w.first[i].cmp(&w.first[j]));
-    let mut slots: Vec<Option<OutcomeInfo>> = w.outcomes.drain(..).map(Some).collect();
-    w.outcomes = order
-        .into_iter()
-        .map(|i| slots[i].take().expect("each outcome once"))
-        .collect();
+    if !w.first.is_sorted() {
+        let mut order: Vec<usize> = (0..w.outcomes.len()).collect();
+        order.sort_by(|&i, &j| w.first[i].cmp(&w.first[j]));
+        let mut slots: Vec<Option<OutcomeInfo>> = w.outcomes.drain(..).map(Some).collect();
+        w.outcomes = order
+            .into_iter()
+            .map(|i| slots[i].take().expect("each outcome once"))
+            .collect();
+    }
     for o in &mut w.outcomes {
         o.via.sort_unstable();
     }
