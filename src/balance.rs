@@ -4,7 +4,7 @@
 use crate::eval::{self, Distribution, Mode, Outcome, OutcomeInfo, Packet};
 use crate::graph::Graph;
 use crate::model::{Chain, Rule, Warning};
-use crate::prob::Prob;
+use crate::prob::{CompactProb, Prob};
 use rayon::prelude::*;
 use std::collections::HashSet;
 
@@ -46,11 +46,12 @@ pub struct Affinity {
     pub lines: Vec<u32>,
 }
 
-/// One endpoint of a balancer, with its exact probability.
+/// One endpoint of a balancer, with its probability.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub outcome: Outcome,
-    pub prob: Prob,
+    /// Exact, or a 128-bit approximation with a proven bound when the exact form is long.
+    pub prob: CompactProb,
     /// Line of the rule that produced it (the DNAT).
     pub line: u32,
     /// The chain holding that rule.
@@ -77,7 +78,10 @@ pub struct Balancer {
     pub entries: Vec<Entry>,
     pub affinity: Option<Affinity>,
     pub endpoints: Vec<Endpoint>,
-    pub unmatched: Prob,
+    pub unmatched: CompactProb,
+    /// The exact sum of the endpoints' and `unmatched` probabilities (1 for a complete
+    /// walk, 0 when the walk gave up).
+    pub exact_total: Prob,
     /// The packet the walk was made for.
     pub packet: Packet,
     pub warnings: Vec<Warning>,
@@ -306,7 +310,8 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
                 entries,
                 affinity: None,
                 endpoints: Vec::new(),
-                unmatched: Prob::zero(),
+                unmatched: CompactProb::zero(),
+                exact_total: Prob::zero(),
                 packet,
                 warnings,
                 steps: 0,
@@ -322,11 +327,12 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
         outcomes,
         warnings: walk_warnings,
         steps,
+        total: exact_total,
         ..
     } = dist;
     warnings.extend(walk_warnings);
-    let mut endpoints = Vec::new();
-    let mut unmatched = Prob::zero();
+    let mut endpoints = Vec::with_capacity(outcomes.len());
+    let mut unmatched = CompactProb::zero();
     for OutcomeInfo {
         outcome,
         prob,
@@ -363,6 +369,22 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
             ),
         ));
     }
+    // Approximated probabilities: say where the proven bound cannot decide the last bit of
+    // a printed double (about one value in 2^70, so practically never).
+    let n = endpoints.len() as u64;
+    for e in &endpoints {
+        if let CompactProb::Approx(a) = &e.prob
+            && !(a.to_f64_checked().1 && a.relative_deviation_checked(n).1)
+        {
+            warnings.push(Warning::new(
+                e.line,
+                format!(
+                    "{name}: {}: the probability is kept as a 128-bit approximation (its exact form is too long) whose error bound cannot decide the last bit of the printed probability or deviation; they may be one unit in the last place off",
+                    e.outcome.label()
+                ),
+            ));
+        }
+    }
     if !unmatched.is_zero() {
         warnings.push(Warning::new(
             first_line(chain),
@@ -385,6 +407,7 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
         affinity: affinity(chain),
         endpoints,
         unmatched,
+        exact_total,
         packet,
         warnings,
         steps,

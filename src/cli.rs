@@ -692,7 +692,11 @@ fn cmd_trace(a: &TraceArgs) -> Result<i32> {
         .map(|o| TraceOutcome {
             outcome: o.outcome.label(),
             probability: o.prob.to_f64(),
-            exact: (o.prob.bits() < 1200).then(|| o.prob.to_string()),
+            exact: o
+                .prob
+                .exact()
+                .filter(|p| p.bits() < 1200)
+                .map(ToString::to_string),
             path: o
                 .path
                 .iter()

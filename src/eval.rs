@@ -6,6 +6,12 @@
 //! exact weights: `q/2^31` for random mode, the long-run share `1/N` for nth mode.
 //! The result is a distribution over outcomes whose exact probabilities sum to 1.
 //!
+//! Branches in the same state (place, return points, marks, what is known of the
+//! connection) are merged, adding their weights; the walk advances its branches in program
+//! order so that all branches reaching a state meet there (`Queue`), and so walks each
+//! state once. Weights and the running sum stay exact; each outcome's probability is kept
+//! exact while short and as a bounded 128-bit approximation otherwise ([`CompactProb`]).
+//!
 //! Conditions on the connection are decided against a [`Packet`]. A field the packet
 //! leaves open is *bound* by the first positive test on it (the walk describes "a
 //! connection of the kind these rules serve"); a test that cannot be decided otherwise
@@ -15,10 +21,12 @@
 
 use crate::graph::{Graph, TargetRef};
 use crate::model::{Match, Opt, Rule, Warning};
-use crate::prob::Prob;
+use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob};
 use crate::statistic::{self, SCALE, Statistic};
-use rustc_hash::FxHashMap;
-use std::collections::{BTreeSet, HashMap};
+use rustc_hash::FxHashMap as HashMap;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, BinaryHeap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::rc::Rc;
 
@@ -118,18 +126,21 @@ pub struct Step {
     pub line: u32,
 }
 
-/// One outcome with its exact probability and how it is reached.
+/// One outcome with its probability and how it is reached.
 #[derive(Debug, Clone)]
 pub struct OutcomeInfo {
     pub outcome: Outcome,
-    pub prob: Prob,
+    /// Exact while short, otherwise a 128-bit approximation with a proven bound
+    /// (see [`CompactProb`]): an outcome of a long cascade has a huge exact form.
+    pub prob: CompactProb,
     /// How many distinct branches of the walk reach it.
     pub paths: u32,
-    /// The first path found (jumping rules and the terminal rule).
+    /// A shortest path found (jumping rules and the terminal rule), the first in
+    /// depth-first order among equally short ones.
     pub path: Vec<Step>,
-    /// Lines of the rules in the start chain through which it is reached, in order.
+    /// Lines of the rules in the start chain through which it is reached, in line order.
     pub via: Vec<u32>,
-    /// Line of the rule that produced the outcome (0 for a fall-through).
+    /// Line of the rule that produced the outcome on `path` (0 for a fall-through).
     pub line: u32,
     /// The chain the walk was in when it ended.
     pub chain: usize,
@@ -138,7 +149,8 @@ pub struct OutcomeInfo {
 /// The result of a walk.
 #[derive(Debug, Clone)]
 pub struct Distribution {
-    /// Outcomes in the order the walk first reached them.
+    /// Outcomes in the order a depth-first walk that takes the matching branch of each
+    /// statistic rule first reaches them (for a cascade: the order of its rules).
     pub outcomes: Vec<OutcomeInfo>,
     /// Assumptions made, with lines.
     pub warnings: Vec<Warning>,
@@ -146,16 +158,15 @@ pub struct Distribution {
     pub steps: u64,
     /// Statistic rules reached at the start chain's level.
     pub statistic_rules: u32,
+    /// The exact sum of all outcome probabilities, added up exactly as the walk recorded
+    /// them (before any was approximated).
+    pub total: Prob,
 }
 
 impl Distribution {
     /// The exact sum of all outcome probabilities (1 for every complete walk).
-    pub fn total(&self) -> Prob {
-        let mut t = Prob::zero();
-        for o in &self.outcomes {
-            t.add_assign(&o.prob);
-        }
-        t
+    pub fn total(&self) -> &Prob {
+        &self.total
     }
 }
 
@@ -170,13 +181,24 @@ pub enum Mode {
 
 /// The walk gave up: too many branches.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("more than {limit} rule evaluations for one walk (the rules branch too much to enumerate)")]
+#[error("more than {limit} {what} for one walk (the rules branch too much to enumerate)")]
 pub struct TooComplex {
     pub limit: u64,
+    /// What went over the limit: `rule evaluations` ([`STEP_LIMIT`]) or `outcomes and
+    /// waiting branches at once` ([`STATE_LIMIT`]).
+    pub what: &'static str,
 }
 
 /// The most rule evaluations one walk may make.
 pub const STEP_LIMIT: u64 = 200_000_000;
+
+/// The most outcomes plus waiting branches one walk may hold at once (several hundred
+/// bytes each). Branches in different states do not merge, and every rule that may set
+/// one of several marks can double their number: 20 rules `-m statistic … -j MARK
+/// --or-mark BIT` make a million distinct outcomes (hundreds of megabytes, and four times
+/// that per further rule). A balancer has far fewer endpoints than this (the largest
+/// benchmark: 20,000).
+pub const STATE_LIMIT: usize = 100_000;
 
 #[derive(Clone)]
 struct Thread {
@@ -190,37 +212,251 @@ struct Thread {
     packet: Packet,
     path: Vec<Step>,
     via: u32,
-    /// Branches merged into this thread (see [`StateKey`]).
+    /// Branches merged into this thread (see [`Thread::same_state`]).
     paths: u32,
+    /// The statistic-rule choices of its first path in depth-first order (of the merged
+    /// branches, the least), which orders the outcomes.
+    choices: Choices,
 }
 
-/// Everything that decides how a thread goes on. Two waiting threads with the same key
-/// behave identically from here on, so the walk merges them (adding their weights): without
-/// this, every statistic rule whose branches meet again (a jump to a chain that returns)
-/// would double the work.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct StateKey {
-    chain: usize,
-    rule: usize,
-    stack: Vec<(usize, usize)>,
-    nfmark: u32,
-    ctmark: u32,
-    mark_mask: u32,
-    packet: Packet,
-    via: u32,
+/// The choices a path made at statistic rules (the matching branch, or the rest), in
+/// runs: `(took the rest, how many times in a row)`. Compared as the sequences they stand
+/// for, they order paths as a depth-first walk that takes the matching branch first meets
+/// them; a kube-proxy cascade's paths are one or two runs long.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Choices(Vec<(bool, u32)>);
+
+impl Choices {
+    fn push(&mut self, rest: bool) {
+        match self.0.last_mut() {
+            Some((b, n)) if *b == rest && *n < u32::MAX => *n += 1,
+            _ => self.0.push((rest, 1)),
+        }
+    }
+}
+
+impl Ord for Choices {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let (mut a, mut b) = (self.0.iter().copied(), other.0.iter().copied());
+        let (mut x, mut y) = (a.next(), b.next());
+        loop {
+            match (x, y) {
+                (None, None) => return Ordering::Equal,
+                (None, Some(_)) => return Ordering::Less,
+                (Some(_), None) => return Ordering::Greater,
+                (Some((p, n)), Some((q, m))) => {
+                    if p != q {
+                        return p.cmp(&q);
+                    }
+                    let k = n.min(m);
+                    x = if n > k { Some((p, n - k)) } else { a.next() };
+                    y = if m > k { Some((q, m - k)) } else { b.next() };
+                }
+            }
+        }
+    }
+}
+
+/// Which path an outcome shows (with its rule): the shortest (fewest recorded steps; all
+/// are empty unless paths are recorded), the earlier in depth-first order among equals.
+fn shorter_path(a: (&[Step], &Choices), b: (&[Step], &Choices)) -> bool {
+    (a.0.len(), a.1) < (b.0.len(), b.1)
+}
+
+impl PartialOrd for Choices {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl Thread {
-    fn key(&self) -> StateKey {
-        StateKey {
-            chain: self.chain,
-            rule: self.rule,
-            stack: self.stack.clone(),
-            nfmark: self.nfmark,
-            ctmark: self.ctmark,
-            mark_mask: self.mark_mask,
-            packet: self.packet.clone(),
-            via: self.via,
+    /// Compares the thread's place in the program with a [`Queue`] position: the rule
+    /// indices of its return points, then its own rule.
+    fn cmp_position(&self, pos: &[u32]) -> Ordering {
+        self.stack
+            .iter()
+            .map(|&(_, r)| r as u32)
+            .chain(std::iter::once(self.rule as u32))
+            .cmp(pos.iter().copied())
+    }
+
+    fn position(&self) -> Box<[u32]> {
+        self.stack
+            .iter()
+            .map(|&(_, r)| r as u32)
+            .chain(std::iter::once(self.rule as u32))
+            .collect()
+    }
+
+    /// Do the two threads go on identically from here? Everything that decides how a
+    /// thread goes on is compared: its place and return points, marks, what is known of
+    /// the connection, and the start-chain rule it went through (reported per outcome).
+    /// Two threads in the same state are merged (their weights added): without this,
+    /// every statistic rule whose branches meet again (a jump to a chain that returns)
+    /// would double the work. The [`Queue`] makes sure that such threads meet.
+    fn same_state(&self, o: &Thread) -> bool {
+        self.chain == o.chain
+            && self.rule == o.rule
+            && self.nfmark == o.nfmark
+            && self.ctmark == o.ctmark
+            && self.mark_mask == o.mark_mask
+            && self.via == o.via
+            && self.stack == o.stack
+            && self.packet == o.packet
+    }
+
+    /// A hash of what [`Thread::same_state`] compares.
+    fn state_hash(&self) -> u64 {
+        let mut h = rustc_hash::FxHasher::default();
+        (
+            self.chain,
+            self.rule,
+            self.nfmark,
+            self.ctmark,
+            self.mark_mask,
+            self.via,
+        )
+            .hash(&mut h);
+        self.stack.hash(&mut h);
+        self.packet.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The threads waiting to go on, taken in the order of their place in the program.
+///
+/// A thread's *position* is the rule indices of its return points followed by its own
+/// rule index, compared lexicographically. Every step of the walk moves a thread to a
+/// greater position: the next rule (the last index grows), a jump (the position is
+/// extended), a return (a shorter position whose last index grew). So when the walk
+/// always advances the waiting thread of least position, and a running thread waits as
+/// soon as another is behind it, every thread that will ever reach a state has reached it
+/// before that state is walked on: branches that meet again are merged wherever they
+/// meet, and each state is walked once. (A goto restarts the frame's index at 0 and
+/// breaks the order; that can only cost a missed merge, never a wrong result. kube-proxy
+/// and mwan3 rules do not use goto.)
+///
+/// The walk used to go depth first and merge a branch only with the branches waiting at
+/// that moment: branches that differed for a while (in a mark, say) and met again later
+/// were walked separately from there on, and on a mark-heavy input the number of such
+/// walks grew with every MARK rule (fuzz/README.md, finding 5).
+#[derive(Default)]
+struct Queue {
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// The first slot of each state hash (further slots with that hash are chained).
+    heads: HashMap<u64, usize>,
+    order: BinaryHeap<Reverse<(Box<[u32]>, usize)>>,
+    len: usize,
+}
+
+/// A waiting thread, with its state hash and the next slot of the same hash.
+struct Slot {
+    thread: Option<Thread>,
+    hash: u64,
+    next: usize,
+}
+
+const NO_SLOT: usize = usize::MAX;
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The slot of a waiting thread in the same state as `t`.
+    fn find(&self, t: &Thread, hash: u64) -> Option<usize> {
+        let mut i = *self.heads.get(&hash)?;
+        while i != NO_SLOT {
+            let slot = &self.slots[i];
+            if slot.thread.as_ref().is_some_and(|w| w.same_state(t)) {
+                return Some(i);
+            }
+            i = slot.next;
+        }
+        None
+    }
+
+    /// Adds `t` to the waiting thread in slot `i` (same state).
+    fn add_to(&mut self, i: usize, t: &Thread) {
+        let w = self.slots[i].thread.as_mut().expect("waiting thread");
+        w.weight.add_assign(&t.weight);
+        w.paths = w.paths.saturating_add(t.paths);
+        if shorter_path((&t.path, &t.choices), (&w.path, &w.choices)) {
+            w.path.clone_from(&t.path);
+        }
+        if t.choices < w.choices {
+            w.choices.clone_from(&t.choices);
+        }
+    }
+
+    /// Queues `t`, merging it into a waiting thread in the same state if there is one.
+    fn push(&mut self, t: Thread) {
+        let hash = t.state_hash();
+        if let Some(i) = self.find(&t, hash) {
+            self.add_to(i, &t);
+            return;
+        }
+        let pos = t.position();
+        let next = self.heads.get(&hash).copied().unwrap_or(NO_SLOT);
+        let slot = Slot {
+            thread: Some(t),
+            hash,
+            next,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        };
+        self.heads.insert(hash, i);
+        self.order.push(Reverse((pos, i)));
+        self.len += 1;
+    }
+
+    /// Takes the waiting thread of least position.
+    fn pop(&mut self) -> Option<Thread> {
+        let Reverse((_, i)) = self.order.pop()?;
+        let (hash, next) = (self.slots[i].hash, self.slots[i].next);
+        // Unlink slot i from its hash chain.
+        let head = self.heads[&hash];
+        if head == i {
+            if next == NO_SLOT {
+                self.heads.remove(&hash);
+            } else {
+                self.heads.insert(hash, next);
+            }
+        } else {
+            let mut p = head;
+            while self.slots[p].next != i {
+                p = self.slots[p].next;
+            }
+            self.slots[p].next = next;
+        }
+        self.free.push(i);
+        self.len -= 1;
+        self.slots[i].thread.take()
+    }
+
+    /// How the least waiting position compares with the thread's.
+    fn least_vs(&self, t: &Thread) -> Option<Ordering> {
+        let Reverse((pos, _)) = self.order.peek()?;
+        Some(t.cmp_position(pos).reverse())
+    }
+
+    /// Adds `t` to a waiting thread in the same state, if there is one.
+    fn merge(&mut self, t: &Thread) -> bool {
+        match self.find(t, t.state_hash()) {
+            Some(i) => {
+                self.add_to(i, t);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -235,10 +471,18 @@ struct Walker<'g, 'r, 'a> {
     warned: BTreeSet<(u32, String)>,
     steps: u64,
     statistic_rules: u32,
-    /// Threads waiting in the work list, by state: their index in it.
-    pending: HashMap<StateKey, usize>,
+    /// Threads waiting to go on.
+    queue: Queue,
+    /// For each outcome, the choices of its first path (see [`Choices`]).
+    first: Vec<Choices>,
+    /// Exact sum of the weights recorded in `outcomes`.
+    total: Prob,
+    /// A finished thread's weight, whose allocation the next split reuses (in a long
+    /// cascade the weights are long: allocating afresh at every rule costs time and leaves
+    /// the allocator holding many blocks of different sizes).
+    spare: Prob,
     /// Rules read so far (the ruleset keeps only their text), by (chain, rule).
-    rules: FxHashMap<(usize, usize), Rc<Rule<'a>>>,
+    rules: HashMap<(usize, usize), Rc<Rule<'a>>>,
 }
 
 /// Walks the graph from the start of `chain` in `table` for `packet`.
@@ -256,12 +500,15 @@ pub fn evaluate(
         mode,
         record_paths,
         outcomes: Vec::new(),
-        index: HashMap::new(),
+        index: HashMap::default(),
         warned: BTreeSet::new(),
         steps: 0,
         statistic_rules: 0,
-        pending: HashMap::new(),
-        rules: FxHashMap::default(),
+        queue: Queue::default(),
+        first: Vec::new(),
+        total: Prob::zero(),
+        spare: Prob::zero(),
+        rules: HashMap::default(),
     };
     let start = Thread {
         chain,
@@ -275,16 +522,27 @@ pub fn evaluate(
         path: Vec::new(),
         via: 0,
         paths: 1,
+        choices: Choices::default(),
     };
-    let mut work = vec![start];
-    while let Some(t) = work.pop() {
-        if !w.pending.is_empty() {
-            let key = t.key();
-            if w.pending.get(&key) == Some(&work.len()) {
-                w.pending.remove(&key);
-            }
-        }
-        w.run(t, &mut work)?;
+    w.queue.push(start);
+    while let Some(t) = w.queue.pop() {
+        w.run(t)?;
+        w.check_size()?;
+    }
+    w.recover_exact();
+    // Outcomes in the order a depth-first walk (matching branch first) reaches them: the
+    // order of the rules for a cascade, whatever order the walk went in.
+    if !w.first.is_sorted() {
+        let mut order: Vec<usize> = (0..w.outcomes.len()).collect();
+        order.sort_by(|&i, &j| w.first[i].cmp(&w.first[j]));
+        let mut slots: Vec<Option<OutcomeInfo>> = w.outcomes.drain(..).map(Some).collect();
+        w.outcomes = order
+            .into_iter()
+            .map(|i| slots[i].take().expect("each outcome once"))
+            .collect();
+    }
+    for o in &mut w.outcomes {
+        o.via.sort_unstable();
     }
     Ok(Distribution {
         outcomes: w.outcomes,
@@ -295,6 +553,7 @@ pub fn evaluate(
             .collect(),
         steps: w.steps,
         statistic_rules: w.statistic_rules,
+        total: w.total,
     })
 }
 
@@ -310,22 +569,42 @@ impl Walker<'_, '_, '_> {
         self.warned.insert((line, message));
     }
 
-    fn finish(&mut self, t: &Thread, outcome: Outcome, line: u32) {
+    /// Records the end of thread `t` (its weight is taken) in `outcome`.
+    fn finish(&mut self, t: &mut Thread, outcome: Outcome, line: u32) {
         let via = if t.via > 0 { vec![t.via] } else { Vec::new() };
+        let weight = std::mem::replace(&mut t.weight, Prob::zero());
+        self.total.add_assign(&weight);
         match self.index.get(&outcome) {
             Some(&i) => {
                 let o = &mut self.outcomes[i];
-                o.prob.add_assign(&t.weight);
+                o.prob.add_exact(&weight);
                 o.paths = o.paths.saturating_add(t.paths);
                 if t.via > 0 && !o.via.contains(&t.via) {
                     o.via.push(t.via);
                 }
+                if shorter_path((&t.path, &t.choices), (&o.path, &self.first[i])) {
+                    o.path = std::mem::take(&mut t.path);
+                    o.line = line;
+                    o.chain = t.chain;
+                }
+                if t.choices < self.first[i] {
+                    self.first[i] = std::mem::take(&mut t.choices);
+                }
+                self.recycle(weight);
             }
             None => {
+                let prob = if weight.bits() <= KEEP_EXACT_BITS {
+                    CompactProb::Exact(weight)
+                } else {
+                    let approx = CompactProb::Approx(Approx::from_prob(&weight));
+                    self.recycle(weight);
+                    approx
+                };
                 self.index.insert(outcome.clone(), self.outcomes.len());
+                self.first.push(std::mem::take(&mut t.choices));
                 self.outcomes.push(OutcomeInfo {
                     outcome,
-                    prob: t.weight.clone(),
+                    prob,
                     paths: t.paths,
                     path: t.path.clone(),
                     via,
@@ -336,35 +615,61 @@ impl Walker<'_, '_, '_> {
         }
     }
 
-    /// Adds `t` to a waiting thread in the same state, if there is one.
-    fn merge_into_pending(&mut self, t: &Thread, work: &mut [Thread]) -> bool {
-        if self.pending.is_empty() {
-            return false;
+    fn check_size(&self) -> Result<(), TooComplex> {
+        if self.outcomes.len() + self.queue.len() > STATE_LIMIT {
+            return Err(TooComplex {
+                limit: STATE_LIMIT as u64,
+                what: "outcomes and waiting branches at once",
+            });
         }
-        match self.pending.get(&t.key()) {
-            Some(&i) => {
-                let w = &mut work[i];
-                w.weight.add_assign(&t.weight);
-                w.paths = w.paths.saturating_add(t.paths);
-                true
-            }
-            None => false,
+        Ok(())
+    }
+
+    /// Keeps the larger of `w` and the spare weight for the next split to reuse.
+    fn recycle(&mut self, w: Prob) {
+        if w.bits() > self.spare.bits() {
+            self.spare = w;
         }
     }
 
-    /// Queues a thread that waits at its current state, merging it when one is there.
-    fn enqueue(&mut self, t: Thread, work: &mut Vec<Thread>) {
-        if self.merge_into_pending(&t, work) {
+    /// When exactly one outcome's probability had to be approximated, it is the exact total
+    /// less all the others: exact again. (A sum of long terms that collapses to a short
+    /// value, e.g. every branch of a long cascade reaching one outcome, is then exact.)
+    fn recover_exact(&mut self) {
+        let mut approx = self
+            .outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.prob.exact().is_none());
+        let (Some((i, _)), None) = (approx.next(), approx.next()) else {
             return;
+        };
+        let mut rest = self.total.clone();
+        for (j, o) in self.outcomes.iter().enumerate() {
+            if let (true, Some(p)) = (j != i, o.prob.exact()) {
+                match rest.checked_sub(p) {
+                    Some(r) => rest = r,
+                    None => return,
+                }
+            }
         }
-        self.pending.insert(t.key(), work.len());
-        work.push(t);
+        debug_assert!(self.outcomes[i].prob.approx().contains(&rest));
+        self.outcomes[i].prob = CompactProb::new(rest);
     }
 
-    fn run(&mut self, mut t: Thread, work: &mut Vec<Thread>) -> Result<(), TooComplex> {
+    fn run(&mut self, mut t: Thread) -> Result<(), TooComplex> {
         let tg = &self.graph.tables[self.table];
         let table = self.graph.table(self.table);
         loop {
+            // Go on only while no waiting thread is behind this one (see [`Queue`]).
+            match self.queue.least_vs(&t) {
+                Some(Ordering::Less) => {
+                    self.queue.push(t);
+                    return Ok(());
+                }
+                Some(Ordering::Equal) if self.queue.merge(&t) => return Ok(()),
+                _ => {}
+            }
             let chain = &table.chains[t.chain];
             if t.rule >= chain.rules.len() {
                 if let Some((c, r)) = t.stack.pop() {
@@ -374,18 +679,18 @@ impl Walker<'_, '_, '_> {
                         // Back in the start chain: that jump did not decide the outcome.
                         t.via = 0;
                     }
-                    if self.merge_into_pending(&t, work) {
-                        return Ok(());
-                    }
                     continue;
                 }
                 let outcome = self.end_outcome(&t);
-                self.finish(&t, outcome, 0);
+                self.finish(&mut t, outcome, 0);
                 return Ok(());
             }
             self.steps += 1;
             if self.steps > STEP_LIMIT {
-                return Err(TooComplex { limit: STEP_LIMIT });
+                return Err(TooComplex {
+                    limit: STEP_LIMIT,
+                    what: "rule evaluations",
+                });
             }
             let target = tg.target(t.chain, t.rule);
             // Rules whose target cannot change the outcome are skipped unevaluated.
@@ -420,11 +725,20 @@ impl Walker<'_, '_, '_> {
                         self.statistic_rules += 1;
                     }
                     // Split: the branch that does not match goes on with the next rule.
+                    // The weight is moved, not cloned: it is long in a long cascade.
+                    let mut taken = std::mem::replace(&mut self.spare, Prob::zero());
+                    taken.clone_from(&t.weight);
+                    taken.mul_ratio_assign(num, den);
+                    let weight = std::mem::replace(&mut t.weight, Prob::zero());
                     let mut rest = t.clone();
-                    rest.weight = t.weight.mul_ratio(den - num, den);
+                    t.weight = taken;
+                    rest.weight = weight;
+                    rest.weight.mul_ratio_assign(den - num, den);
                     rest.rule += 1;
-                    self.enqueue(rest, work);
-                    t.weight = t.weight.mul_ratio(num, den);
+                    rest.choices.push(true);
+                    t.choices.push(false);
+                    self.queue.push(rest);
+                    self.check_size()?;
                 }
                 Decision::Yes(None) => {}
             }
@@ -452,12 +766,9 @@ impl Walker<'_, '_, '_> {
                         if t.stack.is_empty() {
                             t.via = 0;
                         }
-                        if self.merge_into_pending(&t, work) {
-                            return Ok(());
-                        }
                     } else {
                         let outcome = self.end_outcome(&t);
-                        self.finish(&t, outcome, rule.line);
+                        self.finish(&mut t, outcome, rule.line);
                         return Ok(());
                     }
                 }
@@ -473,7 +784,7 @@ impl Walker<'_, '_, '_> {
                         });
                     }
                     let outcome = terminal_outcome(rule);
-                    self.finish(&t, outcome, rule.line);
+                    self.finish(&mut t, outcome, rule.line);
                     return Ok(());
                 }
                 TargetRef::None | TargetRef::Continue | TargetRef::Missing => t.rule += 1,
@@ -1140,5 +1451,181 @@ mod tests {
         assert_eq!(cidr_contains("fd00::4/127", b), Some(true));
         assert_eq!(cidr_contains("fd00::6/127", b), Some(false));
         assert_eq!(cidr_contains("fd00::/ffff:ffff::", b), Some(true));
+    }
+
+    /// A kube-proxy style cascade of `n` endpoints in KUBE-SVC-X (`%.10f` of 1/(n−i)),
+    /// each a DNAT to `dest(i)`; returns the text and the thresholds q_i.
+    fn cascade(n: usize, dest: impl Fn(usize) -> String) -> (String, Vec<u64>) {
+        let mut text = String::from(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SVC-X - [0:0]\n-A PREROUTING -j KUBE-SVC-X\n",
+        );
+        let mut qs = Vec::new();
+        for i in 0..n {
+            if i + 1 < n {
+                let p = format!("{:.10}", 1.0 / (n - i) as f64);
+                qs.push(u64::from(
+                    statistic::threshold_from_text(&p).expect("threshold"),
+                ));
+                text.push_str(&format!(
+                    "-A KUBE-SVC-X -m statistic --mode random --probability {p} -j DNAT --to-destination {}\n",
+                    dest(i)
+                ));
+            } else {
+                text.push_str(&format!(
+                    "-A KUBE-SVC-X -j DNAT --to-destination {}\n",
+                    dest(i)
+                ));
+            }
+        }
+        text.push_str("COMMIT\n");
+        (text, qs)
+    }
+
+    fn addr(i: usize) -> String {
+        format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255)
+    }
+
+    #[test]
+    fn long_cascade_agrees_with_exact_arithmetic() {
+        // Every endpoint of a 600-endpoint cascade, walked (most approximated) and computed
+        // exactly on the side: the same f64 and relative deviation, within 1e-12.
+        let n = 600;
+        let (text, qs) = cascade(n, addr);
+        let d = walk(&text, "KUBE-SVC-X", Packet::default(), Mode::Balancer);
+        assert_eq!(d.outcomes.len(), n);
+        assert!(d.total().is_one());
+        let mut rest = Prob::one();
+        let mut approximated = 0;
+        for (i, o) in d.outcomes.iter().enumerate() {
+            assert_eq!(o.outcome.label(), addr(i));
+            let exact = match qs.get(i) {
+                Some(&q) => {
+                    let p = rest.mul_ratio(q, SCALE);
+                    rest.mul_ratio_assign(SCALE - q, SCALE);
+                    p
+                }
+                None => rest.clone(),
+            };
+            match &o.prob {
+                CompactProb::Exact(p) => assert_eq!(*p, exact),
+                CompactProb::Approx(a) => {
+                    approximated += 1;
+                    assert!(a.contains(&exact));
+                    assert!(a.relative_error_bound() < 1e-12);
+                    assert_eq!(a.to_f64_checked(), (exact.to_f64(), true));
+                    assert_eq!(
+                        a.relative_deviation_checked(n as u64),
+                        (exact.relative_deviation(n as u64), true)
+                    );
+                }
+            }
+        }
+        assert!(approximated > 500, "{approximated}");
+    }
+
+    #[test]
+    fn twenty_thousand_endpoints_sum_to_exactly_one() {
+        let n = 20_000;
+        let (text, _) = cascade(n, addr);
+        let d = walk(&text, "KUBE-SVC-X", Packet::default(), Mode::Balancer);
+        assert_eq!(d.outcomes.len(), n);
+        assert!(d.total().is_one());
+        let sum: f64 = d.outcomes.iter().map(|o| o.prob.to_f64()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+        let kept = d
+            .outcomes
+            .iter()
+            .filter(|o| o.prob.exact().is_some())
+            .count();
+        assert!(kept < 100, "{kept} exact forms kept");
+        for o in &d.outcomes {
+            assert!(o.prob.approx().relative_error_bound() < 1e-12);
+            assert!((o.prob.relative_deviation(n as u64)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_long_cascade_into_one_destination_is_exactly_one() {
+        // Every branch reaches the same DNAT: the recorded sum of long weights is
+        // approximate, but it is the only approximate outcome, so it is recovered exactly.
+        let (text, _) = cascade(300, |_| "10.0.0.1:80".to_string());
+        let d = walk(&text, "KUBE-SVC-X", Packet::default(), Mode::Balancer);
+        assert_eq!(probs(&d), vec![("10.0.0.1:80".into(), "1".into())]);
+        assert!(d.outcomes[0].prob.is_one());
+    }
+
+    #[test]
+    fn branches_that_differ_in_marks_for_a_while_still_merge() {
+        // 40 times: a statistic rule sets a mark, the next rule sets it back for everyone.
+        // The branches differ until the second rule and are in one state again after it.
+        // A depth-first walk that merges only with waiting branches walked the rest of the
+        // chain once per path (2^40); taken in program order, they meet and merge.
+        let mut text = String::from("*mangle\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n");
+        text.push_str("-A PREROUTING -j LB\n");
+        for _ in 0..40 {
+            text.push_str(
+                "-A LB -m statistic --mode random --probability 0.3 -j MARK --set-xmark 0x1/0xff\n",
+            );
+            text.push_str("-A LB -j MARK --set-xmark 0x2/0xff\n");
+        }
+        text.push_str("-A LB -m mark --mark 0x2/0xff -j ACCEPT\nCOMMIT\n");
+        let d = walk(&text, "LB", Packet::default(), Mode::Balancer);
+        assert_eq!(probs(&d), vec![("ACCEPT".into(), "1".into())]);
+        // 2^40 paths lead there (the count saturates).
+        assert_eq!(d.outcomes[0].paths, u32::MAX);
+        assert!(d.steps < 1_000, "{} rule evaluations", d.steps);
+    }
+
+    #[test]
+    fn outcomes_are_listed_in_depth_first_order() {
+        // The matching branch of the first rule waits for the rest at the second rule, so
+        // the walk does not finish the branches in rule order; the outcomes are still
+        // listed in it (the order of a depth-first walk, matching branch first).
+        let text = "*mangle\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n\
+            -A LB -m statistic --mode random --probability 0.25 -j MARK --set-xmark 0x100/0xff00\n\
+            -A LB -m mark --mark 0x0/0xff00 -m statistic --mode random --probability 0.5 -j MARK --set-xmark 0x200/0xff00\n\
+            -A LB -m mark --mark 0x0/0xff00 -j MARK --set-xmark 0x300/0xff00\n\
+            -A LB -m mark --mark 0x300/0xff00 -j DNAT --to-destination 10.0.0.3\n\
+            COMMIT\n";
+        let d = walk(text, "LB", Packet::default(), Mode::Balancer);
+        assert_eq!(
+            probs(&d),
+            vec![
+                ("mark 0x100/0xff00".into(), "1/4".into()),
+                ("mark 0x200/0xff00".into(), "3/8".into()),
+                ("10.0.0.3".into(), "3/8".into()),
+            ]
+        );
+        let c = |a: &[(bool, u32)]| Choices(a.to_vec());
+        assert!(c(&[(false, 1)]) < c(&[(true, 1), (false, 1)]));
+        assert!(c(&[(true, 3), (false, 1)]) < c(&[(true, 4)]));
+        assert!(c(&[(true, 2)]) < c(&[(true, 2), (false, 1)]));
+        assert_eq!(
+            c(&[(true, 2), (true, 1)]).cmp(&c(&[(true, 3)])),
+            Ordering::Equal
+        );
+    }
+
+    #[test]
+    fn too_many_distinct_outcomes_stop_the_walk() {
+        // 17 rules that each may set their own bit: 2^17 distinct marks, more than
+        // STATE_LIMIT outcomes and waiting branches. The walk stops instead of filling memory.
+        let mut text = String::from("*mangle\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n");
+        for i in 0..17 {
+            text.push_str(&format!(
+                "-A LB -m statistic --mode random --probability 0.5 -j MARK --or-mark {:#x}\n",
+                1u32 << i
+            ));
+        }
+        text.push_str("COMMIT\n");
+        let rs = parse(&text, &ParseOptions::default()).expect("parses");
+        let g = Graph::build(&rs, false).expect("graph");
+        let c = g.chain_index(0, "LB").expect("chain");
+        let e = evaluate(&g, 0, c, Packet::default(), Mode::Balancer, false).unwrap_err();
+        assert_eq!(e.limit, STATE_LIMIT as u64);
+        assert!(
+            e.to_string().contains("outcomes and waiting branches"),
+            "{e}"
+        );
     }
 }

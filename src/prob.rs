@@ -8,15 +8,33 @@
 use num_bigint::{BigInt, BigUint, Sign};
 use num_integer::Integer;
 use num_traits::{One, ToPrimitive, Zero};
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt;
 
 /// An exact non-negative rational `num / (odd · 2^shift)`, kept in lowest terms.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(PartialEq, Eq, Hash)]
 pub struct Prob {
     num: BigUint,
     odd: BigUint,
     shift: u64,
+}
+
+impl Clone for Prob {
+    fn clone(&self) -> Self {
+        Self {
+            num: self.num.clone(),
+            odd: self.odd.clone(),
+            shift: self.shift,
+        }
+    }
+
+    /// Reuses the allocations of `self` (the walk recycles its long weights).
+    fn clone_from(&mut self, source: &Self) {
+        self.num.clone_from(&source.num);
+        self.odd.clone_from(&source.odd);
+        self.shift = source.shift;
+    }
 }
 
 impl Prob {
@@ -88,8 +106,7 @@ impl Prob {
         if a == 0 || self.num.is_zero() {
             return Self::zero();
         }
-        let tz = b.trailing_zeros();
-        let b_odd = b >> tz;
+        let (a, b_odd, shift) = self.cancel_twos(a, b);
         let mut p = Self {
             num: &self.num * a,
             odd: if b_odd == 1 {
@@ -97,10 +114,35 @@ impl Prob {
             } else {
                 &self.odd * b_odd
             },
-            shift: self.shift + u64::from(tz),
+            shift,
         };
         p.normalize();
         p
+    }
+
+    /// `self ·= a / b` for machine integers (b > 0), in place.
+    pub fn mul_ratio_assign(&mut self, a: u64, b: u64) {
+        assert!(b > 0, "zero denominator");
+        if a == 0 || self.num.is_zero() {
+            *self = Self::zero();
+            return;
+        }
+        let (a, b_odd, shift) = self.cancel_twos(a, b);
+        self.num *= a;
+        if b_odd != 1 {
+            self.odd *= b_odd;
+        }
+        self.shift = shift;
+        self.normalize();
+    }
+
+    /// For `self · a / b`: the factors 2 of `a` that cancel against the denominator's power
+    /// of two right away, so that the product needs no shift to be in lowest terms (a
+    /// numerator over a shift is odd). Returns `(a', odd part of b, new shift)`.
+    fn cancel_twos(&self, a: u64, b: u64) -> (u64, u64, u64) {
+        let shift = self.shift + u64::from(b.trailing_zeros());
+        let t = u64::from(a.trailing_zeros()).min(shift);
+        (a >> t, b >> b.trailing_zeros(), shift - t)
     }
 
     /// `self · other`.
@@ -140,9 +182,49 @@ impl Prob {
         p
     }
 
-    /// `self += other`.
+    /// `self += other`, in place when the odd parts agree (always, for random-mode walks).
     pub fn add_assign(&mut self, other: &Prob) {
-        *self = self.add(other);
+        if other.num.is_zero() {
+            return;
+        }
+        if self.num.is_zero() {
+            self.clone_from(other);
+            return;
+        }
+        if self.odd != other.odd {
+            *self = self.add(other);
+            return;
+        }
+        if self.shift >= other.shift {
+            let d = self.shift - other.shift;
+            if d == 0 {
+                self.num += &other.num;
+            } else {
+                self.num += &other.num << d;
+            }
+        } else {
+            self.num <<= other.shift - self.shift;
+            self.num += &other.num;
+            self.shift = other.shift;
+        }
+        self.normalize();
+    }
+
+    /// `self - other`, or `None` when `other > self`.
+    pub fn checked_sub(&self, other: &Prob) -> Option<Self> {
+        let shift = self.shift.max(other.shift);
+        let l = (&self.num * &other.odd) << (shift - self.shift);
+        let r = (&other.num * &self.odd) << (shift - other.shift);
+        if r > l {
+            return None;
+        }
+        let mut p = Self {
+            num: l - r,
+            odd: &self.odd * &other.odd,
+            shift,
+        };
+        p.normalize();
+        Some(p)
     }
 
     /// `1 - self`, or `None` when `self > 1`.
@@ -188,6 +270,312 @@ impl Prob {
     }
 }
 
+/// A rigorous approximation of a non-negative number: the value lies in
+/// `[mant · 2^exp, (mant + err) · 2^exp]`. `mant` has 128 significant bits (its top bit is
+/// set) unless the value is exactly 0, so the relative error is below `err · 2^-127`;
+/// every operation truncates and counts what it dropped in `err` (units in the last
+/// place), so the bound stays one-sided and rigorous. A conversion from an exact value
+/// adds at most 1, an addition the operands' errors plus at most 1; an outcome of a walk
+/// sums at most one conversion per branch, and walks stop at [`crate::eval::STEP_LIMIT`]
+/// (2·10^8) rule evaluations, so `err` stays below 2^30 and the relative error below
+/// 2^-97 (6·10^-30), far under 1e-12.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Approx {
+    mant: u128,
+    exp: i64,
+    err: u64,
+}
+
+impl Approx {
+    pub const ZERO: Approx = Approx {
+        mant: 0,
+        exp: 0,
+        err: 0,
+    };
+
+    /// The exact value truncated to 128 significant bits.
+    pub fn from_prob(p: &Prob) -> Self {
+        if p.num.is_zero() {
+            return Self::ZERO;
+        }
+        let shift = i64::try_from(p.shift).expect("shift fits i64");
+        // value = q · 2^-(k + shift) (+ a remainder below one unit when `inexact`)
+        let (q, k, inexact) = if p.odd.is_one() {
+            (Cow::Borrowed(&p.num), 0, false)
+        } else {
+            // At least 129 bits of quotient, so that truncation below drops a bit.
+            let k = (129 + p.odd.bits() as i64 - p.num.bits() as i64).max(0);
+            let (q, r) = (&p.num << k as u64).div_rem(&p.odd);
+            (Cow::Owned(q), k, !r.is_zero())
+        };
+        let b = q.bits() as i64;
+        if b <= 128 {
+            debug_assert!(!inexact);
+            let m = q.to_u128().expect("fits") << (128 - b);
+            return Self {
+                mant: m,
+                exp: -(k + shift) - (128 - b),
+                err: 0,
+            };
+        }
+        let drop = (b - 128) as u64;
+        let mant = (q.as_ref() >> drop).to_u128().expect("128 bits");
+        let dropped = inexact || q.trailing_zeros().is_some_and(|tz| tz < drop);
+        Self {
+            mant,
+            exp: drop as i64 - k - shift,
+            err: u64::from(dropped),
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.mant == 0 && self.err == 0
+    }
+
+    /// Is the value certainly exactly `mant · 2^exp` (no error)?
+    pub fn is_exact(&self) -> bool {
+        self.err == 0
+    }
+
+    /// The sum, with the error of both operands and of the alignment counted.
+    #[must_use]
+    pub fn add(&self, other: &Approx) -> Approx {
+        if other.is_zero() {
+            return *self;
+        }
+        if self.is_zero() {
+            return *other;
+        }
+        let (a, b) = if self.exp >= other.exp {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let d = a.exp.abs_diff(b.exp);
+        let (shifted, lost) = if d >= 128 {
+            (0, b.mant != 0)
+        } else {
+            (b.mant >> d, d > 0 && b.mant & ((1u128 << d) - 1) != 0)
+        };
+        let b_err = if d >= 64 {
+            u64::from(b.err != 0)
+        } else {
+            (b.err >> d) + u64::from(b.err & ((1u64 << d) - 1) != 0)
+        };
+        let err = a.err.saturating_add(b_err).saturating_add(u64::from(lost));
+        match a.mant.overflowing_add(shifted) {
+            (sum, false) => Approx {
+                mant: sum,
+                exp: a.exp,
+                err,
+            },
+            (sum, true) => {
+                // The carry is bit 128: keep the top 128 bits of carry:sum.
+                let low = u64::from(sum & 1 == 1);
+                Approx {
+                    mant: (sum >> 1) | (1u128 << 127),
+                    exp: a.exp + 1,
+                    err: err.saturating_add(low).div_ceil(2),
+                }
+            }
+        }
+    }
+
+    /// An upper bound of the relative error |value − estimate| / value.
+    pub fn relative_error_bound(&self) -> f64 {
+        if self.err == 0 {
+            return 0.0;
+        }
+        // err / mant, rounded up generously (both conversions are within 2^-52).
+        self.err as f64 / self.mant as f64 * (1.0 + 1e-15)
+    }
+
+    /// A value at least as large as the upper end, as `(mant, exp)`.
+    fn upper(&self) -> (BigUint, i64) {
+        (BigUint::from(self.mant) + self.err, self.exp)
+    }
+
+    /// The f64 nearest to the value and whether it is certainly the correctly rounded one:
+    /// `true` when both ends of the interval round to the same f64. Otherwise (the interval
+    /// holds a rounding boundary: about one value in 2^70 for a fresh truncation) the f64
+    /// nearest to the lower end is returned, within one ulp of the correct one.
+    pub fn to_f64_checked(&self) -> (f64, bool) {
+        let lo = round_scaled(&BigUint::from(self.mant), self.exp, false);
+        if self.err == 0 {
+            return (lo, true);
+        }
+        let (m, e) = self.upper();
+        let hi = round_scaled(&m, e, false);
+        (lo, lo == hi)
+    }
+
+    /// See [`Approx::to_f64_checked`].
+    pub fn to_f64(&self) -> f64 {
+        self.to_f64_checked().0
+    }
+
+    /// The f64 nearest to `n · value − 1`, and whether it is certainly the correctly
+    /// rounded one (as for [`Approx::to_f64_checked`]; when the interval holds a boundary,
+    /// the value from the lower end).
+    pub fn relative_deviation_checked(&self, n: u64) -> (f64, bool) {
+        // n · value < 2^(64 + 129 + exp): when far below 2^-60, n·value − 1 rounds to −1.
+        if self.exp + 193 < -60 {
+            return (-1.0, true);
+        }
+        let dev = |m: &BigUint| -> f64 {
+            // n·m·2^exp − 1 = (n·m·2^max(exp,0) − 2^max(−exp,0)) · 2^min(exp,0)
+            let scaled = BigInt::from(m * n) << self.exp.max(0) as u64;
+            let one = BigInt::one() << (-self.exp).max(0) as u64;
+            let d = scaled - one;
+            let v = round_scaled(d.magnitude(), self.exp.min(0), false);
+            if d.sign() == Sign::Minus { -v } else { v }
+        };
+        let lo = dev(&BigUint::from(self.mant));
+        if self.err == 0 {
+            return (lo, true);
+        }
+        let hi = dev(&self.upper().0);
+        (lo, lo == hi)
+    }
+
+    /// See [`Approx::relative_deviation_checked`].
+    pub fn relative_deviation(&self, n: u64) -> f64 {
+        self.relative_deviation_checked(n).0
+    }
+
+    /// Does the interval contain `p`? (For tests of the bound.)
+    pub fn contains(&self, p: &Prob) -> bool {
+        let at = |m: BigUint| -> Prob {
+            if self.exp >= 0 {
+                Prob {
+                    num: m << self.exp as u64,
+                    odd: BigUint::one(),
+                    shift: 0,
+                }
+            } else {
+                let mut q = Prob {
+                    num: m,
+                    odd: BigUint::one(),
+                    shift: self.exp.unsigned_abs(),
+                };
+                q.normalize();
+                q
+            }
+        };
+        let lo = at(BigUint::from(self.mant));
+        let hi = at(self.upper().0);
+        lo <= *p && *p <= hi
+    }
+}
+
+/// Outcome probabilities longer than this (in [`Prob::bits`]) are kept as an [`Approx`].
+/// Exact forms of up to 1,200 bits are printed in reports, so those stay exact.
+pub const KEEP_EXACT_BITS: u64 = 4096;
+
+/// A recorded probability: exact while its exact form is short (at most
+/// [`KEEP_EXACT_BITS`]), otherwise a 128-bit [`Approx`] with a proven error bound. An
+/// outcome of a long cascade has an exact form of about 31 bits per rule before it:
+/// keeping all of them exact takes memory quadratic in the cascade's length.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CompactProb {
+    Exact(Prob),
+    Approx(Approx),
+}
+
+impl CompactProb {
+    pub fn zero() -> Self {
+        Self::Exact(Prob::zero())
+    }
+
+    /// `p`, exact when it has at most [`KEEP_EXACT_BITS`].
+    pub fn new(p: Prob) -> Self {
+        Self::with_limit(p, KEEP_EXACT_BITS)
+    }
+
+    /// `p`, exact when it has at most `max_bits`.
+    pub fn with_limit(p: Prob, max_bits: u64) -> Self {
+        if p.bits() <= max_bits {
+            Self::Exact(p)
+        } else {
+            Self::Approx(Approx::from_prob(&p))
+        }
+    }
+
+    /// `self += p` (exact while the sum stays within [`KEEP_EXACT_BITS`]).
+    pub fn add_exact(&mut self, p: &Prob) {
+        self.add_exact_with_limit(p, KEEP_EXACT_BITS);
+    }
+
+    pub fn add_exact_with_limit(&mut self, p: &Prob, max_bits: u64) {
+        match self {
+            Self::Exact(x) => {
+                x.add_assign(p);
+                if x.bits() > max_bits {
+                    *self = Self::Approx(Approx::from_prob(x));
+                }
+            }
+            Self::Approx(a) => *a = a.add(&Approx::from_prob(p)),
+        }
+    }
+
+    /// The exact value, when it was kept.
+    pub fn exact(&self) -> Option<&Prob> {
+        match self {
+            Self::Exact(p) => Some(p),
+            Self::Approx(_) => None,
+        }
+    }
+
+    pub fn approx(&self) -> Approx {
+        match self {
+            Self::Exact(p) => Approx::from_prob(p),
+            Self::Approx(a) => *a,
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        match self {
+            Self::Exact(p) => p.is_zero(),
+            Self::Approx(a) => a.is_zero(),
+        }
+    }
+
+    pub fn is_one(&self) -> bool {
+        match self {
+            Self::Exact(p) => p.is_one(),
+            Self::Approx(a) => a.is_exact() && a.mant == 1 << 127 && a.exp == -127,
+        }
+    }
+
+    /// The nearest f64: correctly rounded from the exact value, or from the approximation
+    /// whenever its bound decides it (see [`Approx::to_f64_checked`]).
+    pub fn to_f64(&self) -> f64 {
+        match self {
+            Self::Exact(p) => p.to_f64(),
+            Self::Approx(a) => a.to_f64(),
+        }
+    }
+
+    /// `n · p − 1` as the nearest f64 (see [`Prob::relative_deviation`] and
+    /// [`Approx::relative_deviation_checked`]).
+    pub fn relative_deviation(&self, n: u64) -> f64 {
+        match self {
+            Self::Exact(p) => p.relative_deviation(n),
+            Self::Approx(a) => a.relative_deviation(n),
+        }
+    }
+}
+
+impl fmt::Display for CompactProb {
+    /// The exact `num/den`, or `~` and the nearest f64 for an approximation.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(p) => p.fmt(f),
+            Self::Approx(a) => write!(f, "~{:e}", a.to_f64()),
+        }
+    }
+}
+
 impl PartialOrd for Prob {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
@@ -229,25 +617,60 @@ fn nearest_f64(num: &BigInt, odd: &BigUint, shift: u64) -> f64 {
     if mag.is_zero() {
         return 0.0;
     }
-    // Scale so that the integer quotient has at least 66 significant bits.
+    // Scale so that the integer quotient has at least 66 significant bits (more than
+    // f64's 53 plus the rounding bit), then round once with the remainder as sticky bit.
     let nb = mag.bits() as i64;
     let ob = odd.bits() as i64;
     let k = (66 + ob - nb).max(0) as u64;
-    let (q, r) = (mag << k).div_rem(odd);
-    let qb = q.bits();
-    // Keep 64 bits and fold everything below into a sticky bit, so that the single
-    // rounding of u64 -> f64 below is the correct rounding of the exact value.
-    let drop = qb - 64;
-    let top = (&q >> drop).to_u64().unwrap_or(u64::MAX);
-    let below_nonzero = q.trailing_zeros().is_some_and(|tz| tz < drop);
-    let sticky = below_nonzero || !r.is_zero();
-    let mant = top | u64::from(sticky);
-    let exp = drop as i64 - k as i64 - shift as i64;
-    let v = ldexp(mant as f64, exp);
+    let (q, r) = if odd.is_one() {
+        (mag << k, BigUint::zero())
+    } else {
+        (mag << k).div_rem(odd)
+    };
+    let v = round_scaled(&q, -(k as i64) - shift as i64, !r.is_zero());
     if sign == Sign::Minus { -v } else { v }
 }
 
-/// `x · 2^e`, exact while the result is a normal f64.
+/// The f64 nearest (ties to even) to `(mag + s) · 2^exp`, where `s` is a number in
+/// `(0, 1)` when `sticky` and 0 otherwise: a single correct rounding, subnormal results
+/// included.
+fn round_scaled(mag: &BigUint, exp: i64, sticky: bool) -> f64 {
+    let b = mag.bits() as i64;
+    if b == 0 {
+        // Only a sticky fraction below 2^exp: rounds to 0 unless 2^exp is large, which
+        // never happens for the values rounded here (probabilities and deviations).
+        return 0.0;
+    }
+    // Value of the leading bit: 2^lead.
+    let lead = b - 1 + exp;
+    if lead > 1023 {
+        return f64::INFINITY;
+    }
+    // Significant bits the result can hold: 53, fewer for subnormals (ulp 2^-1074).
+    let keep = if lead >= -1022 { 53 } else { lead + 1074 + 1 };
+    if keep < 0 {
+        return 0.0;
+    }
+    let drop = b - keep;
+    if drop <= 0 {
+        // `mag` fits: exact. (With a sticky fraction the half-ulp test needs a bit below
+        // the last kept one; callers pass at least 64 significant bits then.)
+        debug_assert!(!sticky, "sticky rounding needs spare bits");
+        return ldexp(mag.to_u64().map_or(f64::INFINITY, |m| m as f64), exp);
+    }
+    let drop = drop as u64;
+    let mut top = (mag >> drop).to_u64().unwrap_or(u64::MAX);
+    let half = mag.bit(drop - 1);
+    let below = sticky || mag.trailing_zeros().is_some_and(|tz| tz < drop - 1);
+    if half && (below || top & 1 == 1) {
+        top += 1;
+    }
+    ldexp(top as f64, exp + drop as i64)
+}
+
+/// `x · 2^e`, exact while the result is representable (x holds at most 54 significant bits
+/// and is an integer; the steps below never pass through a smaller magnitude than the
+/// result, so no step rounds).
 fn ldexp(mut x: f64, mut e: i64) -> f64 {
     while e > 1000 {
         x *= 2f64.powi(1000);
@@ -344,5 +767,164 @@ mod tests {
         assert!(Prob::ratio(2, 6) == Prob::ratio(1, 3));
         assert_eq!(Prob::ratio(1, 3).complement(), Some(Prob::ratio(2, 3)));
         assert_eq!(Prob::ratio(4, 3).complement(), None);
+    }
+
+    /// A small deterministic generator for the tests below (xorshift64*).
+    struct Gen(u64);
+
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Checks an approximation of `p` against `p`: the bound holds, is below 1e-12
+    /// relative, and the f64 and relative deviation are the correctly rounded ones.
+    fn check_approx(a: &Approx, p: &Prob, n: u64) {
+        assert!(a.contains(p), "{a:?} does not contain {p}");
+        assert!(a.relative_error_bound() < 1e-12, "{a:?}");
+        let (f, decided) = a.to_f64_checked();
+        assert!(decided, "{a:?}: f64 not decided");
+        assert_eq!(f, p.to_f64(), "{a:?} vs {p}");
+        let (d, decided) = a.relative_deviation_checked(n);
+        assert!(decided, "{a:?}: deviation not decided");
+        assert_eq!(d, p.relative_deviation(n), "{a:?} vs {p}, n = {n}");
+    }
+
+    #[test]
+    fn subnormal_results_round_once() {
+        let half = |k: u32| {
+            let mut p = Prob::one();
+            for _ in 0..k {
+                p.mul_ratio_assign(1, 2);
+            }
+            p
+        };
+        // The smallest subnormal, and half of it (a tie: to even, i.e. 0).
+        assert_eq!(half(1074).to_f64(), f64::from_bits(1));
+        assert_eq!(half(1075).to_f64(), 0.0);
+        // 3·2^-1076 is 0.75 of the smallest subnormal: up to it. 2^-1075 + 2^-1200 is just
+        // above the tie: up too (rounding first to 53 bits, then to the subnormal grid, made
+        // it an exact tie and gave 0).
+        assert_eq!(half(1076).mul_ratio(3, 1).to_f64(), f64::from_bits(1));
+        assert_eq!(half(1075).add(&half(1200)).to_f64(), f64::from_bits(1));
+        // 2^-1022 + 2^-1074 − 2^-1100: just below the second-smallest normal number's
+        // neighbourhood; rounds to 2^-1022 + 2^-1074 (the ulp there is 2^-1074).
+        let x = half(1022)
+            .add(&half(1074))
+            .checked_sub(&half(1100))
+            .expect("positive");
+        assert_eq!(x.to_f64(), f64::from_bits((1u64 << 52) + 1));
+        // Approximations of subnormal values round the same way.
+        let a = Approx::from_prob(&x);
+        assert_eq!(a.to_f64_checked(), (x.to_f64(), true));
+    }
+
+    #[test]
+    fn approximations_of_random_values_bound_and_round_correctly() {
+        let mut g = Gen(0x1234_5678_9abc_def1);
+        for round in 0..400 {
+            // A random product of random-mode and nth-mode factors: long dyadic and
+            // non-dyadic values.
+            let mut p = Prob::one();
+            for _ in 0..(round % 60 + 1) {
+                if g.below(4) == 0 {
+                    let every = g.below(9) + 2;
+                    p.mul_ratio_assign(every - 1, every);
+                } else {
+                    p.mul_ratio_assign(g.below(1 << 31) + 1, 1 << 31);
+                }
+            }
+            let a = Approx::from_prob(&p);
+            check_approx(&a, &p, g.below(10_000) + 1);
+            // Sums of approximations keep a valid bound.
+            let mut q = Prob::one();
+            for _ in 0..(round % 40 + 1) {
+                q.mul_ratio_assign(g.below(1 << 31) + 1, 1 << 31);
+            }
+            let sum = a.add(&Approx::from_prob(&q));
+            let exact = p.add(&q);
+            assert!(sum.contains(&exact), "{sum:?} vs {exact}");
+            assert!(sum.relative_error_bound() < 1e-12);
+            let (f, decided) = sum.to_f64_checked();
+            assert!(!decided || f == exact.to_f64());
+        }
+    }
+
+    #[test]
+    fn exact_and_approximate_cascades_agree() {
+        // kube-proxy cascades of n endpoints (probability 1/(n-i), %.10f and %0.5f era)
+        // and nth-mode ones: every endpoint kept exact and forced into an approximation
+        // gives the same f64 and relative deviation, within a proven bound below 1e-12.
+        for (n, digits) in [(300u64, 10), (300, 5), (64, 0)] {
+            let mut rest = Prob::one();
+            let mut total_exact = Prob::zero();
+            let mut total_approx = CompactProb::zero();
+            for i in 0..n {
+                let p = if i + 1 == n {
+                    rest.clone()
+                } else if digits == 0 {
+                    let every = n - i;
+                    let p = rest.mul_ratio(1, every);
+                    rest.mul_ratio_assign(every - 1, every);
+                    p
+                } else {
+                    let text = format!("{:.*}", digits, 1.0 / (n - i) as f64);
+                    let q = (text.parse::<f64>().unwrap() * (1u64 << 31) as f64).round() as u64;
+                    let p = rest.mul_ratio(q, 1 << 31);
+                    rest.mul_ratio_assign((1 << 31) - q, 1 << 31);
+                    p
+                };
+                let forced = CompactProb::with_limit(p.clone(), 0);
+                let CompactProb::Approx(a) = &forced else {
+                    panic!("not approximated")
+                };
+                check_approx(a, &p, n);
+                assert_eq!(forced.to_f64(), CompactProb::new(p.clone()).to_f64());
+                total_exact.add_assign(&p);
+                total_approx.add_exact_with_limit(&p, 0);
+            }
+            assert!(total_exact.is_one());
+            let a = total_approx.approx();
+            assert!(a.contains(&Prob::one()), "{a:?}");
+            assert_eq!(a.to_f64(), 1.0);
+        }
+    }
+
+    #[test]
+    fn compact_probabilities_stay_exact_while_short() {
+        let p = Prob::ratio(1, 3);
+        let mut c = CompactProb::new(p.clone());
+        assert_eq!(c.exact(), Some(&p));
+        c.add_exact(&Prob::ratio(2, 3));
+        assert!(c.is_one());
+        assert_eq!(c.to_string(), "1");
+        // A long value is approximated; adding to it keeps the bound.
+        let mut long = Prob::one();
+        for _ in 0..200 {
+            long.mul_ratio_assign(715_827_883, 1 << 31);
+        }
+        assert!(long.bits() > KEEP_EXACT_BITS);
+        let mut c = CompactProb::new(long.clone());
+        assert!(c.exact().is_none());
+        assert!(!c.is_zero() && !c.is_one());
+        assert_eq!(c.to_f64(), long.to_f64());
+        c.add_exact(&Prob::ratio(1, 4));
+        assert!(c.approx().contains(&long.add(&Prob::ratio(1, 4))));
+        assert!(c.to_string().starts_with('~'));
+        // Far below 1/n, n·p − 1 is −1 to the last bit.
+        let mut tiny = long.clone();
+        for _ in 0..40 {
+            tiny.mul_ratio_assign(3, 1 << 31);
+        }
+        check_approx(&Approx::from_prob(&tiny), &tiny, 5);
+        assert_eq!(Approx::from_prob(&tiny).relative_deviation(5), -1.0);
     }
 }

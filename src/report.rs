@@ -6,6 +6,7 @@
 use crate::audit::{Audit, ObservedTest, Simulation, SimulationInfo};
 use crate::balance::{Affinity, Balancer, Entry, Kind};
 use crate::model::{Family, Format, Ruleset, Warning};
+use crate::prob::CompactProb;
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -28,11 +29,13 @@ pub struct InputInfo {
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointReport {
     pub endpoint: String,
-    /// The exact probability, as the nearest f64.
+    /// The probability, as the nearest f64 (see [`CompactProb::to_f64`]).
     pub probability: f64,
     /// 1/n for n endpoints.
     pub ideal: f64,
-    /// n·p − 1, computed exactly, as the nearest f64.
+    /// n·p − 1 as the nearest f64, computed exactly (or, for a probability whose exact form
+    /// is long, from its 128-bit approximation: correctly rounded whenever the proven
+    /// bound decides it).
     pub relative_deviation: f64,
     /// Line of the rule that sends traffic to it (the DNAT).
     pub line: u32,
@@ -88,7 +91,8 @@ pub struct BalancerReport {
     pub unmatched_exact: Option<String>,
     /// Largest |relative_deviation| over the endpoints.
     pub max_relative_skew: f64,
-    /// The exact probabilities plus `unmatched` sum to exactly 1.
+    /// The exact probabilities plus `unmatched` sum to exactly 1 (summed exactly during the
+    /// walk, also for endpoints whose exact form is not kept).
     pub exact_sum_is_one: bool,
     /// Where the intended split comes from: `uniform` or an expectations file.
     pub expected_split: String,
@@ -115,7 +119,8 @@ pub struct Report {
     pub warnings: Vec<Warning>,
 }
 
-fn exact_text(p: &crate::prob::Prob) -> Option<String> {
+fn exact_text(p: &CompactProb) -> Option<String> {
+    let p = p.exact()?;
     if p.bits() > (EXACT_MAX_CHARS as u64) * 3 {
         return None;
     }
@@ -127,7 +132,6 @@ impl BalancerReport {
     pub fn from_balancer(b: &Balancer, audit: Option<&Audit>) -> Self {
         let n = b.endpoints.len() as u64;
         let ideal = if n == 0 { 0.0 } else { 1.0 / n as f64 };
-        let mut total = b.unmatched.clone();
         let sim = audit.and_then(|a| a.simulation.as_ref());
         let obs = audit.and_then(|a| a.observed.as_ref());
         let endpoints = b
@@ -135,7 +139,6 @@ impl BalancerReport {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                total.add_assign(&e.prob);
                 let simulated = sim.and_then(|s| s.counts.get(i).copied());
                 let observed = obs.and_then(|o| o.counts.get(i).copied());
                 let share = |k: u64, of: u64| if of == 0 { 0.0 } else { k as f64 / of as f64 };
@@ -180,7 +183,7 @@ impl BalancerReport {
             unmatched: b.unmatched.to_f64(),
             unmatched_exact: exact_text(&b.unmatched),
             max_relative_skew: b.max_relative_skew(),
-            exact_sum_is_one: total.is_one(),
+            exact_sum_is_one: b.exact_total.is_one(),
             expected_split: audit
                 .map_or_else(|| "uniform".to_string(), |a| a.expected.source.clone()),
             simulation: sim.cloned(),

@@ -599,6 +599,55 @@ fn stdin_dash_and_piped_stdin() {
     }
 }
 
+/// A 20,000-endpoint kube-proxy cascade: the exact forms of the late endpoints are too long
+/// to keep (about 31 bits per rule before them), yet the sum is checked exactly, each
+/// probability is the nearest f64 and each deviation n·p − 1 is small (`%.11f` of 1/20000 is off by 2e-6 relative).
+#[test]
+fn twenty_thousand_endpoints_sum_to_exactly_one() {
+    let n = 20_000usize;
+    let mut text = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-BIG - [0:0]\n\
+         -A PREROUTING -j KUBE-SERVICES\n\
+         -A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment \"big/service:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-BIG\n",
+    );
+    for i in 0..n {
+        let dest = format!("10.{}.{}.{}:8080", 1 + (i >> 16), (i >> 8) & 255, i & 255);
+        if i + 1 < n {
+            text.push_str(&format!(
+                "-A KUBE-SVC-BIG -m statistic --mode random --probability {:.11} -j DNAT --to-destination {dest}\n",
+                1.0 / (n - i) as f64
+            ));
+        } else {
+            text.push_str(&format!(
+                "-A KUBE-SVC-BIG -j DNAT --to-destination {dest}\n"
+            ));
+        }
+    }
+    text.push_str("COMMIT\n");
+    let out = lbaudit()
+        .args(["report", "-", "--format", "json", "--connections", "0"])
+        .write_stdin(text)
+        .output()
+        .unwrap();
+    let got = parse_success(&out, "20,000 endpoints").unwrap_or_else(|e| panic!("{e}"));
+    let b = &got.field("balancers").arr()[0];
+    assert!(b.field("exact_sum_is_one").bool());
+    assert_eq!(b.field("unmatched").f64(), 0.0);
+    let eps = b.field("endpoints").arr();
+    assert_eq!(eps.len(), n);
+    let sum: f64 = eps.iter().map(|e| e.field("probability").f64()).sum();
+    assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+    // Short exact forms are printed; the long ones are not.
+    assert!(eps[0].get("exact").is_some());
+    assert!(eps[n - 1].get("exact").is_none());
+    for e in eps {
+        let p = e.field("probability").f64();
+        let dev = e.field("relative_deviation").f64();
+        assert!(dev.abs() < 1e-5, "{}: {dev}", e.field("endpoint").str());
+        assert!(((n as f64 * p - 1.0) - dev).abs() < 1e-9);
+    }
+}
+
 // ---------------------------------------------------------------- a small JSON reader
 
 /// JSON value with numbers kept as their text.
