@@ -99,6 +99,9 @@ pub struct Simulation {
     pub p_value: f64,
     pub p_value_adjusted: f64,
     pub method: &'static str,
+    /// Replicates drawn, when `method` is a Monte-Carlo test.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicates: Option<u64>,
     /// The G-test of the same counts against the exact probabilities.
     pub g_test: Test,
     /// The simulated counts against the intended split (uniform unless weights are given).
@@ -137,6 +140,9 @@ pub struct ExpectedTest {
     pub p_value: f64,
     pub p_value_adjusted: f64,
     pub method: &'static str,
+    /// Replicates drawn, when `method` is a Monte-Carlo test.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicates: Option<u64>,
 }
 
 /// The test of real counters against the exact probabilities.
@@ -151,6 +157,9 @@ pub struct ObservedTest {
     pub p_value: f64,
     pub p_value_adjusted: f64,
     pub method: &'static str,
+    /// Replicates drawn, when `method` is a Monte-Carlo test.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicates: Option<u64>,
     #[serde(skip)]
     pub counts: Vec<u64>,
     #[serde(skip)]
@@ -256,13 +265,15 @@ pub fn run(
         })
         .collect();
     let simulate = per.iter().any(|&c| c > 0) && n > 0;
+    // Each family of tests corrected together has at most one test per balancer.
+    let budget = stats::Budget::for_tests(n);
     let done = AtomicUsize::new(0);
     let finished = AtomicBool::new(false);
     let mut audits = std::thread::scope(|scope| {
         if opts.progress && simulate {
             scope.spawn(|| progress(&done, &finished, n));
         }
-        let audits = audit_all(graph, balancers, &per, opts, &done);
+        let audits = audit_all(graph, balancers, &per, opts, &budget, &done);
         finished.store(true, Ordering::Relaxed);
         audits
     });
@@ -312,6 +323,7 @@ fn audit_all(
     balancers: &[Balancer],
     per: &[u64],
     opts: &AuditOptions,
+    budget: &stats::Budget,
     done: &AtomicUsize,
 ) -> Vec<Audit> {
     balancers
@@ -328,11 +340,19 @@ fn audit_all(
                     clients: opts.clients,
                 };
                 let r = simulate::simulate(graph, b, stream_index(b), &sim_opts);
-                summarise_simulation(&r, connections, &exact, unmatched_p, &expected, opts.seed)
+                summarise_simulation(
+                    &r,
+                    connections,
+                    &exact,
+                    unmatched_p,
+                    &expected,
+                    opts.seed,
+                    budget,
+                )
             });
             let observed = if opts.observed {
                 observed::observed(graph, b)
-                    .map(|o| summarise_observed(&o, &exact, unmatched_p, opts.seed))
+                    .map(|o| summarise_observed(&o, &exact, unmatched_p, opts.seed, budget))
             } else {
                 None
             };
@@ -374,12 +394,13 @@ fn summarise_simulation(
     unmatched_p: f64,
     expected: &Expected,
     seed: u64,
+    budget: &stats::Budget,
 ) -> Simulation {
     let (o, p) = categories(exact, &r.counts, unmatched_p, r.unmatched + r.other);
-    let fit = stats::goodness_of_fit(&o, &p, seed);
+    let fit = stats::goodness_of_fit_with(&o, &p, seed, budget);
     let g = stats::g_test(&o, &p);
     let (oe, pe) = categories(&expected.probs, &r.counts, 0.0, r.unmatched + r.other);
-    let fit_e = stats::goodness_of_fit(&oe, &pe, seed);
+    let fit_e = stats::goodness_of_fit_with(&oe, &pe, seed, budget);
     let k = exact.len().max(1);
     let df = (o.len().max(2) - 1) as u32;
     let w = detectable_w(connections, df);
@@ -390,6 +411,7 @@ fn summarise_simulation(
         p_value: fit.p_value,
         p_value_adjusted: fit.p_value,
         method: fit.method,
+        replicates: fit.replicates,
         g_test: Test::new(&g),
         expected: ExpectedTest {
             source: expected.source.clone(),
@@ -398,6 +420,7 @@ fn summarise_simulation(
             p_value: fit_e.p_value,
             p_value_adjusted: fit_e.p_value,
             method: fit_e.method,
+            replicates: fit_e.replicates,
         },
         unmatched: r.unmatched,
         other: r.other,
@@ -412,7 +435,13 @@ fn summarise_simulation(
     }
 }
 
-fn summarise_observed(o: &Observed, exact: &[f64], unmatched_p: f64, seed: u64) -> ObservedTest {
+fn summarise_observed(
+    o: &Observed,
+    exact: &[f64],
+    unmatched_p: f64,
+    seed: u64,
+    budget: &stats::Budget,
+) -> ObservedTest {
     // Counters only show connections that reached an endpoint; compare the split among
     // endpoints (renormalised) when some traffic is unmatched.
     let total_p: f64 = exact.iter().sum();
@@ -421,7 +450,7 @@ fn summarise_observed(o: &Observed, exact: &[f64], unmatched_p: f64, seed: u64) 
     } else {
         exact.to_vec()
     };
-    let fit = stats::goodness_of_fit(&o.counts, &probs, seed);
+    let fit = stats::goodness_of_fit_with(&o.counts, &probs, seed, budget);
     ObservedTest {
         connections: o.counts.iter().sum(),
         affinity_connections: o.affinity.iter().sum(),
@@ -430,6 +459,7 @@ fn summarise_observed(o: &Observed, exact: &[f64], unmatched_p: f64, seed: u64) 
         p_value: fit.p_value,
         p_value_adjusted: fit.p_value,
         method: fit.method,
+        replicates: fit.replicates,
         counts: o.counts.clone(),
         affinity: o.affinity.clone(),
     }
