@@ -50,6 +50,10 @@ pub struct AuditOptions {
     /// Show progress on stderr when the simulation takes longer than a second (the CLI
     /// sets this only when stderr is a terminal).
     pub progress: bool,
+    /// Balancers in the whole run, when they are audited a window at a time (the
+    /// default budget and the small-count tests' budget are spread over them); `None`:
+    /// the balancers given.
+    pub balancers: Option<usize>,
 }
 
 impl Default for AuditOptions {
@@ -62,6 +66,7 @@ impl Default for AuditOptions {
             observed: true,
             expectations: None,
             progress: false,
+            balancers: None,
         }
     }
 }
@@ -172,6 +177,8 @@ pub struct Audit {
     pub expected: Expected,
     pub simulation: Option<Simulation>,
     pub observed: Option<ObservedTest>,
+    /// Connections the simulation was given (0: none).
+    pub connections: u64,
 }
 
 /// What a run of the simulation was, for the report's top level.
@@ -256,7 +263,38 @@ pub fn run(
     balancers: &[Balancer],
     opts: &AuditOptions,
 ) -> (Vec<Audit>, Option<SimulationInfo>) {
-    let n = balancers.len();
+    let n = opts.balancers.unwrap_or(balancers.len());
+    let mut audits = with_progress(opts, n, |done| audit_window(graph, balancers, opts, done));
+    let info = finish(&mut audits, opts);
+    (audits, info)
+}
+
+/// Runs `f` with a counter of balancers done, shown on stderr as progress when
+/// `opts.progress` asks for it and a simulation runs.
+pub fn with_progress<T>(opts: &AuditOptions, n: usize, f: impl FnOnce(&AtomicUsize) -> T) -> T {
+    let done = AtomicUsize::new(0);
+    let finished = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        if opts.progress && opts.connections != Some(0) && n > 0 {
+            scope.spawn(|| progress(&done, &finished, n));
+        }
+        let out = f(&done);
+        finished.store(true, Ordering::Relaxed);
+        out
+    })
+}
+
+/// The audits of some of the run's balancers (a window of them; the whole run has
+/// `opts.balancers`, or these), not yet corrected across balancers: see [`finish`].
+/// A balancer's audit depends only on it, the options and the run's size, not on the
+/// window it comes in.
+pub fn audit_window(
+    graph: &Graph<'_, '_>,
+    balancers: &[Balancer],
+    opts: &AuditOptions,
+    done: &AtomicUsize,
+) -> Vec<Audit> {
+    let n = opts.balancers.unwrap_or(balancers.len());
     let per: Vec<u64> = balancers
         .iter()
         .map(|b| match opts.connections {
@@ -264,22 +302,18 @@ pub fn run(
             Some(c) => c,
         })
         .collect();
-    let simulate = per.iter().any(|&c| c > 0) && n > 0;
     // Each family of tests corrected together has at most one test per balancer.
     let budget = stats::Budget::for_tests(n);
-    let done = AtomicUsize::new(0);
-    let finished = AtomicBool::new(false);
-    let mut audits = std::thread::scope(|scope| {
-        if opts.progress && simulate {
-            scope.spawn(|| progress(&done, &finished, n));
-        }
-        let audits = audit_all(graph, balancers, &per, opts, &budget, &done);
-        finished.store(true, Ordering::Relaxed);
-        audits
-    });
-    adjust(&mut audits, opts.adjustment);
-    let info = simulate.then(|| SimulationInfo {
-        connections: per.iter().copied().max().unwrap_or(0),
+    audit_all(graph, balancers, &per, opts, &budget, done)
+}
+
+/// Corrects the p-values across all the run's audits and returns the top-level
+/// simulation info when a simulation ran.
+pub fn finish(audits: &mut [Audit], opts: &AuditOptions) -> Option<SimulationInfo> {
+    adjust(audits, opts.adjustment);
+    let simulate = audits.iter().any(|a| a.connections > 0);
+    simulate.then(|| SimulationInfo {
+        connections: audits.iter().map(|a| a.connections).max().unwrap_or(0),
         budget: if opts.connections.is_none() {
             "default"
         } else {
@@ -293,8 +327,7 @@ pub fn run(
             .map(|s| s.rule_evaluations)
             .sum(),
         adjustment: opts.adjustment,
-    });
-    (audits, info)
+    })
 }
 
 /// Prints `simulating: k/n balancers` on stderr once a second has passed, until done.
@@ -361,6 +394,7 @@ fn audit_all(
                 expected,
                 simulation,
                 observed,
+                connections,
             }
         })
         .collect()

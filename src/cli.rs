@@ -9,7 +9,7 @@ use crate::expect::Expectations;
 use crate::graph::Graph;
 use crate::model::{Ruleset, Warning};
 use crate::parse::{self, ParseOptions};
-use crate::report::{JsonStream, Report, fmt_prob};
+use crate::report::{Report, fmt_prob};
 use crate::select::Selection;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rayon::prelude::*;
@@ -138,6 +138,7 @@ impl AuditArgs {
             observed: !self.no_observed,
             expectations,
             progress: std::io::stderr().is_terminal(),
+            balancers: None,
         })
     }
 }
@@ -410,50 +411,22 @@ pub fn emit_with(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Resul
 fn cmd_report(a: &ReportArgs) -> Result<i32> {
     let opts = a.audit.options(None)?;
     if a.format == ReportFormat::Json {
-        // Large reports are printed a balancer at a time rather than built.
+        // Large reports are analysed and printed a window of balancers at a time rather
+        // than built; only the small per-balancer audits are kept between the windows.
         with_candidates(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
-            let counters = rs
-                .tables
-                .iter()
-                .flat_map(|t| &t.chains)
-                .any(|c| c.rules.iter().any(|r| r.counted()));
-            if opts.connections != Some(0) || (opts.observed && counters) {
-                // p-values, adjusted across all balancers: analyse them all first.
-                let chosen: Vec<Balancer> = chosen
-                    .par_iter()
-                    .filter_map(|c| balance::analyse(graph, c))
-                    .collect();
-                let (audits, info) = audit::run(graph, &chosen, &opts);
-                emit_with(|w| {
-                    Report::write_json_streamed(
-                        w,
-                        &input.name,
-                        rs,
-                        &chosen,
-                        Some(&audits),
-                        info,
-                        warnings,
-                    )
-                })?;
-                // The process ends here: let the OS reclaim them instead of freeing them.
-                std::mem::forget(audits);
-                std::mem::forget(chosen);
-            } else {
-                // Nothing ties balancers together: analyse and print a window at a time.
-                emit_with(|w| {
-                    let mut out = JsonStream::begin(w, &input.name, rs, None, warnings)?;
-                    let window = 1024 * rayon::current_num_threads().max(1);
-                    for part in chosen.chunks(window) {
-                        let balancers: Vec<Balancer> = part
-                            .par_iter()
-                            .filter_map(|c| balance::analyse(graph, c))
-                            .collect();
-                        let (audits, _) = audit::run(graph, &balancers, &opts);
-                        out.balancers(&balancers, Some(&audits))?;
-                    }
-                    out.finish()
-                })?;
-            }
+            let window = 1024 * rayon::current_num_threads().max(1);
+            emit_with(|w| {
+                crate::report::write_json_windowed(
+                    w,
+                    &input.name,
+                    rs,
+                    graph,
+                    chosen,
+                    &opts,
+                    warnings,
+                    window,
+                )
+            })?;
             Ok(())
         })?;
         return Ok(0);
@@ -577,8 +550,18 @@ pub fn with_candidates<T>(
 
 /// The full report: exact analysis, simulation and counter tests.
 pub fn build_report(input: &InputArgs, select: &SelectArgs, opts: &AuditOptions) -> Result<Report> {
-    with_analysis(input, select, |input, rs, graph, chosen, warnings| {
-        let (audits, info) = audit::run(graph, &chosen, opts);
+    with_candidates(input, select, |input, rs, graph, candidates, warnings| {
+        let chosen: Vec<Balancer> = candidates
+            .par_iter()
+            .filter_map(|c| balance::analyse(graph, c))
+            .collect();
+        // The run's size is its candidates, as when `report --format json` audits them
+        // a window at a time: the same numbers either way.
+        let opts = AuditOptions {
+            balancers: Some(candidates.len()),
+            ..opts.clone()
+        };
+        let (audits, info) = audit::run(graph, &chosen, &opts);
         let report = Report::new(&input.name, rs, &chosen, Some(&audits), info, warnings);
         std::mem::forget(chosen);
         Ok(report)

@@ -3,12 +3,14 @@
 //! The JSON form is a contract with users' scripts: fields may be added, never renamed
 //! or dropped.
 
-use crate::audit::{Audit, ObservedTest, Simulation, SimulationInfo};
-use crate::balance::{Affinity, Balancer, Entry, Kind};
+use crate::audit::{self, Audit, AuditOptions, ObservedTest, Simulation, SimulationInfo};
+use crate::balance::{Affinity, Balancer, Candidate, Entry, Kind};
+use crate::graph::Graph;
 use crate::model::{Family, Format, Ruleset, Warning};
 use crate::prob::CompactProb;
 use serde::Serialize;
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicUsize;
 
 /// Exact fractions longer than this many characters are left out of the JSON.
 const EXACT_MAX_CHARS: usize = 400;
@@ -519,6 +521,66 @@ pub fn fmt_dev(d: f64) -> String {
     }
 }
 
+/// Analyses the candidates and writes the report's JSON a window of `window`
+/// balancers at a time (see [`JsonStream`]): the same text as [`Report::to_json`] of
+/// the report built from all of them, with `opts.balancers` set to their number.
+///
+/// p-values are corrected across all balancers, so when there are any (a simulation,
+/// or counters to test), all balancers are analysed and audited before printing; only
+/// a report without them is analysed a window at a time.
+#[allow(clippy::too_many_arguments)]
+pub fn write_json_windowed(
+    w: &mut dyn std::io::Write,
+    source: &str,
+    rs: &Ruleset<'_>,
+    graph: &Graph<'_, '_>,
+    candidates: &[Candidate],
+    opts: &AuditOptions,
+    warnings: Vec<Warning>,
+    window: usize,
+) -> std::io::Result<()> {
+    use rayon::prelude::*;
+    let opts = AuditOptions {
+        balancers: Some(candidates.len()),
+        ..opts.clone()
+    };
+    let window = window.max(1);
+    let analyse = |part: &[Candidate]| -> Vec<Balancer> {
+        part.par_iter()
+            .filter_map(|c| crate::balance::analyse(graph, c))
+            .collect()
+    };
+    let counters = rs
+        .tables
+        .iter()
+        .flat_map(|t| &t.chains)
+        .any(|c| c.rules.iter().any(|r| r.counted()));
+    if opts.connections != Some(0) || (opts.observed && counters) {
+        // p-values are corrected across all balancers: analyse and audit them all, then
+        // print them (analysing twice to hold less would cost more time than the
+        // cross-check may take).
+        let balancers = analyse(candidates);
+        let mut audits = audit::with_progress(&opts, candidates.len(), |done| {
+            audit::audit_window(graph, &balancers, &opts, done)
+        });
+        let info = audit::finish(&mut audits, &opts);
+        let mut out = JsonStream::begin(w, source, rs, info, warnings)?;
+        out.balancers(&balancers, Some(&audits))?;
+        // The process ends soon: leave these to the OS instead of freeing them.
+        std::mem::forget(balancers);
+        std::mem::forget(audits);
+        return out.finish();
+    }
+    // Nothing ties balancers together: analyse, audit and print a window at a time.
+    let mut out = JsonStream::begin(w, source, rs, None, warnings)?;
+    for part in candidates.chunks(window) {
+        let balancers = analyse(part);
+        let audits = audit::audit_window(graph, &balancers, &opts, &AtomicUsize::new(0));
+        out.balancers(&balancers, Some(&audits))?;
+    }
+    out.finish()
+}
+
 /// A report's JSON written while its balancers are analysed: the head first, then the
 /// balancers a window at a time (each converted and printed in batches on several
 /// threads, written in order), then the warnings, which come last in the report. A
@@ -717,5 +779,80 @@ mod tests {
             }
         }
         assert!(many, "a fixture with more balancers than one batch");
+    }
+
+    /// `report --format json`'s way (windows of balancers analysed, audited and printed
+    /// in two passes) writes the JSON of the report built in one piece.
+    #[test]
+    fn windowed_json_is_the_built_reports_json() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut texts: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .map(|p| {
+                (
+                    p.display().to_string(),
+                    std::fs::read_to_string(&p).unwrap(),
+                )
+            })
+            .collect();
+        texts.sort();
+        let mut synthetic = String::from("*nat\n");
+        for i in 0..40 {
+            synthetic.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
+        }
+        for i in 0..40 {
+            synthetic.push_str(&format!(
+                "[{}:0] -A KUBE-SVC-{i} -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 10.0.{i}.1:80\n[{}:0] -A KUBE-SVC-{i} -j DNAT --to-destination 10.0.{i}.2:80\n",
+                10 + i,
+                20 + 2 * i
+            ));
+        }
+        synthetic.push_str("COMMIT\n");
+        texts.push(("synthetic".into(), synthetic));
+        for (name, text) in &texts {
+            let rs = parse::parse(text, &ParseOptions { lenient: true }).unwrap();
+            let graph = Graph::build(&rs, true).unwrap();
+            let candidates = crate::balance::candidates(&graph);
+            let balancers: Vec<Balancer> = candidates
+                .iter()
+                .filter_map(|c| crate::balance::analyse(&graph, c))
+                .collect();
+            for connections in [Some(0), Some(300), None] {
+                let opts = AuditOptions {
+                    connections,
+                    ..AuditOptions::default()
+                };
+                let whole = AuditOptions {
+                    balancers: Some(candidates.len()),
+                    ..opts.clone()
+                };
+                let (audits, info) = audit::run(&graph, &balancers, &whole);
+                let warnings = vec![Warning::new(1, "given")];
+                let built =
+                    Report::new("x", &rs, &balancers, Some(&audits), info, warnings.clone())
+                        .to_json();
+                for window in [1, 3, 1000] {
+                    let mut out = Vec::new();
+                    write_json_windowed(
+                        &mut out,
+                        "x",
+                        &rs,
+                        &graph,
+                        &candidates,
+                        &opts,
+                        warnings.clone(),
+                        window,
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        built,
+                        "{name}, {connections:?} connections, window {window}"
+                    );
+                }
+            }
+        }
     }
 }
