@@ -457,7 +457,9 @@ fn kube_name(chain: &Chain<'_>, entry_comment: impl FnOnce() -> Option<String>) 
 fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
     let mut lines = Vec::new();
     let mut seconds = None;
-    for line in &chain.rules {
+    // A module name is never escaped (the parser takes it as written), so a rule with
+    // `-m recent` has "recent" in its text: the others need not be read again.
+    for line in chain.rules.iter().filter(|l| l.text.contains("recent")) {
         let rule = line.parse();
         if let Some(m) = rule.find_match("recent")
             && m.opt("rcheck").is_some()
