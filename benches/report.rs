@@ -566,8 +566,8 @@ fn simulate_rows(rows: &mut Vec<Row>) {
                     sim.take().unwrap_or_default(),
                     bare.take().unwrap_or_default()
                 ),
-                "(none set)",
-                None,
+                ">= 0.5 per core",
+                ratio.trim().parse::<f64>().ok().map(|r| r >= 0.5),
             );
         }
     }
