@@ -92,9 +92,7 @@ pub struct Balancer {
 impl Balancer {
     /// `namespace` of a kube-proxy name `ns/name:port`.
     pub fn namespace(&self) -> Option<&str> {
-        (self.kind == Kind::KubeProxy)
-            .then(|| self.name.split_once('/').map(|(ns, _)| ns))
-            .flatten()
+        namespace_of(self.kind, &self.name)
     }
 
     /// Largest |n·p − 1| over endpoints.
@@ -167,10 +165,15 @@ pub struct Candidate {
 impl Candidate {
     /// The namespace of a kube-proxy service (`ns` of `ns/name:port`).
     pub fn namespace(&self) -> Option<&str> {
-        (self.kind == Kind::KubeProxy)
-            .then(|| self.name.split_once('/').map(|(ns, _)| ns))
-            .flatten()
+        namespace_of(self.kind, &self.name)
     }
+}
+
+/// `ns` of a kube-proxy balancer's name `ns/name:port`.
+fn namespace_of(kind: Kind, name: &str) -> Option<&str> {
+    (kind == Kind::KubeProxy)
+        .then(|| name.split_once('/').map(|(ns, _)| ns))
+        .flatten()
 }
 
 /// Finds and analyses every balancer. Balancers are sorted by (name, chain, line).

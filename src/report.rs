@@ -244,23 +244,6 @@ impl Report {
         }
     }
 
-    /// Writes the pretty JSON of the report that [`Report::new`] would build from the
-    /// same arguments, without building it (see [`JsonStream`]). The text is the same as
-    /// [`Report::to_json`] of the built report.
-    pub fn write_json_streamed(
-        w: &mut dyn std::io::Write,
-        source: &str,
-        rs: &Ruleset<'_>,
-        balancers: &[Balancer],
-        audits: Option<&[Audit]>,
-        simulation: Option<SimulationInfo>,
-        warnings: Vec<Warning>,
-    ) -> std::io::Result<()> {
-        let mut out = JsonStream::begin(w, source, rs, simulation, warnings)?;
-        out.balancers(balancers, audits)?;
-        out.finish()
-    }
-
     /// Writes the pretty JSON (the same text as [`Report::to_json`]).
     pub fn write_json(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
         serde_json::to_writer_pretty(&mut *w, self).map_err(std::io::Error::other)?;
@@ -750,16 +733,18 @@ mod tests {
                 )
                 .to_json();
                 let mut streamed = Vec::new();
-                Report::write_json_streamed(
-                    &mut streamed,
-                    "x \"balancers\": []",
-                    &rs,
-                    &balancers,
-                    Some(&audits),
-                    info.clone(),
-                    warnings,
-                )
-                .unwrap();
+                {
+                    let mut out = JsonStream::begin(
+                        &mut streamed,
+                        "x \"balancers\": []",
+                        &rs,
+                        info.clone(),
+                        warnings,
+                    )
+                    .unwrap();
+                    out.balancers(&balancers, Some(&audits)).unwrap();
+                    out.finish().unwrap();
+                }
                 assert_eq!(String::from_utf8(streamed).unwrap(), built, "{path:?}");
                 // The same, handed over in windows of 7 balancers.
                 let mut windowed = Vec::new();
