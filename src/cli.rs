@@ -411,8 +411,8 @@ pub fn emit_with(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Resul
 fn cmd_report(a: &ReportArgs) -> Result<i32> {
     let opts = a.audit.options(None)?;
     if a.format == ReportFormat::Json {
-        // Large reports are analysed and printed a window of balancers at a time rather
-        // than built; only the small per-balancer audits are kept between the windows.
+        // Large reports are printed as they are made, never built as a whole (see
+        // `report::write_json_windowed`).
         with_candidates(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
             let window = 1024 * rayon::current_num_threads().max(1);
             emit_with(|w| {
