@@ -3,7 +3,7 @@
 
 use crate::eval::{self, Distribution, Mode, Outcome, OutcomeInfo, Packet};
 use crate::graph::Graph;
-use crate::model::{Chain, Rule, Warning};
+use crate::model::{Chain, Rule, Warning, is_state_module};
 use crate::prob::{CompactProb, Prob};
 use rayon::prelude::*;
 use std::collections::HashSet;
@@ -109,14 +109,6 @@ fn is_kube_balancer_chain(name: &str) -> bool {
     name.starts_with("KUBE-SVC-") || name.starts_with("KUBE-SVL-") || name.starts_with("KUBE-XLB-")
 }
 
-/// Modules that do not describe which traffic a rule serves.
-fn is_state_module(module: &str) -> bool {
-    matches!(
-        module,
-        "statistic" | "comment" | "mark" | "connmark" | "recent" | "conntrack" | "state"
-    )
-}
-
 /// The conditions of a rule that select traffic, as text (`-d 10.0.0.1/32 -p tcp --dport 80`).
 fn selector(rule: &Rule<'_>) -> String {
     let mut parts = Vec::new();
@@ -203,7 +195,12 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
                 if !line.statistic() {
                     continue;
                 }
-                let key = selector(&line.parse());
+                // A plain rule's selector is empty: no need to read it again.
+                let key = if line.plain() {
+                    String::new()
+                } else {
+                    selector(&line.parse())
+                };
                 if !groups.iter().any(|(k, _)| *k == key) {
                     groups.push((key, r));
                 }
@@ -571,5 +568,54 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         chain: chain.name.to_string(),
         line: rule.line,
         comment: rule.comment().map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{ParseOptions, parse};
+
+    /// `RuleLine::plain` (from the first reading) says exactly when a rule's selector
+    /// is empty, on every rule of every fixture and on a few made for it.
+    #[test]
+    fn plain_rules_are_those_with_an_empty_selector() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut texts: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        texts.push(
+            "-A A -m statistic --mode nth --every 2 --packet 0 -j B\n\
+             -A A -p tcp -m statistic --mode nth --every 2 --packet 0 -j B\n\
+             -A A -p tcp --dport 80 -m comment --comment x -j B\n\
+             -A A -m mark --mark 0x1 -m comment --comment \"a b\" -j B\n\
+             -A A -m tcp -m statistic --mode random --probability 0.5 -j B\n\
+             -A A -m tcp --dport 1 -j B\n\
+             -A A ! -s 10.0.0.0/8 -j B\n"
+                .to_string(),
+        );
+        let mut plain = 0;
+        let mut not = 0;
+        for text in &texts {
+            let rs = parse(text, &ParseOptions { lenient: true }).unwrap();
+            for line in rs
+                .tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .flat_map(|c| &c.rules)
+            {
+                let empty = selector(&line.parse()).is_empty();
+                assert_eq!(line.plain(), empty, "{}", line.text);
+                if empty {
+                    plain += 1;
+                } else {
+                    not += 1;
+                }
+            }
+        }
+        assert!(plain > 100 && not > 100, "{plain} plain, {not} not");
     }
 }

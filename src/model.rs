@@ -185,6 +185,17 @@ const GOTO: u8 = 2;
 const TARGET_OPTIONS: u8 = 4;
 const STATISTIC: u8 = 8;
 const COUNTED: u8 = 16;
+const PLAIN: u8 = 32;
+
+/// Match modules about a connection's state rather than its addresses and ports
+/// (`statistic`, `comment`, marks, `recent`, conntrack): what a balancer's selector
+/// leaves out.
+pub fn is_state_module(module: &str) -> bool {
+    matches!(
+        module,
+        "statistic" | "comment" | "mark" | "connmark" | "recent" | "conntrack" | "state"
+    )
+}
 
 impl<'a> RuleLine<'a> {
     /// The line `text` (number `line`), whose rule `rule` is.
@@ -197,17 +208,24 @@ impl<'a> RuleLine<'a> {
                 .map(|t| (t.jump, t.name, !t.options.is_empty())),
             rule.matches.iter().any(|m| m.module == "statistic"),
             rule.counters.is_some(),
+            rule.core.is_empty()
+                && rule
+                    .matches
+                    .iter()
+                    .all(|m| m.options.is_empty() || is_state_module(m.module)),
         )
     }
 
     /// The line `text` (number `line`) of a rule with that target (jump, name, whether
-    /// it has options), a statistic match or not, counters or not.
+    /// it has options), a statistic match or not, counters or not, and `plain` when
+    /// it has no core option and no option of a match that is not about state.
     pub(crate) fn from_parts(
         line: u32,
         text: &'a str,
         target: Option<(Jump, &str, bool)>,
         statistic: bool,
         counted: bool,
+        plain: bool,
     ) -> Self {
         let mut flags = 0u8;
         let (mut at, mut len) = (0u32, 0u32);
@@ -234,6 +252,9 @@ impl<'a> RuleLine<'a> {
         }
         if counted {
             flags |= COUNTED;
+        }
+        if plain {
+            flags |= PLAIN;
         }
         RuleLine {
             text,
@@ -274,6 +295,12 @@ impl<'a> RuleLine<'a> {
     /// The rule has counters (`[p:b]` or `-c P B`).
     pub fn counted(&self) -> bool {
         self.flags & COUNTED != 0
+    }
+
+    /// The rule has no core option (`-s`, `-d`, `-p`, …) and no option of a match that
+    /// is not about state ([`is_state_module`]): its balancer selector is empty.
+    pub fn plain(&self) -> bool {
+        self.flags & PLAIN != 0
     }
 }
 

@@ -128,6 +128,7 @@ fn read_lines<'a, E>(
                     summary.target,
                     summary.statistic,
                     summary.counted,
+                    summary.plain,
                 ));
             }
             Ok(Line::Rule { chain, rule }) => {

@@ -34,6 +34,7 @@ fn check_summaries(text: &str) -> Result<(), TestCaseError> {
                     summary.target,
                     summary.statistic,
                     summary.counted,
+                    summary.plain,
                 );
                 prop_assert_eq!(a, RuleLine::new(1, line, &rule), "{}", line);
             }

@@ -210,6 +210,8 @@ pub(crate) struct Summary<'a> {
     pub target: Option<(Jump, &'a str, bool)>,
     pub statistic: bool,
     pub counted: bool,
+    /// No core option and no option of a match that is not about state.
+    pub plain: bool,
     /// An IPv6 address in `-s`/`-d` or `--to-destination`/`--to-source`.
     pub v6: bool,
 }
@@ -237,9 +239,19 @@ pub(crate) fn summary<'a>(
         target: None,
         statistic: false,
         counted: counters.is_some(),
+        plain: true,
         v6: false,
     };
+    let mut module = "";
     for (i, st) in steps.iter().enumerate() {
+        match st.kind {
+            StepKind::Core | StepKind::Opt(Sec::Implicit) => out.plain = false,
+            StepKind::MatchStart => module = st.name,
+            StepKind::Opt(Sec::Match) if !crate::model::is_state_module(module) => {
+                out.plain = false;
+            }
+            _ => {}
+        }
         match st.kind {
             StepKind::Core if (st.name == "s" || st.name == "d") && first(st).contains(':') => {
                 out.v6 = true;
