@@ -3,7 +3,9 @@
 //! Every item keeps the 1-based line (and where useful the 1-based column, in
 //! characters) it came from, so that later stages can point at the input.
 //! Strings borrow from the input (`&'a str`); only quoted strings that contained
-//! escapes are owned (`Cow::Owned`).
+//! escapes are owned (`Cow::Owned`). Chains hold their rules as [`RuleLine`]s (the
+//! line's text and a summary); [`Rule`] is a rule with all its options, read from a
+//! `RuleLine` when needed.
 
 use std::borrow::Cow;
 use std::fmt;

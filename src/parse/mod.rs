@@ -3,11 +3,14 @@
 //!
 //! The parser works line by line. Each line is read with nom parsers (`lex`, `line`)
 //! into a table header, a chain declaration, a rule (`rule`), `COMMIT`, a comment or a
-//! blank; consecutive rules of one chain are gathered into one vector. A small state
-//! machine (`build`) then files these, in input order, into tables and chains. Lines
-//! are independent, so large inputs are read by several threads; the filing is
-//! sequential and the result the same for any number of threads. Strings borrow from
-//! the input; only quoted strings with escapes are copied.
+//! blank. A rule is checked in full (every error is found here) but kept as a
+//! [`RuleLine`]: its text and a summary (target, flags); [`reparse`] reads its options
+//! again when an analysis needs them. Consecutive rules of one chain are gathered into
+//! one vector. A small state machine (`build`) then files these, in input order, into
+//! tables and chains. Lines are independent, so large inputs are read by several
+//! threads, a wave of pieces at a time; the filing is sequential and the result the
+//! same for any number of threads. Strings borrow from the input; only quoted strings
+//! with escapes are copied.
 //!
 //! Forms recognised:
 //! - `*table` … `COMMIT` blocks with `:CHAIN POLICY [p:b]` declarations ([`Format::Save`]);
