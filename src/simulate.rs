@@ -17,7 +17,7 @@
 //! # Semantics (the exact evaluator's, connection by connection)
 //!
 //! - Traversal is [`eval`]'s in [`Mode::Balancer`](crate::eval::Mode::Balancer): from the
-//!   start of the balancer's chain, with the balancer's [`Packet`](crate::eval::Packet);
+//!   start of the balancer's chain, with the balancer's [`Packet`];
 //!   `-j` pushes a return point, `-g` does not, `RETURN` or the end of a chain goes back
 //!   to the caller; leaving the start chain gives the mark outcome if a `MARK`/`CONNMARK`
 //!   target changed the mark, [`Outcome::Unmatched`] otherwise. Rules whose target cannot

@@ -13,9 +13,9 @@
 //! with escapes are copied.
 //!
 //! Forms recognised:
-//! - `*table` … `COMMIT` blocks with `:CHAIN POLICY [p:b]` declarations ([`Format::Save`]);
-//! - `-P CHAIN POLICY`, `-N CHAIN`, `-A CHAIN …` lines without a table ([`Format::Spec`]);
-//! - bare `-A` lines ([`Format::Fragment`]). Without a table header the rules are put in
+//! - `*table` … `COMMIT` blocks with `:CHAIN POLICY [p:b]` declarations ([`Format::Save`](crate::model::Format::Save));
+//! - `-P CHAIN POLICY`, `-N CHAIN`, `-A CHAIN …` lines without a table ([`Format::Spec`](crate::model::Format::Spec));
+//! - bare `-A` lines ([`Format::Fragment`](crate::model::Format::Fragment)). Without a table header the rules are put in
 //!   one assumed table, `nat` or `filter` (see [`assumed_table`]), with a warning.
 
 mod build;
