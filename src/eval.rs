@@ -670,8 +670,9 @@ impl Walker<'_, '_, '_> {
                 Some(Ordering::Equal) if self.queue.merge(&t) => return Ok(()),
                 _ => {}
             }
-            let chain = &table.chains[t.chain];
-            if t.rule >= chain.rules.len() {
+            // The graph's rule counts are a small array; the chain itself is looked at
+            // only to read a rule not read yet.
+            if t.rule >= tg.rules(t.chain) {
                 if let Some((c, r)) = t.stack.pop() {
                     t.chain = c;
                     t.rule = r + 1;
@@ -711,7 +712,7 @@ impl Walker<'_, '_, '_> {
             let rule = Rc::clone(
                 self.rules
                     .entry((t.chain, t.rule))
-                    .or_insert_with(|| Rc::new(chain.rules[t.rule].parse())),
+                    .or_insert_with(|| Rc::new(table.chains[t.chain].rules[t.rule].parse())),
             );
             let rule = &*rule;
             let at_top = t.stack.is_empty();
