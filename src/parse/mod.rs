@@ -163,8 +163,10 @@ fn read_lines<'a, E>(
 /// of a [`RuleLine`], the rule is empty.)
 pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     let ctx = LineCtx::new(text, no);
-    let mut sc = Scratch::with_capacity(32);
-    match parse_line(&ctx, &mut sc, true) {
+    let mut sc = Scratch::take();
+    let read = parse_line(&ctx, &mut sc, true);
+    sc.give_back();
+    match read {
         Ok(Line::Rule { rule, .. }) => rule,
         _ => {
             debug_assert!(false, "line {no} read differently the second time: {text}");

@@ -131,13 +131,36 @@ pub(crate) struct Scratch<'a> {
     steps: Vec<Step<'a>>,
 }
 
-impl Scratch<'_> {
-    /// Buffers for one line of up to `n` tokens (they grow when there are more).
-    pub fn with_capacity(n: usize) -> Self {
+/// Empty buffers kept between lines read one at a time on a thread (a rule read again
+/// for a walk), so that reading one does not allocate them afresh.
+type Spare = (Vec<Tok<'static>>, Vec<Step<'static>>);
+
+thread_local! {
+    static SPARE: std::cell::Cell<Option<Spare>> = const { std::cell::Cell::new(None) };
+}
+
+/// The same allocation as a vector of another lifetime (or an empty one).
+fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    // In-place collection reuses the allocation when the element layouts agree (they
+    // do: only the lifetime differs); nothing is ever produced from an empty vector.
+    v.into_iter().filter_map(|_| None).collect()
+}
+
+impl<'a> Scratch<'a> {
+    /// This thread's spare buffers, or new ones.
+    pub fn take() -> Self {
+        let (toks, steps) = SPARE.with(|s| s.take()).unwrap_or_default();
         Scratch {
-            toks: Vec::with_capacity(n),
-            steps: Vec::with_capacity(n),
+            toks: recycle(toks),
+            steps: recycle(steps),
         }
+    }
+
+    /// Keeps the buffers for the thread's next [`Scratch::take`].
+    pub fn give_back(self) {
+        let spare = (recycle(self.toks), recycle(self.steps));
+        SPARE.with(|s| s.set(Some(spare)));
     }
 }
 
