@@ -414,7 +414,7 @@ fn cmd_report(a: &ReportArgs) -> Result<i32> {
         // Large reports are printed as they are made, never built as a whole (see
         // `report::write_json_windowed`).
         with_candidates(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
-            let window = 1024 * rayon::current_num_threads().max(1);
+            let window = 256 * rayon::current_num_threads().max(1);
             emit_with(|w| {
                 crate::report::write_json_windowed(
                     w,
