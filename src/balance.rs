@@ -170,7 +170,12 @@ fn namespace_of(kind: Kind, name: &str) -> Option<&str> {
 
 /// Finds and analyses every balancer. Balancers are sorted by (name, chain, line).
 pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
-    candidates(graph)
+    analyse_all(graph, &candidates(graph))
+}
+
+/// [`analyse`] of each candidate, on several threads, in the candidates' order.
+pub fn analyse_all(graph: &Graph<'_, '_>, candidates: &[Candidate]) -> Vec<Balancer> {
+    candidates
         .par_iter()
         .filter_map(|cand| analyse(graph, cand))
         .collect()

@@ -12,7 +12,6 @@ use crate::parse::{self, ParseOptions};
 use crate::report::{Report, fmt_prob};
 use crate::select::Selection;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use rayon::prelude::*;
 use std::borrow::Cow;
 use std::io::{IsTerminal, Read, Write};
 use std::net::IpAddr;
@@ -517,10 +516,7 @@ pub fn with_analysis<T>(
     f: impl FnOnce(&Input, &Ruleset<'_>, &Graph<'_, '_>, Vec<Balancer>, Vec<Warning>) -> Result<T>,
 ) -> Result<T> {
     with_candidates(input_args, select, |input, rs, graph, chosen, warnings| {
-        let chosen: Vec<Balancer> = chosen
-            .par_iter()
-            .filter_map(|c| balance::analyse(graph, c))
-            .collect();
+        let chosen = balance::analyse_all(graph, chosen);
         f(input, rs, graph, chosen, warnings)
     })
 }
@@ -551,10 +547,7 @@ pub fn with_candidates<T>(
 /// The full report: exact analysis, simulation and counter tests.
 pub fn build_report(input: &InputArgs, select: &SelectArgs, opts: &AuditOptions) -> Result<Report> {
     with_candidates(input, select, |input, rs, graph, candidates, warnings| {
-        let chosen: Vec<Balancer> = candidates
-            .par_iter()
-            .filter_map(|c| balance::analyse(graph, c))
-            .collect();
+        let chosen = balance::analyse_all(graph, candidates);
         // The run's size is its candidates, as when `report --format json` audits them
         // a window at a time: the same numbers either way.
         let opts = AuditOptions {

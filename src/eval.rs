@@ -20,7 +20,7 @@
 //! to match: it cannot change where a connection is sent.
 
 use crate::graph::{Graph, TargetRef};
-use crate::model::{Match, Opt, Rule, Warning};
+use crate::model::{Match, Opt, Rule, RuleCache, Warning};
 use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob};
 use crate::statistic::{self, SCALE, Statistic};
 use rustc_hash::FxHashMap as HashMap;
@@ -28,7 +28,6 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::rc::Rc;
 
 /// What is known about the connection being walked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -482,7 +481,7 @@ struct Walker<'g, 'r, 'a> {
     /// the allocator holding many blocks of different sizes).
     spare: Prob,
     /// Rules read so far (the ruleset keeps only their text), by (chain, rule).
-    rules: HashMap<(usize, usize), Rc<Rule<'a>>>,
+    rules: RuleCache<'a>,
 }
 
 /// Walks the graph from the start of `chain` in `table` for `packet`.
@@ -508,7 +507,7 @@ pub fn evaluate(
         first: Vec::new(),
         total: Prob::zero(),
         spare: Prob::zero(),
-        rules: HashMap::default(),
+        rules: RuleCache::default(),
     };
     let start = Thread {
         chain,
@@ -709,11 +708,7 @@ impl Walker<'_, '_, '_> {
                 TargetRef::Chain { chain, .. } => !tg.may_terminate[chain],
                 _ => false,
             };
-            let rule = Rc::clone(
-                self.rules
-                    .entry((t.chain, t.rule))
-                    .or_insert_with(|| Rc::new(table.chains[t.chain].rules[t.rule].parse())),
-            );
+            let rule = self.rules.get(&table.chains, t.chain, t.rule);
             let rule = &*rule;
             let at_top = t.stack.is_empty();
             match self.decide(rule, &mut t, mark_only) {

@@ -522,17 +522,11 @@ pub fn write_json_windowed(
     warnings: Vec<Warning>,
     window: usize,
 ) -> std::io::Result<()> {
-    use rayon::prelude::*;
     let opts = AuditOptions {
         balancers: Some(candidates.len()),
         ..opts.clone()
     };
     let window = window.max(1);
-    let analyse = |part: &[Candidate]| -> Vec<Balancer> {
-        part.par_iter()
-            .filter_map(|c| crate::balance::analyse(graph, c))
-            .collect()
-    };
     let counters = rs
         .tables
         .iter()
@@ -542,7 +536,7 @@ pub fn write_json_windowed(
         // p-values are corrected across all balancers: analyse and audit them all, then
         // print them (analysing twice to hold less would cost more time than the
         // cross-check may take).
-        let balancers = analyse(candidates);
+        let balancers = crate::balance::analyse_all(graph, candidates);
         let mut audits = audit::with_progress(&opts, candidates.len(), |done| {
             audit::audit_window(graph, &balancers, &opts, done)
         });
@@ -557,7 +551,7 @@ pub fn write_json_windowed(
     // Nothing ties balancers together: analyse, audit and print a window at a time.
     let mut out = JsonStream::begin(w, source, rs, None, warnings)?;
     for part in candidates.chunks(window) {
-        let balancers = analyse(part);
+        let balancers = crate::balance::analyse_all(graph, part);
         let audits = audit::audit_window(graph, &balancers, &opts, &AtomicUsize::new(0));
         out.balancers(&balancers, Some(&audits))?;
     }

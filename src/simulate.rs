@@ -84,7 +84,7 @@
 use crate::balance::Balancer;
 use crate::eval::{self, Outcome, Packet, core_test, parse_u32, static_test, terminal_outcome};
 use crate::graph::{Graph, TargetRef};
-use crate::model::{Match, Opt, Rule};
+use crate::model::{Match, Opt, Rule, RuleCache};
 use crate::statistic::{self, Statistic};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{Rng, SeedableRng};
@@ -1026,7 +1026,7 @@ struct Compiler<'g, 'r, 'a> {
     decisions: HashMap<usize, Vec<BTreeMap<u32, Decision>>>,
     conds: HashMap<(usize, usize), Rc<[Cond<'a>]>>,
     /// Rules read so far (the ruleset keeps only their text).
-    rules: HashMap<(usize, usize), Rc<Rule<'a>>>,
+    rules: RuleCache<'a>,
     nth_init: Vec<u32>,
     recent_names: HashMap<String, u32>,
     has_rdest: bool,
@@ -1044,7 +1044,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             order: Vec::new(),
             decisions: HashMap::new(),
             conds: HashMap::new(),
-            rules: HashMap::new(),
+            rules: RuleCache::default(),
             nth_init: Vec::new(),
             recent_names: HashMap::new(),
             has_rdest: false,
@@ -1084,13 +1084,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
     }
 
     fn rule(&mut self, c: usize, r: usize) -> Rc<Rule<'a>> {
-        let graph = self.graph;
-        let table = self.table;
-        Rc::clone(
-            self.rules
-                .entry((c, r))
-                .or_insert_with(|| Rc::new(graph.chain(table, c).rules[r].parse())),
-        )
+        self.rules.get(&self.graph.table(self.table).chains, c, r)
     }
 
     /// The rule's conditions in the kernel's order; runtime matches get their counters
