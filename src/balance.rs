@@ -585,12 +585,9 @@ mod tests {
     /// is empty, on every rule of every fixture and on a few made for it.
     #[test]
     fn plain_rules_are_those_with_an_empty_selector() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let mut texts: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-            .map(|p| std::fs::read_to_string(p).unwrap())
+        let mut texts: Vec<String> = crate::testing::fixture_texts()
+            .into_iter()
+            .map(|(_, text)| text)
             .collect();
         texts.push(
             "-A A -m statistic --mode nth --every 2 --packet 0 -j B\n\

@@ -24,3 +24,24 @@ pub mod statistic;
 pub mod stats;
 
 pub use error::{Error, InputError, InputErrorKind, Result};
+
+/// What unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Every `fixtures/*.txt` file, as (path, text), sorted by path.
+    pub fn fixture_texts() -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut texts: Vec<(String, String)> = std::fs::read_dir(dir)
+            .expect("fixtures/")
+            .map(|e| e.expect("fixtures/ entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("fixture");
+                (p.display().to_string(), text)
+            })
+            .collect();
+        texts.sort();
+        assert!(texts.len() > 30, "the fixtures are there");
+        texts
+    }
+}

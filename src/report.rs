@@ -681,14 +681,7 @@ mod tests {
     /// (none, one and many balancers; with and without a simulation and counters).
     #[test]
     fn streamed_json_is_the_built_reports_json() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-            .collect();
-        files.sort();
-        assert!(files.len() > 30);
+        let mut texts = crate::testing::fixture_texts();
         // And 150 balancers: more than one batch.
         let mut synthetic = String::from("*nat\n");
         for i in 0..150 {
@@ -700,13 +693,10 @@ mod tests {
             ));
         }
         synthetic.push_str("COMMIT\n");
+        texts.push(("synthetic".into(), synthetic));
         let mut many = false;
-        for path in files.into_iter().map(Some).chain([None]) {
-            let text = match &path {
-                Some(p) => std::fs::read_to_string(p).unwrap(),
-                None => synthetic.clone(),
-            };
-            let rs = parse::parse(&text, &ParseOptions { lenient: true }).unwrap();
+        for (path, text) in &texts {
+            let rs = parse::parse(text, &ParseOptions { lenient: true }).unwrap();
             let graph = Graph::build(&rs, true).unwrap();
             let balancers = crate::balance::find(&graph);
             many |= balancers.len() > 64;
@@ -739,7 +729,7 @@ mod tests {
                     out.balancers(&balancers, Some(&audits)).unwrap();
                     out.finish().unwrap();
                 }
-                assert_eq!(String::from_utf8(streamed).unwrap(), built, "{path:?}");
+                assert_eq!(String::from_utf8(streamed).unwrap(), built, "{path}");
                 // The same, handed over in windows of 7 balancers.
                 let mut windowed = Vec::new();
                 let mut out = JsonStream::begin(
@@ -754,7 +744,7 @@ mod tests {
                     out.balancers(bs, Some(au)).unwrap();
                 }
                 out.finish().unwrap();
-                assert_eq!(String::from_utf8(windowed).unwrap(), built, "{path:?}");
+                assert_eq!(String::from_utf8(windowed).unwrap(), built, "{path}");
             }
         }
         assert!(many, "a fixture with more balancers than one batch");
@@ -764,19 +754,7 @@ mod tests {
     /// in two passes) writes the JSON of the report built in one piece.
     #[test]
     fn windowed_json_is_the_built_reports_json() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let mut texts: Vec<(String, String)> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-            .map(|p| {
-                (
-                    p.display().to_string(),
-                    std::fs::read_to_string(&p).unwrap(),
-                )
-            })
-            .collect();
-        texts.sort();
+        let mut texts = crate::testing::fixture_texts();
         let mut synthetic = String::from("*nat\n");
         for i in 0..40 {
             synthetic.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
