@@ -230,7 +230,7 @@ impl Input {
     pub fn read(file: Option<&str>) -> Result<Input> {
         match file {
             Some("-") => read_stdin(),
-            Some(path) => std::fs::read(path)
+            Some(path) => read_file(path)
                 .map(|bytes| Input {
                     name: path.to_string(),
                     bytes,
@@ -247,6 +247,41 @@ impl Input {
         }
     }
 }
+
+/// Reads a whole file into memory backed by transparent huge pages where the kernel
+/// offers them on request (`madvise` mode): a 60 MB dump then costs 30 page faults
+/// instead of 15,000.
+fn read_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let size = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(size + 1);
+    advise_huge(&mut bytes);
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge(v: &mut Vec<u8>) {
+    const HUGE: usize = 2 << 20;
+    let start = v.as_mut_ptr() as usize;
+    let end = start + v.capacity();
+    let first = start.next_multiple_of(HUGE);
+    let last = end / HUGE * HUGE;
+    if last > first {
+        // SAFETY: a hint about pages inside the vector's own allocation.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                last - first,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_: &mut Vec<u8>) {}
 
 fn read_stdin() -> Result<Input> {
     let mut bytes = Vec::new();
