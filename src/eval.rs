@@ -708,10 +708,24 @@ impl Walker<'_, '_, '_> {
                 TargetRef::Chain { chain, .. } => !tg.may_terminate[chain],
                 _ => false,
             };
-            let rule = self.rules.get(&table.chains, t.chain, t.rule);
-            let rule = &*rule;
+            // A rule that jumps (or returns) and that only chance decides, as its first
+            // reading found, need not be read again.
+            let line = &table.chains[t.chain].rules[t.rule];
+            let fixed = match target {
+                TargetRef::Chain { .. } | TargetRef::Return => line.fixed_share(),
+                _ => None,
+            };
+            let (rule, decision) = match fixed {
+                Some(share) => (None, Decision::Yes(share)),
+                None => {
+                    let rule = self.rules.get(&table.chains, t.chain, t.rule);
+                    let decision = self.decide(&rule, &mut t, mark_only);
+                    (Some(rule), decision)
+                }
+            };
+            let line_no = line.line;
             let at_top = t.stack.is_empty();
-            match self.decide(rule, &mut t, mark_only) {
+            match decision {
                 Decision::No => {
                     t.rule += 1;
                     continue;
@@ -739,14 +753,14 @@ impl Walker<'_, '_, '_> {
                 Decision::Yes(None) => {}
             }
             if at_top && t.via == 0 {
-                t.via = rule.line;
+                t.via = line_no;
             }
             match target {
                 TargetRef::Chain { chain, goto } => {
                     if self.record_paths {
                         t.path.push(Step {
                             chain: t.chain,
-                            line: rule.line,
+                            line: line_no,
                         });
                     }
                     if !goto {
@@ -764,23 +778,23 @@ impl Walker<'_, '_, '_> {
                         }
                     } else {
                         let outcome = self.end_outcome(&t);
-                        self.finish(&mut t, outcome, rule.line);
+                        self.finish(&mut t, outcome, line_no);
                         return Ok(());
                     }
                 }
                 TargetRef::Mark => {
-                    apply_mark(rule, &mut t);
+                    apply_mark(rule.as_deref().expect("read: not fixed"), &mut t);
                     t.rule += 1;
                 }
                 TargetRef::Terminal => {
                     if self.record_paths {
                         t.path.push(Step {
                             chain: t.chain,
-                            line: rule.line,
+                            line: line_no,
                         });
                     }
-                    let outcome = terminal_outcome(rule);
-                    self.finish(&mut t, outcome, rule.line);
+                    let outcome = terminal_outcome(rule.as_deref().expect("read: not fixed"));
+                    self.finish(&mut t, outcome, line_no);
                     return Ok(());
                 }
                 TargetRef::None | TargetRef::Continue | TargetRef::Missing => t.rule += 1,

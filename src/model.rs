@@ -7,6 +7,7 @@
 //! line's text and a summary); [`Rule`] is a rule with all its options, read from a
 //! `RuleLine` when needed.
 
+use crate::statistic::Statistic;
 use std::borrow::Cow;
 use std::fmt;
 
@@ -176,11 +177,27 @@ pub struct RuleLine<'a> {
     pub text: &'a str,
     /// 1-based line of the rule in the input.
     pub line: u32,
-    /// Byte range of the target's name in `text`.
+    /// Byte range of the target's name in `text` (a length of `u16::MAX`: longer, read
+    /// the rule again to find it).
     target_at: u32,
-    target_len: u32,
+    target_len: u16,
     flags: u8,
+    /// What decides whether the rule applies, when its first reading could tell (see
+    /// [`RuleLine::fixed_share`]): `FIXED_*` and the statistic's value.
+    fixed: u8,
+    fixed_value: u32,
 }
+
+/// [`RuleLine::fixed`]: the options must be read to decide.
+const FIXED_NO: u8 = 0;
+/// Applies to every connection that reaches it.
+const FIXED_ALWAYS: u8 = 1;
+/// `-m statistic --mode random` with threshold `fixed_value` (or inverted).
+const FIXED_RANDOM: u8 = 2;
+const FIXED_RANDOM_INVERTED: u8 = 3;
+/// `-m statistic --mode nth --every fixed_value` (or inverted).
+const FIXED_NTH: u8 = 4;
+const FIXED_NTH_INVERTED: u8 = 5;
 
 const HAS_TARGET: u8 = 1;
 const GOTO: u8 = 2;
@@ -216,6 +233,56 @@ impl<'a> RuleLine<'a> {
                     .iter()
                     .all(|m| m.options.is_empty() || is_state_module(m.module)),
         )
+        .with_fixed(fixed_decision(rule))
+    }
+
+    /// Records what decides whether the rule applies, as [`fixed_decision`] found it.
+    pub(crate) fn with_fixed(mut self, fixed: Option<Option<Statistic>>) -> Self {
+        (self.fixed, self.fixed_value) = match fixed {
+            None => (FIXED_NO, 0),
+            Some(None) => (FIXED_ALWAYS, 0),
+            Some(Some(Statistic::Random {
+                threshold,
+                inverted,
+            })) => (
+                if inverted {
+                    FIXED_RANDOM_INVERTED
+                } else {
+                    FIXED_RANDOM
+                },
+                threshold,
+            ),
+            Some(Some(Statistic::Nth {
+                every, inverted, ..
+            })) => (
+                if inverted {
+                    FIXED_NTH_INVERTED
+                } else {
+                    FIXED_NTH
+                },
+                every,
+            ),
+        };
+        self
+    }
+
+    /// Whether the rule applies, when that depends on nothing but chance: `Some(None)`
+    /// for a rule that applies to every connection reaching it, `Some(Some((num, den)))`
+    /// for one that applies to that share of them (its one `-m statistic` match: `q/2^31`
+    /// in random mode, the long-run share in nth mode). Such a rule has no core option
+    /// and no match but comments, its statistic and modules without options. `None`: the
+    /// options must be read ([`RuleLine::parse`]).
+    pub fn fixed_share(&self) -> Option<Option<(u64, u64)>> {
+        let v = u64::from(self.fixed_value);
+        let scale = crate::statistic::SCALE;
+        match self.fixed {
+            FIXED_ALWAYS => Some(None),
+            FIXED_RANDOM => Some(Some((v, scale))),
+            FIXED_RANDOM_INVERTED => Some(Some((scale - v, scale))),
+            FIXED_NTH => Some(Some((1, v))),
+            FIXED_NTH_INVERTED => Some(Some((v - 1, v))),
+            _ => None,
+        }
     }
 
     /// The line `text` (number `line`) of a rule with that target (jump, name, whether
@@ -230,7 +297,7 @@ impl<'a> RuleLine<'a> {
         plain: bool,
     ) -> Self {
         let mut flags = 0u8;
-        let (mut at, mut len) = (0u32, 0u32);
+        let (mut at, mut len) = (0u32, 0u16);
         if let Some((jump, name, options)) = target {
             flags |= HAS_TARGET;
             if jump == Jump::Goto {
@@ -247,7 +314,7 @@ impl<'a> RuleLine<'a> {
                 text.rfind(name).unwrap_or(text.len())
             };
             at = u32::try_from(off).unwrap_or(u32::MAX);
-            len = u32::try_from(name.len()).unwrap_or(0);
+            len = u16::try_from(name.len()).unwrap_or(u16::MAX);
         }
         if statistic {
             flags |= STATISTIC;
@@ -264,6 +331,8 @@ impl<'a> RuleLine<'a> {
             target_at: at,
             target_len: len,
             flags,
+            fixed: FIXED_NO,
+            fixed_value: 0,
         }
     }
 
@@ -281,10 +350,17 @@ impl<'a> RuleLine<'a> {
             } else {
                 Jump::Jump
             },
-            name: self
-                .text
-                .get(self.target_at as usize..(self.target_at as usize + self.target_len as usize))
-                .unwrap_or(""),
+            name: if self.target_len == u16::MAX {
+                // A name of 64 KiB or more: not worth two more bytes on every rule.
+                self.parse().target.map_or("", |t| t.name)
+            } else {
+                self.text
+                    .get(
+                        self.target_at as usize
+                            ..(self.target_at as usize + self.target_len as usize),
+                    )
+                    .unwrap_or("")
+            },
             has_options: self.flags & TARGET_OPTIONS != 0,
         })
     }
@@ -304,6 +380,27 @@ impl<'a> RuleLine<'a> {
     pub fn plain(&self) -> bool {
         self.flags & PLAIN != 0
     }
+}
+
+/// What decides whether `rule` applies when that depends on chance alone (see
+/// [`RuleLine::fixed_share`]): `Some(None)` when nothing does, `Some(Some(statistic))`
+/// for its one valid `-m statistic` match, `None` when other options take part.
+pub(crate) fn fixed_decision(rule: &Rule<'_>) -> Option<Option<Statistic>> {
+    if !rule.core.is_empty() {
+        return None;
+    }
+    let mut found = None;
+    for m in &rule.matches {
+        match m.module {
+            "comment" => {}
+            "statistic" if found.is_none() => {
+                found = Some(crate::statistic::from_match(m).ok()?);
+            }
+            _ if m.options.is_empty() => {}
+            _ => return None,
+        }
+    }
+    Some(found)
 }
 
 /// The rules of a table read again so far, each once (a walk meets a rule many
@@ -414,3 +511,55 @@ impl<'a> Ruleset<'a> {
 
 // A rule costs 32 bytes besides its text (see `RuleLine`).
 const _: () = assert!(std::mem::size_of::<RuleLine<'static>>() <= 32);
+
+#[cfg(test)]
+mod tests {
+    use crate::parse::{ParseOptions, parse};
+
+    /// `fixed_share` of each rule of a one-chain fragment, as the first reading kept it.
+    fn shares(rules: &[&str]) -> Vec<Option<Option<(u64, u64)>>> {
+        let text: String = rules.iter().map(|r| format!("-A X {r}\n")).collect();
+        let rs = parse(&text, &ParseOptions::default()).expect("parses");
+        rs.tables[0].chains[0]
+            .rules
+            .iter()
+            .map(|l| l.fixed_share())
+            .collect()
+    }
+
+    #[test]
+    fn only_chance_decides_fixed_rules() {
+        let scale = 1u64 << 31;
+        assert_eq!(
+            shares(&[
+                "-m comment --comment \"a b\" -m statistic --mode random --probability 0.5 -j Y",
+                "-m statistic --mode random ! --probability 0.25 -j Y",
+                "-m statistic --mode nth --every 3 --packet 0 -j Y",
+                "-m statistic --mode nth ! --every 3 --packet 1 -j Y",
+                "-m comment --comment x -j Y",
+                "-m tcp -j Y",
+                "-j Y",
+            ]),
+            vec![
+                Some(Some((scale / 2, scale))),
+                Some(Some((scale - scale / 4, scale))),
+                Some(Some((1, 3))),
+                Some(Some((2, 3))),
+                Some(None),
+                Some(None),
+                Some(None),
+            ]
+        );
+        // Anything else takes part: the rule is read again to decide.
+        assert_eq!(
+            shares(&[
+                "-s 10.0.0.1 -m statistic --mode random --probability 0.5 -j Y",
+                "-m mark --mark 0x1 -j Y",
+                "-m recent --rcheck --name a -j Y",
+                "-m statistic --mode random --probability 0.5 -m statistic --mode nth --every 2 -j Y",
+                "-p tcp --dport 80 -j Y",
+            ]),
+            vec![None; 5]
+        );
+    }
+}

@@ -125,14 +125,17 @@ fn read_lines<'a, E>(
                     chain_of_run = chain;
                 }
                 v6 |= summary.v6;
-                run.push(RuleLine::from_parts(
-                    no,
-                    line,
-                    summary.target,
-                    summary.statistic,
-                    summary.counted,
-                    summary.plain,
-                ));
+                run.push(
+                    RuleLine::from_parts(
+                        no,
+                        line,
+                        summary.target,
+                        summary.statistic,
+                        summary.counted,
+                        summary.plain,
+                    )
+                    .with_fixed(summary.fixed),
+                );
             }
             Ok(Line::Rule { chain, rule }) => {
                 // (Not given when asking for summaries; kept for completeness.)

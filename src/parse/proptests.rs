@@ -35,7 +35,8 @@ fn check_summaries(text: &str) -> Result<(), TestCaseError> {
                     summary.statistic,
                     summary.counted,
                     summary.plain,
-                );
+                )
+                .with_fixed(summary.fixed);
                 prop_assert_eq!(a, RuleLine::new(1, line, &rule), "{}", line);
             }
             (Ok(Line::Other(_)), Ok(Line::Other(_))) => {}

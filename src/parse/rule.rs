@@ -237,6 +237,9 @@ pub(crate) struct Summary<'a> {
     pub plain: bool,
     /// An IPv6 address in `-s`/`-d` or `--to-destination`/`--to-source`.
     pub v6: bool,
+    /// What decides whether the rule applies when chance alone does (see
+    /// [`crate::model::fixed_decision`]).
+    pub fixed: Option<Option<crate::statistic::Statistic>>,
 }
 
 /// Checks the tokens after `-A CHAIN` as [`rule`] does (the same errors), but keeps only
@@ -264,14 +267,24 @@ pub(crate) fn summary<'a>(
         counted: counters.is_some(),
         plain: true,
         v6: false,
+        fixed: Some(None),
     };
     let mut module = "";
+    let mut seen_statistic = false;
     for (i, st) in steps.iter().enumerate() {
         match st.kind {
-            StepKind::Core | StepKind::Opt(Sec::Implicit) => out.plain = false,
-            StepKind::MatchStart => module = st.name,
-            StepKind::Opt(Sec::Match) if !crate::model::is_state_module(module) => {
+            StepKind::Core | StepKind::Opt(Sec::Implicit) => {
                 out.plain = false;
+                out.fixed = None;
+            }
+            StepKind::MatchStart => module = st.name,
+            StepKind::Opt(Sec::Match) => {
+                if !crate::model::is_state_module(module) {
+                    out.plain = false;
+                }
+                if module != "comment" && module != "statistic" {
+                    out.fixed = None;
+                }
             }
             _ => {}
         }
@@ -313,7 +326,13 @@ pub(crate) fn summary<'a>(
                     options,
                     col: st.col,
                 };
-                check_statistic(ctx, &m)?;
+                let s = check_statistic(ctx, &m)?;
+                // One statistic match decides; with two, the options are read again.
+                out.fixed = match out.fixed {
+                    Some(None) if !seen_statistic => Some(Some(s)),
+                    _ => None,
+                };
+                seen_statistic = true;
             }
             _ => {}
         }
@@ -322,8 +341,8 @@ pub(crate) fn summary<'a>(
 }
 
 /// `-m statistic` must make sense to the kernel.
-fn check_statistic(ctx: &LineCtx<'_>, m: &Match<'_>) -> Result<(), InputError> {
-    statistic::from_match(m).map(|_| ()).map_err(|e| {
+fn check_statistic(ctx: &LineCtx<'_>, m: &Match<'_>) -> Result<statistic::Statistic, InputError> {
+    statistic::from_match(m).map_err(|e| {
         InputError::new(
             InputErrorKind::Value,
             ctx.no,
