@@ -715,7 +715,13 @@ impl Walker<'_, '_, '_> {
                 TargetRef::Chain { .. } | TargetRef::Return => line.fixed_share(),
                 _ => None,
             };
+            // Nor one that only sets marks and tests the source of a connection whose
+            // source is open: `-s` would bind it or stay undecided, and either way the
+            // rule is assumed not to apply (see [`Walker::decide`]); kube-proxy's
+            // `-s <endpoint>/32 -j KUBE-MARK-MASQ`.
+            let skipped = mark_only && line.tests_source() && t.packet.src.is_none();
             let (rule, decision) = match fixed {
+                _ if skipped => (None, Decision::No),
                 Some(share) => (None, Decision::Yes(share)),
                 None => {
                     let rule = self.rules.get(&table.chains, t.chain, t.rule);
@@ -1384,6 +1390,35 @@ mod tests {
                 ("mark 0x200/0xff00".into(), "1/2".into()),
             ]
         );
+    }
+
+    #[test]
+    fn mark_rules_on_the_source_apply_only_to_a_known_source() {
+        // kube-proxy's endpoint chain: the hairpin mark applies when the client is the
+        // endpoint itself; an open source is not bound by a rule that only sets marks.
+        let text = "*nat\n:PREROUTING ACCEPT [0:0]\n:MASQ - [0:0]\n:SEP - [0:0]\n\
+            -A PREROUTING -j SEP\n\
+            -A MASQ -j MARK --or-mark 0x4000\n\
+            -A SEP -s 10.0.0.5/32 -m comment --comment \"hairpin\" -j MASQ\n\
+            -A SEP ! -s 10.0.0.0/24 -j MASQ\n\
+            COMMIT\n";
+        let outcome = |src: Option<&str>| {
+            let p = Packet {
+                src: src.map(|s| s.parse().unwrap()),
+                ..Packet::default()
+            };
+            let d = walk(text, "PREROUTING", p, Mode::Balancer);
+            assert_eq!(d.outcomes.len(), 1);
+            d.outcomes[0].outcome.clone()
+        };
+        let marked = Outcome::Mark {
+            value: 0x4000,
+            mask: 0x4000,
+        };
+        assert_eq!(outcome(None), Outcome::Unmatched);
+        assert_eq!(outcome(Some("10.0.0.5")), marked);
+        assert_eq!(outcome(Some("10.0.0.6")), Outcome::Unmatched);
+        assert_eq!(outcome(Some("10.0.1.6")), marked);
     }
 
     #[test]

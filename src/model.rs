@@ -205,6 +205,7 @@ const TARGET_OPTIONS: u8 = 4;
 const STATISTIC: u8 = 8;
 const COUNTED: u8 = 16;
 const PLAIN: u8 = 32;
+const TESTS_SOURCE: u8 = 64;
 
 /// Match modules about a connection's state rather than its addresses and ports
 /// (`statistic`, `comment`, marks, `recent`, conntrack): what a balancer's selector
@@ -233,11 +234,22 @@ impl<'a> RuleLine<'a> {
                     .iter()
                     .all(|m| m.options.is_empty() || is_state_module(m.module)),
         )
-        .with_fixed(fixed_decision(rule))
+        .with_facts(
+            fixed_decision(rule),
+            rule.core.iter().any(|o| o.name == "s"),
+        )
     }
 
-    /// Records what decides whether the rule applies, as [`fixed_decision`] found it.
-    pub(crate) fn with_fixed(mut self, fixed: Option<Option<Statistic>>) -> Self {
+    /// Records what decides whether the rule applies, as [`fixed_decision`] found it, and
+    /// whether it has a `-s` option.
+    pub(crate) fn with_facts(
+        mut self,
+        fixed: Option<Option<Statistic>>,
+        tests_source: bool,
+    ) -> Self {
+        if tests_source {
+            self.flags |= TESTS_SOURCE;
+        }
         (self.fixed, self.fixed_value) = match fixed {
             None => (FIXED_NO, 0),
             Some(None) => (FIXED_ALWAYS, 0),
@@ -373,6 +385,11 @@ impl<'a> RuleLine<'a> {
     /// The rule has counters (`[p:b]` or `-c P B`).
     pub fn counted(&self) -> bool {
         self.flags & COUNTED != 0
+    }
+
+    /// The rule has a `-s` option (either way round).
+    pub fn tests_source(&self) -> bool {
+        self.flags & TESTS_SOURCE != 0
     }
 
     /// The rule has no core option (`-s`, `-d`, `-p`, …) and no option of a match that

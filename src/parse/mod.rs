@@ -134,7 +134,7 @@ fn read_lines<'a, E>(
                         summary.counted,
                         summary.plain,
                     )
-                    .with_fixed(summary.fixed),
+                    .with_facts(summary.fixed, summary.tests_source),
                 );
             }
             Ok(Line::Rule { chain, rule }) => {

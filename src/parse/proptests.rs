@@ -36,7 +36,7 @@ fn check_summaries(text: &str) -> Result<(), TestCaseError> {
                     summary.counted,
                     summary.plain,
                 )
-                .with_fixed(summary.fixed);
+                .with_facts(summary.fixed, summary.tests_source);
                 prop_assert_eq!(a, RuleLine::new(1, line, &rule), "{}", line);
             }
             (Ok(Line::Other(_)), Ok(Line::Other(_))) => {}

@@ -240,6 +240,8 @@ pub(crate) struct Summary<'a> {
     /// What decides whether the rule applies when chance alone does (see
     /// [`crate::model::fixed_decision`]).
     pub fixed: Option<Option<crate::statistic::Statistic>>,
+    /// A `-s` option.
+    pub tests_source: bool,
 }
 
 /// Checks the tokens after `-A CHAIN` as [`rule`] does (the same errors), but keeps only
@@ -268,6 +270,7 @@ pub(crate) fn summary<'a>(
         plain: true,
         v6: false,
         fixed: Some(None),
+        tests_source: false,
     };
     let mut module = "";
     let mut seen_statistic = false;
@@ -276,6 +279,7 @@ pub(crate) fn summary<'a>(
             StepKind::Core | StepKind::Opt(Sec::Implicit) => {
                 out.plain = false;
                 out.fixed = None;
+                out.tests_source |= st.kind == StepKind::Core && st.name == "s";
             }
             StepKind::MatchStart => module = st.name,
             StepKind::Opt(Sec::Match) => {
