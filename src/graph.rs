@@ -3,6 +3,7 @@
 
 use crate::error::{InputError, InputErrorKind};
 use crate::model::{Chain, Format, Jump, Ruleset, Table, TargetHead, Warning};
+use rayon::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
 
 /// What a rule's target does to traversal.
@@ -129,6 +130,9 @@ impl TableGraph {
 struct Packed(u32);
 
 const CHAIN_BITS: u32 = 29;
+
+/// Chains per thread's run when resolving targets.
+const RESOLVE_RUN: usize = 2048;
 
 impl Packed {
     fn pack(t: TargetRef) -> Packed {
@@ -353,67 +357,87 @@ fn build_table<'a>(
         ));
     }
     let rules: usize = table.chains.iter().map(|c| c.rules.len()).sum();
+    // Targets are resolved on several threads, a run of chains each; what needs a word
+    // (a missing chain, an unknown target) is noted and handled in order afterwards.
+    let runs: Vec<&[Chain<'a>]> = table.chains.chunks(RESOLVE_RUN).collect();
+    let resolved: Vec<(Vec<Packed>, Vec<(usize, usize)>)> = runs
+        .par_iter()
+        .enumerate()
+        .map(|(k, run)| {
+            let mut targets = Vec::with_capacity(run.iter().map(|c| c.rules.len()).sum());
+            let mut noted = Vec::new();
+            for (i, chain) in run.iter().enumerate() {
+                for (r, rule) in chain.rules.iter().enumerate() {
+                    let t = match &rule.target() {
+                        None => TargetRef::None,
+                        Some(target) => resolve(target, &index),
+                    };
+                    if matches!(t, TargetRef::Missing | TargetRef::Continue) {
+                        noted.push((k * RESOLVE_RUN + i, r));
+                    }
+                    targets.push(Packed::pack(t));
+                }
+            }
+            (targets, noted)
+        })
+        .collect();
     let mut target_start = Vec::with_capacity(n + 1);
     let mut target_list = Vec::with_capacity(rules);
+    for (targets, _) in &resolved {
+        target_list.extend_from_slice(targets);
+    }
+    let mut at = 0u32;
+    for chain in &table.chains {
+        target_start.push(at);
+        at += chain.rules.len() as u32;
+    }
     // Callers are counted first, then filed (counting sort by callee).
     let mut caller_count = vec![0u32; n + 1];
+    for p in &target_list {
+        if let TargetRef::Chain { chain: callee, .. } = p.unpack() {
+            caller_count[callee + 1] += 1;
+        }
+    }
     let mut missing_warned: HashMap<&str, ()> = HashMap::default();
-    for chain in &table.chains {
-        target_start.push(target_list.len() as u32);
-        for rule in &chain.rules {
-            let resolved = match &rule.target() {
-                None => TargetRef::None,
-                Some(target) => resolve(target, &index),
-            };
-            let resolved = match resolved {
-                TargetRef::Chain { chain: callee, .. } => {
-                    caller_count[callee + 1] += 1;
-                    resolved
-                }
-                TargetRef::Missing => {
-                    let target = rule.target().expect("missing implies a target");
-                    // Tables without a `*table` header (excerpts) may name chains they
-                    // do not contain; a full table may not.
-                    if format == Format::Save && table.line.is_some() && !lenient {
-                        return Err(InputError::new(
-                            InputErrorKind::UndeclaredChain,
-                            rule.line,
-                            rule.parse().target.as_ref().map_or(0, |t| t.col),
-                            target.name,
-                            format!(
-                                "jump to chain {} which table {} does not declare",
-                                target.name, table.name
-                            ),
-                            format!(
-                                "add `:{} - [0:0]` to the table, or analyse a fragment without `*{}` header lines",
-                                target.name, table.name
-                            ),
-                        ));
-                    }
-                    if missing_warned.insert(target.name, ()).is_none() {
-                        warnings.push(Warning::new(
-                            rule.line,
-                            format!(
-                                "chain {} is not in the input; assumed to return without a verdict (the usual case for KUBE-MARK-MASQ, which only sets a mark)",
-                                target.name
-                            ),
-                        ));
-                    }
-                    resolved
-                }
-                TargetRef::Continue => {
-                    let name = rule.target().map_or("", |t| t.name);
-                    if !CONTINUE.contains(&name) && missing_warned.insert(name, ()).is_none() {
-                        warnings.push(Warning::new(
-                            rule.line,
-                            format!("unknown target {name}: assumed to go on with the next rule"),
-                        ));
-                    }
-                    resolved
-                }
-                other => other,
-            };
-            target_list.push(Packed::pack(resolved));
+    for &(c, r) in resolved.iter().flat_map(|(_, noted)| noted) {
+        let rule = &table.chains[c].rules[r];
+        let target = rule.target().expect("noted rules have a target");
+        if target_list[target_start[c] as usize + r].unpack() == TargetRef::Missing {
+            // Tables without a `*table` header (excerpts) may name chains they do not
+            // contain; a full table may not.
+            if format == Format::Save && table.line.is_some() && !lenient {
+                return Err(InputError::new(
+                    InputErrorKind::UndeclaredChain,
+                    rule.line,
+                    rule.parse().target.as_ref().map_or(0, |t| t.col),
+                    target.name,
+                    format!(
+                        "jump to chain {} which table {} does not declare",
+                        target.name, table.name
+                    ),
+                    format!(
+                        "add `:{} - [0:0]` to the table, or analyse a fragment without `*{}` header lines",
+                        target.name, table.name
+                    ),
+                ));
+            }
+            if missing_warned.insert(target.name, ()).is_none() {
+                warnings.push(Warning::new(
+                    rule.line,
+                    format!(
+                        "chain {} is not in the input; assumed to return without a verdict (the usual case for KUBE-MARK-MASQ, which only sets a mark)",
+                        target.name
+                    ),
+                ));
+            }
+        } else {
+            let name = target.name;
+            if !CONTINUE.contains(&name) && missing_warned.insert(name, ()).is_none() {
+                warnings.push(Warning::new(
+                    rule.line,
+                    format!("unknown target {name}: assumed to go on with the next rule"),
+                ));
+            }
         }
     }
     target_start.push(target_list.len() as u32);

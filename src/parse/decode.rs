@@ -28,6 +28,33 @@ fn find_binary(bytes: &[u8]) -> Option<usize> {
     None
 }
 
+/// Large inputs are checked by several threads, in pieces cut after line feeds;
+/// `None` when that finds anything wrong (the caller then finds what and where).
+fn clean_text(bytes: &[u8]) -> Option<&str> {
+    use rayon::prelude::*;
+    const PIECE: usize = 1 << 20;
+    if bytes.len() < 4 * PIECE || rayon::current_num_threads() < 2 {
+        return None;
+    }
+    let mut pieces = Vec::with_capacity(bytes.len() / PIECE + 1);
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let cut = rest
+            .get(PIECE..)
+            .and_then(|tail| tail.iter().position(|&b| b == b'\n'))
+            .map_or(rest.len(), |p| PIECE + p + 1);
+        let (piece, tail) = rest.split_at(cut);
+        pieces.push(piece);
+        rest = tail;
+    }
+    let clean = pieces
+        .par_iter()
+        .all(|p| find_binary(p).is_none() && std::str::from_utf8(p).is_ok());
+    // SAFETY: every piece is UTF-8 and each ends after an ASCII byte (a line feed) or at
+    // the end of the input, so no character is split: the whole is UTF-8.
+    clean.then(|| unsafe { std::str::from_utf8_unchecked(bytes) })
+}
+
 /// 1-based line and character column of a byte offset.
 fn line_col(bytes: &[u8], pos: usize) -> (u32, u32) {
     let before = &bytes[..pos.min(bytes.len())];
@@ -70,6 +97,9 @@ pub fn decode(bytes: &[u8], lenient: bool) -> Result<(Cow<'_, str>, Vec<Warning>
         ));
     }
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if let Some(text) = clean_text(bytes) {
+        return Ok((Cow::Borrowed(text), Vec::new()));
+    }
     if let Some(pos) = find_binary(bytes) {
         let (line, col) = line_col(bytes, pos);
         let utf16 = bytes[pos] == 0
@@ -140,6 +170,25 @@ pub fn decode(bytes: &[u8], lenient: bool) -> Result<(Cow<'_, str>, Vec<Warning>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_inputs_are_checked_in_pieces_alike() {
+        let line = "-A X -m comment --comment \"caf\u{e9} \u{1F600}\" -j Y\n";
+        let mut text = line.repeat(200_000).into_bytes();
+        assert!(text.len() > 8 << 20);
+        let (t, _) = decode(&text, false).unwrap();
+        assert_eq!(t.as_bytes(), &text[..]);
+        // A bad byte or a control byte deep inside is still found and located.
+        let at = text.len() / 2 + 10;
+        let line_no = text[..at].iter().filter(|&&b| b == b'\n').count() as u32 + 1;
+        let mut bad = text.clone();
+        bad[at] = 0xFF;
+        let e = decode(&bad, false).unwrap_err();
+        assert_eq!((e.kind, e.line), (InputErrorKind::Encoding, line_no));
+        text[at] = 0x01;
+        let e = decode(&text, false).unwrap_err();
+        assert_eq!((e.kind, e.line), (InputErrorKind::Binary, line_no));
+    }
 
     #[test]
     fn text_is_borrowed_and_bom_stripped() {
