@@ -134,6 +134,9 @@ const CHAIN_BITS: u32 = 29;
 /// Chains per thread's run when resolving targets.
 const RESOLVE_RUN: usize = 2048;
 
+/// A run of chains' resolved targets, and the (chain, rule) places that need a word.
+type Resolved = (Vec<Packed>, Vec<(usize, usize)>);
+
 impl Packed {
     fn pack(t: TargetRef) -> Packed {
         let (kind, chain) = match t {
@@ -360,7 +363,7 @@ fn build_table<'a>(
     // Targets are resolved on several threads, a run of chains each; what needs a word
     // (a missing chain, an unknown target) is noted and handled in order afterwards.
     let runs: Vec<&[Chain<'a>]> = table.chains.chunks(RESOLVE_RUN).collect();
-    let resolved: Vec<(Vec<Packed>, Vec<(usize, usize)>)> = runs
+    let resolved: Vec<Resolved> = runs
         .par_iter()
         .enumerate()
         .map(|(k, run)| {
