@@ -278,6 +278,19 @@ impl<'a> RuleLine<'a> {
         self
     }
 
+    /// [`RuleLine::fixed_share`] for the simulator, which needs the match itself:
+    /// `Some(None)` for a rule that applies to every connection reaching it,
+    /// `Some(Some((threshold, inverted)))` for a random-mode statistic rule. `None` also
+    /// for nth mode (its `--packet` is not kept).
+    pub fn fixed_random(&self) -> Option<Option<(u32, bool)>> {
+        match self.fixed {
+            FIXED_ALWAYS => Some(None),
+            FIXED_RANDOM => Some(Some((self.fixed_value, false))),
+            FIXED_RANDOM_INVERTED => Some(Some((self.fixed_value, true))),
+            _ => None,
+        }
+    }
+
     /// Whether the rule applies, when that depends on nothing but chance: `Some(None)`
     /// for a rule that applies to every connection reaching it, `Some(Some((num, den)))`
     /// for one that applies to that share of them (its one `-m statistic` match: `q/2^31`

@@ -89,8 +89,8 @@ use crate::statistic::{self, Statistic};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 /// The random number generator, by the name of its algorithm.
@@ -972,30 +972,6 @@ enum Cond<'a> {
     Runtime(Rt),
 }
 
-type PacketKey = (
-    Option<IpAddr>,
-    Option<IpAddr>,
-    Option<String>,
-    Option<u16>,
-    Option<u16>,
-    Option<String>,
-    Option<String>,
-    Option<bool>,
-);
-
-fn packet_key(p: &Packet) -> PacketKey {
-    (
-        p.src,
-        p.dst,
-        p.proto.clone(),
-        p.sport,
-        p.dport,
-        p.in_iface.clone(),
-        p.out_iface.clone(),
-        p.dst_local,
-    )
-}
-
 /// One chain being walked by `Compiler::explore`.
 struct Frame {
     chain: usize,
@@ -1017,7 +993,7 @@ struct Compiler<'g, 'r, 'a> {
     balancer: &'g Balancer,
     table: usize,
     states: Vec<Packet>,
-    state_ix: HashMap<PacketKey, u32>,
+    state_ix: HashMap<Packet, u32>,
     /// (chain, entry state) -> exit states.
     memo: HashMap<(usize, u32), Rc<BTreeSet<u32>>>,
     /// Chains in the order first entered.
@@ -1039,14 +1015,14 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             balancer,
             table: balancer.table_index,
             states: Vec::new(),
-            state_ix: HashMap::new(),
-            memo: HashMap::new(),
+            state_ix: HashMap::default(),
+            memo: HashMap::default(),
             order: Vec::new(),
-            decisions: HashMap::new(),
-            conds: HashMap::new(),
+            decisions: HashMap::default(),
+            conds: HashMap::default(),
             rules: RuleCache::default(),
             nth_init: Vec::new(),
-            recent_names: HashMap::new(),
+            recent_names: HashMap::default(),
             has_rdest: false,
         };
         c.intern(balancer.packet.clone());
@@ -1054,13 +1030,12 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
     }
 
     fn intern(&mut self, p: Packet) -> u32 {
-        let key = packet_key(&p);
-        if let Some(&i) = self.state_ix.get(&key) {
+        if let Some(&i) = self.state_ix.get(&p) {
             return i;
         }
         let i = self.states.len() as u32;
-        self.states.push(p);
-        self.state_ix.insert(key, i);
+        self.states.push(p.clone());
+        self.state_ix.insert(p, i);
         i
     }
 
@@ -1092,6 +1067,19 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
     fn conds(&mut self, c: usize, r: usize) -> Rc<[Cond<'a>]> {
         if let Some(v) = self.conds.get(&(c, r)) {
             return Rc::clone(v);
+        }
+        // A rule that only chance decides, as its first reading found: no need to read
+        // it again (its comments are conditions that always hold).
+        if let Some(fixed) = self.graph.chain(self.table, c).rules[r].fixed_random() {
+            let v: Rc<[Cond<'a>]> = match fixed {
+                None => Rc::new([]),
+                Some((threshold, inverted)) => Rc::new([Cond::Runtime(Rt::Random {
+                    threshold,
+                    inverted,
+                })]),
+            };
+            self.conds.insert((c, r), Rc::clone(&v));
+            return v;
         }
         let rule = self.rule(c, r);
         let mut v = Vec::new();
@@ -1254,8 +1242,22 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         if let Some(&d) = self.decisions[&c][r].get(&x) {
             return d;
         }
-        let conds = self.conds(c, r);
-        let d = self.decide(&conds, x, mark_only);
+        // As the evaluator: a mark-only rule testing an open source never applies (its
+        // `-s` would bind it or stay undecided), and it fails before any runtime match
+        // (core options come first).
+        let d = if mark_only
+            && self.graph.chain(self.table, c).rules[r].tests_source()
+            && self.states[x as usize].src.is_none()
+        {
+            Decision {
+                reach: 0,
+                pass: false,
+                next: x,
+            }
+        } else {
+            let conds = self.conds(c, r);
+            self.decide(&conds, x, mark_only)
+        };
         self.decisions.get_mut(&c).expect("entered")[r].insert(x, d);
         d
     }
@@ -1295,13 +1297,14 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             let x = f.cur[f.k];
             let mark_only = self.mark_only(target);
             let d = self.decision(c, r, x, mark_only);
-            let conds = self.conds(c, r);
             let f = stack.last_mut().expect("non-empty");
             if !d.pass {
                 f.next.insert(x);
                 f.k += 1;
                 continue;
             }
+            let conds = self.conds(c, r);
+            let f = stack.last_mut().expect("non-empty");
             // The runtime matches may fail: a statistic failure keeps the bindings, a
             // mark or recent failure does not.
             for cond in conds.iter() {
@@ -1358,7 +1361,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 })
                 .collect()
         };
-        let mut memo: HashMap<usize, usize> = HashMap::new();
+        let mut memo: HashMap<usize, usize> = HashMap::default();
         let mut stack = vec![(start, callees(start), 0usize)];
         while let Some((c, list, i)) = stack.last_mut() {
             if let Some(&(callee, _)) = list.get(*i) {
@@ -1400,7 +1403,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             .collect();
         mark_outcomes.sort_unstable();
         // Layout: chains in the order first entered, each followed by its End.
-        let mut chain_pc = HashMap::new();
+        let mut chain_pc = HashMap::default();
         let mut pc = 0u32;
         for &c in &self.order {
             chain_pc.insert(c, pc);
@@ -1421,8 +1424,6 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 if !self.emitted(c, r) {
                     continue;
                 }
-                let rule = self.rule(c, r);
-                let rule = &*rule;
                 let dm = &self.decisions[&c][r];
                 let first = *dm.values().next().expect("non-empty");
                 let (dec, multi_start, multi_len) = if dm.len() == 1 {
@@ -1460,7 +1461,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                     }
                     TargetRef::Return => Tgt::Return,
                     TargetRef::Terminal => {
-                        let o = terminal_outcome(rule);
+                        let o = terminal_outcome(&self.rule(c, r));
                         let i = self
                             .balancer
                             .endpoints
@@ -1471,7 +1472,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                     }
                     TargetRef::Mark => {
                         let start = mark_ops.len() as u32;
-                        mark_ops.extend(compile_mark(rule));
+                        mark_ops.extend(compile_mark(&self.rule(c, r)));
                         Tgt::Mark {
                             start,
                             len: mark_ops.len() as u32 - start,
