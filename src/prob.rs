@@ -607,8 +607,192 @@ impl fmt::Display for Prob {
         if self.is_one() {
             return f.write_str("1");
         }
-        write!(f, "{}/{}", self.num, self.denominator())
+        let mut text = Vec::with_capacity(64);
+        self.write_text(&mut text);
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
+}
+
+impl Prob {
+    /// Appends the text of `Display` (`num/den`, `0` or `1`) to `out`, with digits
+    /// computed in machine words (no big-integer division) when numerator and
+    /// denominator have at most [`Limbs::BITS`] bits (every exact form a report prints
+    /// does), through the big integers' decimal conversion otherwise.
+    pub fn write_text(&self, out: &mut Vec<u8>) {
+        if self.num.is_zero() {
+            out.push(b'0');
+            return;
+        }
+        if self.is_one() {
+            out.push(b'1');
+            return;
+        }
+        let (num_bits, den_bits) = (self.num.bits(), self.odd.bits() + self.shift);
+        if num_bits <= 128 && den_bits <= 128 {
+            // Most kube-proxy probabilities: up to four rules of 31 bits.
+            if let (Some(num), Some(odd)) = (self.num.to_u128(), self.odd.to_u128()) {
+                push_u128(out, num);
+                out.push(b'/');
+                push_u128(out, odd << self.shift);
+                return;
+            }
+        }
+        if num_bits <= Limbs::BITS && den_bits <= Limbs::BITS {
+            Limbs::new(&self.num, 0).write_decimal(out);
+            out.push(b'/');
+            Limbs::new(&self.odd, self.shift).write_decimal(out);
+            return;
+        }
+        use std::io::Write as _;
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "{}/{}", self.num, self.denominator());
+    }
+}
+
+/// A number of at most [`Limbs::BITS`] bits as little-endian 32-bit limbs, for printing.
+struct Limbs {
+    limbs: [u32; Limbs::LEN],
+    /// Limbs in use: the top one is not 0 (none for 0).
+    len: usize,
+}
+
+impl Limbs {
+    const LEN: usize = 40;
+    const BITS: u64 = 32 * Self::LEN as u64;
+
+    /// `n · 2^shift`, which has at most [`Limbs::BITS`] bits.
+    fn new(n: &BigUint, shift: u64) -> Self {
+        debug_assert!(n.bits() + shift <= Self::BITS);
+        let mut limbs = [0; Self::LEN];
+        let (mut at, bit) = ((shift / 32) as usize, (shift % 32) as u32);
+        let mut carry = 0;
+        for d in n.iter_u32_digits() {
+            if bit == 0 {
+                limbs[at] = d;
+            } else {
+                limbs[at] = (d << bit) | carry;
+                carry = d >> (32 - bit);
+            }
+            at += 1;
+        }
+        if carry != 0 {
+            limbs[at] = carry;
+            at += 1;
+        }
+        while at > 0 && limbs[at - 1] == 0 {
+            at -= 1;
+        }
+        Self { limbs, len: at }
+    }
+
+    /// The value, when it fits in 64 bits.
+    fn low(&self) -> Option<u64> {
+        match self.len {
+            0 => Some(0),
+            1 => Some(u64::from(self.limbs[0])),
+            2 => Some((u64::from(self.limbs[1]) << 32) | u64::from(self.limbs[0])),
+            _ => None,
+        }
+    }
+
+    /// Appends the decimal digits (no leading zeros; `0` for 0).
+    fn write_decimal(mut self, out: &mut Vec<u8>) {
+        const BLOCK: u64 = 1_000_000_000;
+        // Blocks of 9 digits from the bottom while the value needs more than 64 bits:
+        // each a division of the limbs by 10^9 in 64-bit words.
+        let mut blocks = [0u32; (Limbs::BITS as usize * 30103 / 100_000) / 9 + 1];
+        let mut n = 0;
+        let top = loop {
+            if let Some(v) = self.low() {
+                break v;
+            }
+            let mut rem = 0u64;
+            for limb in self.limbs[..self.len].iter_mut().rev() {
+                let cur = (rem << 32) | u64::from(*limb);
+                *limb = (cur / BLOCK) as u32;
+                rem = cur % BLOCK;
+            }
+            blocks[n] = rem as u32;
+            n += 1;
+            while self.len > 0 && self.limbs[self.len - 1] == 0 {
+                self.len -= 1;
+            }
+        };
+        push_u64(out, top);
+        for &b in blocks[..n].iter().rev() {
+            push_block(out, b);
+        }
+    }
+}
+
+/// "00" to "99".
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
+/// The decimal digits of `n` (no leading zeros; `0` for 0).
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    while n >= 100 {
+        let d = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        buf[at..at + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    }
+    if n >= 10 {
+        let d = n as usize * 2;
+        at -= 2;
+        buf[at..at + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    } else {
+        at -= 1;
+        buf[at] = b'0' + n as u8;
+    }
+    out.extend_from_slice(&buf[at..]);
+}
+
+/// The decimal digits of `n` (no leading zeros; `0` for 0).
+fn push_u128(out: &mut Vec<u8>, n: u128) {
+    const E19: u128 = 10_000_000_000_000_000_000;
+    if let Ok(n) = u64::try_from(n) {
+        return push_u64(out, n);
+    }
+    // Below 2^128 < 10^39: at most two blocks of 19 digits under the top.
+    let (high, low) = (n / E19, (n % E19) as u64);
+    if let Ok(high) = u64::try_from(high) {
+        push_u64(out, high);
+    } else {
+        push_u64(out, (high / E19) as u64);
+        push_block19(out, (high % E19) as u64);
+    }
+    push_block19(out, low);
+}
+
+/// The 19 decimal digits of `n` < 10^19, with leading zeros.
+fn push_block19(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 19];
+    for at in [17, 15, 13, 11, 9, 7, 5, 3, 1] {
+        let d = (n % 100) as usize * 2;
+        n /= 100;
+        buf[at..at + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    }
+    buf[0] = b'0' + n as u8;
+    out.extend_from_slice(&buf);
+}
+
+/// The 9 decimal digits of `n` < 10^9, with leading zeros.
+fn push_block(out: &mut Vec<u8>, mut n: u32) {
+    let mut buf = [0u8; 9];
+    for at in [7, 5, 3, 1] {
+        let d = (n % 100) as usize * 2;
+        n /= 100;
+        buf[at..at + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    }
+    buf[0] = b'0' + n as u8;
+    out.extend_from_slice(&buf);
 }
 
 /// Nearest f64 to `num / (odd · 2^shift)` for a signed numerator, ties to even.
@@ -767,6 +951,106 @@ mod tests {
         assert!(Prob::ratio(2, 6) == Prob::ratio(1, 3));
         assert_eq!(Prob::ratio(1, 3).complement(), Some(Prob::ratio(2, 3)));
         assert_eq!(Prob::ratio(4, 3).complement(), None);
+    }
+
+    /// `num / den` for big integers (den > 0), in lowest terms.
+    fn fraction(num: BigUint, den: BigUint) -> Prob {
+        let tz = den.trailing_zeros().expect("den > 0");
+        let mut p = Prob {
+            num,
+            odd: den >> tz,
+            shift: tz,
+        };
+        p.normalize();
+        p
+    }
+
+    /// The text through the big integers' decimal conversion only (`Display` before the
+    /// machine-integer fast path).
+    fn bigint_text(p: &Prob) -> String {
+        if p.num.is_zero() {
+            "0".to_string()
+        } else if p.is_one() {
+            "1".to_string()
+        } else {
+            format!("{}/{}", p.num, p.denominator())
+        }
+    }
+
+    fn check_text(p: &Prob) {
+        let want = bigint_text(p);
+        assert_eq!(p.to_string(), want);
+        let mut out = b"x".to_vec();
+        p.write_text(&mut out);
+        assert_eq!(&out[1..], want.as_bytes());
+    }
+
+    #[test]
+    fn fraction_text_at_the_edges_of_machine_integers() {
+        let big = |n: u128| BigUint::from(n);
+        let mut edges = vec![1u128, 2, 3, 9, 10, 11, 99, 100, 101, 999, 1000];
+        for k in [9u32, 18, 19, 20, 27, 38] {
+            let p = 10u128.pow(k);
+            edges.extend([p - 1, p, p + 1]);
+        }
+        for k in [31u32, 32, 33, 63, 64, 65, 96, 127] {
+            let p = 1u128 << k;
+            edges.extend([p - 1, p, p + 1]);
+        }
+        edges.extend([u128::from(u64::MAX), u128::MAX - 1, u128::MAX]);
+        for &n in &edges {
+            for &d in &edges {
+                check_text(&fraction(big(n), big(d)));
+                check_text(&fraction(big(n), big(d) << 1u32));
+                check_text(&fraction(big(n) << 7u32, big(d)));
+                // Around the limit of the machine-word digits (1280 bits), and past it
+                // (the big-integer path).
+                for k in [1100u32, 1152, 1153, 1160, 1200] {
+                    check_text(&fraction(big(n), big(d) << k));
+                    check_text(&fraction(big(n) << k, big(d) << (k + 100)));
+                }
+            }
+        }
+        check_text(&Prob::zero());
+        check_text(&Prob::one());
+        let ten = BigUint::from(10u32);
+        for k in [19u32, 38, 100, 385, 386, 400] {
+            let p = ten.pow(k);
+            check_text(&fraction(&p - 1u32, p.clone() << 3u32));
+            check_text(&fraction(p.clone() + 1u32, (&p << 2u32) + 1u32));
+        }
+        assert_eq!(
+            Prob::ratio(715_827_883, 1 << 31).to_string(),
+            "715827883/2147483648"
+        );
+    }
+
+    proptest::proptest! {
+        /// The machine-word text is the big-integer text, for any fraction of numbers of
+        /// up to 45 limbs of 32 bits (both paths) and any products of kube-proxy factors.
+        #[test]
+        fn fraction_text_fast_path_is_the_bigint_text(
+            num in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..45),
+            den in proptest::collection::vec(proptest::prelude::any::<u32>(), 1..45),
+            small in proptest::prelude::any::<(u128, u128)>(),
+            shift in 0u32..1300,
+            factors in proptest::collection::vec(1u64..(1 << 31), 0..12),
+            every in 2u64..40,
+        ) {
+            let den = BigUint::new(den).max(BigUint::one());
+            check_text(&fraction(BigUint::new(num.clone()), den.clone()));
+            check_text(&fraction(BigUint::new(num), den << shift));
+            let (n, d) = small;
+            check_text(&fraction(BigUint::from(n), BigUint::from(d.max(1))));
+            check_text(&fraction(BigUint::from(n >> 64), BigUint::from((d >> 64).max(1)) << shift));
+            let mut p = Prob::one();
+            for q in factors {
+                p.mul_ratio_assign(q, 1 << 31);
+                check_text(&p);
+                check_text(&p.complement().expect("at most 1"));
+                check_text(&p.mul_ratio(every - 1, every));
+            }
+        }
     }
 
     /// A small deterministic generator for the tests below (xorshift64*).

@@ -5,6 +5,7 @@
 
 use crate::audit::{self, Audit, AuditOptions, ObservedTest, Simulation, SimulationInfo};
 use crate::balance::{Affinity, Balancer, Candidate, Entry, Kind};
+use crate::eval::Outcome;
 use crate::graph::Graph;
 use crate::model::{Family, Format, Ruleset, Warning};
 use crate::prob::CompactProb;
@@ -608,25 +609,9 @@ impl<'w> JsonStream<'w> {
         audits: Option<&[Audit]>,
     ) -> std::io::Result<()> {
         use rayon::prelude::*;
-        // Each balancer, pretty-printed on its own and indented two levels: what the
-        // pretty printer writes for it as an element of `balancers`.
+        // Each balancer written as the pretty printer writes it as an element of
+        // `balancers` (two levels deep), in batches on several threads.
         let first = self.written;
-        let render = |i: usize, out: &mut Vec<u8>| {
-            let b = BalancerReport::from_balancer(&balancers[i], audits.and_then(|a| a.get(i)));
-            let mut one = Vec::with_capacity(1024);
-            serde_json::to_writer_pretty(&mut one, &b).expect("balancer serialises");
-            out.extend_from_slice(if first + i == 0 {
-                b"\n    "
-            } else {
-                b",\n    "
-            });
-            for line in one.split_inclusive(|&c| c == b'\n') {
-                out.extend_from_slice(line);
-                if line.ends_with(b"\n") {
-                    out.extend_from_slice(b"    ");
-                }
-            }
-        };
         const BATCH: usize = 64;
         let window = BATCH * 4 * rayon::current_num_threads().max(1);
         let mut start = 0;
@@ -637,11 +622,9 @@ impl<'w> JsonStream<'w> {
                 .collect::<Vec<_>>()
                 .into_par_iter()
                 .map(|from| {
-                    let mut out = Vec::new();
-                    for i in from..(from + BATCH).min(end) {
-                        render(i, &mut out);
-                    }
-                    out
+                    let to = (from + BATCH).min(end);
+                    let audits = audits.map(|a| a.get(from..).unwrap_or_default());
+                    render_batch(first + from, &balancers[from..to], audits)
                 })
                 .collect();
             for p in parts {
@@ -667,6 +650,648 @@ impl<'w> JsonStream<'w> {
         let open = Self::opening(&text)?;
         debug_assert_eq!(open, self.open);
         self.w.write_all(&text.as_bytes()[open..])
+    }
+}
+
+/// Starts the member `$key` of the object `$o` (a [`json::Obj`]): its name quoted, a
+/// colon and a space, written with one copy of known size.
+macro_rules! key {
+    ($o:expr, $out:expr, $key:literal) => {
+        $o.key($out, concat!("\"", $key, "\": ").as_bytes())
+    };
+}
+
+/// The JSON of consecutive balancers as elements of the report's `balancers` array, the
+/// first being element `index`: each after its separator, pretty-printed at its depth in
+/// the document.
+#[inline(never)]
+fn render_batch(index: usize, balancers: &[Balancer], audits: Option<&[Audit]>) -> Vec<u8> {
+    // About 0.5 kB a balancer and 0.6 kB an endpoint (the 30k dump: 2.2 kB a balancer).
+    let size: usize = balancers
+        .iter()
+        .map(|b| 512 + 640 * b.endpoints.len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for (i, b) in balancers.iter().enumerate() {
+        out.extend_from_slice(if index + i == 0 {
+            b"\n    "
+        } else {
+            b",\n    "
+        });
+        write_balancer_json(&mut out, 2, b, audits.and_then(|a| a.get(i)));
+    }
+    out
+}
+
+/// Appends the JSON of [`BalancerReport::from_balancer`]`(b, audit)` to `out`: the bytes
+/// `serde_json`'s pretty printer writes for it as a value inside `depth` open objects
+/// and arrays (the same keys in the same order, the same optional keys left out, the
+/// same numbers and escapes), without building the report first.
+///
+/// Structs of other modules are taken apart field by field without `..`, so a field added
+/// to one of them stops the build here instead of going missing from the JSON; the
+/// simulation and counter tests, rare or with many fields, go through serde.
+pub(crate) fn write_balancer_json(
+    out: &mut Vec<u8>,
+    depth: usize,
+    b: &Balancer,
+    audit: Option<&Audit>,
+) {
+    let n = b.endpoints.len() as u64;
+    let ideal = if n == 0 { 0.0 } else { 1.0 / n as f64 };
+    // The same for every endpoint (and usually their `expected`): formatted once.
+    let ideal_text = json::F64Text::new(ideal);
+    let sim = audit.and_then(|a| a.simulation.as_ref());
+    let obs = audit.and_then(|a| a.observed.as_ref());
+    let mut o = json::Obj::open(out, depth);
+    key!(o, out, "name");
+    json::str(out, &b.name);
+    key!(o, out, "table");
+    json::str(out, &b.table);
+    key!(o, out, "chain");
+    json::str(out, &b.chain);
+    key!(o, out, "kind");
+    json::str(
+        out,
+        match b.kind {
+            Kind::KubeProxy => "kube-proxy",
+            Kind::Generic => "generic",
+        },
+    );
+    if let Some(s) = &b.selector {
+        key!(o, out, "selector");
+        json::str(out, s);
+    }
+    if let Some(ns) = b.namespace() {
+        key!(o, out, "namespace");
+        json::str(out, ns);
+    }
+    key!(o, out, "line");
+    json::u64(out, b.line.into());
+    key!(o, out, "entries");
+    let mut a = json::Arr::open(out, o.depth());
+    for e in &b.entries {
+        a.item(out);
+        write_entry_json(out, a.depth(), e);
+    }
+    a.close(out);
+    key!(o, out, "affinity");
+    match &b.affinity {
+        None => out.extend_from_slice(b"null"),
+        Some(Affinity {
+            kind,
+            seconds,
+            lines,
+        }) => {
+            let mut x = json::Obj::open(out, o.depth());
+            key!(x, out, "kind");
+            json::str(out, kind);
+            key!(x, out, "seconds");
+            json::opt_u64(out, *seconds);
+            key!(x, out, "lines");
+            json::u32s(out, x.depth(), lines);
+            x.close(out);
+        }
+    }
+    key!(o, out, "endpoints");
+    // The largest |relative_deviation| as `Balancer::max_relative_skew` folds it, from
+    // the deviations written (each an exact computation: once is enough).
+    let mut skew = 0.0;
+    let mut a = json::Arr::open(out, o.depth());
+    for (i, e) in b.endpoints.iter().enumerate() {
+        a.item(out);
+        let mut x = json::Obj::open(out, a.depth());
+        key!(x, out, "endpoint");
+        match &e.outcome {
+            // What `Outcome::label` returns for these, without the copy.
+            Outcome::Dnat(d) | Outcome::Verdict(d) => json::str(out, d),
+            other => json::str(out, &other.label()),
+        }
+        key!(x, out, "probability");
+        json::f64(out, e.prob.to_f64());
+        key!(x, out, "ideal");
+        out.extend_from_slice(ideal_text.as_bytes());
+        let deviation = e.prob.relative_deviation(n);
+        skew = f64::max(skew, deviation.abs());
+        key!(x, out, "relative_deviation");
+        json::f64(out, deviation);
+        key!(x, out, "line");
+        json::u64(out, e.line.into());
+        key!(x, out, "chain");
+        json::str(out, &e.chain);
+        key!(x, out, "via");
+        json::u32s(out, x.depth(), &e.via);
+        key!(x, out, "paths");
+        json::u64(out, e.paths.into());
+        write_exact_json(out, &mut x, b"\"exact\": ", &e.prob);
+        key!(x, out, "expected");
+        match audit.and_then(|a| a.expected.probs.get(i).copied()) {
+            Some(p) if p.to_bits() != ideal.to_bits() => json::f64(out, p),
+            _ => out.extend_from_slice(ideal_text.as_bytes()),
+        }
+        let simulated = sim.and_then(|s| s.counts.get(i).copied());
+        if let Some(k) = simulated {
+            key!(x, out, "simulated");
+            json::u64(out, k);
+        }
+        if let Some((s, k)) = sim.zip(simulated) {
+            key!(x, out, "simulated_share");
+            json::f64(out, share(k, s.connections));
+            key!(x, out, "simulated_interval");
+            json::f64_pair(out, x.depth(), crate::stats::wilson(k, s.connections, 0.95));
+        }
+        let observed = obs.and_then(|o| o.counts.get(i).copied());
+        if let Some(k) = observed {
+            key!(x, out, "observed");
+            json::u64(out, k);
+        }
+        if let Some(k) = obs.and_then(|o| o.affinity.get(i).copied()) {
+            key!(x, out, "observed_affinity");
+            json::u64(out, k);
+        }
+        if let Some((o, k)) = obs.zip(observed) {
+            key!(x, out, "observed_share");
+            json::f64(out, share(k, o.connections));
+            key!(x, out, "observed_interval");
+            json::f64_pair(out, x.depth(), crate::stats::wilson(k, o.connections, 0.95));
+        }
+        x.close(out);
+    }
+    a.close(out);
+    key!(o, out, "unmatched");
+    json::f64(out, b.unmatched.to_f64());
+    write_exact_json(out, &mut o, b"\"unmatched_exact\": ", &b.unmatched);
+    key!(o, out, "max_relative_skew");
+    json::f64(out, skew);
+    key!(o, out, "exact_sum_is_one");
+    out.extend_from_slice(if b.exact_total.is_one() {
+        b"true"
+    } else {
+        b"false"
+    });
+    key!(o, out, "expected_split");
+    json::str(out, audit.map_or("uniform", |a| &a.expected.source));
+    if let Some(s) = sim {
+        key!(o, out, "simulation");
+        json::serde(out, o.depth(), s);
+    }
+    if let Some(t) = obs {
+        key!(o, out, "observed");
+        json::serde(out, o.depth(), t);
+    }
+    if let Some(missing) = audit.map(|a| &a.expected.missing).filter(|m| !m.is_empty()) {
+        key!(o, out, "missing_endpoints");
+        let mut a = json::Arr::open(out, o.depth());
+        for m in missing {
+            a.item(out);
+            json::str(out, m);
+        }
+        a.close(out);
+    }
+    o.close(out);
+}
+
+/// `k` of `of` as a share (0 of none), as the report gives it.
+fn share(k: u64, of: u64) -> f64 {
+    if of == 0 { 0.0 } else { k as f64 / of as f64 }
+}
+
+fn write_entry_json(out: &mut Vec<u8>, depth: usize, e: &Entry) {
+    let Entry {
+        kind,
+        text,
+        address,
+        port,
+        protocol,
+        chain,
+        line,
+        comment,
+    } = e;
+    let mut o = json::Obj::open(out, depth);
+    key!(o, out, "kind");
+    json::str(out, kind);
+    key!(o, out, "text");
+    json::str(out, text);
+    key!(o, out, "address");
+    json::opt_str(out, address.as_deref());
+    key!(o, out, "port");
+    json::opt_u64(out, port.map(u64::from));
+    key!(o, out, "protocol");
+    json::opt_str(out, protocol.as_deref());
+    key!(o, out, "chain");
+    json::str(out, chain);
+    key!(o, out, "line");
+    json::u64(out, (*line).into());
+    if let Some(c) = comment {
+        key!(o, out, "comment");
+        json::str(out, c);
+    }
+    o.close(out);
+}
+
+/// The member `key` (quoted, with its colon) with `exact_text(p)`, or nothing when that
+/// is `None` (an approximation, or a fraction too long to print).
+fn write_exact_json(out: &mut Vec<u8>, o: &mut json::Obj, key: &[u8], p: &CompactProb) {
+    let Some(p) = p.exact() else { return };
+    if p.bits() > (EXACT_MAX_CHARS as u64) * 3 {
+        return;
+    }
+    let (mark, first) = (out.len(), o.is_first());
+    o.key(out, key);
+    out.push(b'"');
+    let at = out.len();
+    // Digits and a slash: nothing to escape.
+    p.write_text(out);
+    // `exact_text`'s second limit. (With at most 1,200 bits a fraction has at most 364
+    // characters: kept as the definition, never taken back today.)
+    if out.len() - at <= EXACT_MAX_CHARS {
+        out.push(b'"');
+    } else {
+        out.truncate(mark);
+        o.reset_first(first);
+    }
+}
+
+/// Writing JSON the way `serde_json`'s `PrettyFormatter` (two-space indentation) does,
+/// straight into a byte vector.
+mod json {
+    use serde::Serialize;
+    use serde_json::ser::{CompactFormatter, Formatter};
+    use std::io;
+
+    /// Deepest level indented with one fixed-size copy (deeper ones are padded after it).
+    const MAX_DEPTH: usize = 15;
+
+    /// `,\n` and the indentation of [`MAX_DEPTH`] levels; [`NEWLINE`] without the comma
+    /// (one space more at the end, never used).
+    const BREAK: [u8; 2 + 2 * MAX_DEPTH] = indentation(b",\n");
+    const NEWLINE: [u8; 2 + 2 * MAX_DEPTH] = indentation(b"\n");
+
+    const fn indentation(head: &[u8]) -> [u8; 2 + 2 * MAX_DEPTH] {
+        let mut b = [b' '; 2 + 2 * MAX_DEPTH];
+        let mut i = 0;
+        while i < head.len() {
+            b[i] = head[i];
+            i += 1;
+        }
+        b
+    }
+
+    /// A line break (after a comma unless `first`) and the indentation of `depth` levels.
+    #[inline(always)]
+    fn newline(out: &mut Vec<u8>, first: bool, depth: usize) {
+        let len = out.len();
+        // Always the whole array (a copy of known size, no call), then the part needed.
+        out.extend_from_slice(if first { &NEWLINE } else { &BREAK });
+        let want = 2 + 2 * depth - usize::from(first);
+        if depth <= MAX_DEPTH {
+            out.truncate(len + want);
+        } else {
+            out.resize(len + want, b' ');
+        }
+    }
+
+    /// An object being written; its members are at `depth`.
+    pub struct Obj {
+        depth: usize,
+        first: bool,
+    }
+
+    impl Obj {
+        /// Opens an object that is a value inside `depth` open objects and arrays.
+        #[inline]
+        pub fn open(out: &mut Vec<u8>, depth: usize) -> Self {
+            out.push(b'{');
+            Obj {
+                depth: depth + 1,
+                first: true,
+            }
+        }
+
+        /// Where this object's values are (for values that open objects or arrays).
+        pub fn depth(&self) -> usize {
+            self.depth
+        }
+
+        /// Starts a member: `key` is its name quoted, a colon and a space (see `key!`);
+        /// its value follows.
+        #[inline(always)]
+        pub fn key(&mut self, out: &mut Vec<u8>, key: &[u8]) {
+            newline(out, self.first, self.depth);
+            self.first = false;
+            out.extend_from_slice(key);
+        }
+
+        pub fn is_first(&self) -> bool {
+            self.first
+        }
+
+        /// After a member was taken back: whether the next one is the first.
+        pub fn reset_first(&mut self, first: bool) {
+            self.first = first;
+        }
+
+        /// `{}` when empty, else the closing brace on its own line.
+        #[inline]
+        pub fn close(self, out: &mut Vec<u8>) {
+            if !self.first {
+                newline(out, true, self.depth - 1);
+            }
+            out.push(b'}');
+        }
+    }
+
+    /// An array being written; its elements are at `depth`.
+    pub struct Arr {
+        depth: usize,
+        first: bool,
+    }
+
+    impl Arr {
+        /// Opens an array that is a value inside `depth` open objects and arrays.
+        #[inline]
+        pub fn open(out: &mut Vec<u8>, depth: usize) -> Self {
+            out.push(b'[');
+            Arr {
+                depth: depth + 1,
+                first: true,
+            }
+        }
+
+        pub fn depth(&self) -> usize {
+            self.depth
+        }
+
+        /// Starts the next element; it follows.
+        #[inline]
+        pub fn item(&mut self, out: &mut Vec<u8>) {
+            newline(out, self.first, self.depth);
+            self.first = false;
+        }
+
+        /// `[]` when empty, else the closing bracket on its own line.
+        #[inline]
+        pub fn close(self, out: &mut Vec<u8>) {
+            if !self.first {
+                newline(out, true, self.depth - 1);
+            }
+            out.push(b']');
+        }
+    }
+
+    /// How `serde_json` escapes each byte of a string: 0 for none, `u` for `\u00XX`, else
+    /// the letter after the backslash.
+    static ESCAPE: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut i = 0;
+        while i < 0x20 {
+            t[i] = b'u';
+            i += 1;
+        }
+        t[0x08] = b'b';
+        t[0x09] = b't';
+        t[0x0a] = b'n';
+        t[0x0c] = b'f';
+        t[0x0d] = b'r';
+        t[b'"' as usize] = b'"';
+        t[b'\\' as usize] = b'\\';
+        t
+    };
+
+    /// A string, quoted and escaped as `serde_json` does.
+    #[inline]
+    pub fn str(out: &mut Vec<u8>, s: &str) {
+        let bytes = s.as_bytes();
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        if needs_escape(bytes) {
+            escaped(out, bytes);
+        } else {
+            out.extend_from_slice(bytes);
+        }
+        out.push(b'"');
+    }
+
+    /// Does a byte of `bytes` need an escape (a control character, `"` or `\\`)? Eight
+    /// bytes at a time.
+    #[inline]
+    pub fn needs_escape(bytes: &[u8]) -> bool {
+        const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+        const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+        // A byte of `x` is below `n` (n <= 0x80), or is 0: exact for the word as a whole.
+        let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH;
+        let zero = |x: u64| below(x, 1);
+        let flagged = |x: u64| {
+            below(x, 0x20)
+                | zero(x ^ (ONES * u64::from(b'"')))
+                | zero(x ^ (ONES * u64::from(b'\\')))
+                != 0
+        };
+        let word = |w: &[u8]| u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        if bytes.len() < 8 {
+            return bytes.iter().any(|&c| ESCAPE[c as usize] != 0);
+        }
+        let mut words = bytes.chunks_exact(8);
+        if words.any(|w| flagged(word(w))) {
+            return true;
+        }
+        // The last bytes: in the last 8 (some seen already).
+        !words.remainder().is_empty() && flagged(word(&bytes[bytes.len() - 8..]))
+    }
+
+    #[cold]
+    fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut start = 0;
+        for (i, &c) in bytes.iter().enumerate() {
+            let e = ESCAPE[c as usize];
+            if e == 0 {
+                continue;
+            }
+            out.extend_from_slice(&bytes[start..i]);
+            start = i + 1;
+            if e == b'u' {
+                out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(c >> 4)],
+                    HEX[usize::from(c & 0xf)],
+                ]);
+            } else {
+                out.extend_from_slice(&[b'\\', e]);
+            }
+        }
+        out.extend_from_slice(&bytes[start..]);
+    }
+
+    pub fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+        match s {
+            Some(s) => str(out, s),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+
+    /// A float as `serde_json` writes it: its own shortest form, `null` when not finite.
+    #[inline]
+    pub fn f64(out: &mut Vec<u8>, v: f64) {
+        if v.is_finite() {
+            // Writing to a Vec cannot fail.
+            let _ = CompactFormatter.write_f64(out, v);
+        } else {
+            out.extend_from_slice(b"null");
+        }
+    }
+
+    /// A float's text as [`f64`] writes it, kept to be written several times.
+    pub struct F64Text {
+        bytes: [u8; 32],
+        len: usize,
+    }
+
+    impl F64Text {
+        pub fn new(v: f64) -> Self {
+            let mut bytes = [0u8; 32];
+            let mut rest: &mut [u8] = &mut bytes;
+            if v.is_finite() {
+                // At most 24 bytes (`-1.2345678901234567e-308`): it fits.
+                CompactFormatter
+                    .write_f64(&mut rest, v)
+                    .expect("a float's text fits in 32 bytes");
+            } else {
+                io::Write::write_all(&mut rest, b"null").expect("fits");
+            }
+            let len = 32 - rest.len();
+            Self { bytes, len }
+        }
+
+        pub fn as_bytes(&self) -> &[u8] {
+            &self.bytes[..self.len]
+        }
+    }
+
+    #[inline]
+    pub fn u64(out: &mut Vec<u8>, v: u64) {
+        let _ = CompactFormatter.write_u64(out, v);
+    }
+
+    pub fn opt_u64(out: &mut Vec<u8>, v: Option<u64>) {
+        match v {
+            Some(v) => u64(out, v),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+
+    /// An array of integers, as a value inside `depth` open objects and arrays.
+    pub fn u32s(out: &mut Vec<u8>, depth: usize, values: &[u32]) {
+        let mut a = Arr::open(out, depth);
+        for &v in values {
+            a.item(out);
+            u64(out, v.into());
+        }
+        a.close(out);
+    }
+
+    /// `[lo, hi]`, as a value inside `depth` open objects and arrays.
+    pub fn f64_pair(out: &mut Vec<u8>, depth: usize, (lo, hi): (f64, f64)) {
+        let mut a = Arr::open(out, depth);
+        a.item(out);
+        f64(out, lo);
+        a.item(out);
+        f64(out, hi);
+        a.close(out);
+    }
+
+    /// Any value through serde, as a value inside `depth` open objects and arrays.
+    pub fn serde<T: Serialize + ?Sized>(out: &mut Vec<u8>, depth: usize, value: &T) {
+        let mut ser = serde_json::Serializer::with_formatter(
+            &mut *out,
+            Nested {
+                indent: depth,
+                has_value: false,
+            },
+        );
+        value.serialize(&mut ser).expect("report values serialise");
+    }
+
+    /// `PrettyFormatter` starting `indent` levels deep.
+    struct Nested {
+        indent: usize,
+        has_value: bool,
+    }
+
+    impl Nested {
+        fn indent<W: ?Sized + io::Write>(&self, w: &mut W) -> io::Result<()> {
+            for _ in 0..self.indent {
+                w.write_all(b"  ")?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Formatter for Nested {
+        fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+            self.indent += 1;
+            self.has_value = false;
+            w.write_all(b"[")
+        }
+
+        fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+            self.indent -= 1;
+            if self.has_value {
+                w.write_all(b"\n")?;
+                self.indent(w)?;
+            }
+            w.write_all(b"]")
+        }
+
+        fn begin_array_value<W: ?Sized + io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> io::Result<()> {
+            w.write_all(if first { b"\n" } else { b",\n" })?;
+            self.indent(w)
+        }
+
+        fn end_array_value<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
+            self.has_value = true;
+            Ok(())
+        }
+
+        fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+            self.indent += 1;
+            self.has_value = false;
+            w.write_all(b"{")
+        }
+
+        fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+            self.indent -= 1;
+            if self.has_value {
+                w.write_all(b"\n")?;
+                self.indent(w)?;
+            }
+            w.write_all(b"}")
+        }
+
+        fn begin_object_key<W: ?Sized + io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> io::Result<()> {
+            w.write_all(if first { b"\n" } else { b",\n" })?;
+            self.indent(w)
+        }
+
+        fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+            w.write_all(b": ")
+        }
+
+        fn end_object_value<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
+            self.has_value = true;
+            Ok(())
+        }
     }
 }
 
@@ -748,6 +1373,292 @@ mod tests {
             }
         }
         assert!(many, "a fixture with more balancers than one batch");
+    }
+
+    /// A balancer's JSON the way the streamed report wrote it before the direct writer:
+    /// serde's pretty printer on [`BalancerReport::from_balancer`], each line after the
+    /// first indented `depth` levels more.
+    fn serde_balancer_json(b: &Balancer, audit: Option<&Audit>, depth: usize) -> String {
+        let one = serde_json::to_string_pretty(&BalancerReport::from_balancer(b, audit)).unwrap();
+        one.replace('\n', &format!("\n{}", "  ".repeat(depth)))
+    }
+
+    /// [`write_balancer_json`]'s bytes (appended to a non-empty buffer).
+    fn direct_balancer_json(b: &Balancer, audit: Option<&Audit>, depth: usize) -> String {
+        let mut out = b"[".to_vec();
+        write_balancer_json(&mut out, depth, b, audit);
+        String::from_utf8(out.split_off(1)).expect("UTF-8")
+    }
+
+    /// The direct writer and serde agree at the report's depth (2), at the top, and deeper
+    /// than the fixed-size indentation reaches.
+    fn assert_direct_is_serde(b: &Balancer, audit: Option<&Audit>, what: &str) {
+        for depth in [2, 0, 5, 13, 16] {
+            assert_eq!(
+                direct_balancer_json(b, audit, depth),
+                serde_balancer_json(b, audit, depth),
+                "{what}, depth {depth}"
+            );
+        }
+    }
+
+    /// Each balancer's directly written JSON is serde's, byte for byte, on every fixture:
+    /// without an audit, without and with a simulation (and `--clients`), counters
+    /// tested, and an expectations file with an endpoint the rules never choose.
+    #[test]
+    fn direct_balancer_json_is_serdes_on_every_fixture() {
+        let mut texts = crate::testing::fixture_texts();
+        let mut counted = String::from("*nat\n:KUBE-SVC-A - [0:0]\n");
+        counted.push_str(
+            "[7:0] -A KUBE-SVC-A -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 10.0.0.1:80\n\
+             [9:0] -A KUBE-SVC-A -j DNAT --to-destination 10.0.0.2:80\nCOMMIT\n",
+        );
+        texts.push(("counted".into(), counted));
+        let expectations = crate::expect::Expectations::parse(
+            "*,10.0.0.1:80,3\n*,mark 0x10100/0x3ff00,1\n*,nowhere \"q\"\\,1\n",
+            "weights \"w\".csv",
+        )
+        .unwrap();
+        let (mut balancers_seen, mut exact_dropped, mut approximated) = (0, 0, 0);
+        for (path, text) in &texts {
+            let rs = parse::parse(text, &ParseOptions { lenient: true }).unwrap();
+            let graph = Graph::build(&rs, true).unwrap();
+            let balancers = crate::balance::find(&graph);
+            for b in &balancers {
+                assert_direct_is_serde(b, None, &format!("{path}: {}, no audit", b.name));
+                balancers_seen += 1;
+                for e in &b.endpoints {
+                    match e.prob.exact() {
+                        None => approximated += 1,
+                        Some(_) if exact_text(&e.prob).is_none() => exact_dropped += 1,
+                        Some(_) => {}
+                    }
+                }
+            }
+            let variants = [
+                (Some(0), None, None),
+                (Some(200), None, None),
+                (Some(200), Some(3), Some(expectations.clone())),
+            ];
+            for (connections, clients, expectations) in variants {
+                let opts = AuditOptions {
+                    connections,
+                    clients,
+                    expectations,
+                    ..AuditOptions::default()
+                };
+                let (audits, _) = audit::run(&graph, &balancers, &opts);
+                for (b, a) in balancers.iter().zip(&audits) {
+                    assert_direct_is_serde(
+                        b,
+                        Some(a),
+                        &format!("{path}: {}, {connections:?} connections", b.name),
+                    );
+                }
+            }
+        }
+        assert!(
+            balancers_seen > 50,
+            "{balancers_seen} balancers in the fixtures"
+        );
+        assert!(
+            exact_dropped > 0,
+            "a fixture with exact forms too long to print"
+        );
+        assert!(
+            approximated > 0,
+            "a fixture with approximated probabilities"
+        );
+    }
+
+    /// Strings with quotes, backslashes, control characters and non-ASCII text, absent
+    /// and present optional fields, and non-finite or extreme numbers are written as serde
+    /// writes them.
+    #[test]
+    fn direct_balancer_json_escapes_and_odd_values_as_serde_does() {
+        let odd = [
+            "",
+            "plain",
+            "a \"quoted\" name",
+            "back\\slash\\",
+            "nl\n tab\t cr\r bs\u{8} ff\u{c}",
+            "ctl \u{0}\u{1}\u{b}\u{e}\u{1f}\u{7f} del",
+            "é ünïcödé 名前 🎉",
+            "\"\\\"",
+            "1234567\"",
+            "12345678\u{1}",
+            "123456789abcdef\\",
+            "ns \"q\"\u{1}/svc:port",
+        ];
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/kube-affinity.txt"
+        ))
+        .unwrap();
+        let rs = parse::parse(&text, &ParseOptions { lenient: true }).unwrap();
+        let graph = Graph::build(&rs, true).unwrap();
+        let balancers = crate::balance::find(&graph);
+        let opts = AuditOptions {
+            connections: Some(100),
+            ..AuditOptions::default()
+        };
+        let (audits, _) = audit::run(&graph, &balancers, &opts);
+        let floats = [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -0.0,
+            0.0,
+            1.0,
+            5e-324,
+            f64::MIN_POSITIVE,
+            1e300,
+            0.1 + 0.2,
+            1.0 / 3.0,
+        ];
+        let mut round = 0;
+        for (template, base) in balancers.iter().zip(&audits) {
+            for (k, s) in odd.iter().enumerate() {
+                round += 1;
+                let t = |i: usize| odd[(k + i) % odd.len()].to_string();
+                let mut b = template.clone();
+                b.name = s.to_string();
+                b.table = t(1);
+                b.chain = t(2);
+                b.kind = if round % 2 == 0 {
+                    Kind::KubeProxy
+                } else {
+                    Kind::Generic
+                };
+                b.selector = (round % 3 != 0).then(|| t(3));
+                b.affinity = match round % 3 {
+                    0 => None,
+                    1 => Some(Affinity {
+                        kind: "client-ip",
+                        seconds: None,
+                        lines: Vec::new(),
+                    }),
+                    _ => Some(Affinity {
+                        kind: "client-ip",
+                        seconds: Some(10800),
+                        lines: vec![1, u32::MAX],
+                    }),
+                };
+                b.entries.push(Entry {
+                    kind: "jump",
+                    text: t(4),
+                    address: None,
+                    port: None,
+                    protocol: None,
+                    chain: t(5),
+                    line: 0,
+                    comment: None,
+                });
+                b.entries.push(Entry {
+                    kind: "cluster-ip",
+                    text: t(6),
+                    address: Some(t(7)),
+                    port: Some(u16::MAX),
+                    protocol: Some(t(8)),
+                    chain: t(9),
+                    line: u32::MAX,
+                    comment: Some(t(10)),
+                });
+                let outcomes = [
+                    Outcome::Dnat(t(11)),
+                    Outcome::Verdict(t(12)),
+                    Outcome::Mark {
+                        value: 0x10100,
+                        mask: 0x3ff00,
+                    },
+                    Outcome::Unmatched,
+                    Outcome::Policy {
+                        policy: t(13),
+                        mark: Some((1, 0xff)),
+                    },
+                    Outcome::Policy {
+                        policy: t(14),
+                        mark: None,
+                    },
+                ];
+                for (i, e) in b.endpoints.iter_mut().enumerate() {
+                    e.outcome = outcomes[(k + i) % outcomes.len()].clone();
+                    e.chain = t(15 + i);
+                    if (k + i) % 2 == 0 {
+                        e.via.clear();
+                    }
+                }
+                let mut a = base.clone();
+                a.expected.source = t(16);
+                a.expected.probs = (0..b.endpoints.len())
+                    .map(|i| floats[(k + i) % floats.len()])
+                    .collect();
+                a.expected.missing = (0..k % 3).map(|i| t(17 + i)).collect();
+                assert_direct_is_serde(&b, Some(&a), &format!("odd strings, round {round}"));
+                // Fewer expected probabilities than endpoints (ideal for the rest), and
+                // no endpoints at all.
+                a.expected.probs.truncate(1);
+                assert_direct_is_serde(&b, Some(&a), &format!("short expected, round {round}"));
+                b.endpoints.clear();
+                assert_direct_is_serde(&b, None, &format!("no endpoints, round {round}"));
+            }
+        }
+        assert!(round > 0, "kube-affinity.txt has balancers");
+    }
+
+    /// Strings are escaped as serde escapes them, and the eight-bytes-at-a-time test for
+    /// an escape agrees with a byte by byte one for every position of every byte value.
+    #[test]
+    fn strings_are_escaped_as_serde_escapes_them() {
+        let naive = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+        for len in 0..=25 {
+            for at in 0..len {
+                for c in 0..=255u8 {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = c;
+                    assert_eq!(json::needs_escape(&bytes), naive(&bytes), "{bytes:?}");
+                    // A byte above 0x7f next to one that needs an escape.
+                    if at + 1 < len {
+                        bytes[at + 1] = 0xff;
+                        assert_eq!(json::needs_escape(&bytes), naive(&bytes), "{bytes:?}");
+                    }
+                }
+            }
+        }
+        let mut all = String::new();
+        for c in (0..0x250u32).chain([0x2028, 0x2029, 0xfeff, 0x1f389]) {
+            all.push(char::from_u32(c).unwrap());
+        }
+        for s in [all.as_str(), "", "\"", "\\", "\u{0}", "abc\u{7f}"] {
+            let mut out = Vec::new();
+            json::str(&mut out, s);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                serde_json::to_string(s).unwrap()
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_is_escaped_as_serde_escapes_it(s in ".*", bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            let mut out = Vec::new();
+            json::str(&mut out, &s);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+            let naive = bytes.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+            proptest::prop_assert_eq!(json::needs_escape(&bytes), naive);
+        }
+
+        #[test]
+        fn any_float_is_written_as_serde_writes_it(bits in proptest::prelude::any::<u64>(), v in proptest::prelude::any::<f64>()) {
+            for x in [f64::from_bits(bits), v] {
+                let mut out = Vec::new();
+                json::f64(&mut out, x);
+                let kept = json::F64Text::new(x);
+                proptest::prop_assert_eq!(out.as_slice(), kept.as_bytes());
+                proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&x).unwrap());
+            }
+        }
     }
 
     /// `report --format json`'s way (windows of balancers analysed, audited and printed
