@@ -6,7 +6,7 @@ use crate::graph::Graph;
 use crate::model::{Chain, Rule, Warning, is_state_module};
 use crate::prob::{CompactProb, Prob};
 use rayon::prelude::*;
-use std::collections::HashSet;
+use rustc_hash::FxHashSet as HashSet;
 
 /// Where a balancer was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -489,7 +489,7 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
     let table = graph.table(t);
     let tg = &graph.tables[t];
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
+    let mut seen = HashSet::default();
     let mut stack = vec![c];
     seen.insert(c);
     while let Some(cur) = stack.pop() {
@@ -546,28 +546,36 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         "jump"
     };
     let proto = p.proto.clone();
-    let text = match (kind, p.dst, p.dport, &proto) {
-        ("node-port", _, Some(port), pr) => {
+    let address = p.dst.map(ip_text);
+    let text = match (kind, &address, p.dst, p.dport, &proto) {
+        ("node-port", _, _, Some(port), pr) => {
             format!("node port {port}/{}", pr.as_deref().unwrap_or("tcp"))
         }
-        ("jump", _, _, _) => format!("{} line {}", chain.name, rule.line),
-        (_, Some(d), Some(port), pr) => {
-            let host = match d {
-                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-                v4 => v4.to_string(),
-            };
-            match pr {
-                Some(pr) => format!("{host}:{port}/{pr}"),
-                None => format!("{host}:{port}"),
+        ("jump", _, _, _, _) => format!("{} line {}", chain.name, rule.line),
+        (_, Some(a), Some(d), Some(port), pr) => {
+            let mut t = String::with_capacity(a.len() + 16);
+            if d.is_ipv6() {
+                t.push('[');
+                t.push_str(a);
+                t.push(']');
+            } else {
+                t.push_str(a);
             }
+            t.push(':');
+            push_decimal(&mut t, u32::from(port));
+            if let Some(pr) = pr {
+                t.push('/');
+                t.push_str(pr);
+            }
+            t
         }
-        (_, Some(d), None, _) => d.to_string(),
+        (_, Some(a), _, None, _) => a.clone(),
         _ => format!("{} line {}", chain.name, rule.line),
     };
     Entry {
         kind,
         text,
-        address: p.dst.map(|d| d.to_string()),
+        address,
         port: p.dport,
         protocol: proto,
         chain: chain.name.to_string(),
@@ -576,10 +584,64 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
     }
 }
 
+/// Appends `n` in decimal.
+fn push_decimal(s: &mut String, n: u32) {
+    let mut buf = [0u8; 10];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    s.extend(buf[i..].iter().map(|&b| b as char));
+}
+
+/// An address as `Display` writes it; IPv4 without the formatting machinery (a
+/// report has one or two per balancer).
+fn ip_text(a: std::net::IpAddr) -> String {
+    match a {
+        std::net::IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                push_decimal(&mut s, u32::from(o));
+            }
+            s
+        }
+        v6 => v6.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::parse::{ParseOptions, parse};
+
+    #[test]
+    fn addresses_read_as_display_writes_them() {
+        for a in [
+            "0.0.0.0",
+            "10.96.0.1",
+            "255.255.255.255",
+            "1.20.255.9",
+            "fd00::5",
+            "::1",
+        ] {
+            let ip: std::net::IpAddr = a.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        for n in [0, 7, 10, 99, 100, 65535, u32::MAX] {
+            let mut s = String::new();
+            push_decimal(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
+    }
 
     /// `RuleLine::plain` (from the first reading) says exactly when a rule's selector
     /// is empty, on every rule of every fixture and on a few made for it.
