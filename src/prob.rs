@@ -251,14 +251,75 @@ impl Prob {
         (self.num.clone(), self.denominator())
     }
 
-    /// The nearest `f64` (ties to even), computed from the exact value.
+    /// The nearest `f64` (ties to even), computed from the exact value: in machine words
+    /// when the numbers fit (a numerator of up to 256 bits over a power of two, as in
+    /// kube-proxy cascades of up to eight rules; up to 128 bits over a denominator whose
+    /// odd part has up to 120), with big integers otherwise.
     pub fn to_f64(&self) -> f64 {
+        self.to_f64_small().unwrap_or_else(|| self.to_f64_general())
+    }
+
+    /// [`Prob::to_f64`] in machine words, when the numbers fit.
+    fn to_f64_small(&self) -> Option<f64> {
+        let shift = i64::from(u32::try_from(self.shift).ok()?);
+        if self.odd.is_one() {
+            let (hi, lo) = wide(&self.num)?;
+            return Some(round_u256(hi, lo, -shift));
+        }
+        let num = small(&self.num)?;
+        if num == 0 {
+            return Some(0.0);
+        }
+        ratio_to_f64(num, small(&self.odd)?, -shift)
+    }
+
+    /// [`Prob::to_f64`] with big integers, for any value.
+    fn to_f64_general(&self) -> f64 {
         nearest_f64(&BigInt::from(self.num.clone()), &self.odd, self.shift)
     }
 
     /// The nearest `f64` to `n · self − 1`: the relative deviation of this probability
-    /// from the ideal share `1/n`, computed exactly before rounding.
+    /// from the ideal share `1/n`, computed exactly before rounding: in machine words when
+    /// the numbers fit (a numerator of up to 192 bits over a power of two of up to 2^255;
+    /// `n · num` and the denominator below 2^128, its odd part of up to 120 bits), with
+    /// big integers otherwise.
     pub fn relative_deviation(&self, n: u64) -> f64 {
+        self.relative_deviation_small(n)
+            .unwrap_or_else(|| self.relative_deviation_general(n))
+    }
+
+    /// [`Prob::relative_deviation`] in machine words, when the numbers fit:
+    /// `(n · num − den) / den` with both terms below 2^256 for a power of two `den`, below
+    /// 2^128 otherwise.
+    fn relative_deviation_small(&self, n: u64) -> Option<f64> {
+        if self.odd.is_one() {
+            let num = wide(&self.num)?;
+            if self.shift >= 256 || num.0 >> 64 != 0 {
+                return None;
+            }
+            return Some(deviation_u256(num, n, self.shift as u32));
+        }
+        let num = small(&self.num)?;
+        let odd = small(&self.odd)?;
+        if self.shift >= 128 || u64::from(odd.leading_zeros()) < self.shift {
+            return None;
+        }
+        let den = odd << self.shift;
+        let scaled = num.checked_mul(u128::from(n))?;
+        let (mag, negative) = if scaled >= den {
+            (scaled - den, false)
+        } else {
+            (den - scaled, true)
+        };
+        if mag == 0 {
+            return Some(0.0);
+        }
+        let v = ratio_to_f64(mag, odd, -(self.shift as i64))?;
+        Some(if negative { -v } else { v })
+    }
+
+    /// [`Prob::relative_deviation`] with big integers, for any value.
+    fn relative_deviation_general(&self, n: u64) -> f64 {
         let scaled = BigInt::from(&self.num * n);
         let den = BigInt::from(self.denominator());
         nearest_f64(&(scaled - den), &self.odd, self.shift)
@@ -400,6 +461,25 @@ impl Approx {
     /// holds a rounding boundary: about one value in 2^70 for a fresh truncation) the f64
     /// nearest to the lower end is returned, within one ulp of the correct one.
     pub fn to_f64_checked(&self) -> (f64, bool) {
+        let lo = round_u128(self.mant, self.exp, false);
+        if self.err == 0 {
+            return (lo, true);
+        }
+        let hi = match self.mant.checked_add(u128::from(self.err)) {
+            Some(m) => round_u128(m, self.exp, false),
+            None => {
+                // 2^128 + m: its top 128 bits, and the dropped last bit (a half) as the
+                // sticky fraction.
+                let m = self.mant.wrapping_add(u128::from(self.err));
+                round_u128((m >> 1) | (1 << 127), self.exp + 1, m & 1 == 1)
+            }
+        };
+        (lo, lo == hi)
+    }
+
+    /// [`Approx::to_f64_checked`] with big integers (the reference for tests).
+    #[cfg(test)]
+    fn f64_checked_general(&self) -> (f64, bool) {
         let lo = round_scaled(&BigUint::from(self.mant), self.exp, false);
         if self.err == 0 {
             return (lo, true);
@@ -418,6 +498,30 @@ impl Approx {
     /// rounded one (as for [`Approx::to_f64_checked`]; when the interval holds a boundary,
     /// the value from the lower end).
     pub fn relative_deviation_checked(&self, n: u64) -> (f64, bool) {
+        // n · value < 2^(64 + 129 + exp): when far below 2^-60, n·value − 1 rounds to −1.
+        if self.exp + 193 < -60 {
+            return (-1.0, true);
+        }
+        if self.exp > 0 {
+            // Not a probability (a value of 2^127 or more): big integers.
+            return self.relative_deviation_checked_general(n);
+        }
+        // n·m·2^exp − 1 with 2^-exp ≤ 2^253 (and n·m < 2^192).
+        let e = self.exp.unsigned_abs() as u32;
+        let dev = |m: u128| deviation_u256((0, m), n, e);
+        let lo = dev(self.mant);
+        if self.err == 0 {
+            return (lo, true);
+        }
+        let Some(upper) = self.mant.checked_add(u128::from(self.err)) else {
+            return self.relative_deviation_checked_general(n);
+        };
+        let hi = dev(upper);
+        (lo, lo == hi)
+    }
+
+    /// [`Approx::relative_deviation_checked`] with big integers, for any exponent.
+    fn relative_deviation_checked_general(&self, n: u64) -> (f64, bool) {
         // n · value < 2^(64 + 129 + exp): when far below 2^-60, n·value − 1 rounds to −1.
         if self.exp + 193 < -60 {
             return (-1.0, true);
@@ -793,6 +897,163 @@ fn push_block(out: &mut Vec<u8>, mut n: u32) {
     }
     buf[0] = b'0' + n as u8;
     out.extend_from_slice(&buf);
+}
+
+/// `x` as a machine word, when it fits in 128 bits.
+fn small(x: &BigUint) -> Option<u128> {
+    let mut digits = x.iter_u64_digits();
+    match digits.len() {
+        0 => Some(0),
+        1 => digits.next().map(u128::from),
+        2 => {
+            let lo = digits.next()?;
+            let hi = digits.next()?;
+            Some((u128::from(hi) << 64) | u128::from(lo))
+        }
+        _ => None,
+    }
+}
+
+/// The f64 nearest (ties to even) to `num / den · 2^exp` for `num, den > 0`, in machine
+/// words: `None` when `den` has more than 120 bits (the long division below would take
+/// too many steps). [`nearest_f64`] for numbers that fit.
+fn ratio_to_f64(num: u128, den: u128, exp: i64) -> Option<f64> {
+    debug_assert!(num > 0 && den > 0);
+    let den_bits = 128 - den.leading_zeros();
+    if den_bits > 120 {
+        return None;
+    }
+    // num / den = (q + r / den) · 2^-k with q of at least 64 bits (f64's 53, the rounding
+    // bit and more) and r < den the remainder, whose being non-zero is the sticky bit.
+    // First the numerator with its top bit at 2^127: q > 2^(127 − den_bits).
+    let lz = num.leading_zeros();
+    let top = num << lz;
+    let mut q = top / den;
+    let mut r = top - q * den;
+    let mut k = i64::from(lz);
+    // Then (for denominators of more than 64 bits) long division in digits of the bits a
+    // remainder has room for: r < den, so r · 2^step < 2^128, and q < 2^63 stays below
+    // 2^128 too.
+    let step = 128 - den_bits;
+    while q >> 63 == 0 {
+        let t = r << step;
+        let d = t / den;
+        q = (q << step) | d;
+        r = t - d * den;
+        k += i64::from(step);
+    }
+    Some(round_u128(q, exp - k, r != 0))
+}
+
+/// The f64 nearest (ties to even) to `(mag + s) · 2^exp`, where `s` is a number in
+/// `(0, 1)` when `sticky` and 0 otherwise: [`round_scaled`] for a machine-word `mag`,
+/// with the bits of the result put together directly. With `sticky`, `mag` needs a bit
+/// below the result's last one (callers pass at least 64 significant bits).
+fn round_u128(mag: u128, exp: i64, sticky: bool) -> f64 {
+    if mag == 0 {
+        return 0.0;
+    }
+    let b = i64::from(128 - mag.leading_zeros());
+    // Value of the leading bit: 2^lead.
+    let lead = b - 1 + exp;
+    if lead > 1023 {
+        return f64::INFINITY;
+    }
+    // Significant bits the result can hold: 53, fewer for subnormals (ulp 2^-1074).
+    let normal = lead >= -1022;
+    let keep = if normal { 53 } else { lead + 1074 + 1 };
+    if keep < 0 {
+        return 0.0;
+    }
+    // The result is `top · ulp` with `top` < 2^53 (or = 2^53 after rounding up). For a
+    // normal result `top` carries the implicit bit, which adds one to the exponent field
+    // below: the bits are `(lead + 1022) << 52` plus `top`, a carry of the rounding going
+    // into the exponent (up to infinity). For a subnormal one they are `top`, which may
+    // round up to the smallest normal number.
+    let drop = b - keep;
+    let top = if drop <= 0 {
+        // `mag` fits: exact.
+        debug_assert!(!sticky, "sticky rounding needs spare bits");
+        (mag << (-drop) as u32) as u64
+    } else {
+        let drop = drop as u32; // 1..=128
+        let top = if drop >= 128 { 0 } else { (mag >> drop) as u64 };
+        let half = (mag >> (drop - 1)) & 1 == 1;
+        let below = sticky || mag & ((1u128 << (drop - 1)) - 1) != 0;
+        top + u64::from(half && (below || top & 1 == 1))
+    };
+    let base = if normal {
+        ((lead + 1022) as u64) << 52
+    } else {
+        0
+    };
+    f64::from_bits(base + top)
+}
+
+/// `x` as the high and low halves of a 256-bit number, when it fits.
+fn wide(x: &BigUint) -> Option<(u128, u128)> {
+    let mut digits = x.iter_u64_digits();
+    if digits.len() > 4 {
+        return None;
+    }
+    let mut half = || {
+        let lo = digits.next().unwrap_or(0);
+        let hi = digits.next().unwrap_or(0);
+        (u128::from(hi) << 64) | u128::from(lo)
+    };
+    let lo = half();
+    Some((half(), lo))
+}
+
+/// The f64 nearest (ties to even) to `n · m / 2^e − 1` for `m < 2^192` (as the high and
+/// low halves of a 256-bit number) and `e < 256`: `(n·m − 2^e) · 2^-e` in 256 bits.
+fn deviation_u256(m: (u128, u128), n: u64, e: u32) -> f64 {
+    debug_assert!(m.0 >> 64 == 0 && e < 256);
+    let scaled = mul_u192_u64(m, n);
+    let one = if e < 128 {
+        (0, 1u128 << e)
+    } else {
+        (1u128 << (e - 128), 0)
+    };
+    let exp = -i64::from(e);
+    if scaled >= one {
+        let (hi, lo) = sub_u256(scaled, one);
+        round_u256(hi, lo, exp)
+    } else {
+        let (hi, lo) = sub_u256(one, scaled);
+        -round_u256(hi, lo, exp)
+    }
+}
+
+/// `m · n` for `m < 2^192`, as the high and low halves of a 256-bit number.
+fn mul_u192_u64(m: (u128, u128), n: u64) -> (u128, u128) {
+    debug_assert!(m.0 >> 64 == 0);
+    let n = u128::from(n);
+    let low = (m.1 as u64 as u128) * n;
+    let mid = (m.1 >> 64) * n;
+    let (lo, carry) = low.overflowing_add(mid << 64);
+    // The high half: below 2^128 as m · n < 2^256.
+    ((mid >> 64) + u128::from(carry) + m.0 * n, lo)
+}
+
+/// `a − b` for 256-bit numbers `(high, low)` with `a ≥ b`.
+fn sub_u256(a: (u128, u128), b: (u128, u128)) -> (u128, u128) {
+    let (lo, borrow) = a.1.overflowing_sub(b.1);
+    (a.0 - b.0 - u128::from(borrow), lo)
+}
+
+/// The f64 nearest (ties to even) to `(hi · 2^128 + lo) · 2^exp`: its top 128 bits, the
+/// ones below as sticky bit.
+fn round_u256(hi: u128, lo: u128, exp: i64) -> f64 {
+    if hi == 0 {
+        return round_u128(lo, exp, false);
+    }
+    let s = 128 - hi.leading_zeros(); // 1..=128 bits to drop
+    if s == 128 {
+        return round_u128(hi, exp + 128, lo != 0);
+    }
+    let top = (hi << (128 - s)) | (lo >> s);
+    round_u128(top, exp + i64::from(s), lo & ((1u128 << s) - 1) != 0)
 }
 
 /// Nearest f64 to `num / (odd · 2^shift)` for a signed numerator, ties to even.
@@ -1210,5 +1471,381 @@ mod tests {
         }
         check_approx(&Approx::from_prob(&tiny), &tiny, 5);
         assert_eq!(Approx::from_prob(&tiny).relative_deviation(5), -1.0);
+    }
+
+    /// The machine-word conversions of `p` (whichever apply) give the bits of the
+    /// big-integer ones, for `to_f64` and for the deviation from `1/n`.
+    fn check_conversions(p: &Prob, n: u64) {
+        let want = p.to_f64_general();
+        assert_eq!(p.to_f64().to_bits(), want.to_bits(), "to_f64 of {p}");
+        if let Some(v) = p.to_f64_small() {
+            assert_eq!(v.to_bits(), want.to_bits(), "to_f64 of {p}");
+        }
+        let want = p.relative_deviation_general(n);
+        let got = p.relative_deviation(n);
+        assert_eq!(got.to_bits(), want.to_bits(), "deviation of {p}, n = {n}");
+        if let Some(v) = p.relative_deviation_small(n) {
+            assert_eq!(v.to_bits(), want.to_bits(), "deviation of {p}, n = {n}");
+        }
+    }
+
+    /// `num / den` for machine words (den > 0).
+    fn fraction_u128(num: u128, den: u128) -> Prob {
+        fraction(BigUint::from(num), BigUint::from(den))
+    }
+
+    /// The same for an approximation: the machine-word f64 and deviation (and whether
+    /// the bound decides them) are the big-integer ones.
+    fn check_approx_conversions(a: &Approx, n: u64) {
+        let (got, want) = (a.to_f64_checked(), a.f64_checked_general());
+        assert_eq!(
+            (got.0.to_bits(), got.1),
+            (want.0.to_bits(), want.1),
+            "{a:?}"
+        );
+        let got = a.relative_deviation_checked(n);
+        let want = a.relative_deviation_checked_general(n);
+        assert_eq!(
+            (got.0.to_bits(), got.1),
+            (want.0.to_bits(), want.1),
+            "{a:?}, n = {n}"
+        );
+    }
+
+    #[test]
+    fn kube_proxy_values_take_the_machine_word_path() {
+        for p in [
+            Prob::ratio(119_304_647, 1 << 30),
+            fraction(
+                BigUint::from(2_200_782_290_611_071_186_095_056_365u128),
+                BigUint::from(19_807_040_628_566_084_398_385_987_584u128),
+            ),
+            Prob::ratio(1, 3),
+            Prob::ratio(2, 9).mul_ratio(715_827_883, 1 << 31),
+        ] {
+            assert!(p.to_f64_small().is_some(), "{p}");
+            assert!(p.relative_deviation_small(100_000).is_some(), "{p}");
+            check_conversions(&p, 3);
+        }
+        // Cascades of up to six rules of 31 bits: numerators of up to 186 bits.
+        let mut rest = Prob::one();
+        for q in [
+            715_827_883u64,
+            1_073_741_824,
+            1_431_655_765,
+            3,
+            (1 << 31) - 1,
+            12_345,
+        ] {
+            rest.mul_ratio_assign((1 << 31) - q, 1 << 31);
+            let p = rest.mul_ratio(q, 1 << 31);
+            for p in [&p, &rest] {
+                assert!(p.to_f64_small().is_some(), "{p}");
+                assert!(p.relative_deviation_small(7).is_some(), "{p}");
+                check_conversions(p, 7);
+            }
+        }
+        assert!(rest.bits() > 2 * 128);
+        assert_eq!(
+            Prob::ratio(119_304_647, 1 << 30).to_f64(),
+            119_304_647.0 / 1_073_741_824.0
+        );
+    }
+
+    #[test]
+    fn conversions_at_the_edges_of_machine_words() {
+        let mut nums = vec![0u128, 1, 2, 3, (1 << 53) - 1, 1 << 53, (1 << 53) + 1];
+        for k in [63u32, 64, 65, 96, 120, 121, 127] {
+            nums.extend([(1u128 << k) - 1, 1 << k, (1 << k) + 1]);
+        }
+        nums.extend([u128::MAX - 1, u128::MAX]);
+        let mut odds = vec![1u128, 3, 5, u128::from(u64::MAX), u128::MAX];
+        for k in [64u32, 65, 100, 119, 120, 121, 127] {
+            odds.extend([(1u128 << k) - 1, (1 << k) + 1]);
+        }
+        let shifts = [
+            0u32, 1, 7, 31, 63, 64, 65, 94, 127, 128, 129, 500, 1000, 1074, 1100,
+        ];
+        let ns = [0u64, 1, 2, 3, 7, 99_999, 100_000, u64::MAX];
+        let big = |x: u128| BigUint::from(x);
+        for &num in &nums {
+            for &odd in &odds {
+                for &shift in &shifts {
+                    // Numerators just past 128 bits, too (the big-integer path).
+                    for num in [big(num), big(num) + (big(1) << 128u32)] {
+                        let p = fraction(num, big(odd) << shift);
+                        for &n in &ns {
+                            check_conversions(&p, n);
+                        }
+                    }
+                }
+            }
+        }
+        // u128 boundaries of n·num and of the denominator.
+        for (num, den) in [
+            (u128::MAX / 3, 1u128 << 127),
+            (u128::MAX / 3 + 1, 1 << 127),
+            ((1 << 126) + 1, 3 << 126),
+            (1, u128::MAX),
+            (u128::MAX, (1 << 127) + 1),
+        ] {
+            for n in [1u64, 2, 3, 4] {
+                check_conversions(&fraction_u128(num, den), n);
+            }
+        }
+        // Approximations whose upper end passes 2^128.
+        for err in [1u64, 2, 3, u64::MAX] {
+            for exp in [
+                -2000i64, -1200, -1100, -1075, -1074, -300, -253, -200, -128, -127, 0, 5,
+            ] {
+                for mant in [u128::MAX, u128::MAX - 1, u128::MAX - u128::from(u64::MAX)] {
+                    for n in [1u64, 2, 3, 1000] {
+                        check_approx_conversions(&Approx { mant, exp, err }, n);
+                    }
+                }
+            }
+        }
+        check_approx_conversions(&Approx::ZERO, 4);
+        // 256-bit roundings whose top 128 bits end on a tie (bit 74 the half), decided by
+        // the low half.
+        for hi in [
+            (1u128 << 127) | (1 << 74),
+            (1 << 127) | (3 << 74),
+            u128::MAX,
+            1 << 127,
+        ] {
+            for lo in [0, 1, 1 << 127, u128::MAX] {
+                for exp in [-1400, -1330, -1200, -300, 0] {
+                    let x = (BigUint::from(hi) << 128u32) | BigUint::from(lo);
+                    assert_eq!(
+                        round_u256(hi, lo, exp).to_bits(),
+                        round_scaled(&x, exp, false).to_bits(),
+                        "{x} · 2^{exp}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exact_ties_round_to_even() {
+        // 54 significant bits, the last one set: exactly halfway between two doubles, at
+        // every scale (normal and subnormal), in the value and in the deviation.
+        let mut g = Gen(0x0dd_ba11);
+        for _ in 0..2000 {
+            let m = (1u128 << 52) | u128::from(g.below(1 << 52));
+            let tie = (m << 1) | 1;
+            // The double a tie goes to: (2m or 2m + 2) · 2^-s, whichever has an even m.
+            let even = (m + (m & 1)) as f64;
+            let shift = g.below(1180) as u32;
+            let p = fraction(BigUint::from(tie), BigUint::one() << shift);
+            check_conversions(&p, g.below(100_000) + 1);
+            if shift < 1000 {
+                assert_eq!(p.to_f64(), ldexp(even, 1 - i64::from(shift)), "{p}");
+            }
+            // n·p − 1 = ±tie / 2^s for p = (2^s ± tie) / (n · 2^s).
+            let n = g.below(100_000) + 1;
+            let s = 55 + g.below(128 - 55 - 17) as u32;
+            let den = u128::from(n) << s;
+            for num in [(1 << s) + tie, (1 << s) - tie] {
+                let p = fraction_u128(num, den);
+                assert!(p.relative_deviation_small(n).is_some(), "{p}");
+                assert_eq!(
+                    p.relative_deviation(n).abs(),
+                    even * 2f64.powi(1 - s as i32)
+                );
+                check_conversions(&p, n);
+            }
+        }
+    }
+
+    #[test]
+    fn approximate_deviation_ties_use_the_bits_below_the_top_128() {
+        // n·m − 2^E = ±(T · 2^j + l) with T a tie of 54 bits and 0 ≤ l < n, at least 2^128
+        // (j ≥ 75), and m < 2^128 (2^E < 2^127 · n): halfway when l = 0, just past it otherwise (the bits below the top
+        // 128 of the 256-bit difference decide).
+        let mut g = Gen(0xfeed_5eed);
+        for _ in 0..3000 {
+            let n = g.below(100_000) + 16;
+            let t = (1u64 << 53) | g.below(1 << 53) | 1;
+            let j = 75 + g.below(u64::from(60 - n.leading_zeros())) as u32;
+            let tie = BigUint::from(t) << j;
+            let nb = BigUint::from(n);
+            for negative in [false, true] {
+                let e = if negative { j + 56 } else { 128 };
+                let one = BigUint::one() << e;
+                let m = if negative {
+                    (&one - &tie) / &nb
+                } else {
+                    (&one + &tie + &nb - 1u32) / &nb
+                };
+                let mant = m.to_u128().expect("below 2^128");
+                let a = Approx {
+                    mant,
+                    exp: -i64::from(e),
+                    err: 0,
+                };
+                check_approx_conversions(&a, n);
+                // Independently: the tie goes to the even neighbour, anything past it away
+                // from zero.
+                let past = (&nb * &m) != (if negative { &one - &tie } else { &one + &tie });
+                let t53 = (t >> 1) + u64::from(past || (t >> 1) & 1 == 1);
+                let want = ldexp(t53 as f64, i64::from(j) + 1 - i64::from(e));
+                let got = a.relative_deviation(n);
+                assert_eq!(got, if negative { -want } else { want }, "{a:?}, n = {n}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The machine-word rounding is the big-integer one.
+        #[test]
+        fn round_u128_is_round_scaled(
+            mag in proptest::prelude::any::<u128>(),
+            cut in 0u32..128,
+            exp in -1400i64..1100,
+            sticky in proptest::prelude::any::<bool>(),
+        ) {
+            let mag = mag >> cut;
+            // A sticky fraction needs spare bits (as callers guarantee).
+            let sticky = sticky && mag >> 63 != 0;
+            let got = round_u128(mag, exp, sticky);
+            let want = round_scaled(&BigUint::from(mag), exp, sticky);
+            proptest::prop_assert_eq!(got.to_bits(), want.to_bits());
+        }
+
+        /// The same for 256-bit numbers (the top 128 bits and a sticky bit).
+        #[test]
+        fn round_u256_is_round_scaled(
+            hi in proptest::prelude::any::<u128>(),
+            lo in proptest::prelude::any::<u128>(),
+            cut in 0u32..256,
+            near in 0u32..32,
+            exp in -1500i64..900,
+        ) {
+            let x = ((BigUint::from(hi) << 128u32) | BigUint::from(lo)) >> cut;
+            // Often only the top 53 to 56 bits, and maybe the last one: ties and just past.
+            let x = if near < 16 && x.bits() > 56 {
+                let z = x.bits() - 53 - u64::from(near % 4);
+                ((&x >> z) << z) + (near / 4 % 2)
+            } else {
+                x
+            };
+            let hi = (&x >> 128u32).to_u128().expect("fits");
+            let lo = (&x & BigUint::from(u128::MAX)).to_u128().expect("fits");
+            proptest::prop_assert_eq!(
+                round_u256(hi, lo, exp).to_bits(),
+                round_scaled(&x, exp, false).to_bits()
+            );
+        }
+
+        /// Random fractions of machine words (and a little past them), dyadic and not,
+        /// near 0, near 1 and near 1/n: the machine-word conversions are the big-integer
+        /// ones.
+        #[test]
+        fn conversions_are_the_bigint_ones(
+            num in proptest::prelude::any::<u128>(),
+            num_cut in 0u32..128,
+            odd in proptest::prelude::any::<u128>(),
+            odd_cut in 0u32..128,
+            shift in 0u32..200,
+            far in 0u32..1200,
+            n in 1u64..=100_000,
+            delta in 0u128..1000,
+            every in 2u64..200,
+            wide_shift in 0u32..140,
+            factors in proptest::collection::vec(1u64..=(1 << 31), 0..10),
+        ) {
+            let num = num >> num_cut;
+            let odd = (odd >> odd_cut) | 1;
+            let big = |x: u128| BigUint::from(x);
+            // Any numerator over odd · 2^shift, and over a power of two, or far below.
+            check_conversions(&fraction(big(num), big(odd) << shift), n);
+            check_conversions(&fraction(big(num), BigUint::one() << shift), n);
+            check_conversions(&fraction(big(num), big(odd) << far), n);
+            check_conversions(&fraction(big(num), BigUint::one() << far), n);
+            // Near 1 and near 1/n (the deviation near 0), where the denominator fits.
+            let den = (odd >> (odd_cut.max(shift) / 2)).max(1) << (shift % 64);
+            for num in [den.saturating_sub(delta), den + delta] {
+                check_conversions(&fraction_u128(num, den), n);
+            }
+            let share = den / u128::from(n);
+            for num in [share.saturating_sub(delta), share + delta] {
+                check_conversions(&fraction_u128(num, den), n);
+            }
+            // Products of kube-proxy and nth-mode factors.
+            let p = Prob::ratio(num as u64 >> 33, 1 << 31).mul_ratio(every - 1, every);
+            check_conversions(&p, every);
+            check_conversions(&p.complement().unwrap_or_else(Prob::zero), n);
+            // Numerators of up to 268 bits over powers of two, and near 1, as in long
+            // kube-proxy cascades.
+            let w = (big(num) << wide_shift) + big(odd);
+            check_conversions(&fraction(w.clone(), BigUint::one() << (shift + wide_shift)), n);
+            check_conversions(&fraction(w.clone(), BigUint::one() << far), n);
+            let den = BigUint::one() << (w.bits() as u32 + shift % 3);
+            check_conversions(&fraction(&den - BigUint::from(delta).min(den.clone()), den.clone()), n);
+            check_conversions(&fraction(&den / n + delta, den), n);
+            let mut rest = Prob::one();
+            for q in factors {
+                let p = rest.mul_ratio(q, 1 << 31);
+                rest.mul_ratio_assign((1 << 31) - q, 1 << 31);
+                check_conversions(&p, n);
+                check_conversions(&rest, n);
+                check_conversions(&p.mul_ratio(1, every), every);
+            }
+        }
+
+        /// An independent oracle: for a, b < 2^53 (exact doubles), IEEE division is the
+        /// correctly rounded quotient; so is (n·a − b) / b when n·a < 2^53.
+        #[test]
+        fn conversions_are_ieee_division(
+            a in 0u64..(1 << 53),
+            b in 1u64..(1 << 53),
+            small_a in 0u64..(1 << 36),
+            small_b in 1u64..(1 << 36),
+            n in 1u64..=100_000,
+            k in 0i32..=1023,
+        ) {
+            proptest::prop_assert_eq!(
+                Prob::ratio(a, b).to_f64().to_bits(),
+                (a as f64 / b as f64).to_bits()
+            );
+            let p = Prob::ratio(small_a, small_b);
+            let exact = (n * small_a) as i64 - small_b as i64;
+            proptest::prop_assert_eq!(
+                p.relative_deviation(n).to_bits(),
+                (exact as f64 / small_b as f64).to_bits()
+            );
+            // Power-of-two denominators down into the subnormals.
+            let p = fraction(BigUint::from(a), BigUint::one() << k as u32);
+            proptest::prop_assert_eq!(
+                p.to_f64().to_bits(),
+                (a as f64 / 2f64.powi(k)).to_bits()
+            );
+        }
+
+        /// Approximations: the machine-word f64 and deviation are the big-integer ones.
+        #[test]
+        fn approximate_conversions_are_the_bigint_ones(
+            mant in proptest::prelude::any::<u128>(),
+            normalized in proptest::prelude::any::<bool>(),
+            exp in -1300i64..20,
+            err in proptest::prelude::any::<u64>(),
+            err_cut in 0u32..64,
+            n in 1u64..=100_000,
+            any_n in proptest::prelude::any::<u64>(),
+        ) {
+            let mant = if normalized { mant | (1 << 127) } else { mant };
+            for err in [0, err >> err_cut, err] {
+                let a = Approx { mant, exp, err };
+                check_approx_conversions(&a, n);
+                check_approx_conversions(&a, any_n);
+                // Near the ideal share 1/n: exp around −127 − log2(n).
+                let near = Approx { mant, exp: -127 - i64::from(64 - n.leading_zeros()) + exp % 2, err };
+                check_approx_conversions(&near, n);
+            }
+        }
     }
 }
