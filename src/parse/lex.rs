@@ -89,7 +89,7 @@ pub(crate) fn is_blank(c: char) -> bool {
 }
 
 #[inline]
-fn is_blank_byte(b: u8) -> bool {
+pub(crate) fn is_blank_byte(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | 0x0b | 0x0c)
 }
 
@@ -380,7 +380,12 @@ pub(crate) fn token(i: &str) -> PResult<'_, Tok<'_>> {
 /// The kind of an unquoted token.
 #[inline]
 pub(crate) fn classify_bare(b: &str) -> TokKind {
-    let bytes = b.as_bytes();
+    classify_bare_bytes(b.as_bytes())
+}
+
+/// [`classify_bare`] on bytes.
+#[inline]
+fn classify_bare_bytes(bytes: &[u8]) -> TokKind {
     if bytes == b"!" {
         TokKind::Bang
     } else if bytes.len() >= 2
@@ -391,6 +396,171 @@ pub(crate) fn classify_bare(b: &str) -> TokKind {
     } else {
         TokKind::Value
     }
+}
+
+// ---- The fast scanner: the common case in one pass over the bytes. ----
+
+/// A token found by [`fast_tokens`]: its byte range in the line, quotes included.
+/// Its text is the range itself, or the range without its first and last byte when
+/// `quoted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub start: u32,
+    pub end: u32,
+    pub kind: TokKind,
+    pub quoted: bool,
+}
+
+impl Span {
+    /// The token's text (quotes removed) as a byte range of the line.
+    #[inline]
+    pub fn text_range(&self) -> std::ops::Range<usize> {
+        let q = usize::from(self.quoted);
+        self.start as usize + q..self.end as usize - q
+    }
+}
+
+/// Eight bytes of `b` from `i` (which must leave eight bytes), little endian.
+#[inline]
+fn load8(b: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[i..i + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// The first byte at or after `i` for which `stop` holds, or `b.len()`: a word at a
+/// time, the last word (when fewer than eight bytes are left) loaded overlapping the
+/// bytes before `i` and masked. `candidates` as for [`scan`].
+#[inline(always)]
+fn find(
+    b: &[u8],
+    mut i: usize,
+    candidates: impl Fn(u64) -> u64,
+    stop: impl Fn(u8) -> bool,
+) -> usize {
+    let end = b.len();
+    while i + 8 <= end {
+        let mut m = candidates(load8(b, i));
+        while m != 0 {
+            let j = i + (m.trailing_zeros() / 8) as usize;
+            if stop(b[j]) {
+                return j;
+            }
+            m &= m - 1;
+        }
+        i += 8;
+    }
+    if i >= end {
+        return end;
+    }
+    if end >= 8 {
+        // The last eight bytes, without those before `i`.
+        let base = end - 8;
+        let mut m = candidates(load8(b, base)) & (u64::MAX << ((i - base) * 8));
+        while m != 0 {
+            let j = base + (m.trailing_zeros() / 8) as usize;
+            if stop(b[j]) {
+                return j;
+            }
+            m &= m - 1;
+        }
+        return end;
+    }
+    b[i..].iter().position(|&c| stop(c)).map_or(end, |p| i + p)
+}
+
+/// The end of a run of bytes that are not blanks (a word: chain names, commands).
+#[inline]
+pub(crate) fn word_end(b: &[u8], i: usize) -> usize {
+    find(b, i, below_0x23, is_blank_byte)
+}
+
+/// Splits the bytes of a line from `i` on into tokens, as [`tokens`] would, when every
+/// token is a plain word or a whole quoted string without backslashes: `true`, with the
+/// tokens appended to `out`. Anything else (a quote glued to a word, an escape, an
+/// unterminated quote, a line longer than 4 GiB) gives `false`: [`tokens`] reads such
+/// lines (and makes their errors).
+pub(crate) fn fast_tokens(b: &[u8], mut i: usize, out: &mut Vec<Span>) -> bool {
+    let end = b.len();
+    if u32::try_from(end).is_err() {
+        return false;
+    }
+    loop {
+        while i < end && is_blank_byte(b[i]) {
+            i += 1;
+        }
+        if i >= end {
+            return true;
+        }
+        let start = i;
+        if b[i] == b'"' {
+            let j = find(b, i + 1, quote_or_backslash, |c| c == b'"' || c == b'\\');
+            if j >= end || b[j] != b'"' {
+                return false;
+            }
+            i = j + 1;
+            if i < end && !is_blank_byte(b[i]) {
+                return false;
+            }
+            out.push(Span {
+                start: start as u32,
+                end: i as u32,
+                kind: TokKind::Value,
+                quoted: true,
+            });
+        } else {
+            i = find(b, i, below_0x23, ends_word);
+            if i < end && b[i] == b'"' {
+                return false;
+            }
+            out.push(Span {
+                start: start as u32,
+                end: i as u32,
+                kind: classify_bare_bytes(&b[start..i]),
+                quoted: false,
+            });
+        }
+    }
+}
+
+/// `[packets:bytes]` at the start of `b`: the counters and the offset after `]`.
+/// `None` for anything else (including numbers that do not fit in 64 bits).
+pub(crate) fn fast_counters(b: &[u8]) -> Option<(Counters, usize)> {
+    fn num(b: &[u8], i: &mut usize) -> Option<u64> {
+        let start = *i;
+        let mut n: u64 = 0;
+        while let Some(&c) = b.get(*i) {
+            if !c.is_ascii_digit() {
+                break;
+            }
+            n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            *i += 1;
+        }
+        (*i > start).then_some(n)
+    }
+    if b.first() != Some(&b'[') {
+        return None;
+    }
+    let mut i = 1;
+    let packets = num(b, &mut i)?;
+    if b.get(i) != Some(&b':') {
+        return None;
+    }
+    i += 1;
+    let bytes = num(b, &mut i)?;
+    if b.get(i) != Some(&b']') {
+        return None;
+    }
+    Some((Counters { packets, bytes }, i + 1))
+}
+
+/// The end of the blanks at `i`.
+#[inline]
+pub(crate) fn skip_blanks(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && is_blank_byte(b[i]) {
+        i += 1;
+    }
+    i
 }
 
 /// Does a value need quotes to be read back as the same single value?

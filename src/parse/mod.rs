@@ -20,6 +20,7 @@
 
 mod build;
 mod decode;
+mod fast;
 mod lex;
 mod line;
 mod rule;
@@ -158,11 +159,23 @@ fn read_lines<'a, E>(
     Ok(no - first)
 }
 
+thread_local! {
+    /// The fast path's buffers of [`reparse`] on this thread.
+    static FAST: std::cell::RefCell<fast::FastBufs> = std::cell::RefCell::default();
+}
+
 /// Reads line `no`, the text of a rule line that was read before without error, into
 /// its [`Rule`]. (Should the text not read as a rule, which cannot happen for the text
 /// of a [`RuleLine`], the rule is empty.)
 pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     let ctx = LineCtx::new(text, no);
+    let fast = FAST.with(|bufs| {
+        let mut bufs = bufs.try_borrow_mut().ok()?;
+        line::fast_rule_line(&ctx, &mut bufs)
+    });
+    if let Some(rule) = fast {
+        return rule;
+    }
     let mut sc = Scratch::take();
     let read = parse_line(&ctx, &mut sc, true);
     sc.give_back();
