@@ -12,29 +12,65 @@ use std::borrow::Cow;
 
 use crate::model::{Counters, Jump, Match, Opt, Rule, Target};
 
-use super::lex::{Span, TokKind, fast_tokens};
-use super::rule::{LineCtx, Sec, StepKind, Summary, core_short, implicit_module};
+use super::lex::{T_BANG, T_OPT, T_QUOTED, fast_counters, split};
+use super::rule::{LineCtx, Sec, StepKind, Summary, implicit_module};
 
-/// One option, `-m` or `-j` of the rule, with its values as a range of spans.
+/// One option, `-m` or `-j` of the rule, with its values as a range of `vals`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct FStep {
     kind: StepKind,
-    /// The short name of a core option; otherwise the name is `name` (a byte range).
-    core: Option<&'static str>,
-    name: (u32, u32),
+    /// The short name of a core option (an index in [`CORE`], 0 for none); otherwise
+    /// the name is `name` (a byte range).
+    core: u8,
     negated: bool,
+    name: (u32, u32),
     /// Byte offset of the option (for its column).
     off: u32,
+    /// Its values: `vals[v0..v0 + nv]`.
     v0: u32,
     nv: u32,
 }
+
+impl FStep {
+    const EMPTY: FStep = FStep {
+        kind: StepKind::Core,
+        core: 0,
+        negated: false,
+        name: (0, 0),
+        off: 0,
+        v0: 0,
+        nv: 0,
+    };
+}
+
+/// The short names of the core options.
+const CORE: [&str; 7] = ["", "s", "d", "p", "i", "o", "f"];
 
 /// Buffers reused from line to line. They borrow nothing, so that a thread can keep
 /// them between lines of any lifetime.
 #[derive(Default)]
 pub(crate) struct FastBufs {
-    toks: Vec<Span>,
+    /// The tokens, as packed byte ranges (see [`split`]): the first `n_toks`.
+    toks: Vec<u64>,
+    n_toks: usize,
+    /// The values of the options in order, as byte ranges of their text (the first
+    /// `n_vals`).
+    vals: Vec<(u32, u32)>,
+    n_vals: usize,
+    /// The options (the first `n_steps`).
     steps: Vec<FStep>,
+    n_steps: usize,
+}
+
+impl FastBufs {
+    /// The steps and values read last.
+    #[inline]
+    fn steps(&self) -> (&[FStep], &[(u32, u32)]) {
+        (
+            self.steps.get(..self.n_steps).unwrap_or(&[]),
+            self.vals.get(..self.n_vals).unwrap_or(&[]),
+        )
+    }
 }
 
 /// What an option token is, by its name (without dashes).
@@ -43,6 +79,8 @@ enum OptClass {
     Match,
     Jump(Jump),
     Counters,
+    /// An index in [`CORE`].
+    Core(u8),
     Generic,
 }
 
@@ -53,182 +91,275 @@ fn opt_class(name: &[u8]) -> OptClass {
         b"j" | b"jump" => OptClass::Jump(Jump::Jump),
         b"g" | b"goto" => OptClass::Jump(Jump::Goto),
         b"c" | b"set-counters" => OptClass::Counters,
+        b"s" | b"source" | b"src" => OptClass::Core(1),
+        b"d" | b"destination" | b"dst" => OptClass::Core(2),
+        b"p" | b"protocol" => OptClass::Core(3),
+        b"i" | b"in-interface" => OptClass::Core(4),
+        b"o" | b"out-interface" => OptClass::Core(5),
+        b"f" | b"fragment" => OptClass::Core(6),
         _ => OptClass::Generic,
     }
 }
 
-/// The text of a span of `line`.
+/// The text of a value of `line`.
 #[inline]
-fn text<'a>(line: &'a str, t: &Span) -> &'a str {
-    &line[t.text_range()]
+fn text(line: &str, v: (u32, u32)) -> &str {
+    &line[v.0 as usize..v.1 as usize]
 }
 
 impl FStep {
     #[inline]
     fn name<'a>(&self, line: &'a str) -> &'a str {
         match self.core {
-            Some(c) => c,
-            None => &line[self.name.0 as usize..self.name.1 as usize],
+            0 => text(line, self.name),
+            c => CORE[usize::from(c) % CORE.len()],
         }
     }
 
     /// The first value, or "".
     #[inline]
-    fn first<'a>(&self, line: &'a str, toks: &[Span]) -> &'a str {
+    fn first<'a>(&self, line: &'a str, vals: &[(u32, u32)]) -> &'a str {
         if self.nv == 0 {
             ""
         } else {
-            text(line, &toks[self.v0 as usize])
+            text(line, vals[self.v0 as usize])
         }
     }
 
     #[inline]
-    fn values<'a>(&self, line: &'a str, toks: &[Span]) -> Vec<Cow<'a, str>> {
-        toks[self.v0 as usize..(self.v0 + self.nv) as usize]
-            .iter()
-            .map(|t| Cow::Borrowed(text(line, t)))
-            .collect()
+    fn values<'a>(&self, line: &'a str, vals: &[(u32, u32)]) -> Vec<Cow<'a, str>> {
+        let vs = &vals[self.v0 as usize..(self.v0 + self.nv) as usize];
+        let mut out = Vec::with_capacity(vs.len());
+        for &v in vs {
+            out.push(Cow::Borrowed(text(line, v)));
+        }
+        out
     }
 }
 
-/// Reads the tokens of `body` (a slice of `line`) into `bufs`, and the options into
-/// steps, as `rule::read_steps` does. `None` when the tokens need the slow reader or
-/// the rule has an error. Returns the counters (`-c` overrides `counters`).
+/// The byte range of a token of [`split`].
+#[inline(always)]
+fn range_of(t: u64) -> (usize, usize) {
+    (t as u32 as usize, (t >> 32) as usize & 0x3fff_ffff)
+}
+
+/// The text range of a value token of [`split`]: without its quotes when it is quoted.
+#[inline(always)]
+fn text_of(t: u64) -> (u32, u32) {
+    let q = u32::from(t >> 62 == T_QUOTED);
+    (t as u32 + q, ((t >> 32) as u32 & 0x3fff_ffff) - q)
+}
+
+/// Is a token of [`split`] a value (bare or quoted)?
+#[inline(always)]
+fn is_value(t: u64) -> bool {
+    t >> 62 <= T_QUOTED
+}
+
+/// Reads the tokens of `body` (a slice of `line`) into options and their values (see
+/// [`FastBufs::steps`]), as `lex::tokens` and `rule::read_steps` do. `None` when the
+/// tokens need the slow reader or the rule has an error (or uses `!` right after an
+/// option's name, iptables' old placement, which the slow reader knows). Returns the
+/// counters (`-c` overrides `counters`).
 fn read_steps(
     line: &str,
-    body: &str,
+    k0: usize,
     counters: Option<Counters>,
     bufs: &mut FastBufs,
 ) -> Option<Option<Counters>> {
     let b = line.as_bytes();
-    let from = (body.as_ptr() as usize).wrapping_sub(line.as_ptr() as usize);
-    let to = from.checked_add(body.len())?;
-    let b = b.get(..to)?;
-    bufs.toks.clear();
-    if !fast_tokens(b, from, &mut bufs.toks) {
-        return None;
+    bufs.n_steps = 0;
+    bufs.n_vals = 0;
+    let n = bufs.n_toks;
+    // At most one step and one value a token: written in place, no pushes.
+    if bufs.steps.len() < n {
+        bufs.steps.resize(n, FStep::EMPTY);
     }
-    let toks = &bufs.toks;
-    let steps = &mut bufs.steps;
-    steps.clear();
-    let n = toks.len();
-    let mut k = 0;
+    if bufs.vals.len() < n {
+        bufs.vals.resize(n, (0, 0));
+    }
+    let toks = &bufs.toks[..n];
+    let steps = &mut bufs.steps[..n];
+    let vals = &mut bufs.vals[..n];
+    let mut n_steps = 0;
+    let mut n_vals = 0;
+    let mut k = k0;
     let mut pending = false;
     let mut sec = Sec::Implicit;
     let mut counters = counters;
     let mut has_target = false;
-    // A value token at `k` that can serve as a name: its range.
-    let name_at = |k: usize| -> Option<(u32, u32)> {
-        let t = toks.get(k)?;
-        let r = t.text_range();
-        (t.kind == TokKind::Value && r.start < r.end).then_some((r.start as u32, r.end as u32))
-    };
     while k < n {
-        let t = &toks[k];
-        match t.kind {
-            TokKind::Bang => {
-                if pending {
+        let t = toks[k];
+        if t >> 62 != T_OPT {
+            if t >> 62 != T_BANG || pending {
+                // A value where an option should be, or `!` twice.
+                return None;
+            }
+            pending = true;
+            k += 1;
+            continue;
+        }
+        let (s, e) = range_of(t);
+        // An option token is `-x…` or `--…`.
+        let ns = if b.get(s + 1) == Some(&b'-') {
+            s + 2
+        } else {
+            s + 1
+        };
+        let class = opt_class(b.get(ns..e)?);
+        match class {
+            OptClass::Core(_) | OptClass::Generic => {
+                let (kind, core) = match class {
+                    OptClass::Core(c) => (StepKind::Core, c),
+                    _ => (StepKind::Opt(sec), 0),
+                };
+                k += 1;
+                let v0 = n_vals;
+                if k < n && toks[k] >> 62 == T_BANG {
+                    // `-s ! 1.2.3.4`, or a `!` for the next option.
                     return None;
                 }
-                pending = true;
-                k += 1;
-            }
-            TokKind::Value => return None,
-            TokKind::Opt => {
-                let (s, e) = (t.start as usize, t.end as usize);
-                // An option token is `-x…` or `--…`.
-                let ns = if b[s + 1] == b'-' { s + 2 } else { s + 1 };
-                let name = &b[ns..e];
-                match opt_class(name) {
-                    OptClass::Match => {
-                        if pending {
-                            return None;
-                        }
-                        let module = name_at(k + 1)?;
-                        steps.push(FStep {
-                            kind: StepKind::MatchStart,
-                            core: None,
-                            name: module,
-                            negated: false,
-                            off: t.start,
-                            v0: 0,
-                            nv: 0,
-                        });
-                        sec = Sec::Match;
-                        k += 2;
-                    }
-                    OptClass::Jump(jump) => {
-                        if pending || has_target {
-                            return None;
-                        }
-                        let target = name_at(k + 1)?;
-                        has_target = true;
-                        steps.push(FStep {
-                            kind: StepKind::Target(jump),
-                            core: None,
-                            name: target,
-                            negated: false,
-                            off: t.start,
-                            v0: 0,
-                            nv: 0,
-                        });
-                        sec = Sec::Target;
-                        k += 2;
-                    }
-                    OptClass::Counters => {
-                        if pending {
-                            return None;
-                        }
-                        let num = |j: usize| -> Option<u64> {
-                            toks.get(j)
-                                .filter(|t| t.kind == TokKind::Value)
-                                .and_then(|t| text(line, t).parse().ok())
-                        };
-                        let packets = num(k + 1)?;
-                        let bytes = num(k + 2)?;
-                        counters = Some(Counters { packets, bytes });
-                        k += 3;
-                    }
-                    OptClass::Generic => {
-                        let core = core_short(&line[ns..e]);
-                        let mut negated = std::mem::take(&mut pending);
-                        k += 1;
-                        // iptables' old placement: `-s ! 1.2.3.4`.
-                        if k + 1 < n
-                            && toks[k].kind == TokKind::Bang
-                            && toks[k + 1].kind == TokKind::Value
-                        {
-                            if negated {
-                                return None;
-                            }
-                            negated = true;
-                            k += 1;
-                        }
-                        let v0 = k;
-                        while k < n && toks[k].kind == TokKind::Value {
-                            k += 1;
-                        }
-                        steps.push(FStep {
-                            kind: match core {
-                                Some(_) => StepKind::Core,
-                                None => StepKind::Opt(sec),
-                            },
-                            core,
-                            name: (ns as u32, e as u32),
-                            negated,
-                            off: t.start,
-                            v0: v0 as u32,
-                            nv: (k - v0) as u32,
-                        });
-                    }
+                while k < n && is_value(toks[k]) {
+                    vals[n_vals] = text_of(toks[k]);
+                    n_vals += 1;
+                    k += 1;
                 }
+                steps[n_steps] = FStep {
+                    kind,
+                    core,
+                    negated: pending,
+                    name: (ns as u32, e as u32),
+                    off: t as u32,
+                    v0: v0 as u32,
+                    nv: (n_vals - v0) as u32,
+                };
+                n_steps += 1;
+                pending = false;
+            }
+            _ if pending => return None,
+            OptClass::Match | OptClass::Jump(_) => {
+                let kind = match class {
+                    OptClass::Jump(jump) => {
+                        if has_target {
+                            return None;
+                        }
+                        has_target = true;
+                        sec = Sec::Target;
+                        StepKind::Target(jump)
+                    }
+                    _ => {
+                        sec = Sec::Match;
+                        StepKind::MatchStart
+                    }
+                };
+                let name = *toks.get(k + 1)?;
+                let r = text_of(name);
+                if !is_value(name) || r.0 >= r.1 {
+                    return None;
+                }
+                steps[n_steps] = FStep {
+                    kind,
+                    core: 0,
+                    negated: false,
+                    name: r,
+                    off: t as u32,
+                    v0: n_vals as u32,
+                    nv: 0,
+                };
+                n_steps += 1;
+                k += 2;
+            }
+            OptClass::Counters => {
+                let num = |j: usize| -> Option<u64> {
+                    let t = *toks.get(j)?;
+                    if !is_value(t) {
+                        return None;
+                    }
+                    let r = text_of(t);
+                    line.get(r.0 as usize..r.1 as usize)?.parse().ok()
+                };
+                counters = Some(Counters {
+                    packets: num(k + 1)?,
+                    bytes: num(k + 2)?,
+                });
+                k += 3;
             }
         }
     }
     if pending {
         return None;
     }
+    bufs.n_steps = n_steps;
+    bufs.n_vals = n_vals;
     Some(counters)
+}
+
+/// Splits `body` (the line without blanks at either end, a slice of `line`) into
+/// tokens (in `bufs`) and reads `[p:b] -A CHAIN` or `-A CHAIN` (or `--append`) at its
+/// start as `line::command` does: the counters, the chain and the index of the first
+/// token after the chain. `None` for anything else or anything the fast path does not
+/// read.
+#[inline]
+fn head<'a>(
+    line: &'a str,
+    body: &str,
+    bufs: &mut FastBufs,
+) -> Option<(Option<Counters>, &'a str, usize)> {
+    let from = (body.as_ptr() as usize).wrapping_sub(line.as_ptr() as usize);
+    let to = from.checked_add(body.len())?;
+    let b = line.as_bytes().get(..to)?;
+    let n = split(b, from, &mut bufs.toks)?;
+    bufs.n_toks = n;
+    let toks = &bufs.toks[..n];
+    let mut k = 0;
+    let mut counters = None;
+    let first = *toks.first()?;
+    let (s, e) = range_of(first);
+    if b[s] == b'[' {
+        let (c, n) = fast_counters(&b[s..e])?;
+        if n != e - s {
+            return None;
+        }
+        counters = Some(c);
+        k = 1;
+    }
+    let cmd = *toks.get(k)?;
+    let (s, e) = range_of(cmd);
+    let cmd = &b[s..e];
+    if cmd != b"-A" && cmd != b"--append" {
+        return None;
+    }
+    // The chain is a word: a quoted one is the slow path's.
+    let chain = *toks.get(k + 1)?;
+    if chain >> 62 == T_QUOTED {
+        return None;
+    }
+    let (s, e) = range_of(chain);
+    Some((counters, line.get(s..e)?, k + 2))
+}
+
+/// A rule line (`body`: the line without blanks at either end, a slice of `line`) for
+/// its chain and [`Summary`], as `line::parse_line` reads it without `full`, or `None`
+/// (see the module).
+pub(super) fn summary_line<'a>(
+    line: &'a str,
+    body: &str,
+    bufs: &mut FastBufs,
+) -> Option<(&'a str, Summary<'a>)> {
+    let (counters, chain, k0) = head(line, body, bufs)?;
+    Some((chain, summary(line, k0, counters, bufs)?))
+}
+
+/// A rule line (`body`: the line without blanks at either end, a slice of the line)
+/// for its chain and whole rule, as `line::parse_line` reads it with `full`, or `None`
+/// (see the module).
+pub(super) fn rule_line<'a>(
+    ctx: &LineCtx<'a>,
+    body: &str,
+    bufs: &mut FastBufs,
+) -> Option<(&'a str, Rule<'a>)> {
+    let (counters, chain, k0) = head(ctx.text, body, bufs)?;
+    Some((chain, rule(ctx, k0, counters, bufs)?))
 }
 
 /// Is a `--probability` text certainly read as a number in [0, 1]: `0`, `1`, `0.` with
@@ -245,7 +376,7 @@ fn plain_probability(p: &[u8]) -> bool {
 /// Is the `-m statistic` match starting at step `i` certainly valid (so that
 /// `statistic::from_match` would accept it)? Random mode with a plain probability
 /// only; anything else is left to the slow path.
-fn statistic_is_plain(line: &str, toks: &[Span], steps: &[FStep], i: usize) -> bool {
+fn statistic_is_plain(line: &str, vals: &[(u32, u32)], steps: &[FStep], i: usize) -> bool {
     let mut mode = None;
     let mut probability = None;
     for st in steps[i + 1..]
@@ -263,22 +394,21 @@ fn statistic_is_plain(line: &str, toks: &[Span], steps: &[FStep], i: usize) -> b
     let Some(p) = probability else {
         return false;
     };
-    if mode.is_some_and(|m| m.first(line, toks) != "random") {
+    if mode.is_some_and(|m| m.first(line, vals) != "random") {
         return false;
     }
-    plain_probability(p.first(line, toks).as_bytes())
+    plain_probability(p.first(line, vals).as_bytes())
 }
 
 /// The rule's [`Summary`], as `rule::summary` reads it, or `None` (see the module).
-pub(super) fn summary<'a>(
+fn summary<'a>(
     line: &'a str,
-    body: &'a str,
+    k0: usize,
     counters: Option<Counters>,
     bufs: &mut FastBufs,
 ) -> Option<Summary<'a>> {
-    let counters = read_steps(line, body, counters, bufs)?;
-    let toks = &bufs.toks;
-    let steps = &bufs.steps;
+    let counters = read_steps(line, k0, counters, bufs)?;
+    let (steps, vals) = bufs.steps();
     let mut out = Summary {
         target: None,
         statistic: false,
@@ -291,7 +421,7 @@ pub(super) fn summary<'a>(
         match st.kind {
             StepKind::Core => {
                 out.plain = false;
-                if matches!(st.core, Some("s" | "d")) && st.first(line, toks).contains(':') {
+                if (st.core == 1 || st.core == 2) && st.first(line, vals).contains(':') {
                     out.v6 = true;
                 }
             }
@@ -300,7 +430,7 @@ pub(super) fn summary<'a>(
                 module = st.name(line);
                 if module == "statistic" {
                     out.statistic = true;
-                    if !statistic_is_plain(line, toks, steps, i) {
+                    if !statistic_is_plain(line, vals, steps, i) {
                         return None;
                     }
                 }
@@ -319,7 +449,7 @@ pub(super) fn summary<'a>(
             StepKind::Opt(Sec::Target) => {
                 let name = st.name(line);
                 if (name == "to-destination" || name == "to-source")
-                    && st.first(line, toks).starts_with('[')
+                    && st.first(line, vals).starts_with('[')
                 {
                     out.v6 = true;
                 }
@@ -330,16 +460,15 @@ pub(super) fn summary<'a>(
 }
 
 /// The whole rule, as `rule::rule` reads it, or `None` (see the module).
-pub(super) fn rule<'a>(
+fn rule<'a>(
     ctx: &LineCtx<'a>,
-    body: &'a str,
+    k0: usize,
     counters: Option<Counters>,
     bufs: &mut FastBufs,
 ) -> Option<Rule<'a>> {
     let line = ctx.text;
-    let counters = read_steps(line, body, counters, bufs)?;
-    let toks = &bufs.toks;
-    let steps = &bufs.steps;
+    let counters = read_steps(line, k0, counters, bufs)?;
+    let (steps, vals) = bufs.steps();
     // Sizes, so that every vector is allocated once.
     let mut n_core = 0;
     let mut n_implicit = 0;
@@ -352,18 +481,27 @@ pub(super) fn rule<'a>(
             StepKind::Opt(Sec::Target) => n_target += 1,
             StepKind::MatchStart => {
                 n_matches += 1;
-                if s.name(line) == "statistic" && !statistic_is_plain(line, toks, steps, i) {
+                if s.name(line) == "statistic" && !statistic_is_plain(line, vals, steps, i) {
                     return None;
                 }
             }
             StepKind::Opt(Sec::Match) | StepKind::Target(_) => {}
         }
     }
+    // Columns are byte offsets in an ASCII line.
+    let ascii = line.is_ascii();
+    let col = |off: u32| {
+        if ascii && off < u32::MAX - 1 {
+            off + 1
+        } else {
+            ctx.col_off(off as usize)
+        }
+    };
     let opt = |s: &FStep| Opt {
         name: s.name(line),
         negated: s.negated,
-        values: s.values(line, toks),
-        col: ctx.col_off(s.off as usize),
+        values: s.values(line, vals),
+        col: col(s.off),
     };
     let mut core = Vec::with_capacity(n_core);
     let mut matches: Vec<Match<'a>> = Vec::with_capacity(n_matches + usize::from(n_implicit > 0));
@@ -403,7 +541,7 @@ pub(super) fn rule<'a>(
                     module: s.name(line),
                     implicit: false,
                     options: Vec::with_capacity(n_opts),
-                    col: ctx.col_off(s.off as usize),
+                    col: col(s.off),
                 });
             }
             StepKind::Target(jump) => {
@@ -411,7 +549,7 @@ pub(super) fn rule<'a>(
                     jump,
                     name: s.name(line),
                     options: Vec::with_capacity(n_target),
-                    col: ctx.col_off(s.off as usize),
+                    col: col(s.off),
                 });
             }
         }

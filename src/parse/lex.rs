@@ -384,7 +384,7 @@ pub(crate) fn classify_bare(b: &str) -> TokKind {
 }
 
 /// [`classify_bare`] on bytes.
-#[inline]
+#[inline(always)]
 fn classify_bare_bytes(bytes: &[u8]) -> TokKind {
     if bytes == b"!" {
         TokKind::Bang
@@ -403,6 +403,7 @@ fn classify_bare_bytes(bytes: &[u8]) -> TokKind {
 /// A token found by [`fast_tokens`]: its byte range in the line, quotes included.
 /// Its text is the range itself, or the range without its first and last byte when
 /// `quoted`.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Span {
     pub start: u32,
@@ -411,6 +412,7 @@ pub(crate) struct Span {
     pub quoted: bool,
 }
 
+#[cfg(test)]
 impl Span {
     /// The token's text (quotes removed) as a byte range of the line.
     #[inline]
@@ -475,52 +477,135 @@ pub(crate) fn word_end(b: &[u8], i: usize) -> usize {
     find(b, i, below_0x23, is_blank_byte)
 }
 
-/// Splits the bytes of a line from `i` on into tokens, as [`tokens`] would, when every
-/// token is a plain word or a whole quoted string without backslashes: `true`, with the
-/// tokens appended to `out`. Anything else (a quote glued to a word, an escape, an
-/// unterminated quote, a line longer than 4 GiB) gives `false`: [`tokens`] reads such
-/// lines (and makes their errors).
-pub(crate) fn fast_tokens(b: &[u8], mut i: usize, out: &mut Vec<Span>) -> bool {
+/// A token of [`split`]: a bare value.
+pub(crate) const T_VALUE: u64 = 0;
+/// A token of [`split`]: a quoted value (its range includes the quotes).
+pub(crate) const T_QUOTED: u64 = 1;
+/// A token of [`split`]: an option (`-x…`, `--…`).
+pub(crate) const T_OPT: u64 = 2;
+/// A token of [`split`]: `!`.
+pub(crate) const T_BANG: u64 = 3;
+
+/// The fast scanner: splits the bytes of a line from `i` on into tokens as [`tokens`]
+/// does, when every token is a plain word or a whole quoted string without
+/// backslashes: the number of tokens, written to `out` packed in a `u64` each:
+/// its start in bits 0–31, its end in bits 32–61 (quotes included), its kind (`T_…`,
+/// as [`classify_bare`] tells it) in bits 62–63. Anything else (a quote glued to a
+/// word, an escape, an unterminated quote, a line of 1 GiB or more) gives `None`:
+/// [`tokens`] reads such lines (and makes their errors).
+pub(crate) fn split(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
     let end = b.len();
-    if u32::try_from(end).is_err() {
-        return false;
+    if end >= 1 << 30 {
+        return None;
     }
-    loop {
-        while i < end && is_blank_byte(b[i]) {
-            i += 1;
-        }
-        if i >= end {
-            return true;
-        }
-        let start = i;
-        if b[i] == b'"' {
-            let j = find(b, i + 1, quote_or_backslash, |c| c == b'"' || c == b'\\');
-            if j >= end || b[j] != b'"' {
-                return false;
-            }
-            i = j + 1;
-            if i < end && !is_blank_byte(b[i]) {
-                return false;
-            }
-            out.push(Span {
-                start: start as u32,
-                end: i as u32,
-                kind: TokKind::Value,
-                quoted: true,
-            });
+    out.clear();
+    // One pass over the bytes, a word of eight at a time: every blank ends the token
+    // that started after the blank before it (`s`); a quote that starts a token starts
+    // a quoted one, read to its closing quote.
+    let mut s = from;
+    let mut base = from;
+    while base < end {
+        let (w, mut m, at) = if base + 8 <= end {
+            let w = load8(b, base);
+            (w, below_0x23(w), base)
+        } else if end >= 8 {
+            // The last eight bytes, without those before `base`.
+            let at = end - 8;
+            let w = load8(b, at);
+            (w, below_0x23(w) & (u64::MAX << ((base - at) * 8)), at)
         } else {
-            i = find(b, i, below_0x23, ends_word);
-            if i < end && b[i] == b'"' {
-                return false;
+            let mut x = [0u8; 8];
+            x[..end - base].copy_from_slice(&b[base..]);
+            // Bytes past the end are 0xFF: never flagged.
+            for y in &mut x[end - base..] {
+                *y = 0xFF;
             }
-            out.push(Span {
-                start: start as u32,
-                end: i as u32,
-                kind: classify_bare_bytes(&b[start..i]),
-                quoted: false,
-            });
+            let w = u64::from_le_bytes(x);
+            (w, below_0x23(w), base)
+        };
+        let mut next = at + 8;
+        while m != 0 {
+            let bit = m.trailing_zeros();
+            m &= m - 1;
+            let c = (w >> (bit & !7)) as u8;
+            let p = at + (bit / 8) as usize;
+            if is_blank_byte(c) {
+                if s < p {
+                    out.push(bare_token(b, s, p));
+                }
+                s = p + 1;
+            } else if c == b'"' {
+                if s < p {
+                    // A quote glued to a word.
+                    return None;
+                }
+                let q = find(b, p + 1, quote_or_backslash, |c| c == b'"' || c == b'\\');
+                if q >= end || b[q] != b'"' {
+                    return None;
+                }
+                if q + 1 < end && !is_blank_byte(b[q + 1]) {
+                    return None;
+                }
+                out.push(p as u64 | ((q + 1) as u64) << 32 | T_QUOTED << 62);
+                // Go on after the quoted token (and the blank after it).
+                s = q + 2;
+                next = q + 2;
+                break;
+            }
+            // `!` and other controls belong to words.
         }
+        base = next;
     }
+    if s < end {
+        out.push(bare_token(b, s, end));
+    }
+    Some(out.len())
+}
+
+/// The bare token `b[s..e]`, packed as [`split`] gives it.
+#[inline(always)]
+fn bare_token(b: &[u8], s: usize, e: usize) -> u64 {
+    let kind = match b[s] {
+        // `-` and a letter (either case: `| 0x20` lowers it) or a dash.
+        b'-' if e - s >= 2 && ((b[s + 1] | 0x20).wrapping_sub(b'a') < 26 || b[s + 1] == b'-') => {
+            T_OPT
+        }
+        b'!' if e - s == 1 => T_BANG,
+        _ => T_VALUE,
+    };
+    s as u64 | (e as u64) << 32 | kind << 62
+}
+
+/// [`split`] as spans with their kinds (for tests).
+#[cfg(test)]
+pub(crate) fn fast_tokens(b: &[u8], i: usize, out: &mut Vec<Span>) -> bool {
+    let mut toks = Vec::new();
+    let Some(n) = split(b, i, &mut toks) else {
+        return false;
+    };
+    for &t in &toks[..n] {
+        let (start, end) = (t as u32, (t >> 32) as u32 & 0x3fff_ffff);
+        let quoted = b[start as usize] == b'"';
+        let kind = if quoted {
+            TokKind::Value
+        } else {
+            classify_bare_bytes(&b[start as usize..end as usize])
+        };
+        let packed = match kind {
+            TokKind::Value if quoted => T_QUOTED,
+            TokKind::Value => T_VALUE,
+            TokKind::Opt => T_OPT,
+            TokKind::Bang => T_BANG,
+        };
+        assert_eq!(t >> 62, packed, "the packed kind");
+        out.push(Span {
+            start,
+            end,
+            kind,
+            quoted,
+        });
+    }
+    true
 }
 
 /// `[packets:bytes]` at the start of `b`: the counters and the offset after `]`.

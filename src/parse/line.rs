@@ -84,15 +84,13 @@ pub(super) fn parse_line<'a>(
     match body.as_bytes().first() {
         Some(b'[' | b'-') => {
             // The fast path first; the nom parsers for anything it does not read.
-            if let Some((counters, chain, rest)) = rule_head(body) {
-                if full {
-                    if let Some(rule) = fast::rule(ctx, rest, counters, &mut sc.fast) {
-                        return Ok(Line::Rule { chain, rule });
-                    }
-                } else if let Some(summary) = fast::summary(ctx.text, rest, counters, &mut sc.fast)
-                {
-                    return Ok(Line::Summary { chain, summary });
+            if full {
+                if let Some((chain, rule)) = fast::rule_line(ctx, body, &mut sc.fast) {
+                    return Ok(Line::Rule { chain, rule });
                 }
+            } else if let Some((chain, summary)) = fast::summary_line(ctx.text, body, &mut sc.fast)
+            {
+                return Ok(Line::Summary { chain, summary });
             }
             command(ctx, body, sc, full)
         }
@@ -121,8 +119,7 @@ pub(super) fn parse_line_slow<'a>(
 /// Reads a rule line whole by the fast path only (see [`fast`]): `None` when that
 /// path does not read it (the line may still be a rule, or have an error).
 pub(super) fn fast_rule_line<'a>(ctx: &LineCtx<'a>, bufs: &mut FastBufs) -> Option<Rule<'a>> {
-    let (counters, _, rest) = rule_head(trim_blanks(ctx.text))?;
-    fast::rule(ctx, rest, counters, bufs)
+    fast::rule_line(ctx, trim_blanks(ctx.text), bufs).map(|(_, rule)| rule)
 }
 
 /// `s` without blanks at either end (blanks are ASCII: bytes and characters agree).
@@ -138,35 +135,6 @@ fn trim_blanks(s: &str) -> &str {
         j -= 1;
     }
     &s[i..j]
-}
-
-/// `[p:b] -A CHAIN …` or `-A CHAIN …` (or `--append`) read as [`command`] reads it,
-/// without errors: the counters, the chain and the rest of the line. `None` for
-/// anything else or anything wrong.
-#[inline]
-fn rule_head(body: &str) -> Option<(Option<Counters>, &str, &str)> {
-    let b = body.as_bytes();
-    let (counters, i) = if b.first() == Some(&b'[') {
-        let (c, n) = fast_counters(b)?;
-        let i = skip_blanks(b, n);
-        if i == n {
-            return None;
-        }
-        (Some(c), i)
-    } else {
-        (None, 0)
-    };
-    let cmd_end = word_end(b, i);
-    let cmd = &b[i..cmd_end];
-    if cmd != b"-A" && cmd != b"--append" {
-        return None;
-    }
-    let chain_start = skip_blanks(b, cmd_end);
-    let chain_end = word_end(b, chain_start);
-    if chain_start == cmd_end || chain_end == chain_start {
-        return None;
-    }
-    Some((counters, &body[chain_start..chain_end], &body[chain_end..]))
 }
 
 /// `:CHAIN POLICY [p:b]` read as [`other_line`] reads it, without errors; `None` for
