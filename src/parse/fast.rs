@@ -362,6 +362,20 @@ pub(super) fn rule_line<'a>(
     Some((chain, rule(ctx, k0, counters, bufs)?))
 }
 
+/// `b.is_ascii()`, eight bytes at a time.
+#[inline]
+fn is_ascii(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    let mut all = 0u64;
+    for w in &mut words {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(w);
+        all |= u64::from_le_bytes(x);
+    }
+    let tail = words.remainder().iter().fold(0u8, |a, &c| a | c);
+    all & 0x8080_8080_8080_8080 == 0 && tail < 0x80
+}
+
 /// Is a `--probability` text certainly read as a number in [0, 1]: `0`, `1`, `0.` with
 /// digits, `1.` with zeros?
 fn plain_probability(p: &[u8]) -> bool {
@@ -489,7 +503,7 @@ fn rule<'a>(
         }
     }
     // Columns are byte offsets in an ASCII line.
-    let ascii = line.is_ascii();
+    let ascii = is_ascii(line.as_bytes());
     let col = |off: u32| {
         if ascii && off < u32::MAX - 1 {
             off + 1

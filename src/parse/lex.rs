@@ -539,13 +539,7 @@ pub(crate) fn split(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> 
                     // A quote glued to a word.
                     return None;
                 }
-                let q = find(b, p + 1, quote_or_backslash, |c| c == b'"' || c == b'\\');
-                if q >= end || b[q] != b'"' {
-                    return None;
-                }
-                if q + 1 < end && !is_blank_byte(b[q + 1]) {
-                    return None;
-                }
+                let q = closing_quote(b, p)?;
                 out.push(p as u64 | ((q + 1) as u64) << 32 | T_QUOTED << 62);
                 // Go on after the quoted token (and the blank after it).
                 s = q + 2;
@@ -560,6 +554,18 @@ pub(crate) fn split(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> 
         out.push(bare_token(b, s, end));
     }
     Some(out.len())
+}
+
+/// The closing quote of the quoted token that starts at `p`, when there is one with no
+/// backslash before it and a blank (or the end) after it.
+#[inline(never)]
+fn closing_quote(b: &[u8], p: usize) -> Option<usize> {
+    let end = b.len();
+    let q = find(b, p + 1, quote_or_backslash, |c| c == b'"' || c == b'\\');
+    if q >= end || b[q] != b'"' || (q + 1 < end && !is_blank_byte(b[q + 1])) {
+        return None;
+    }
+    Some(q)
 }
 
 /// The bare token `b[s..e]`, packed as [`split`] gives it.

@@ -102,6 +102,41 @@ pub(super) fn parse_line<'a>(
     }
 }
 
+/// A line read by the fast path alone: a rule (for its summary) or a declaration.
+pub(super) enum Fast<'a> {
+    Rule {
+        chain: &'a str,
+        summary: rule::Summary<'a>,
+    },
+    Item(Item<'a>),
+}
+
+/// Reads a line as [`parse_line`] does without `full`, by the fast path alone: `None`
+/// when the fast path does not read it (see [`fast`]); [`parse_line_nom`] does then.
+#[inline]
+pub(super) fn fast_line<'a>(text: &'a str, bufs: &mut FastBufs) -> Option<Fast<'a>> {
+    let body = trim_blanks(text);
+    match body.as_bytes().first()? {
+        b'[' | b'-' => fast::summary_line(text, body, bufs)
+            .map(|(chain, summary)| Fast::Rule { chain, summary }),
+        b':' => fast_decl(body).map(Fast::Item),
+        _ => None,
+    }
+}
+
+/// [`parse_line`] without its fast path.
+pub(super) fn parse_line_nom<'a>(
+    ctx: &LineCtx<'a>,
+    sc: &mut Scratch<'a>,
+    full: bool,
+) -> Result<Line<'a>, InputError> {
+    let body = trim_blanks(ctx.text);
+    if body.starts_with(['[', '-']) {
+        return command(ctx, body, sc, full);
+    }
+    other_line(ctx, body).map(Line::Other)
+}
+
 /// [`parse_line`] by the nom parsers alone (what the fast path is held to in tests).
 #[cfg(test)]
 pub(super) fn parse_line_slow<'a>(

@@ -117,8 +117,28 @@ fn read_lines<'a, E>(
     let mut v6 = false;
     let mut no = first;
     for line in text.lines() {
-        let ctx = LineCtx::new(line, no);
-        match parse_line(&ctx, &mut sc, false) {
+        let read = match line::fast_line(line, &mut sc.fast) {
+            Some(line::Fast::Rule { chain, summary }) => {
+                if chain_of_run != chain {
+                    flush_run(sink, &mut run, chain_of_run, &mut v6)?;
+                    chain_of_run = chain;
+                }
+                v6 |= summary.v6;
+                run.push(RuleLine::from_parts(
+                    no,
+                    line,
+                    summary.target,
+                    summary.statistic,
+                    summary.counted,
+                    summary.plain,
+                ));
+                no = no.saturating_add(1);
+                continue;
+            }
+            Some(line::Fast::Item(item)) => Ok(Line::Other(item)),
+            None => line::parse_line_nom(&LineCtx::new(line, no), &mut sc, false),
+        };
+        match read {
             Ok(Line::Other(Item::Blank)) => {}
             Ok(Line::Summary { chain, summary }) => {
                 if chain_of_run != chain {
