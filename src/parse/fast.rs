@@ -1,5 +1,8 @@
-//! The fast path of a rule's body: the tokens after `-A CHAIN` read by a byte scanner
-//! ([`fast_tokens`]) into spans, the options found by their bytes, no text copied.
+//! The fast path of a rule line: the line split once into tokens by a byte scanner
+//! (`lex::split`: packed byte ranges, eight bytes a step), the `[p:b] -A CHAIN` head
+//! read from them, then the options found by their bytes and written, with the ranges
+//! of their values, into buffers reused from line to line ([`FastBufs`]); no text is
+//! copied and nothing allocated but the [`Rule`]'s own vectors.
 //!
 //! It reads the common case only: lines whose tokens are plain words and whole quoted
 //! strings without escapes, that have no error, and whose `-m statistic` matches are

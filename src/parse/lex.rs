@@ -400,7 +400,7 @@ fn classify_bare_bytes(bytes: &[u8]) -> TokKind {
 
 // ---- The fast scanner: the common case in one pass over the bytes. ----
 
-/// A token found by [`fast_tokens`]: its byte range in the line, quotes included.
+/// A token of [`split`] as tests see it: its byte range in the line, quotes included.
 /// Its text is the range itself, or the range without its first and last byte when
 /// `quoted`.
 #[cfg(test)]
