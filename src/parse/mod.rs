@@ -237,9 +237,11 @@ fn outline(text: &str) -> Outline {
     let mut lines = 0usize;
     let mut start = 0;
     while start < bytes.len() {
-        let end = bytes[start..]
-            .iter()
-            .position(|&b| b == b'\n')
+        // (`str::find` looks for the line feed a word at a time; `start` follows a
+        // line feed, so it is on a character boundary.)
+        let end = text
+            .get(start..)
+            .and_then(|rest| rest.find('\n'))
             .map_or(bytes.len(), |p| start + p);
         lines += 1;
         let line = &bytes[start..end];
