@@ -159,8 +159,9 @@ fn is_value(t: u64) -> bool {
     t >> 62 <= T_QUOTED
 }
 
-/// Reads the tokens of `body` (a slice of `line`) into options and their values (see
-/// [`FastBufs::steps`]), as `lex::tokens` and `rule::read_steps` do. `None` when the
+/// Reads the tokens in `bufs` from the `k0`-th on (the tokens after `-A CHAIN`, see
+/// [`head`]) into options and their values (see [`FastBufs::steps`]), as
+/// `rule::read_steps` does. `None` when the
 /// tokens need the slow reader or the rule has an error (or uses `!` right after an
 /// option's name, iptables' old placement, which the slow reader knows). Returns the
 /// counters (`-c` overrides `counters`).
