@@ -89,7 +89,7 @@ pub(crate) fn is_blank(c: char) -> bool {
 }
 
 #[inline]
-fn is_blank_byte(b: u8) -> bool {
+pub(crate) fn is_blank_byte(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | 0x0b | 0x0c)
 }
 
@@ -380,7 +380,12 @@ pub(crate) fn token(i: &str) -> PResult<'_, Tok<'_>> {
 /// The kind of an unquoted token.
 #[inline]
 pub(crate) fn classify_bare(b: &str) -> TokKind {
-    let bytes = b.as_bytes();
+    classify_bare_bytes(b.as_bytes())
+}
+
+/// [`classify_bare`] on bytes.
+#[inline(always)]
+fn classify_bare_bytes(bytes: &[u8]) -> TokKind {
     if bytes == b"!" {
         TokKind::Bang
     } else if bytes.len() >= 2
@@ -391,6 +396,262 @@ pub(crate) fn classify_bare(b: &str) -> TokKind {
     } else {
         TokKind::Value
     }
+}
+
+// ---- The fast scanner: the common case in one pass over the bytes. ----
+
+/// A token of [`split`] as tests see it: its byte range in the line, quotes included.
+/// Its text is the range itself, or the range without its first and last byte when
+/// `quoted`.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub start: u32,
+    pub end: u32,
+    pub kind: TokKind,
+    pub quoted: bool,
+}
+
+#[cfg(test)]
+impl Span {
+    /// The token's text (quotes removed) as a byte range of the line.
+    #[inline]
+    pub fn text_range(&self) -> std::ops::Range<usize> {
+        let q = usize::from(self.quoted);
+        self.start as usize + q..self.end as usize - q
+    }
+}
+
+/// Eight bytes of `b` from `i` (which must leave eight bytes), little endian.
+#[inline]
+fn load8(b: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[i..i + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// The first byte at or after `i` for which `stop` holds, or `b.len()`: a word at a
+/// time, the last word (when fewer than eight bytes are left) loaded overlapping the
+/// bytes before `i` and masked. `candidates` as for [`scan`].
+#[inline(always)]
+fn find(
+    b: &[u8],
+    mut i: usize,
+    candidates: impl Fn(u64) -> u64,
+    stop: impl Fn(u8) -> bool,
+) -> usize {
+    let end = b.len();
+    while i + 8 <= end {
+        let mut m = candidates(load8(b, i));
+        while m != 0 {
+            let j = i + (m.trailing_zeros() / 8) as usize;
+            if stop(b[j]) {
+                return j;
+            }
+            m &= m - 1;
+        }
+        i += 8;
+    }
+    if i >= end {
+        return end;
+    }
+    if end >= 8 {
+        // The last eight bytes, without those before `i`.
+        let base = end - 8;
+        let mut m = candidates(load8(b, base)) & (u64::MAX << ((i - base) * 8));
+        while m != 0 {
+            let j = base + (m.trailing_zeros() / 8) as usize;
+            if stop(b[j]) {
+                return j;
+            }
+            m &= m - 1;
+        }
+        return end;
+    }
+    b[i..].iter().position(|&c| stop(c)).map_or(end, |p| i + p)
+}
+
+/// The end of a run of bytes that are not blanks (a word: chain names, commands).
+#[inline]
+pub(crate) fn word_end(b: &[u8], i: usize) -> usize {
+    find(b, i, below_0x23, is_blank_byte)
+}
+
+/// A token of [`split`]: a bare value.
+pub(crate) const T_VALUE: u64 = 0;
+/// A token of [`split`]: a quoted value (its range includes the quotes).
+pub(crate) const T_QUOTED: u64 = 1;
+/// A token of [`split`]: an option (`-x…`, `--…`).
+pub(crate) const T_OPT: u64 = 2;
+/// A token of [`split`]: `!`.
+pub(crate) const T_BANG: u64 = 3;
+
+/// The fast scanner: splits the bytes of a line from `i` on into tokens as [`tokens`]
+/// does, when every token is a plain word or a whole quoted string without
+/// backslashes: the number of tokens, written to `out` packed in a `u64` each:
+/// its start in bits 0–31, its end in bits 32–61 (quotes included), its kind (`T_…`,
+/// as [`classify_bare`] tells it) in bits 62–63. Anything else (a quote glued to a
+/// word, an escape, an unterminated quote, a line of 1 GiB or more) gives `None`:
+/// [`tokens`] reads such lines (and makes their errors).
+pub(crate) fn split(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
+    let end = b.len();
+    if end >= 1 << 30 {
+        return None;
+    }
+    out.clear();
+    // One pass over the bytes, a word of eight at a time: every blank ends the token
+    // that started after the blank before it (`s`); a quote that starts a token starts
+    // a quoted one, read to its closing quote.
+    let mut s = from;
+    let mut base = from;
+    while base < end {
+        let (w, mut m, at) = if base + 8 <= end {
+            let w = load8(b, base);
+            (w, below_0x23(w), base)
+        } else if end >= 8 {
+            // The last eight bytes, without those before `base`.
+            let at = end - 8;
+            let w = load8(b, at);
+            (w, below_0x23(w) & (u64::MAX << ((base - at) * 8)), at)
+        } else {
+            let mut x = [0u8; 8];
+            x[..end - base].copy_from_slice(&b[base..]);
+            // Bytes past the end are 0xFF: never flagged.
+            for y in &mut x[end - base..] {
+                *y = 0xFF;
+            }
+            let w = u64::from_le_bytes(x);
+            (w, below_0x23(w), base)
+        };
+        let mut next = at + 8;
+        while m != 0 {
+            let bit = m.trailing_zeros();
+            m &= m - 1;
+            let c = (w >> (bit & !7)) as u8;
+            let p = at + (bit / 8) as usize;
+            if is_blank_byte(c) {
+                if s < p {
+                    out.push(bare_token(b, s, p));
+                }
+                s = p + 1;
+            } else if c == b'"' {
+                if s < p {
+                    // A quote glued to a word.
+                    return None;
+                }
+                let q = closing_quote(b, p)?;
+                out.push(p as u64 | ((q + 1) as u64) << 32 | T_QUOTED << 62);
+                // Go on after the quoted token (and the blank after it).
+                s = q + 2;
+                next = q + 2;
+                break;
+            }
+            // `!` and other controls belong to words.
+        }
+        base = next;
+    }
+    if s < end {
+        out.push(bare_token(b, s, end));
+    }
+    Some(out.len())
+}
+
+/// The closing quote of the quoted token that starts at `p`, when there is one with no
+/// backslash before it and a blank (or the end) after it.
+#[inline(never)]
+fn closing_quote(b: &[u8], p: usize) -> Option<usize> {
+    let end = b.len();
+    let q = find(b, p + 1, quote_or_backslash, |c| c == b'"' || c == b'\\');
+    if q >= end || b[q] != b'"' || (q + 1 < end && !is_blank_byte(b[q + 1])) {
+        return None;
+    }
+    Some(q)
+}
+
+/// The bare token `b[s..e]`, packed as [`split`] gives it.
+#[inline(always)]
+fn bare_token(b: &[u8], s: usize, e: usize) -> u64 {
+    let kind = match b[s] {
+        // `-` and a letter (either case: `| 0x20` lowers it) or a dash.
+        b'-' if e - s >= 2 && ((b[s + 1] | 0x20).wrapping_sub(b'a') < 26 || b[s + 1] == b'-') => {
+            T_OPT
+        }
+        b'!' if e - s == 1 => T_BANG,
+        _ => T_VALUE,
+    };
+    s as u64 | (e as u64) << 32 | kind << 62
+}
+
+/// [`split`] as spans with their kinds (for tests).
+#[cfg(test)]
+pub(crate) fn fast_tokens(b: &[u8], i: usize, out: &mut Vec<Span>) -> bool {
+    let mut toks = Vec::new();
+    let Some(n) = split(b, i, &mut toks) else {
+        return false;
+    };
+    for &t in &toks[..n] {
+        let (start, end) = (t as u32, (t >> 32) as u32 & 0x3fff_ffff);
+        let quoted = b[start as usize] == b'"';
+        let kind = if quoted {
+            TokKind::Value
+        } else {
+            classify_bare_bytes(&b[start as usize..end as usize])
+        };
+        let packed = match kind {
+            TokKind::Value if quoted => T_QUOTED,
+            TokKind::Value => T_VALUE,
+            TokKind::Opt => T_OPT,
+            TokKind::Bang => T_BANG,
+        };
+        assert_eq!(t >> 62, packed, "the packed kind");
+        out.push(Span {
+            start,
+            end,
+            kind,
+            quoted,
+        });
+    }
+    true
+}
+
+/// `[packets:bytes]` at the start of `b`: the counters and the offset after `]`.
+/// `None` for anything else (including numbers that do not fit in 64 bits).
+pub(crate) fn fast_counters(b: &[u8]) -> Option<(Counters, usize)> {
+    fn num(b: &[u8], i: &mut usize) -> Option<u64> {
+        let start = *i;
+        let mut n: u64 = 0;
+        while let Some(&c) = b.get(*i) {
+            if !c.is_ascii_digit() {
+                break;
+            }
+            n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            *i += 1;
+        }
+        (*i > start).then_some(n)
+    }
+    if b.first() != Some(&b'[') {
+        return None;
+    }
+    let mut i = 1;
+    let packets = num(b, &mut i)?;
+    if b.get(i) != Some(&b':') {
+        return None;
+    }
+    i += 1;
+    let bytes = num(b, &mut i)?;
+    if b.get(i) != Some(&b']') {
+        return None;
+    }
+    Some((Counters { packets, bytes }, i + 1))
+}
+
+/// The end of the blanks at `i`.
+#[inline]
+pub(crate) fn skip_blanks(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && is_blank_byte(b[i]) {
+        i += 1;
+    }
+    i
 }
 
 /// Does a value need quotes to be read back as the same single value?

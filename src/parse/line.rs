@@ -9,7 +9,11 @@ use nom::error::context;
 use crate::error::{InputError, InputErrorKind};
 use crate::model::{Counters, Policy, Rule};
 
-use super::lex::{PErr, blank0, blank1, counters, is_blank, number, word};
+use super::fast::{self, FastBufs};
+use super::lex::{
+    PErr, blank0, blank1, counters, fast_counters, is_blank_byte, number, skip_blanks, word,
+    word_end,
+};
 use super::rule::{self, LineCtx, Scratch};
 
 pub(super) const HINT_EMPTY: &str = "pipe `iptables-save` output or give a dump file";
@@ -17,6 +21,7 @@ const EXPECTED_FORMS: &str =
     "expected `*table`, `:CHAIN POLICY [p:b]`, `-A CHAIN rule`, `COMMIT` or `#comment`";
 
 /// What one line is.
+#[derive(Debug, PartialEq)]
 pub(super) enum Item<'a> {
     Blank,
     Comment {
@@ -36,6 +41,7 @@ pub(super) enum Item<'a> {
 
 /// A line: a rule, or anything else. (Rules are kept out of [`Item`] so that items stay
 /// small.)
+#[derive(Debug, PartialEq)]
 pub(super) enum Line<'a> {
     Rule {
         chain: &'a str,
@@ -74,11 +80,128 @@ pub(super) fn parse_line<'a>(
     sc: &mut Scratch<'a>,
     full: bool,
 ) -> Result<Line<'a>, InputError> {
-    let body = ctx.text.trim_matches(is_blank);
+    let body = trim_blanks(ctx.text);
+    match body.as_bytes().first() {
+        Some(b'[' | b'-') => {
+            // The fast path first; the nom parsers for anything it does not read.
+            if full {
+                if let Some((chain, rule)) = fast::rule_line(ctx, body, &mut sc.fast) {
+                    return Ok(Line::Rule { chain, rule });
+                }
+            } else if let Some((chain, summary)) = fast::summary_line(ctx.text, body, &mut sc.fast)
+            {
+                return Ok(Line::Summary { chain, summary });
+            }
+            command(ctx, body, sc, full)
+        }
+        Some(b':') => match fast_decl(body) {
+            Some(item) => Ok(Line::Other(item)),
+            None => other_line(ctx, body).map(Line::Other),
+        },
+        _ => other_line(ctx, body).map(Line::Other),
+    }
+}
+
+/// A line read by the fast path alone: a rule (for its summary) or a declaration.
+pub(super) enum Fast<'a> {
+    Rule {
+        chain: &'a str,
+        summary: rule::Summary<'a>,
+    },
+    Item(Item<'a>),
+}
+
+/// Reads a line as [`parse_line`] does without `full`, by the fast path alone: `None`
+/// when the fast path does not read it (see [`fast`]); [`parse_line_nom`] does then.
+#[inline]
+pub(super) fn fast_line<'a>(text: &'a str, bufs: &mut FastBufs) -> Option<Fast<'a>> {
+    let body = trim_blanks(text);
+    match body.as_bytes().first()? {
+        b'[' | b'-' => fast::summary_line(text, body, bufs)
+            .map(|(chain, summary)| Fast::Rule { chain, summary }),
+        b':' => fast_decl(body).map(Fast::Item),
+        _ => None,
+    }
+}
+
+/// [`parse_line`] without its fast path.
+pub(super) fn parse_line_nom<'a>(
+    ctx: &LineCtx<'a>,
+    sc: &mut Scratch<'a>,
+    full: bool,
+) -> Result<Line<'a>, InputError> {
+    let body = trim_blanks(ctx.text);
     if body.starts_with(['[', '-']) {
         return command(ctx, body, sc, full);
     }
     other_line(ctx, body).map(Line::Other)
+}
+
+/// [`parse_line`] by the nom parsers alone (what the fast path is held to in tests).
+#[cfg(test)]
+pub(super) fn parse_line_slow<'a>(
+    ctx: &LineCtx<'a>,
+    sc: &mut Scratch<'a>,
+    full: bool,
+) -> Result<Line<'a>, InputError> {
+    let body = ctx.text.trim_matches(super::lex::is_blank);
+    if body.starts_with(['[', '-']) {
+        return command(ctx, body, sc, full);
+    }
+    other_line(ctx, body).map(Line::Other)
+}
+
+/// Reads a rule line whole by the fast path only (see [`fast`]): `None` when that
+/// path does not read it (the line may still be a rule, or have an error).
+pub(super) fn fast_rule_line<'a>(ctx: &LineCtx<'a>, bufs: &mut FastBufs) -> Option<Rule<'a>> {
+    fast::rule_line(ctx, trim_blanks(ctx.text), bufs).map(|(_, rule)| rule)
+}
+
+/// `s` without blanks at either end (blanks are ASCII: bytes and characters agree).
+#[inline]
+fn trim_blanks(s: &str) -> &str {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut j = b.len();
+    while i < j && is_blank_byte(b[i]) {
+        i += 1;
+    }
+    while j > i && is_blank_byte(b[j - 1]) {
+        j -= 1;
+    }
+    &s[i..j]
+}
+
+/// `:CHAIN POLICY [p:b]` read as [`other_line`] reads it, without errors; `None` for
+/// anything else or anything wrong.
+fn fast_decl(body: &str) -> Option<Item<'_>> {
+    let b = body.as_bytes();
+    if b.first() != Some(&b':') {
+        return None;
+    }
+    let name_end = word_end(b, 1);
+    let pol_start = skip_blanks(b, name_end);
+    let pol_end = word_end(b, pol_start);
+    if name_end == 1 || pol_start == name_end || pol_end == pol_start {
+        return None;
+    }
+    let mut i = skip_blanks(b, pol_end);
+    let counters = if b.get(i) == Some(&b'[') {
+        let (c, n) = fast_counters(&b[i..])?;
+        i = skip_blanks(b, i + n);
+        Some(c)
+    } else {
+        None
+    };
+    if i != b.len() {
+        return None;
+    }
+    Some(Item::Decl {
+        name: &body[1..name_end],
+        policy: policy(&body[pol_start..pol_end]),
+        counters,
+        how: DeclHow::Colon,
+    })
 }
 
 /// A line that is not a command.

@@ -20,6 +20,7 @@
 
 mod build;
 mod decode;
+mod fast;
 mod lex;
 mod line;
 mod rule;
@@ -116,8 +117,28 @@ fn read_lines<'a, E>(
     let mut v6 = false;
     let mut no = first;
     for line in text.lines() {
-        let ctx = LineCtx::new(line, no);
-        match parse_line(&ctx, &mut sc, false) {
+        let read = match line::fast_line(line, &mut sc.fast) {
+            Some(line::Fast::Rule { chain, summary }) => {
+                if chain_of_run != chain {
+                    flush_run(sink, &mut run, chain_of_run, &mut v6)?;
+                    chain_of_run = chain;
+                }
+                v6 |= summary.v6;
+                run.push(RuleLine::from_parts(
+                    no,
+                    line,
+                    summary.target,
+                    summary.statistic,
+                    summary.counted,
+                    summary.plain,
+                ));
+                no = no.saturating_add(1);
+                continue;
+            }
+            Some(line::Fast::Item(item)) => Ok(Line::Other(item)),
+            None => line::parse_line_nom(&LineCtx::new(line, no), &mut sc, false),
+        };
+        match read {
             Ok(Line::Other(Item::Blank)) => {}
             Ok(Line::Summary { chain, summary }) => {
                 if chain_of_run != chain {
@@ -161,11 +182,23 @@ fn read_lines<'a, E>(
     Ok(no - first)
 }
 
+thread_local! {
+    /// The fast path's buffers of [`reparse`] on this thread.
+    static FAST: std::cell::RefCell<fast::FastBufs> = std::cell::RefCell::default();
+}
+
 /// Reads line `no`, the text of a rule line that was read before without error, into
 /// its [`Rule`]. (Should the text not read as a rule, which cannot happen for the text
 /// of a [`RuleLine`], the rule is empty.)
 pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     let ctx = LineCtx::new(text, no);
+    let fast = FAST.with(|bufs| {
+        let mut bufs = bufs.try_borrow_mut().ok()?;
+        line::fast_rule_line(&ctx, &mut bufs)
+    });
+    if let Some(rule) = fast {
+        return rule;
+    }
     let mut sc = Scratch::take();
     let read = parse_line(&ctx, &mut sc, true);
     sc.give_back();
@@ -207,9 +240,11 @@ fn outline(text: &str) -> Outline {
     let mut lines = 0usize;
     let mut start = 0;
     while start < bytes.len() {
-        let end = bytes[start..]
-            .iter()
-            .position(|&b| b == b'\n')
+        // (`str::find` looks for the line feed a word at a time; `start` follows a
+        // line feed, so it is on a character boundary.)
+        let end = text
+            .get(start..)
+            .and_then(|rest| rest.find('\n'))
             .map_or(bytes.len(), |p| start + p);
         lines += 1;
         let line = &bytes[start..end];

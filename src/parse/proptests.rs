@@ -456,3 +456,215 @@ proptest! {
         }
     }
 }
+
+// ---- The fast path against the nom parsers. ----
+
+/// Pieces for the lexer: quotes, escapes, `!`, blanks of every kind, non-ASCII, empty
+/// and unterminated quotes, words of every length.
+const LEX_PIECES: &[&str] = &[
+    "a",
+    "-m",
+    "-j",
+    "--comment",
+    "!",
+    "!x",
+    "\"x y\"",
+    "\"\"",
+    "\"a\\\"b\"",
+    "\"\\\\\"",
+    "\"it\\'s\"",
+    "\"unterminated",
+    "\"",
+    "\\",
+    "a\\b",
+    "é",
+    "\"é ü\"",
+    "-",
+    "--",
+    "-1",
+    "0.5",
+    "[1:2]",
+    "abcdefghijklmnopq",
+    "\"abcdefghij klmnopq\"",
+    "\"-x\"",
+    "\"!\"",
+    "x\"y\"",
+    "\"y\"x",
+    "\u{7f}",
+    "\u{1}",
+    "\n",
+];
+
+const LEX_SEPS: &[&str] = &[" ", " ", " ", "", "  ", "\t", " \t ", "\r", "\x0b", "\x0c"];
+
+fn lex_soup() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        (
+            prop::sample::select(LEX_PIECES),
+            prop::sample::select(LEX_SEPS),
+        ),
+        0..16,
+    )
+    .prop_map(|parts| {
+        parts
+            .into_iter()
+            .flat_map(|(p, s)| [p, s])
+            .collect::<String>()
+    })
+}
+
+/// The fast scanner gives the tokens of the nom lexer, or gives up; it never gives up
+/// on a line of plain words and whole quoted strings.
+fn check_fast_tokens(line: &str) -> Result<(), TestCaseError> {
+    let mut slow = Vec::new();
+    let slow_ok = lex::tokens(line, line, &mut slow).is_ok();
+    let mut fast = Vec::new();
+    if lex::fast_tokens(line.as_bytes(), 0, &mut fast) {
+        prop_assert!(
+            slow_ok,
+            "{line:?}: the fast scanner read a line with an error"
+        );
+        prop_assert_eq!(fast.len(), slow.len(), "{:?}", line);
+        for (f, s) in fast.iter().zip(&slow) {
+            prop_assert_eq!(&line[f.start as usize..f.end as usize], s.raw, "{:?}", line);
+            prop_assert_eq!(&line[f.text_range()], s.text.as_ref(), "{:?}", line);
+            prop_assert_eq!(f.kind, s.kind, "{:?}", line);
+            prop_assert_eq!(f.start as usize, s.off, "{:?}", line);
+        }
+    } else if slow_ok {
+        // Only quotes that are glued, escaped or cut short send a line to the slow path.
+        let plain = slow.iter().all(|t| {
+            let r = t.raw.as_bytes();
+            !r.contains(&b'"')
+                || (r.len() >= 2
+                    && r[0] == b'"'
+                    && r[r.len() - 1] == b'"'
+                    && !r[1..r.len() - 1].iter().any(|&c| c == b'"' || c == b'\\'))
+        });
+        prop_assert!(!plain, "{line:?}: the fast scanner gave up on plain tokens");
+    }
+    Ok(())
+}
+
+/// Every line reads the same with the fast path as with the nom parsers alone: the same
+/// item, summary or rule (columns included), or the same error.
+fn check_fast_lines(text: &str) -> Result<(), TestCaseError> {
+    for (i, line) in text.lines().enumerate() {
+        for full in [false, true] {
+            let ctx = rule::LineCtx::new(line, i as u32 + 1);
+            let mut sc = Scratch::default();
+            let fast = line::parse_line(&ctx, &mut sc, full);
+            let ctx = rule::LineCtx::new(line, i as u32 + 1);
+            let mut sc = Scratch::default();
+            let slow = line::parse_line_slow(&ctx, &mut sc, full);
+            prop_assert_eq!(&fast, &slow, "{:?}", line);
+        }
+        // And a rule read again.
+        let ctx = rule::LineCtx::new(line, 7);
+        if let Some(rule) = line::fast_rule_line(&ctx, &mut fast::FastBufs::default()) {
+            let mut sc = Scratch::default();
+            let slow = line::parse_line_slow(&ctx, &mut sc, true);
+            prop_assert!(
+                matches!(&slow, Ok(Line::Rule { rule: r, .. }) if *r == rule),
+                "{:?}: {:?} / {:?}",
+                line,
+                rule,
+                slow
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Rule lines built from the lexer's pieces and the grammar's, after `-A CHAIN`, with
+/// or without counters.
+fn rule_soup() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        prop::sample::select(LEX_PIECES),
+        prop::sample::select(PIECES)
+    ];
+    let body =
+        prop::collection::vec((piece, prop::sample::select(LEX_SEPS)), 0..14).prop_map(|parts| {
+            parts
+                .into_iter()
+                .flat_map(|(p, s)| [p, s])
+                .collect::<String>()
+        });
+    let head = prop::sample::select(
+        &[
+            "-A X ",
+            "-A X\t",
+            "[1:2] -A KUBE-SVC-1 ",
+            "  -A é ",
+            "--append A ",
+            "-A  A  ",
+            "[99999999999999999999:1] -A X ",
+            "[1:2]-A X ",
+            "-A ",
+            "",
+        ][..],
+    );
+    (head, body).prop_map(|(h, b)| format!("{h}{b}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::default())]
+
+    #[test]
+    fn fast_tokens_agree_with_nom(line in lex_soup()) {
+        check_fast_tokens(&line)?;
+    }
+
+    #[test]
+    fn fast_lines_agree_with_nom(text in soup()) {
+        check_fast_lines(&text)?;
+    }
+
+    #[test]
+    fn fast_rules_agree_with_nom(line in rule_soup()) {
+        check_fast_lines(&line)?;
+    }
+
+    #[test]
+    fn fast_rules_agree_on_statistic_matches(
+        mode in prop::sample::select(&["random", "nth", "\"random\"", "rand", ""][..]),
+        p in prop::sample::select(&["0.5", "0.33333333349", "1", "1.000", "1.5", "0", "0.", ".5", "1e-1", "-0.1", "0.5 0.6", "\"0.25\"", ""][..]),
+        order in 0..4u8,
+        neg in any::<bool>(),
+    ) {
+        let bang = if neg { "! " } else { "" };
+        let opts = match order {
+            0 => format!("--mode {mode} {bang}--probability {p}"),
+            1 => format!("{bang}--probability {p} --mode {mode}"),
+            2 => format!("--probability {p}"),
+            _ => format!("--mode {mode} --every 3 --packet {p}"),
+        };
+        let line = format!("-A KUBE-SVC-X -m comment --comment \"é\" -m statistic {opts} -j KUBE-SEP-Y");
+        check_fast_lines(&line)?;
+    }
+}
+
+#[test]
+fn fast_path_reads_kube_lines() {
+    let lines = [
+        "-A KUBE-SEP-X -p tcp -m comment --comment \"ns/svc:port\" -m tcp -j DNAT --to-destination 10.244.1.5:8080",
+        "-A KUBE-SVC-X -m comment --comment \"ns/svc:port -> 10.1.2.3:80\" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-Y",
+        "[5:300] -A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j KUBE-SVC-Z",
+        "-A KUBE-SEP-X -s 10.1.2.3/32 -m comment --comment \"a\" -j KUBE-MARK-MASQ",
+    ];
+    for line in lines {
+        let ctx = rule::LineCtx::new(line, 1);
+        let mut bufs = fast::FastBufs::default();
+        assert!(line::fast_rule_line(&ctx, &mut bufs).is_some(), "{line}");
+        check_fast_lines(line).unwrap();
+    }
+}
+
+#[test]
+fn fast_path_agrees_on_the_fixtures() {
+    for (path, text) in crate::testing::fixture_texts() {
+        if let Err(e) = check_fast_lines(&text) {
+            panic!("{path}: {e}");
+        }
+    }
+}

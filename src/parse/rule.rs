@@ -10,32 +10,49 @@
 //! after the rule's protocol (`-p tcp --dport 80`).
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 use crate::error::{InputError, InputErrorKind};
 use crate::model::{Counters, Jump, Match, Opt, Rule, Target};
 use crate::statistic;
 
+use super::fast::FastBufs;
 use super::lex::{PErr, Tok, TokKind, is_blank, tokens};
 
 /// A line being parsed: its text, number and a fast path for columns.
 pub(crate) struct LineCtx<'a> {
     pub text: &'a str,
     pub no: u32,
-    ascii: bool,
+    /// Whether the line is ASCII (columns are byte offsets then), found out on the
+    /// first column asked for: 0 not yet, 1 yes, 2 no.
+    ascii: Cell<u8>,
 }
 
 impl<'a> LineCtx<'a> {
+    #[inline]
     pub fn new(text: &'a str, no: u32) -> Self {
         LineCtx {
             text,
             no,
-            ascii: text.is_ascii(),
+            ascii: Cell::new(0),
+        }
+    }
+
+    #[inline]
+    fn is_ascii(&self) -> bool {
+        match self.ascii.get() {
+            0 => {
+                let ascii = self.text.is_ascii();
+                self.ascii.set(if ascii { 1 } else { 2 });
+                ascii
+            }
+            a => a == 1,
         }
     }
 
     /// 1-based character column of a byte offset.
     pub fn col_off(&self, off: usize) -> u32 {
-        let chars = if self.ascii {
+        let chars = if self.is_ascii() {
             off
         } else {
             self.text.get(..off).map_or(off, |p| p.chars().count())
@@ -98,14 +115,14 @@ impl<'a> LineCtx<'a> {
 
 /// Which part of the rule an option belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sec {
+pub(super) enum Sec {
     Implicit,
     Match,
     Target,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StepKind {
+pub(super) enum StepKind {
     Core,
     Opt(Sec),
     MatchStart,
@@ -129,6 +146,8 @@ struct Step<'a> {
 pub(crate) struct Scratch<'a> {
     toks: Vec<Tok<'a>>,
     steps: Vec<Step<'a>>,
+    /// The fast path's buffers.
+    pub fast: FastBufs,
 }
 
 /// Empty buffers kept between lines read one at a time on a thread (a rule read again
@@ -154,6 +173,7 @@ impl<'a> Scratch<'a> {
         Scratch {
             toks: recycle(toks),
             steps: recycle(steps),
+            fast: FastBufs::default(),
         }
     }
 
@@ -165,7 +185,7 @@ impl<'a> Scratch<'a> {
 }
 
 /// The short name of a core option, if `name` is one.
-fn core_short(name: &str) -> Option<&'static str> {
+pub(super) fn core_short(name: &str) -> Option<&'static str> {
     Some(match name {
         "s" | "source" | "src" => "s",
         "d" | "destination" | "dst" => "d",
@@ -181,7 +201,7 @@ fn core_short(name: &str) -> Option<&'static str> {
 /// `-m`: the protocol's name (numbers and capitals as iptables accepts them), or "" for
 /// a protocol without such a module. Decided by the text alone, so that a quoted or
 /// escaped protocol reads back the same.
-fn implicit_module(protocol: &str) -> &'static str {
+pub(super) fn implicit_module(protocol: &str) -> &'static str {
     const PROTOCOLS: &[(&str, &str)] = &[
         ("tcp", "tcp"),
         ("6", "tcp"),
@@ -228,6 +248,7 @@ pub(crate) fn rule<'a>(
 }
 
 /// What the ruleset keeps of a rule line besides its text (see `RuleLine`).
+#[derive(Debug, PartialEq)]
 pub(crate) struct Summary<'a> {
     /// `-j`/`-g`, the target's name (a slice of the line) and whether it has options.
     pub target: Option<(Jump, &'a str, bool)>,
