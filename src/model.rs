@@ -333,7 +333,8 @@ impl<'a> RuleLine<'a> {
             }
             // The name is a slice of the line; find it there otherwise.
             let off = (name.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
-            let off = if off <= text.len() && text.get(off..off + name.len()) == Some(name) {
+            // (Inside the line's memory it is that part of the line: no need to compare.)
+            let off = if off <= text.len() && name.len() <= text.len() - off {
                 off
             } else {
                 text.rfind(name).unwrap_or(text.len())

@@ -395,6 +395,17 @@ fn plain_probability(p: &[u8]) -> bool {
 /// `statistic::from_match` would accept it)? Random mode with a plain probability
 /// only; anything else is left to the slow path.
 fn statistic_is_plain(line: &str, vals: &[(u32, u32)], steps: &[FStep], i: usize) -> bool {
+    plain_statistic(line, vals, steps, i).is_some()
+}
+
+/// The `-m statistic` match starting at step `i`, when it is certainly valid (see
+/// [`statistic_is_plain`]): what `statistic::from_match` gives for it.
+fn plain_statistic(
+    line: &str,
+    vals: &[(u32, u32)],
+    steps: &[FStep],
+    i: usize,
+) -> Option<crate::statistic::Statistic> {
     let mut mode = None;
     let mut probability = None;
     for st in steps[i + 1..]
@@ -409,13 +420,18 @@ fn statistic_is_plain(line: &str, vals: &[(u32, u32)], steps: &[FStep], i: usize
             probability = Some(st);
         }
     }
-    let Some(p) = probability else {
-        return false;
-    };
+    let p = probability?;
     if mode.is_some_and(|m| m.first(line, vals) != "random") {
-        return false;
+        return None;
     }
-    plain_probability(p.first(line, vals).as_bytes())
+    let text = p.first(line, vals);
+    if !plain_probability(text.as_bytes()) {
+        return None;
+    }
+    Some(crate::statistic::Statistic::Random {
+        threshold: crate::statistic::threshold_from_text(text)?,
+        inverted: p.negated,
+    })
 }
 
 /// The rule's [`Summary`], as `rule::summary` reads it, or `None` (see the module).
@@ -433,29 +449,44 @@ fn summary<'a>(
         counted: counters.is_some(),
         plain: true,
         v6: false,
+        fixed: Some(None),
+        tests_source: false,
     };
     let mut module = "";
+    let mut seen_statistic = false;
     for (i, st) in steps.iter().enumerate() {
         match st.kind {
             StepKind::Core => {
                 out.plain = false;
+                out.fixed = None;
+                out.tests_source |= st.core == 1;
                 if (st.core == 1 || st.core == 2) && st.first(line, vals).contains(':') {
                     out.v6 = true;
                 }
             }
-            StepKind::Opt(Sec::Implicit) => out.plain = false,
+            StepKind::Opt(Sec::Implicit) => {
+                out.plain = false;
+                out.fixed = None;
+            }
             StepKind::MatchStart => {
                 module = st.name(line);
                 if module == "statistic" {
                     out.statistic = true;
-                    if !statistic_is_plain(line, vals, steps, i) {
-                        return None;
-                    }
+                    let s = plain_statistic(line, vals, steps, i)?;
+                    // One statistic match decides; with two, the options are read again.
+                    out.fixed = match out.fixed {
+                        Some(None) if !seen_statistic => Some(Some(s)),
+                        _ => None,
+                    };
+                    seen_statistic = true;
                 }
             }
             StepKind::Opt(Sec::Match) => {
                 if !crate::model::is_state_module(module) {
                     out.plain = false;
+                }
+                if module != "comment" && module != "statistic" {
+                    out.fixed = None;
                 }
             }
             StepKind::Target(jump) => {

@@ -124,14 +124,17 @@ fn read_lines<'a, E>(
                     chain_of_run = chain;
                 }
                 v6 |= summary.v6;
-                run.push(RuleLine::from_parts(
-                    no,
-                    line,
-                    summary.target,
-                    summary.statistic,
-                    summary.counted,
-                    summary.plain,
-                ));
+                run.push(
+                    RuleLine::from_parts(
+                        no,
+                        line,
+                        summary.target,
+                        summary.statistic,
+                        summary.counted,
+                        summary.plain,
+                    )
+                    .with_facts(summary.fixed, summary.tests_source),
+                );
                 no = no.saturating_add(1);
                 continue;
             }
