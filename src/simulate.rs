@@ -83,15 +83,13 @@
 
 use crate::balance::Balancer;
 use crate::eval::{self, Outcome, Packet, core_test, parse_u32, static_test, terminal_outcome};
-use crate::graph::{Graph, TargetRef};
-use crate::model::{Match, Opt, Rule, RuleCache};
+use crate::graph::{Graph, TableGraph, TargetRef};
+use crate::model::{Match, Rule};
 use crate::statistic::{self, Statistic};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
-use std::collections::{BTreeMap, BTreeSet};
-use std::rc::Rc;
 
 /// The random number generator, by the name of its algorithm.
 pub const GENERATOR: &str = "xoshiro256++";
@@ -373,8 +371,15 @@ pub struct Program {
 
 impl Program {
     /// Compiles the part of `balancer`'s table that its traffic can reach.
+    // Not inlined, so that profiles show what compiling costs.
+    #[inline(never)]
     pub fn compile(graph: &Graph<'_, '_>, balancer: &Balancer) -> Program {
-        Compiler::new(graph, balancer).compile()
+        // The thread's work space, emptied by `Compiler::new`; a fresh one in the
+        // (unexpected) case that it is in use.
+        WORK.with(|w| match w.try_borrow_mut() {
+            Ok(mut w) => Compiler::new(graph, balancer, &mut w).compile(),
+            Err(_) => Compiler::new(graph, balancer, &mut Work::default()).compile(),
+        })
     }
 
     /// Number of instructions (rules that can change the outcome, plus one per chain end).
@@ -956,14 +961,28 @@ fn uniform(rng: &mut Xoshiro256PlusPlus, k: u64) -> u64 {
 
 // ---------------------------------------------------------------------------------------
 // Compilation.
+//
+// A balancer's reachable part is small (a kube-proxy service: one chain with k statistic
+// jumps to k endpoint chains of 2 rules), so the compiler keeps everything in a few flat
+// vectors indexed by *local* numbers: chains in the order first entered, their rules'
+// slots one after the other, packet states in the order first met. Small look-ups
+// (chain to local number, packet to state) are linear scans until there are more than
+// [`FEW`] entries, then hash maps.
 
-/// One condition of a rule, in the order the kernel checks them.
-#[derive(Debug, Clone)]
-enum Cond<'a> {
-    /// `-s -d -p -i -o -f`.
-    Core(Opt<'a>),
-    /// An option of a match decided from the packet.
-    Static(&'a str, Opt<'a>),
+/// Up to this many chains or packet states, look-ups are linear scans.
+const FEW: usize = 8;
+
+/// "None" in the compiler's `u32` indices.
+const NONE: u32 = u32::MAX;
+
+/// One condition of a rule, in the order the kernel checks them. Options are named by
+/// their place in the rule, which the compiler keeps once read.
+#[derive(Debug, Clone, Copy)]
+enum Cond {
+    /// `-s -d -p -i -o -f`: `rule.core[i]`.
+    Core(u32),
+    /// An option of a match decided from the packet: `rule.matches[m].options[o]`.
+    Static(u32, u32),
     /// Always passes (a statistic match the evaluator ignores, recent bookkeeping, …).
     Pass,
     /// Cannot be decided: assumed to match (not on mark-only rules).
@@ -972,8 +991,103 @@ enum Cond<'a> {
     Runtime(Rt),
 }
 
-/// One chain being walked by `Compiler::explore`.
+/// A rule's decisions, one per packet state that reaches it, by state. Most rules are
+/// reached in one state only: that one is kept inline.
+#[derive(Debug, Default)]
+struct Decisions {
+    /// The only decision while `many` is empty.
+    one: Option<(u32, Decision)>,
+    /// All of them, sorted by state, once there are two or more.
+    many: Vec<(u32, Decision)>,
+}
+
+impl Decisions {
+    fn get(&self, x: u32) -> Option<Decision> {
+        if self.many.is_empty() {
+            self.one.filter(|&(s, _)| s == x).map(|(_, d)| d)
+        } else {
+            self.many
+                .binary_search_by_key(&x, |&(s, _)| s)
+                .ok()
+                .map(|i| self.many[i].1)
+        }
+    }
+
+    /// Adds the decision for state `x` (not there yet).
+    fn insert(&mut self, x: u32, d: Decision) {
+        if self.many.is_empty() {
+            match self.one.take() {
+                None => {
+                    self.one = Some((x, d));
+                    return;
+                }
+                Some(first) => self.many.push(first),
+            }
+        }
+        let i = self.many.partition_point(|&(s, _)| s < x);
+        self.many.insert(i, (x, d));
+    }
+
+    /// All decisions, sorted by state.
+    fn as_slice(&self) -> &[(u32, Decision)] {
+        if self.many.is_empty() {
+            self.one.as_slice()
+        } else {
+            &self.many
+        }
+    }
+}
+
+/// What the compiler knows of one rule of a chain entered.
+#[derive(Debug)]
+struct Slot {
+    decisions: Decisions,
+    /// Its conditions: `conds[cond_start..cond_start + cond_len]` (`cond_len == NONE`:
+    /// not worked out yet).
+    cond_start: u32,
+    cond_len: u32,
+    /// The rule read again: `rules[rule]` (`NONE`: not read).
+    rule: u32,
+    /// Does it get an instruction (reached, and it can do something)? Set by the layout.
+    emitted: bool,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            decisions: Decisions::default(),
+            cond_start: 0,
+            cond_len: NONE,
+            rule: NONE,
+            emitted: false,
+        }
+    }
+}
+
+/// A chain entered by the walk.
+#[derive(Debug)]
+struct Entered {
+    /// Its index in the table.
+    chain: usize,
+    /// Rule `r`'s slot is `slots[slot + r]`.
+    slot: usize,
+    rules: usize,
+    /// The first entry state explored, with the states in which the chain is then left
+    /// (`exit_sets[start..start + len]`); entries in other states are in `memo_more`.
+    memo: Option<(u32, u32, u32)>,
+    /// The layout: the program counter of its first instruction.
+    pc: u32,
+    /// The layout: the chains its instructions jump or go to, `calls[calls_start..calls_end]`.
+    calls_start: usize,
+    calls_end: usize,
+    /// Deepest call stack below it (`usize::MAX`: not known yet).
+    depth: usize,
+}
+
+/// One chain being walked by `Compiler::explore`. Its state sets are sorted and
+/// deduplicated when they are read (`cur`, the exits); `next` and `exits` collect.
 struct Frame {
+    /// Local number of the chain.
     chain: usize,
     /// The entry state.
     state: u32,
@@ -982,164 +1096,199 @@ struct Frame {
     cur: Vec<u32>,
     k: usize,
     /// States reaching the next rule.
-    next: BTreeSet<u32>,
+    next: Vec<u32>,
     /// States in which the chain is left by RETURN (or, through a goto, by the end of
     /// another chain).
-    exits: BTreeSet<u32>,
+    exits: Vec<u32>,
 }
 
-struct Compiler<'g, 'r, 'a> {
+/// The compiler's work space. Each thread keeps one from a balancer to the next (see
+/// [`Program::compile`]), so that compiling a small balancer allocates little more than
+/// its program.
+#[derive(Default)]
+struct Work {
+    /// Packet states in the order first met (state 0: the balancer's packet).
+    states: Vec<Packet>,
+    /// `states` by value, once there are more than `FEW`.
+    state_ix: HashMap<Packet, u32>,
+    /// Work space of `decide`, so that deciding a rule does not allocate.
+    scratch: Packet,
+    before: Packet,
+    /// Chains in the order first entered: local number `i` is `chains[i]`.
+    chains: Vec<Entered>,
+    /// Local numbers by chain, once there are more than `FEW` chains.
+    chain_ix: HashMap<usize, u32>,
+    /// Per chain entered, per rule.
+    slots: Vec<Slot>,
+    conds: Vec<Cond>,
+    /// Exit state sets of explored (chain, entry state) pairs, one after the other.
+    exit_sets: Vec<u32>,
+    /// (local chain, entry state) -> `(start, len)` in `exit_sets`, for entries other
+    /// than each chain's first (`Entered::memo`).
+    memo_more: HashMap<(u32, u32), (u32, u32)>,
+    /// The frames of `explore`, and state set buffers of finished ones for new ones.
+    frames: Vec<Frame>,
+    spare: Vec<Vec<u32>>,
+    /// Chains entered that instructions jump (`false`) or go (`true`) to, chain after
+    /// chain (`Entered::calls_start`), and the walk of `depth` over them: (local chain,
+    /// next call, deepest so far).
+    calls: Vec<(usize, bool)>,
+    depth_stack: Vec<(usize, usize, usize)>,
+    /// `fuse_fixed_paths`' memo and stack.
+    paths: Vec<Option<Path>>,
+    path_stack: Vec<usize>,
+}
+
+/// A work space that grew past this many slots, states or chains is dropped after its
+/// balancer rather than kept by its thread.
+const KEEP_WORK: usize = 1 << 14;
+
+impl Work {
+    /// Empties the work space for a balancer whose packet is `packet` (state 0).
+    fn start(&mut self, packet: &Packet) {
+        // State 0 reuses the strings of the last balancer's.
+        self.states.truncate(1);
+        match self.states.first_mut() {
+            Some(s) => copy_packet(s, packet),
+            None => self.states.push(packet.clone()),
+        }
+        self.state_ix.clear();
+        self.chains.clear();
+        self.chain_ix.clear();
+        self.slots.clear();
+        self.conds.clear();
+        self.exit_sets.clear();
+        self.memo_more.clear();
+        for f in self.frames.drain(..) {
+            self.spare.extend([f.cur, f.next, f.exits]);
+        }
+        self.calls.clear();
+        self.depth_stack.clear();
+    }
+
+    /// Too large to keep?
+    fn large(&self) -> bool {
+        self.slots.capacity() > KEEP_WORK
+            || self.states.len() > KEEP_WORK
+            || self.chains.capacity() > KEEP_WORK
+            || self.conds.capacity() > KEEP_WORK
+            || self.exit_sets.capacity() > KEEP_WORK
+            || self.paths.capacity() > KEEP_WORK
+            || self.spare.len() > KEEP_WORK
+    }
+}
+
+thread_local! {
+    static WORK: std::cell::RefCell<Work> = std::cell::RefCell::new(Work::default());
+}
+
+struct Compiler<'g, 'r, 'a, 'w> {
     graph: &'g Graph<'r, 'a>,
+    tg: &'g TableGraph,
     balancer: &'g Balancer,
     table: usize,
-    states: Vec<Packet>,
-    state_ix: HashMap<Packet, u32>,
-    /// (chain, entry state) -> exit states.
-    memo: HashMap<(usize, u32), Rc<BTreeSet<u32>>>,
-    /// Chains in the order first entered.
-    order: Vec<usize>,
-    /// Per chain, per rule: the decision for each state that reaches it.
-    decisions: HashMap<usize, Vec<BTreeMap<u32, Decision>>>,
-    conds: HashMap<(usize, usize), Rc<[Cond<'a>]>>,
-    /// Rules read so far (the ruleset keeps only their text).
-    rules: RuleCache<'a>,
+    w: &'w mut Work,
+    /// Rules read again (the ruleset keeps only their text), each once.
+    rules: Vec<Rule<'a>>,
     nth_init: Vec<u32>,
-    recent_names: HashMap<String, u32>,
-    has_rdest: bool,
+    recent: RecentTables,
+    /// Endpoint index by outcome (the first endpoint with it), built when a large
+    /// balancer first needs it.
+    endpoint_ix: Option<HashMap<&'g Outcome, u32>>,
 }
 
-impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
-    fn new(graph: &'g Graph<'r, 'a>, balancer: &'g Balancer) -> Self {
-        let mut c = Compiler {
-            graph,
-            balancer,
-            table: balancer.table_index,
-            states: Vec::new(),
-            state_ix: HashMap::default(),
-            memo: HashMap::default(),
-            order: Vec::new(),
-            decisions: HashMap::default(),
-            conds: HashMap::default(),
-            rules: RuleCache::default(),
-            nth_init: Vec::new(),
-            recent_names: HashMap::default(),
-            has_rdest: false,
-        };
-        c.intern(balancer.packet.clone());
-        c
-    }
+/// `to = from.clone()`, reusing `to`'s strings.
+fn copy_packet(to: &mut Packet, from: &Packet) {
+    let Packet {
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+        in_iface,
+        out_iface,
+        dst_local,
+    } = from;
+    to.src = *src;
+    to.dst = *dst;
+    to.proto.clone_from(proto);
+    to.sport = *sport;
+    to.dport = *dport;
+    to.in_iface.clone_from(in_iface);
+    to.out_iface.clone_from(out_iface);
+    to.dst_local = *dst_local;
+}
 
-    fn intern(&mut self, p: Packet) -> u32 {
-        if let Some(&i) = self.state_ix.get(&p) {
-            return i;
-        }
-        let i = self.states.len() as u32;
-        self.states.push(p.clone());
-        self.state_ix.insert(p, i);
-        i
+/// The conditions of `rule` in the kernel's order, appended to `conds`; nth counters
+/// and recent tables are numbered here.
+fn rule_conds(
+    rule: &Rule<'_>,
+    conds: &mut Vec<Cond>,
+    nth_init: &mut Vec<u32>,
+    recent: &mut RecentTables,
+) {
+    for i in 0..rule.core.len() {
+        conds.push(Cond::Core(i as u32));
     }
-
-    /// Can this rule's target change the outcome? (The evaluator skips the others.)
-    fn relevant(&self, target: TargetRef) -> bool {
-        let tg = &self.graph.tables[self.table];
-        match target {
-            TargetRef::None | TargetRef::Continue | TargetRef::Missing => false,
-            TargetRef::Chain { chain, .. } => tg.may_terminate[chain] || tg.may_mark[chain],
-            _ => true,
-        }
-    }
-
-    fn mark_only(&self, target: TargetRef) -> bool {
-        let tg = &self.graph.tables[self.table];
-        match target {
-            TargetRef::Mark => true,
-            TargetRef::Chain { chain, .. } => !tg.may_terminate[chain],
-            _ => false,
-        }
-    }
-
-    fn rule(&mut self, c: usize, r: usize) -> Rc<Rule<'a>> {
-        self.rules.get(&self.graph.table(self.table).chains, c, r)
-    }
-
-    /// The rule's conditions in the kernel's order; runtime matches get their counters
-    /// and tables here (once per rule).
-    fn conds(&mut self, c: usize, r: usize) -> Rc<[Cond<'a>]> {
-        if let Some(v) = self.conds.get(&(c, r)) {
-            return Rc::clone(v);
-        }
-        // A rule that only chance decides, as its first reading found: no need to read
-        // it again (its comments are conditions that always hold).
-        if let Some(fixed) = self.graph.chain(self.table, c).rules[r].fixed_random() {
-            let v: Rc<[Cond<'a>]> = match fixed {
-                None => Rc::new([]),
-                Some((threshold, inverted)) => Rc::new([Cond::Runtime(Rt::Random {
+    for (mi, m) in rule.matches.iter().enumerate() {
+        match m.module {
+            "statistic" => conds.push(match statistic::from_match(m) {
+                Ok(Statistic::Random {
                     threshold,
                     inverted,
-                })]),
-            };
-            self.conds.insert((c, r), Rc::clone(&v));
-            return v;
-        }
-        let rule = self.rule(c, r);
-        let mut v = Vec::new();
-        for o in &rule.core {
-            v.push(Cond::Core(o.clone()));
-        }
-        for m in &rule.matches {
-            match m.module {
-                "statistic" => match statistic::from_match(m) {
-                    Ok(Statistic::Random {
-                        threshold,
+                }) => Cond::Runtime(Rt::Random {
+                    threshold,
+                    inverted,
+                }),
+                Ok(Statistic::Nth {
+                    every,
+                    packet,
+                    inverted,
+                }) => {
+                    let counter = nth_init.len() as u32;
+                    // iptables: every = N - 1, count = every - packet.
+                    nth_init.push(every - 1 - packet);
+                    Cond::Runtime(Rt::Nth {
+                        counter,
+                        last: every - 1,
                         inverted,
-                    }) => v.push(Cond::Runtime(Rt::Random {
-                        threshold,
-                        inverted,
-                    })),
-                    Ok(Statistic::Nth {
-                        every,
-                        packet,
-                        inverted,
-                    }) => {
-                        let counter = self.nth_init.len() as u32;
-                        // iptables: every = N - 1, count = every - packet.
-                        self.nth_init.push(every - 1 - packet);
-                        v.push(Cond::Runtime(Rt::Nth {
-                            counter,
-                            last: every - 1,
-                            inverted,
-                        }));
-                    }
-                    // The evaluator ignores an invalid statistic match (with a warning).
-                    Err(_) => v.push(Cond::Pass),
-                },
-                "mark" | "connmark" => {
-                    for o in &m.options {
-                        match (o.name, eval::parse_mark(o.value())) {
-                            ("mark", Some((value, mask))) => v.push(Cond::Runtime(Rt::Mark {
-                                ct: m.module == "connmark",
-                                value,
-                                mask,
-                                negated: o.negated,
-                            })),
-                            _ => v.push(Cond::Undecided),
-                        }
-                    }
+                    })
                 }
-                "recent" => v.push(self.recent_cond(m)),
-                module => {
-                    for o in &m.options {
-                        v.push(Cond::Static(module, o.clone()));
-                    }
+                // The evaluator ignores an invalid statistic match (with a warning).
+                Err(_) => Cond::Pass,
+            }),
+            "mark" | "connmark" => {
+                for o in &m.options {
+                    conds.push(match (o.name, eval::parse_mark(o.value())) {
+                        ("mark", Some((value, mask))) => Cond::Runtime(Rt::Mark {
+                            ct: m.module == "connmark",
+                            value,
+                            mask,
+                            negated: o.negated,
+                        }),
+                        _ => Cond::Undecided,
+                    });
+                }
+            }
+            "recent" => conds.push(recent.cond(m)),
+            _ => {
+                for oi in 0..m.options.len() {
+                    conds.push(Cond::Static(mi as u32, oi as u32));
                 }
             }
         }
-        let v: Rc<[Cond<'a>]> = v.into();
-        self.conds.insert((c, r), Rc::clone(&v));
-        v
     }
+}
 
-    fn recent_cond(&mut self, m: &Match<'_>) -> Cond<'a> {
+/// The `-m recent` tables of a program, numbered in the order first named.
+#[derive(Debug, Default)]
+struct RecentTables {
+    names: HashMap<String, u32>,
+    has_rdest: bool,
+}
+
+impl RecentTables {
+    fn cond(&mut self, m: &Match<'_>) -> Cond {
         let mut op = None;
         let mut name = "DEFAULT".to_string();
         let mut dest = false;
@@ -1162,8 +1311,8 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         let Some((op, inverted)) = op else {
             return if unknown { Cond::Undecided } else { Cond::Pass };
         };
-        let next = self.recent_names.len() as u32;
-        let table = *self.recent_names.entry(name).or_insert(next);
+        let next = self.names.len() as u32;
+        let table = *self.names.entry(name).or_insert(next);
         self.has_rdest |= dest;
         Cond::Runtime(Rt::Recent {
             op,
@@ -1173,22 +1322,234 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             inverted,
         })
     }
+}
 
-    /// The fixed part of a rule's conditions for packet state `x`, as the evaluator's
-    /// `decide` does it (bindings are tentative until every fixed condition passed).
-    fn decide(&mut self, conds: &[Cond<'a>], x: u32, mark_only: bool) -> Decision {
-        let mut packet = self.states[x as usize].clone();
-        let mut reach: u16 = 0;
+impl<'g, 'r, 'a, 'w> Compiler<'g, 'r, 'a, 'w> {
+    fn new(graph: &'g Graph<'r, 'a>, balancer: &'g Balancer, w: &'w mut Work) -> Self {
+        let table = balancer.table_index;
+        w.start(&balancer.packet);
+        Compiler {
+            graph,
+            tg: &graph.tables[table],
+            balancer,
+            table,
+            w,
+            // A kube-proxy balancer reads one rule per endpoint (its DNAT).
+            rules: Vec::with_capacity(balancer.endpoints.len().clamp(1, 1024)),
+            nth_init: Vec::new(),
+            recent: RecentTables::default(),
+            endpoint_ix: None,
+        }
+    }
+
+    /// The state number of packet `p` (a new one if it was not met before).
+    fn intern(&mut self, p: &Packet) -> u32 {
+        let found = if self.w.states.len() <= FEW {
+            self.w.states.iter().position(|s| s == p).map(|i| i as u32)
+        } else {
+            self.w.state_ix.get(p).copied()
+        };
+        if let Some(i) = found {
+            return i;
+        }
+        let i = self.w.states.len() as u32;
+        self.w.states.push(p.clone());
+        if self.w.states.len() > FEW {
+            if self.w.state_ix.is_empty() {
+                for (j, s) in self.w.states.iter().enumerate() {
+                    self.w.state_ix.insert(s.clone(), j as u32);
+                }
+            } else {
+                self.w.state_ix.insert(p.clone(), i);
+            }
+        }
+        i
+    }
+
+    /// The local number of chain `c`, if it was entered.
+    fn local(&self, c: usize) -> Option<usize> {
+        if self.w.chains.len() <= FEW {
+            self.w.chains.iter().position(|e| e.chain == c)
+        } else {
+            self.w.chain_ix.get(&c).map(|&l| l as usize)
+        }
+    }
+
+    /// The local number of chain `c`, entering it (in the order first entered) if new.
+    fn enter(&mut self, c: usize) -> usize {
+        if let Some(l) = self.local(c) {
+            return l;
+        }
+        let l = self.w.chains.len();
+        let rules = self.graph.chain(self.table, c).rules.len();
+        self.w.chains.push(Entered {
+            chain: c,
+            slot: self.w.slots.len(),
+            rules,
+            memo: None,
+            pc: 0,
+            calls_start: 0,
+            calls_end: 0,
+            depth: usize::MAX,
+        });
+        self.w
+            .slots
+            .extend(std::iter::repeat_with(Slot::new).take(rules));
+        if self.w.chains.len() > FEW {
+            if self.w.chain_ix.is_empty() {
+                for (j, e) in self.w.chains.iter().enumerate() {
+                    self.w.chain_ix.insert(e.chain, j as u32);
+                }
+            } else {
+                self.w.chain_ix.insert(c, l as u32);
+            }
+        }
+        l
+    }
+
+    /// The states in which chain `c` is left when entered in state `s`, if explored:
+    /// `exit_sets[start..start + len]`.
+    fn exits(&self, c: usize, s: u32) -> Option<(usize, usize)> {
+        let l = self.local(c)?;
+        match self.w.chains[l].memo {
+            Some((state, start, len)) if state == s => Some((start as usize, len as usize)),
+            Some(_) => self
+                .w
+                .memo_more
+                .get(&(l as u32, s))
+                .map(|&(start, len)| (start as usize, len as usize)),
+            None => None,
+        }
+    }
+
+    /// Records the exits (sorted, deduplicated) of local chain `l` entered in state `s`.
+    fn memoize(&mut self, l: usize, s: u32, exits: &[u32]) {
+        let start = self.w.exit_sets.len() as u32;
+        self.w.exit_sets.extend_from_slice(exits);
+        let len = exits.len() as u32;
+        let e = &mut self.w.chains[l];
+        if e.memo.is_none() {
+            e.memo = Some((s, start, len));
+        } else {
+            self.w.memo_more.insert((l as u32, s), (start, len));
+        }
+    }
+
+    /// A state set buffer, empty.
+    fn buffer(&mut self) -> Vec<u32> {
+        let mut v = self.w.spare.pop().unwrap_or_default();
+        v.clear();
+        v
+    }
+
+    /// Can this rule's target change the outcome? (The evaluator skips the others.)
+    fn relevant(&self, target: TargetRef) -> bool {
+        match target {
+            TargetRef::None | TargetRef::Continue | TargetRef::Missing => false,
+            TargetRef::Chain { chain, .. } => {
+                self.tg.may_terminate[chain] || self.tg.may_mark[chain]
+            }
+            _ => true,
+        }
+    }
+
+    fn mark_only(&self, target: TargetRef) -> bool {
+        match target {
+            TargetRef::Mark => true,
+            TargetRef::Chain { chain, .. } => !self.tg.may_terminate[chain],
+            _ => false,
+        }
+    }
+
+    /// Rule `r` of chain `c` (slot `slot`) read again, once: its index in `rules`.
+    fn read(&mut self, slot: usize, c: usize, r: usize) -> usize {
+        if self.w.slots[slot].rule == NONE {
+            let rule = self.graph.chain(self.table, c).rules[r].parse();
+            self.w.slots[slot].rule = self.rules.len() as u32;
+            self.rules.push(rule);
+        }
+        self.w.slots[slot].rule as usize
+    }
+
+    /// Works out the conditions of rule `r` of chain `c` (slot `slot`) in the kernel's
+    /// order, once; runtime matches get their counters and tables here.
+    fn conds(&mut self, slot: usize, c: usize, r: usize) {
+        if self.w.slots[slot].cond_len != NONE {
+            return;
+        }
+        let start = self.w.conds.len();
+        // A rule that only chance decides, as its first reading found: no need to read
+        // it again (its comments are conditions that always hold).
+        if let Some(fixed) = self.graph.chain(self.table, c).rules[r].fixed_random() {
+            if let Some((threshold, inverted)) = fixed {
+                self.w.conds.push(Cond::Runtime(Rt::Random {
+                    threshold,
+                    inverted,
+                }));
+            }
+        } else {
+            let i = self.read(slot, c, r);
+            rule_conds(
+                &self.rules[i],
+                &mut self.w.conds,
+                &mut self.nth_init,
+                &mut self.recent,
+            );
+        }
+        let s = &mut self.w.slots[slot];
+        s.cond_start = start as u32;
+        s.cond_len = (self.w.conds.len() - start) as u32;
+    }
+
+    /// The fixed part of the conditions of the rule in slot `slot` (worked out) for
+    /// packet state `x`, as the evaluator's `decide` does it (bindings are tentative
+    /// until every fixed condition passed).
+    fn decide(&mut self, slot: usize, x: u32, mark_only: bool) -> Decision {
+        let w = &mut *self.w;
+        let s = &w.slots[slot];
+        let conds = &w.conds[s.cond_start as usize..(s.cond_start + s.cond_len) as usize];
         let fail = |reach| Decision {
             reach,
             pass: false,
             next: x,
         };
+        // Only runtime matches and conditions that always pass: nothing to test, and
+        // the packet stays as it is.
+        if conds
+            .iter()
+            .all(|c| matches!(c, Cond::Pass | Cond::Runtime(_)))
+        {
+            let reach = conds
+                .iter()
+                .filter(|c| matches!(c, Cond::Runtime(_)))
+                .count() as u16;
+            return Decision {
+                reach,
+                pass: true,
+                next: x,
+            };
+        }
+        // Any other condition came from reading the rule.
+        let rule = &self.rules[s.rule as usize];
+        let packet = &mut w.scratch;
+        copy_packet(packet, &w.states[x as usize]);
+        let mut reach: u16 = 0;
         for cond in conds {
-            let before = mark_only.then(|| packet.clone());
-            let r = match cond {
-                Cond::Core(o) => core_test(o, &mut packet),
-                Cond::Static(module, o) => static_test(module, o, &mut packet),
+            let r = match *cond {
+                Cond::Core(i) => {
+                    let o = &rule.core[i as usize];
+                    if mark_only {
+                        copy_packet(&mut w.before, packet);
+                    }
+                    core_test(o, packet)
+                }
+                Cond::Static(m, i) => {
+                    let m = &rule.matches[m as usize];
+                    if mark_only {
+                        copy_packet(&mut w.before, packet);
+                    }
+                    static_test(m.module, &m.options[i as usize], packet)
+                }
                 Cond::Pass => Some(true),
                 Cond::Undecided => None,
                 Cond::Runtime(_) => {
@@ -1199,7 +1560,8 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             // The evaluator: a rule that only sets marks never binds an open field
             // (kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ` says nothing about who
             // connects); it does not apply.
-            if before.is_some_and(|b| b != packet) {
+            if mark_only && matches!(cond, Cond::Core(_) | Cond::Static(..)) && w.before != *packet
+            {
                 return fail(reach);
             }
             match r {
@@ -1211,7 +1573,14 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 None => {}
             }
         }
-        let next = self.intern(packet);
+        let next = if w.scratch == w.states[x as usize] {
+            x
+        } else {
+            let p = std::mem::take(&mut self.w.scratch);
+            let next = self.intern(&p);
+            self.w.scratch = p;
+            next
+        };
         Decision {
             reach,
             pass: true,
@@ -1219,27 +1588,9 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         }
     }
 
-    /// Enters chain `c` in state `s` (a new frame of `explore`).
-    fn frame(&mut self, c: usize, s: u32) -> Frame {
-        if !self.decisions.contains_key(&c) {
-            self.order.push(c);
-            let rules = self.graph.chain(self.table, c).rules.len();
-            self.decisions.insert(c, vec![BTreeMap::new(); rules]);
-        }
-        Frame {
-            chain: c,
-            state: s,
-            rule: 0,
-            cur: vec![s],
-            k: 0,
-            next: BTreeSet::new(),
-            exits: BTreeSet::new(),
-        }
-    }
-
-    /// The decision of rule `r` of chain `c` for state `x` (computed once).
-    fn decision(&mut self, c: usize, r: usize, x: u32, mark_only: bool) -> Decision {
-        if let Some(&d) = self.decisions[&c][r].get(&x) {
+    /// The decision of rule `r` of chain `c` (slot `slot`) for state `x` (computed once).
+    fn decision(&mut self, slot: usize, c: usize, r: usize, x: u32, mark_only: bool) -> Decision {
+        if let Some(d) = self.w.slots[slot].decisions.get(x) {
             return d;
         }
         // As the evaluator: a mark-only rule testing an open source never applies (its
@@ -1247,7 +1598,7 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
         // (core options come first).
         let d = if mark_only
             && self.graph.chain(self.table, c).rules[r].tests_source()
-            && self.states[x as usize].src.is_none()
+            && self.w.states[x as usize].src.is_none()
         {
             Decision {
                 reach: 0,
@@ -1255,11 +1606,27 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 next: x,
             }
         } else {
-            let conds = self.conds(c, r);
-            self.decide(&conds, x, mark_only)
+            self.conds(slot, c, r);
+            self.decide(slot, x, mark_only)
         };
-        self.decisions.get_mut(&c).expect("entered")[r].insert(x, d);
+        self.w.slots[slot].decisions.insert(x, d);
         d
+    }
+
+    /// Enters chain `c` in state `s` (a new frame of `explore`).
+    fn frame(&mut self, c: usize, s: u32) -> Frame {
+        let chain = self.enter(c);
+        let mut cur = self.buffer();
+        cur.push(s);
+        Frame {
+            chain,
+            state: s,
+            rule: 0,
+            cur,
+            k: 0,
+            next: self.buffer(),
+            exits: self.buffer(),
+        }
     }
 
     /// Walks every path from the start chain in the balancer's packet state, over sets of
@@ -1269,125 +1636,138 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
     /// 100,000 deep are fine; memoized per (chain, entry state).
     fn explore(&mut self, start: usize) {
         let first = self.frame(start, 0);
-        let mut stack = vec![first];
+        let mut stack = std::mem::take(&mut self.w.frames);
+        stack.push(first);
         while let Some(f) = stack.last_mut() {
-            let c = f.chain;
-            let rules = self.decisions[&c].len();
+            let (c, slot0, rules) = {
+                let e = &self.w.chains[f.chain];
+                (e.chain, e.slot, e.rules)
+            };
             if f.rule >= rules || (f.k == 0 && f.cur.is_empty()) {
                 // Left by its end, in the states that reach it.
-                let mut f = stack.pop().expect("non-empty");
-                f.exits.extend(f.cur.iter().copied());
-                self.memo.insert((f.chain, f.state), Rc::new(f.exits));
+                let Frame {
+                    chain,
+                    state,
+                    cur,
+                    next,
+                    mut exits,
+                    ..
+                } = stack.pop().expect("non-empty");
+                exits.extend_from_slice(&cur);
+                exits.sort_unstable();
+                exits.dedup();
+                self.memoize(chain, state, &exits);
+                self.w.spare.extend([cur, next, exits]);
                 continue;
             }
             let r = f.rule;
             if f.k == f.cur.len() {
                 // Every state reaching rule r is done: on to the next rule.
-                f.cur = std::mem::take(&mut f.next).into_iter().collect();
+                std::mem::swap(&mut f.cur, &mut f.next);
+                f.next.clear();
+                f.cur.sort_unstable();
+                f.cur.dedup();
                 f.k = 0;
                 f.rule += 1;
                 continue;
             }
-            let target = self.graph.tables[self.table].target(c, r);
+            let target = self.tg.target(c, r);
             if !self.relevant(target) {
-                f.next.extend(f.cur.iter().copied());
+                f.next.extend_from_slice(&f.cur);
                 f.k = f.cur.len();
                 continue;
             }
             let x = f.cur[f.k];
             let mark_only = self.mark_only(target);
-            let d = self.decision(c, r, x, mark_only);
-            let f = stack.last_mut().expect("non-empty");
+            let slot = slot0 + r;
+            let d = self.decision(slot, c, r, x, mark_only);
             if !d.pass {
-                f.next.insert(x);
+                f.next.push(x);
                 f.k += 1;
                 continue;
             }
-            let conds = self.conds(c, r);
-            let f = stack.last_mut().expect("non-empty");
             // The runtime matches may fail: a statistic failure keeps the bindings, a
             // mark or recent failure does not.
-            for cond in conds.iter() {
+            let s = &self.w.slots[slot];
+            for cond in &self.w.conds[s.cond_start as usize..(s.cond_start + s.cond_len) as usize] {
                 if let Cond::Runtime(rt) = cond {
-                    f.next.insert(if rt.is_statistic() { d.next } else { x });
+                    f.next.push(if rt.is_statistic() { d.next } else { x });
                 }
             }
             match target {
                 TargetRef::Chain { chain, goto } => {
-                    let Some(out) = self.memo.get(&(chain, d.next)).cloned() else {
+                    let Some((start, len)) = self.exits(chain, d.next) else {
                         // Explore the callee first; this state is done when we are back.
                         let callee = self.frame(chain, d.next);
                         stack.push(callee);
                         continue;
                     };
-                    let f = stack.last_mut().expect("non-empty");
+                    let out = &self.w.exit_sets[start..start + len];
                     if goto {
-                        f.exits.extend(out.iter().copied());
+                        f.exits.extend_from_slice(out);
                     } else {
-                        f.next.extend(out.iter().copied());
+                        f.next.extend_from_slice(out);
                     }
                 }
-                TargetRef::Return => {
-                    f.exits.insert(d.next);
-                }
-                TargetRef::Mark => {
-                    f.next.insert(d.next);
-                }
+                TargetRef::Return => f.exits.push(d.next),
+                TargetRef::Mark => f.next.push(d.next),
                 _ => {}
             }
-            stack.last_mut().expect("non-empty").k += 1;
+            f.k += 1;
         }
+        self.w.frames = stack;
     }
 
-    /// Is rule `r` of `c` worth an instruction (reached, and it can do something)?
-    fn emitted(&self, c: usize, r: usize) -> bool {
-        self.decisions[&c][r]
-            .values()
-            .any(|d| d.pass || d.reach > 0)
+    /// The index of the first endpoint whose outcome is `o` (`other` if none).
+    fn endpoint_index(&mut self, o: &Outcome, other: u32) -> u32 {
+        let balancer: &'g Balancer = self.balancer;
+        let endpoints = &balancer.endpoints;
+        if endpoints.len() <= FEW {
+            return endpoints
+                .iter()
+                .position(|e| e.outcome == *o)
+                .map_or(other, |i| i as u32);
+        }
+        let ix = self.endpoint_ix.get_or_insert_with(|| {
+            let mut ix = HashMap::default();
+            ix.reserve(endpoints.len());
+            for (i, e) in endpoints.iter().enumerate() {
+                ix.entry(&e.outcome).or_insert(i as u32);
+            }
+            ix
+        });
+        ix.get(o).copied().unwrap_or(other)
     }
 
-    /// Deepest call stack below chain `start` (jumps push, gotos do not), by an
-    /// iterative depth-first walk over the chains entered.
-    fn depth(&self, start: usize) -> usize {
-        let tg = &self.graph.tables[self.table];
-        let callees = |c: usize| -> Vec<(usize, bool)> {
-            (0..self.decisions[&c].len())
-                .filter(|&r| self.emitted(c, r))
-                .filter_map(|r| match tg.target(c, r) {
-                    TargetRef::Chain { chain, goto } if self.decisions.contains_key(&chain) => {
-                        Some((chain, goto))
-                    }
-                    _ => None,
-                })
-                .collect()
-        };
-        let mut memo: HashMap<usize, usize> = HashMap::default();
-        let mut stack = vec![(start, callees(start), 0usize)];
-        while let Some((c, list, i)) = stack.last_mut() {
-            if let Some(&(callee, _)) = list.get(*i) {
-                if memo.contains_key(&callee) {
-                    *i += 1;
-                } else {
-                    let next = (callee, callees(callee), 0);
-                    stack.push(next);
-                }
+    /// Deepest call stack below the start chain (jumps push, gotos do not), by an
+    /// iterative depth-first walk over the chains entered and the calls between them
+    /// that the layout recorded (rules that get an instruction, in order).
+    fn depth(&mut self) -> usize {
+        let w = &mut *self.w;
+        // The start chain is the first entered.
+        let mut stack = std::mem::take(&mut w.depth_stack);
+        stack.push((0, w.chains[0].calls_start, 0));
+        while let Some(&(l, i, best)) = stack.last() {
+            if i == w.chains[l].calls_end {
+                w.chains[l].depth = best;
+                stack.pop();
                 continue;
             }
-            let best = list
-                .iter()
-                .map(|&(callee, goto)| memo[&callee] + usize::from(!goto))
-                .max()
-                .unwrap_or(0);
-            memo.insert(*c, best);
-            stack.pop();
+            let (callee, goto) = w.calls[i];
+            let d = w.chains[callee].depth;
+            if d == usize::MAX {
+                stack.push((callee, w.chains[callee].calls_start, 0));
+                continue;
+            }
+            *stack.last_mut().expect("non-empty") = (l, i + 1, best.max(d + usize::from(!goto)));
         }
-        memo[&start]
+        w.depth_stack = stack;
+        w.chains[0].depth
     }
 
     fn compile(mut self) -> Program {
         let start = self.balancer.chain_index;
         self.explore(start);
-        let tg = &self.graph.tables[self.table];
         // Outcome indices.
         let endpoints = self.balancer.endpoints.len();
         let other = endpoints as u32 + 1;
@@ -1402,35 +1782,46 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
             })
             .collect();
         mark_outcomes.sort_unstable();
-        // Layout: chains in the order first entered, each followed by its End.
-        let mut chain_pc = HashMap::default();
+        // Layout: chains in the order first entered, each followed by its End; a rule
+        // gets an instruction when it is reached and can do something.
         let mut pc = 0u32;
-        for &c in &self.order {
-            chain_pc.insert(c, pc);
-            let n = (0..self.decisions[&c].len())
-                .filter(|&r| self.emitted(c, r))
-                .count();
-            pc += n as u32 + 1;
+        for e in &mut self.w.chains {
+            e.pc = pc;
+            for s in &mut self.w.slots[e.slot..e.slot + e.rules] {
+                s.emitted = s
+                    .decisions
+                    .as_slice()
+                    .iter()
+                    .any(|(_, d)| d.pass || d.reach > 0);
+                pc += u32::from(s.emitted);
+            }
+            pc += 1;
         }
         let mut instrs = Vec::with_capacity(pc as usize);
         let mut decisions = Vec::new();
         let mut rt = Vec::new();
         let mut mark_ops = Vec::new();
-        for &c in &self.order.clone() {
-            let chain = self.graph.chain(self.table, c);
+        for l in 0..self.w.chains.len() {
+            let (c, slot0, rules) = {
+                let e = &self.w.chains[l];
+                (e.chain, e.slot, e.rules)
+            };
             let mut cost = 0u32;
-            for r in 0..chain.rules.len() {
+            self.w.chains[l].calls_start = self.w.calls.len();
+            for r in 0..rules {
                 cost += 1;
-                if !self.emitted(c, r) {
+                let slot = slot0 + r;
+                let s = &self.w.slots[slot];
+                if !s.emitted {
                     continue;
                 }
-                let dm = &self.decisions[&c][r];
-                let first = *dm.values().next().expect("non-empty");
+                let dm = s.decisions.as_slice();
+                let first = dm[0].1;
                 let (dec, multi_start, multi_len) = if dm.len() == 1 {
                     (first, 0, 0)
                 } else if dm
                     .iter()
-                    .all(|(&x, d)| d.next == x && (d.reach, d.pass) == (first.reach, first.pass))
+                    .all(|&(x, d)| d.next == x && (d.reach, d.pass) == (first.reach, first.pass))
                 {
                     // The same for every state, and binds nothing (KUBE-MARK-MASQ's rule
                     // reached from every endpoint's hairpin rule): no look-up needed.
@@ -1443,36 +1834,41 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                         0,
                     )
                 } else {
-                    let s = decisions.len() as u32;
-                    decisions.extend(dm.iter().map(|(&k, &d)| (k, d)));
-                    let any = *dm.values().next().expect("non-empty");
-                    (any, s, dm.len() as u32)
+                    let start = decisions.len() as u32;
+                    decisions.extend_from_slice(dm);
+                    (first, start, dm.len() as u32)
                 };
                 let rt_start = rt.len() as u32;
-                rt.extend(self.conds[&(c, r)].iter().filter_map(|k| match k {
-                    Cond::Runtime(x) => Some(*x),
-                    _ => None,
-                }));
-                let target = match tg.target(c, r) {
+                if s.cond_len != NONE {
+                    let conds =
+                        &self.w.conds[s.cond_start as usize..(s.cond_start + s.cond_len) as usize];
+                    rt.extend(conds.iter().filter_map(|k| match k {
+                        Cond::Runtime(x) => Some(*x),
+                        _ => None,
+                    }));
+                }
+                let target = match self.tg.target(c, r) {
                     // A chain never entered belongs to a rule that never matches.
                     TargetRef::Chain { chain, goto } => {
-                        let to = chain_pc.get(&chain).copied().unwrap_or(0);
+                        let to = match self.local(chain) {
+                            Some(callee) => {
+                                self.w.calls.push((callee, goto));
+                                self.w.chains[callee].pc
+                            }
+                            None => 0,
+                        };
                         if goto { Tgt::Goto(to) } else { Tgt::Jump(to) }
                     }
                     TargetRef::Return => Tgt::Return,
                     TargetRef::Terminal => {
-                        let o = terminal_outcome(&self.rule(c, r));
-                        let i = self
-                            .balancer
-                            .endpoints
-                            .iter()
-                            .position(|e| e.outcome == o)
-                            .map_or(other, |i| i as u32);
-                        Tgt::Terminal(i)
+                        let i = self.read(slot, c, r);
+                        let o = terminal_outcome(&self.rules[i]);
+                        Tgt::Terminal(self.endpoint_index(&o, other))
                     }
                     TargetRef::Mark => {
+                        let i = self.read(slot, c, r);
                         let start = mark_ops.len() as u32;
-                        mark_ops.extend(compile_mark(&self.rule(c, r)));
+                        mark_ops.extend(compile_mark(&self.rules[i]));
                         Tgt::Mark {
                             start,
                             len: mark_ops.len() as u32 - start,
@@ -1553,19 +1949,23 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
                 hit_cost: 0,
                 target: Tgt::End,
             });
+            self.w.chains[l].calls_end = self.w.calls.len();
         }
-        fuse_fixed_paths(&mut instrs);
-        let depth = self.depth(start);
+        fuse_fixed_paths(&mut instrs, &mut self.w.paths, &mut self.w.path_stack);
+        let depth = self.depth();
         let has_recent = rt.iter().any(|x| matches!(x, Rt::Recent { .. }));
+        if self.w.large() {
+            *self.w = Work::default();
+        }
         Program {
             instrs,
             decisions,
             rt,
             mark_ops,
             nth_init: self.nth_init,
-            recent_tables: self.recent_names.len(),
+            recent_tables: self.recent.names.len(),
             has_recent,
-            has_rdest: self.has_rdest,
+            has_rdest: self.recent.has_rdest,
             depth,
             mark_outcomes,
             endpoints,
@@ -1573,28 +1973,46 @@ impl<'g, 'r, 'a> Compiler<'g, 'r, 'a> {
     }
 }
 
+/// Where the fixed instructions from a program counter lead (`fuse_fixed_paths`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// To this verdict, through this many rules.
+    Verdict(u32, u32),
+    /// Back to the caller of the current frame, through this many rules.
+    Back(u32),
+    /// To a runtime decision (or a mark outcome).
+    Open,
+}
+
 /// Where instructions that always apply lead, without any runtime decision, to a
 /// terminating target (a kube-proxy endpoint chain: hairpin rule, KUBE-MARK-MASQ and
 /// its MARK rule, back, DNAT), replaces the first of them by that terminal outcome with
 /// the summed rule count. Marks and bindings made on the way cannot matter after a
-/// verdict, so the result is unchanged; only the dispatches are saved.
-fn fuse_fixed_paths(instrs: &mut [Instr]) {
-    /// Where the fixed instructions from a program counter lead.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    enum Path {
-        /// To this verdict, through this many rules.
-        Verdict(u32, u32),
-        /// Back to the caller of the current frame, through this many rules.
-        Back(u32),
-        /// To a runtime decision (or a mark outcome).
-        Open,
-    }
+/// verdict, so the result is unchanged; only the dispatches are saved. `memo` and
+/// `stack` are work space (their contents are replaced).
+fn fuse_fixed_paths(instrs: &mut [Instr], memo: &mut Vec<Option<Path>>, stack: &mut Vec<usize>) {
     let n = instrs.len();
-    let mut memo: Vec<Option<Path>> = vec![None; n];
+    memo.clear();
+    memo.resize(n, None);
     // Iterative, with the dependencies (the callee's start, the next instruction) first:
     // the graph is acyclic, so this ends, and deep chains do not overflow the stack.
+    stack.clear();
     for root in 0..n {
-        let mut stack = vec![root];
+        if memo[root].is_some() {
+            continue;
+        }
+        // Most instructions need nothing else: no walk for them.
+        let cost = instrs[root].cost;
+        memo[root] = match instrs[root].op {
+            Op::Terminal(o) => Some(Path::Verdict(o, cost)),
+            Op::Return | Op::End => Some(Path::Back(cost)),
+            Op::Mark { .. } | Op::Goto(_) | Op::Jump(_) => None,
+            _ => Some(Path::Open),
+        };
+        if memo[root].is_some() {
+            continue;
+        }
+        stack.push(root);
         while let Some(&pc) = stack.last() {
             if memo[pc].is_some() {
                 stack.pop();
