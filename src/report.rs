@@ -13,7 +13,7 @@ use crate::model::{Family, Format, Ruleset, Warning};
 use crate::prob::CompactProb;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Exact fractions longer than this many characters are left out of the JSON.
 const EXACT_MAX_CHARS: usize = 400;
@@ -512,8 +512,14 @@ pub fn fmt_dev(d: f64) -> String {
 /// the report built from all of them, with `opts.balancers` set to their number.
 ///
 /// p-values are corrected across all balancers, so when there are any (a simulation,
-/// or counters to test), all balancers are analysed and audited before printing; only
-/// a report without them is analysed a window at a time.
+/// or counters to test) the report is made in two passes: the first analyses and
+/// audits a window at a time and keeps only the audits, compactly
+/// ([`audit::CompactAudits`]); once they are corrected, the second analyses each
+/// window again and prints it with its audits. (Analysing twice costs about a seventh
+/// more instructions on the 30k-service dump, and holds about 70 bytes a balancer
+/// instead of every balancer and its audit: its peak is that of the run without
+/// p-values, 1.9x the input, instead of 3.2x.) A report without p-values is analysed,
+/// audited and printed in one pass.
 #[allow(clippy::too_many_arguments)]
 pub fn write_json_windowed(
     w: &mut dyn std::io::Write,
@@ -536,20 +542,35 @@ pub fn write_json_windowed(
         .flat_map(|t| &t.chains)
         .any(|c| c.rules.iter().any(|r| r.counted()));
     if opts.connections != Some(0) || (opts.observed && counters) {
-        // p-values are corrected across all balancers: analyse and audit them all, then
-        // print them (analysing twice to hold less would cost more time than the
-        // cross-check may take).
-        let balancers = crate::balance::analyse_all(graph, candidates);
-        let mut audits = audit::with_progress(&opts, candidates.len(), |done| {
-            audit::audit_window(graph, &balancers, &opts, done)
+        let n = candidates.len();
+        return audit::with_progress_in_passes(&opts, n, &["simulating", "writing"], |done| {
+            // Pass 1: the audits, a window of balancers at a time (a balancer's audit
+            // does not depend on its window).
+            let mut kept = audit::CompactAudits::new(n);
+            for part in candidates.chunks(window) {
+                let balancers = crate::balance::analyse_all(graph, part);
+                for a in audit::audit_window(graph, &balancers, &opts, done) {
+                    kept.push(&a);
+                }
+                kept.seal();
+            }
+            let info = kept.finish(&opts);
+            // Pass 2: the same balancers again, printed with their audits.
+            done.store(n, Ordering::Relaxed);
+            let mut audits = kept.reader();
+            let mut out = JsonStream::begin(w, source, rs, info, warnings)?;
+            for part in candidates.chunks(window) {
+                let balancers = crate::balance::analyse_all(graph, part);
+                // Their audits rebuilt as many at a time as are printed at a time.
+                for some in balancers.chunks(JsonStream::chunk()) {
+                    let some_audits: Vec<Audit> =
+                        some.iter().map(|b| audits.next(b, &opts)).collect();
+                    out.balancers(some, Some(&some_audits))?;
+                }
+                done.fetch_add(part.len(), Ordering::Relaxed);
+            }
+            out.finish()
         });
-        let info = audit::finish(&mut audits, &opts);
-        let mut out = JsonStream::begin(w, source, rs, info, warnings)?;
-        out.balancers(&balancers, Some(&audits))?;
-        // The process ends soon: leave these to the OS instead of freeing them.
-        std::mem::forget(balancers);
-        std::mem::forget(audits);
-        return out.finish();
     }
     // Nothing ties balancers together: analyse, audit and print a window at a time.
     let mut out = JsonStream::begin(w, source, rs, None, warnings)?;
@@ -1783,7 +1804,10 @@ mod tests {
     }
 
     /// `report --format json`'s way (windows of balancers analysed, audited and printed
-    /// in two passes) writes the JSON of the report built in one piece.
+    /// in one pass, or, with p-values to correct, audited in a first pass and printed in
+    /// a second) writes the JSON of the report built in one piece: every fixture and
+    /// balancers with counters, with and without a simulation, its default budget,
+    /// clients, Benjamini–Hochberg, counters left untested, expectations.
     #[test]
     fn windowed_json_is_the_built_reports_json() {
         let mut texts = crate::testing::fixture_texts();
@@ -1800,6 +1824,46 @@ mod tests {
         }
         synthetic.push_str("COMMIT\n");
         texts.push(("synthetic".into(), synthetic));
+        let expectations =
+            crate::expect::Expectations::parse("*,10.0.0.1:80,3\n*,nowhere,1\n", "weights.csv")
+                .unwrap();
+        let variants = [
+            AuditOptions {
+                connections: Some(0),
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                connections: Some(300),
+                ..AuditOptions::default()
+            },
+            AuditOptions::default(),
+            AuditOptions {
+                connections: Some(500),
+                clients: Some(4),
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                connections: Some(300),
+                adjustment: audit::Adjustment::Bh,
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                connections: Some(300),
+                observed: false,
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                connections: Some(0),
+                observed: false,
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                connections: Some(300),
+                expectations: Some(expectations),
+                ..AuditOptions::default()
+            },
+        ];
+        let mut corrected = 0;
         for (name, text) in &texts {
             let rs = parse::parse(text, &ParseOptions { lenient: true }).unwrap();
             let graph = Graph::build(&rs, true).unwrap();
@@ -1808,21 +1872,21 @@ mod tests {
                 .iter()
                 .filter_map(|c| crate::balance::analyse(&graph, c))
                 .collect();
-            for connections in [Some(0), Some(300), None] {
-                let opts = AuditOptions {
-                    connections,
-                    ..AuditOptions::default()
-                };
+            for opts in &variants {
                 let whole = AuditOptions {
                     balancers: Some(candidates.len()),
                     ..opts.clone()
                 };
                 let (audits, info) = audit::run(&graph, &balancers, &whole);
+                corrected += audits
+                    .iter()
+                    .filter(|a| a.simulation.is_some() || a.observed.is_some())
+                    .count();
                 let warnings = vec![Warning::new(1, "given")];
                 let built =
                     Report::new("x", &rs, &balancers, Some(&audits), info, warnings.clone())
                         .to_json();
-                for window in [1, 3, 1000] {
+                for window in [1, 3, 7, 1000] {
                     let mut out = Vec::new();
                     write_json_windowed(
                         &mut out,
@@ -1830,7 +1894,7 @@ mod tests {
                         &rs,
                         &graph,
                         &candidates,
-                        &opts,
+                        opts,
                         warnings.clone(),
                         window,
                     )
@@ -1838,10 +1902,11 @@ mod tests {
                     assert_eq!(
                         String::from_utf8(out).unwrap(),
                         built,
-                        "{name}, {connections:?} connections, window {window}"
+                        "{name}, {opts:?}, window {window}"
                     );
                 }
             }
         }
+        assert!(corrected > 500, "{corrected} audits with p-values");
     }
 }
