@@ -16,10 +16,12 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// shape arenas must be set earlier, from a constructor of priority 100.
 ///
 /// Peak memory is one of lbaudit's promises (at most twice the input): commit arena
-/// memory as it is used, and hand freed pages back after 50 ms. On the 60 MB
-/// benchmark dump (2 cores) that peaks at 112 MB in 0.75 s; never purging peaks at 124
-/// MB (146 MB with eager commit) in 0.82 s, and purging at once costs a third more CPU
-/// in TLB shootdowns between the threads when the cross-check runs.
+/// memory as it is used, and hand freed pages back after 10 ms. On the 60 MB
+/// benchmark dump (2 cores) `report --format json` then peaks at 106-110 MB with or
+/// without the cross-check; after 50 ms it peaked anywhere from 110 to 118 MB (the
+/// 63 MB dump with counters: 114-123 MB, past 2x) at the same CPU time. Never purging
+/// peaked at 124 MB (146 MB with eager commit), and purging at once cost a third more
+/// CPU in TLB shootdowns between the threads when the cross-check held every balancer.
 extern "C" fn set_allocator_options() {
     // mimalloc's own environment variables still win.
     for (option, var, value) in [
@@ -28,7 +30,7 @@ extern "C" fn set_allocator_options() {
             "MIMALLOC_ARENA_EAGER_COMMIT",
             0,
         ),
-        (MI_OPTION_PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 50),
+        (MI_OPTION_PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 10),
     ] {
         if std::env::var_os(var).is_none() {
             // SAFETY: runs before any other code of the process, on its only thread.
