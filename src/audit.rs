@@ -866,6 +866,7 @@ impl CompactReader<'_> {
             let returning_connections = (has & HAS_RETURNING != 0).then(|| self.u64());
             let same_endpoint_connections = (has & HAS_SAME_ENDPOINT != 0).then(|| self.u64());
             let counts = self.u64s();
+            debug_assert_eq!(counts.len(), b.endpoints.len(), "{}: not its audit", b.name);
             // As `summarise_simulation` has them.
             let unmatched_p = b.unmatched.to_f64();
             let categories = counts.len()
@@ -929,6 +930,11 @@ impl CompactReader<'_> {
             observed,
             connections,
         }
+    }
+
+    /// Have all the audits been read?
+    pub fn is_done(&self) -> bool {
+        self.block == self.audits.blocks.len()
     }
 
     fn bytes(&self) -> &[u8] {

@@ -569,6 +569,7 @@ pub fn write_json_windowed(
                 }
                 done.fetch_add(part.len(), Ordering::Relaxed);
             }
+            debug_assert!(audits.is_done(), "as many balancers as in pass 1");
             out.finish()
         });
     }
