@@ -240,6 +240,11 @@ pub fn expected_for(b: &Balancer, exp: Option<&Expectations>) -> Expected {
         .unwrap_or_else(|| expect::uniform(b.endpoints.len()))
 }
 
+/// Does a test have the category "unmatched" (it has probability or counts)?
+fn has_unmatched_category(unmatched_p: f64, unmatched_n: u64) -> bool {
+    unmatched_p > 0.0 || unmatched_n > 0
+}
+
 /// Categories for a test: the endpoints, plus "unmatched" when it has probability or counts.
 fn categories(
     probs: &[f64],
@@ -249,7 +254,7 @@ fn categories(
 ) -> (Vec<u64>, Vec<f64>) {
     let mut o = counts.to_vec();
     let mut p = probs.to_vec();
-    if unmatched_p > 0.0 || unmatched_n > 0 {
+    if has_unmatched_category(unmatched_p, unmatched_n) {
         o.push(unmatched_n);
         p.push(unmatched_p);
     }
@@ -272,11 +277,23 @@ pub fn run(
 /// Runs `f` with a counter of balancers done, shown on stderr as progress when
 /// `opts.progress` asks for it and a simulation runs.
 pub fn with_progress<T>(opts: &AuditOptions, n: usize, f: impl FnOnce(&AtomicUsize) -> T) -> T {
+    with_progress_in_passes(opts, n, &["simulating"], f)
+}
+
+/// [`with_progress`] for work that goes over the `n` balancers once per label of
+/// `passes`: the counter runs from 0 to `n` times their number, and the line names the
+/// pass it is in (`k / n`) and its balancers done (`k % n`).
+pub fn with_progress_in_passes<T>(
+    opts: &AuditOptions,
+    n: usize,
+    passes: &[&str],
+    f: impl FnOnce(&AtomicUsize) -> T,
+) -> T {
     let done = AtomicUsize::new(0);
     let finished = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        if opts.progress && opts.connections != Some(0) && n > 0 {
-            scope.spawn(|| progress(&done, &finished, n));
+        if opts.progress && opts.connections != Some(0) && n > 0 && !passes.is_empty() {
+            scope.spawn(|| progress(&done, &finished, n, passes));
         }
         let out = f(&done);
         finished.store(true, Ordering::Relaxed);
@@ -311,9 +328,26 @@ pub fn audit_window(
 /// simulation info when a simulation ran.
 pub fn finish(audits: &mut [Audit], opts: &AuditOptions) -> Option<SimulationInfo> {
     adjust(audits, opts.adjustment);
-    let simulate = audits.iter().any(|a| a.connections > 0);
-    simulate.then(|| SimulationInfo {
-        connections: audits.iter().map(|a| a.connections).max().unwrap_or(0),
+    simulation_info(
+        audits.iter().map(|a| a.connections).max().unwrap_or(0),
+        audits
+            .iter()
+            .filter_map(|a| a.simulation.as_ref())
+            .map(|s| s.rule_evaluations)
+            .sum(),
+        opts,
+    )
+}
+
+/// The top-level simulation info of a run whose audits gave the simulation at most
+/// `connections` connections (0: none ran) and made `rule_evaluations` in all.
+fn simulation_info(
+    connections: u64,
+    rule_evaluations: u64,
+    opts: &AuditOptions,
+) -> Option<SimulationInfo> {
+    (connections > 0).then(|| SimulationInfo {
+        connections,
         budget: if opts.connections.is_none() {
             "default"
         } else {
@@ -321,17 +355,14 @@ pub fn finish(audits: &mut [Audit], opts: &AuditOptions) -> Option<SimulationInf
         },
         seed: opts.seed,
         generator: simulate::GENERATOR,
-        rule_evaluations: audits
-            .iter()
-            .filter_map(|a| a.simulation.as_ref())
-            .map(|s| s.rule_evaluations)
-            .sum(),
+        rule_evaluations,
         adjustment: opts.adjustment,
     })
 }
 
-/// Prints `simulating: k/n balancers` on stderr once a second has passed, until done.
-fn progress(done: &AtomicUsize, finished: &AtomicBool, n: usize) {
+/// Prints `simulating: k/n balancers` (the pass's label) on stderr once a second has
+/// passed, until done.
+fn progress(done: &AtomicUsize, finished: &AtomicBool, n: usize, passes: &[&str]) {
     let start = Instant::now();
     let mut shown = false;
     while !finished.load(Ordering::Relaxed) {
@@ -340,9 +371,13 @@ fn progress(done: &AtomicUsize, finished: &AtomicBool, n: usize) {
             continue;
         }
         let k = done.load(Ordering::Relaxed);
+        let pass = (k / n).min(passes.len() - 1);
+        let k = (k - pass * n).min(n);
+        // Cleared to the end of the line: a pass's label may be shorter than the last.
         eprint!(
-            "\rsimulating: {k}/{n} balancers ({:.0}%)",
-            k as f64 * 100.0 / n.max(1) as f64
+            "\r{}: {k}/{n} balancers ({:.0}%)\x1b[K",
+            passes[pass],
+            k as f64 * 100.0 / n as f64
         );
         shown = true;
     }
@@ -421,6 +456,15 @@ fn detectable_w(connections: u64, df: u32) -> f64 {
     w
 }
 
+/// The smallest effect `connections` connections over `categories` categories detect
+/// (see [`Simulation::detectable_w`]), and as the relative skew of one of `endpoints`
+/// endpoints.
+fn detectable(connections: u64, categories: usize, endpoints: usize) -> (f64, f64) {
+    let df = (categories.max(2) - 1) as u32;
+    let w = detectable_w(connections, df);
+    (w, stats::w_to_skew(w, endpoints.max(1)))
+}
+
 fn summarise_simulation(
     r: &SimResult,
     connections: u64,
@@ -435,9 +479,7 @@ fn summarise_simulation(
     let g = stats::g_test(&o, &p);
     let (oe, pe) = categories(&expected.probs, &r.counts, 0.0, r.unmatched + r.other);
     let fit_e = stats::goodness_of_fit_with(&oe, &pe, seed, budget);
-    let k = exact.len().max(1);
-    let df = (o.len().max(2) - 1) as u32;
-    let w = detectable_w(connections, df);
+    let (w, skew) = detectable(connections, o.len(), exact.len());
     Simulation {
         connections,
         statistic: fit.statistic,
@@ -460,7 +502,7 @@ fn summarise_simulation(
         other: r.other,
         rule_evaluations: r.rule_evaluations,
         detectable_w: w,
-        detectable_relative_skew: stats::w_to_skew(w, k),
+        detectable_relative_skew: skew,
         clients: r.clients,
         max_endpoint_share: r.per_client_max_share,
         returning_connections: r.returning_connections,
@@ -546,5 +588,648 @@ fn adjust(audits: &mut [Audit], how: Adjustment) {
         if let Some(o) = audits[i].observed.as_mut() {
             o.p_value_adjusted = q;
         }
+    }
+}
+
+/// A run's audits in a few dozen bytes each, kept while their balancers are dropped:
+/// a report printed in two passes audits its balancers a window at a time and
+/// [`push`](Self::push)es each audit here, [`finish`](Self::finish)es them (the p-values
+/// corrected across all of them), then analyses the balancers again and gets each
+/// audit back, corrected, from [`reader`](Self::reader).
+///
+/// What the balancer gives again is left out: the intended split, and the smallest
+/// detectable effect (a function of the connections, the categories and the
+/// endpoints); so is what equals another field (a simulation's connections are the
+/// audit's, the G-test's "corrected" p-value is its p-value unless a flag says
+/// otherwise). The rest is written, audit after audit, as LEB128 integers, raw floats
+/// and indices into the methods seen, in blocks of whole audits (one a
+/// [`seal`](Self::seal)ed window: no large buffer grows by copies); the p-values
+/// corrected together are kept apart, one vector per family of tests. On the
+/// 30k-service dump with the default cross-check: about 50 bytes an audit, and 16 of
+/// p-values.
+#[derive(Debug, Default)]
+pub struct CompactAudits {
+    /// Finished blocks, and the one being written.
+    blocks: Vec<Box<[u8]>>,
+    open: Vec<u8>,
+    /// The method names seen (`&'static str`s of the statistics module), by index.
+    methods: Vec<&'static str>,
+    /// The p-values of each family corrected together (the simulation against the
+    /// exact probabilities, against the intended split, the counters' test), in the
+    /// order of the audits that have the test…
+    p: [Vec<f64>; 3],
+    /// …and corrected, once finished: which are 1 (most, with Holm's correction of
+    /// many tests), one bit each, and the others in order.
+    adjusted_one: [Vec<u64>; 3],
+    adjusted: [Vec<f64>; 3],
+    /// The largest `Audit::connections`, and the simulations' rule evaluations.
+    connections: u64,
+    rule_evaluations: u64,
+}
+
+/// The families of [`CompactAudits::p`].
+const SIMULATION: usize = 0;
+const EXPECTED: usize = 1;
+const OBSERVED: usize = 2;
+
+// Flags of an audit, then of its simulation and of its counters' test: what is there.
+const HAS_SIMULATION: u8 = 1;
+const HAS_OBSERVED: u8 = 2;
+const HAS_REPLICATES: u8 = 1;
+const HAS_EXPECTED_REPLICATES: u8 = 2;
+const HAS_CLIENTS: u8 = 4;
+const HAS_MAX_ENDPOINT_SHARE: u8 = 8;
+const HAS_RETURNING: u8 = 16;
+const HAS_SAME_ENDPOINT: u8 = 32;
+/// The G-test's "corrected" p-value differs from its p-value (it is not corrected).
+const HAS_G_ADJUSTED: u8 = 64;
+
+impl CompactAudits {
+    /// Room for the p-values of `balancers` audits.
+    pub fn new(balancers: usize) -> Self {
+        let room = || Vec::with_capacity(balancers);
+        Self {
+            p: [room(), room(), room()],
+            ..Self::default()
+        }
+    }
+
+    /// Keeps the next audit (of the run's balancers, in order).
+    pub fn push(&mut self, a: &Audit) {
+        let mut out = std::mem::take(&mut self.open);
+        put_u64(&mut out, a.connections);
+        self.connections = self.connections.max(a.connections);
+        out.push(
+            if a.simulation.is_some() {
+                HAS_SIMULATION
+            } else {
+                0
+            } | if a.observed.is_some() {
+                HAS_OBSERVED
+            } else {
+                0
+            },
+        );
+        if let Some(s) = &a.simulation {
+            let Simulation {
+                connections: _,
+                statistic,
+                df,
+                p_value,
+                p_value_adjusted: _,
+                method,
+                replicates,
+                g_test,
+                expected,
+                unmatched,
+                other,
+                rule_evaluations,
+                detectable_w: _,
+                detectable_relative_skew: _,
+                clients,
+                max_endpoint_share,
+                returning_connections,
+                same_endpoint_connections,
+                counts,
+            } = s;
+            let flag = |present: bool, f: u8| if present { f } else { 0 };
+            let has_flags = flag(replicates.is_some(), HAS_REPLICATES)
+                | flag(expected.replicates.is_some(), HAS_EXPECTED_REPLICATES)
+                | flag(clients.is_some(), HAS_CLIENTS)
+                | flag(max_endpoint_share.is_some(), HAS_MAX_ENDPOINT_SHARE)
+                | flag(returning_connections.is_some(), HAS_RETURNING)
+                | flag(same_endpoint_connections.is_some(), HAS_SAME_ENDPOINT)
+                | flag(
+                    g_test.p_value_adjusted.to_bits() != g_test.p_value.to_bits(),
+                    HAS_G_ADJUSTED,
+                );
+            out.push(has_flags);
+            put_f64(&mut out, *statistic);
+            put_u64(&mut out, (*df).into());
+            self.put_method(&mut out, method);
+            put_present_u64(&mut out, *replicates);
+            self.p[SIMULATION].push(*p_value);
+            put_f64(&mut out, g_test.statistic);
+            put_u64(&mut out, g_test.df.into());
+            put_f64(&mut out, g_test.p_value);
+            if has_flags & HAS_G_ADJUSTED != 0 {
+                put_f64(&mut out, g_test.p_value_adjusted);
+            }
+            self.put_method(&mut out, g_test.method);
+            put_f64(&mut out, expected.statistic);
+            put_u64(&mut out, expected.df.into());
+            self.put_method(&mut out, expected.method);
+            put_present_u64(&mut out, expected.replicates);
+            self.p[EXPECTED].push(expected.p_value);
+            put_u64(&mut out, *unmatched);
+            put_u64(&mut out, *other);
+            put_u64(&mut out, *rule_evaluations);
+            self.rule_evaluations += rule_evaluations;
+            put_present_u64(&mut out, *clients);
+            put_present_f64(&mut out, *max_endpoint_share);
+            put_present_u64(&mut out, *returning_connections);
+            put_present_u64(&mut out, *same_endpoint_connections);
+            put_u64s(&mut out, counts);
+        }
+        if let Some(o) = &a.observed {
+            let ObservedTest {
+                connections,
+                affinity_connections,
+                statistic,
+                df,
+                p_value,
+                p_value_adjusted: _,
+                method,
+                replicates,
+                counts,
+                affinity,
+            } = o;
+            out.push(if replicates.is_some() {
+                HAS_REPLICATES
+            } else {
+                0
+            });
+            put_u64(&mut out, *connections);
+            put_u64(&mut out, *affinity_connections);
+            put_f64(&mut out, *statistic);
+            put_u64(&mut out, (*df).into());
+            self.put_method(&mut out, method);
+            put_present_u64(&mut out, *replicates);
+            self.p[OBSERVED].push(*p_value);
+            put_u64s(&mut out, counts);
+            put_u64s(&mut out, affinity);
+        }
+        self.open = out;
+    }
+
+    /// Ends the block being written (after a window: the next audits go into a new one).
+    pub fn seal(&mut self) {
+        if !self.open.is_empty() {
+            let block = std::mem::take(&mut self.open).into_boxed_slice();
+            self.blocks.push(block);
+        }
+    }
+
+    fn put_method(&mut self, out: &mut Vec<u8>, method: &'static str) {
+        let i = match self.methods.iter().position(|&m| m == method) {
+            Some(i) => i,
+            None => {
+                self.methods.push(method);
+                self.methods.len() - 1
+            }
+        };
+        put_u64(out, i as u64);
+    }
+
+    /// Corrects the p-values across all the audits kept, as [`finish`] does, and
+    /// returns the top-level simulation info when a simulation ran.
+    pub fn finish(&mut self, opts: &AuditOptions) -> Option<SimulationInfo> {
+        self.seal();
+        for f in [SIMULATION, EXPECTED, OBSERVED] {
+            let q = adjust_values(&self.p[f], opts.adjustment);
+            let one = |q: f64| q.to_bits() == 1f64.to_bits();
+            let mut bits = vec![0u64; q.len().div_ceil(64)];
+            for (i, &q) in q.iter().enumerate() {
+                bits[i / 64] |= u64::from(one(q)) << (i % 64);
+            }
+            self.adjusted_one[f] = bits;
+            self.adjusted[f] = q.into_iter().filter(|&q| !one(q)).collect();
+        }
+        simulation_info(self.connections, self.rule_evaluations, opts)
+    }
+
+    /// The audits, in the order they were pushed (after [`finish`](Self::finish)).
+    pub fn reader(&self) -> CompactReader<'_> {
+        CompactReader {
+            audits: self,
+            block: 0,
+            at: 0,
+            next: [0; 3],
+            next_adjusted: [0; 3],
+        }
+    }
+}
+
+/// Reads [`CompactAudits`] back, audit after audit.
+pub struct CompactReader<'a> {
+    audits: &'a CompactAudits,
+    block: usize,
+    at: usize,
+    /// The next p-value of each family, and the next of its corrected ones not 1.
+    next: [usize; 3],
+    next_adjusted: [usize; 3],
+}
+
+impl CompactReader<'_> {
+    /// The next audit, which is `b`'s (analysed again as it was for the audit; `opts`
+    /// as for the audit).
+    pub fn next(&mut self, b: &Balancer, opts: &AuditOptions) -> Audit {
+        let expected = expected_for(b, opts.expectations.as_ref());
+        let connections = self.u64();
+        let flags = self.byte();
+        let simulation = (flags & HAS_SIMULATION != 0).then(|| {
+            let has = self.byte();
+            let statistic = self.f64();
+            let df = self.u32();
+            let method = self.method();
+            let replicates = (has & HAS_REPLICATES != 0).then(|| self.u64());
+            let (p_value, p_value_adjusted) = self.p(SIMULATION);
+            let (g_statistic, g_df, g_p_value) = (self.f64(), self.u32(), self.f64());
+            let g_test = Test {
+                statistic: g_statistic,
+                df: g_df,
+                p_value: g_p_value,
+                p_value_adjusted: if has & HAS_G_ADJUSTED != 0 {
+                    self.f64()
+                } else {
+                    g_p_value
+                },
+                method: self.method(),
+            };
+            let (e_statistic, e_df, e_method) = (self.f64(), self.u32(), self.method());
+            let e_replicates = (has & HAS_EXPECTED_REPLICATES != 0).then(|| self.u64());
+            let (e_p_value, e_p_value_adjusted) = self.p(EXPECTED);
+            let expected = ExpectedTest {
+                source: expected.source.clone(),
+                statistic: e_statistic,
+                df: e_df,
+                p_value: e_p_value,
+                p_value_adjusted: e_p_value_adjusted,
+                method: e_method,
+                replicates: e_replicates,
+            };
+            let unmatched = self.u64();
+            let other = self.u64();
+            let rule_evaluations = self.u64();
+            let clients = (has & HAS_CLIENTS != 0).then(|| self.u64());
+            let max_endpoint_share = (has & HAS_MAX_ENDPOINT_SHARE != 0).then(|| self.f64());
+            let returning_connections = (has & HAS_RETURNING != 0).then(|| self.u64());
+            let same_endpoint_connections = (has & HAS_SAME_ENDPOINT != 0).then(|| self.u64());
+            let counts = self.u64s();
+            debug_assert_eq!(counts.len(), b.endpoints.len(), "{}: not its audit", b.name);
+            // As `summarise_simulation` has them.
+            let unmatched_p = b.unmatched.to_f64();
+            let categories = counts.len()
+                + usize::from(has_unmatched_category(
+                    unmatched_p,
+                    unmatched.wrapping_add(other),
+                ));
+            let (detectable_w, detectable_relative_skew) =
+                detectable(connections, categories, b.endpoints.len());
+            Simulation {
+                connections,
+                statistic,
+                df,
+                p_value,
+                p_value_adjusted,
+                method,
+                replicates,
+                g_test,
+                expected,
+                unmatched,
+                other,
+                rule_evaluations,
+                detectable_w,
+                detectable_relative_skew,
+                clients,
+                max_endpoint_share,
+                returning_connections,
+                same_endpoint_connections,
+                counts,
+            }
+        });
+        let observed = (flags & HAS_OBSERVED != 0).then(|| {
+            let has = self.byte();
+            let connections = self.u64();
+            let affinity_connections = self.u64();
+            let statistic = self.f64();
+            let df = self.u32();
+            let method = self.method();
+            let replicates = (has & HAS_REPLICATES != 0).then(|| self.u64());
+            let (p_value, p_value_adjusted) = self.p(OBSERVED);
+            ObservedTest {
+                connections,
+                affinity_connections,
+                statistic,
+                df,
+                p_value,
+                p_value_adjusted,
+                method,
+                replicates,
+                counts: self.u64s(),
+                affinity: self.u64s(),
+            }
+        });
+        if self.at == self.bytes().len() {
+            self.block += 1;
+            self.at = 0;
+        }
+        Audit {
+            expected,
+            simulation,
+            observed,
+            connections,
+        }
+    }
+
+    /// Have all the audits been read?
+    pub fn is_done(&self) -> bool {
+        self.block == self.audits.blocks.len()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.audits.blocks[self.block]
+    }
+
+    fn byte(&mut self) -> u8 {
+        let b = self.bytes()[self.at];
+        self.at += 1;
+        b
+    }
+
+    fn u64(&mut self) -> u64 {
+        let (v, len) = get_u64(&self.bytes()[self.at..]);
+        self.at += len;
+        v
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::try_from(self.u64()).expect("a u32 kept")
+    }
+
+    fn f64(&mut self) -> f64 {
+        let bytes: [u8; 8] = self.bytes()[self.at..self.at + 8]
+            .try_into()
+            .expect("8 bytes");
+        self.at += 8;
+        f64::from_le_bytes(bytes)
+    }
+
+    fn method(&mut self) -> &'static str {
+        let i = self.u64() as usize;
+        self.audits.methods[i]
+    }
+
+    fn u64s(&mut self) -> Vec<u64> {
+        let n = self.u64() as usize;
+        (0..n).map(|_| self.u64()).collect()
+    }
+
+    /// The next p-value of `family`, and corrected.
+    fn p(&mut self, family: usize) -> (f64, f64) {
+        let i = self.next[family];
+        self.next[family] += 1;
+        let adjusted = if self.audits.adjusted_one[family][i / 64] >> (i % 64) & 1 != 0 {
+            1.0
+        } else {
+            self.next_adjusted[family] += 1;
+            self.audits.adjusted[family][self.next_adjusted[family] - 1]
+        };
+        (self.audits.p[family][i], adjusted)
+    }
+}
+
+/// `v` as LEB128: seven bits a byte, low first, the high bit set on all but the last.
+fn put_u64(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A LEB128 integer at the start of `bytes`, and its length.
+fn get_u64(bytes: &[u8]) -> (u64, usize) {
+    let mut v = 0u64;
+    for (i, &b) in bytes.iter().enumerate() {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return (v, i + 1);
+        }
+    }
+    panic!("a LEB128 integer cut short");
+}
+
+/// `v` when there is one (the flags say whether).
+fn put_present_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    if let Some(v) = v {
+        put_u64(out, v);
+    }
+}
+
+fn put_present_f64(out: &mut Vec<u8>, v: Option<f64>) {
+    if let Some(v) = v {
+        put_f64(out, v);
+    }
+}
+
+fn put_f64(out: &mut Vec<u8>, v: f64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// The length, then each.
+fn put_u64s(out: &mut Vec<u8>, values: &[u64]) {
+    put_u64(out, values.len() as u64);
+    for &v in values {
+        put_u64(out, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{self, ParseOptions};
+
+    /// Audits kept compactly, a window at a time, come back after `finish` as
+    /// [`run`] gives them (every field, the p-values corrected across all of them), with
+    /// the same top-level info: on every fixture, with counters, clients, an
+    /// expectations file, and either correction.
+    #[test]
+    fn compact_audits_come_back_as_run_gives_them() {
+        let mut texts = crate::testing::fixture_texts();
+        let mut counted = String::from("*nat\n");
+        for i in 0..30 {
+            counted.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
+        }
+        for i in 0..30 {
+            // Large counts (multi-byte integers), and a balancer without counters.
+            let c = if i == 7 {
+                String::new()
+            } else {
+                format!("[{}:0] ", 1000 + 977 * i)
+            };
+            counted.push_str(&format!(
+                "{c}-A KUBE-SVC-{i} -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-{i} --mask 255.255.255.255 --rsource -j DNAT --to-destination 10.0.{i}.9:80\n\
+                 {c}-A KUBE-SVC-{i} -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 10.0.{i}.1:80\n\
+                 {c}-A KUBE-SVC-{i} -j DNAT --to-destination 10.0.{i}.2:80\n"
+            ));
+        }
+        counted.push_str("COMMIT\n");
+        texts.push(("counted".into(), counted));
+        let expectations = Expectations::parse(
+            "*,10.0.0.1:80,3\n*,mark 0x10100/0x3ff00,1\n*,nowhere,1\n",
+            "weights.csv",
+        )
+        .unwrap();
+        let variants = [
+            AuditOptions::default(),
+            AuditOptions {
+                connections: Some(0),
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                connections: Some(300),
+                clients: Some(4),
+                adjustment: Adjustment::Bh,
+                ..AuditOptions::default()
+            },
+            AuditOptions {
+                connections: Some(200),
+                expectations: Some(expectations),
+                observed: false,
+                ..AuditOptions::default()
+            },
+        ];
+        let (mut audits_seen, mut observed_seen, mut clients_seen) = (0, 0, 0);
+        for (path, text) in &texts {
+            let rs = parse::parse(text, &ParseOptions { lenient: true }).unwrap();
+            let graph = Graph::build(&rs, true).unwrap();
+            let balancers = crate::balance::find(&graph);
+            for opts in &variants {
+                let opts = AuditOptions {
+                    balancers: Some(balancers.len()),
+                    ..opts.clone()
+                };
+                let (audits, info) = run(&graph, &balancers, &opts);
+                let mut kept = CompactAudits::new(balancers.len());
+                for part in balancers.chunks(3) {
+                    let done = AtomicUsize::new(0);
+                    for a in audit_window(&graph, part, &opts, &done) {
+                        kept.push(&a);
+                    }
+                    kept.seal();
+                }
+                let kept_info = kept.finish(&opts);
+                assert_eq!(format!("{kept_info:?}"), format!("{info:?}"), "{path}");
+                let mut reader = kept.reader();
+                for (b, a) in balancers.iter().zip(&audits) {
+                    let back = reader.next(b, &opts);
+                    assert_eq!(format!("{back:?}"), format!("{a:?}"), "{path}: {}", b.name);
+                    audits_seen += 1;
+                    observed_seen += usize::from(a.observed.is_some());
+                    clients_seen += usize::from(
+                        a.simulation
+                            .as_ref()
+                            .is_some_and(|s| s.max_endpoint_share.is_some()),
+                    );
+                }
+            }
+        }
+        assert!(audits_seen > 200, "{audits_seen} audits");
+        assert!(observed_seen > 30, "{observed_seen} counter tests");
+        assert!(clients_seen > 30, "{clients_seen} simulations with clients");
+    }
+
+    /// Values a run rarely or never gives come back too: non-finite and extreme floats,
+    /// the largest integers, Monte-Carlo replicates, a G-test p-value "corrected" apart
+    /// from its p-value, the clients' figures there and not.
+    #[test]
+    fn compact_audits_keep_odd_values() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/kube-affinity.txt"
+        ))
+        .unwrap();
+        let rs = parse::parse(&text, &ParseOptions { lenient: true }).unwrap();
+        let graph = Graph::build(&rs, true).unwrap();
+        let balancers = crate::balance::find(&graph);
+        assert!(!balancers.is_empty());
+        let floats = [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -0.0,
+            5e-324,
+            1e300,
+            0.1,
+        ];
+        for how in [Adjustment::Holm, Adjustment::Bh] {
+            let opts = AuditOptions {
+                connections: Some(100),
+                clients: Some(3),
+                adjustment: how,
+                ..AuditOptions::default()
+            };
+            let (mut audits, _) = run(&graph, &balancers, &opts);
+            for (k, a) in audits.iter_mut().enumerate() {
+                let f = |i: usize| floats[(k + i) % floats.len()];
+                let s = a.simulation.as_mut().expect("simulated");
+                (s.statistic, s.df, s.method) = (f(0), u32::MAX, "monte-carlo-multinomial");
+                s.replicates = (k % 2 == 0).then_some(u64::MAX);
+                s.g_test.statistic = f(1);
+                s.g_test.p_value_adjusted = if k % 2 == 0 { f(2) } else { s.g_test.p_value };
+                (s.expected.statistic, s.expected.df) = (f(3), 0);
+                s.expected.replicates = (k % 3 == 0).then_some(1 << 63);
+                s.rule_evaluations = 1 << 50;
+                s.clients = (k % 2 == 1).then_some(u64::MAX);
+                s.max_endpoint_share = (k % 3 != 1).then(|| f(4));
+                s.returning_connections = (k % 4 != 0).then_some(u64::MAX);
+                s.same_endpoint_connections = None;
+                s.counts.iter_mut().for_each(|c| *c = u64::MAX - *c);
+                a.observed = (k % 2 == 0).then(|| ObservedTest {
+                    connections: u64::MAX,
+                    affinity_connections: 0,
+                    statistic: f(5),
+                    df: 7,
+                    p_value: 1.0 / (k + 2) as f64,
+                    p_value_adjusted: 0.0,
+                    method: "exact-multinomial",
+                    replicates: Some(k as u64),
+                    counts: vec![u64::MAX; 3],
+                    affinity: Vec::new(),
+                });
+            }
+            let mut kept = CompactAudits::new(audits.len());
+            for a in &audits {
+                kept.push(a);
+            }
+            kept.finish(&opts);
+            // The p-values corrected as `finish` corrects them.
+            adjust(&mut audits, how);
+            let mut reader = kept.reader();
+            for (b, a) in balancers.iter().zip(&audits) {
+                let back = reader.next(b, &opts);
+                assert_eq!(format!("{back:?}"), format!("{a:?}"), "{}", b.name);
+            }
+        }
+    }
+
+    #[test]
+    fn leb128_round_trips() {
+        let values = [
+            0,
+            1,
+            127,
+            128,
+            255,
+            300,
+            16_383,
+            16_384,
+            u32::MAX as u64,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        let mut out = Vec::new();
+        for &v in &values {
+            put_u64(&mut out, v);
+        }
+        let mut at = 0;
+        for &v in &values {
+            let (got, len) = get_u64(&out[at..]);
+            assert_eq!(got, v);
+            at += len;
+        }
+        assert_eq!(at, out.len());
+        assert_eq!(out[..4], [0, 1, 127, 0x80]);
     }
 }
