@@ -701,6 +701,32 @@ macro_rules! key {
     };
 }
 
+/// The fields a simulated and a counter test share: statistic, degrees of freedom,
+/// p-value (raw and adjusted), method and the Monte-Carlo replicates.
+fn test_fields(
+    o: &mut json::Obj,
+    out: &mut Vec<u8>,
+    (statistic, df): (f64, u32),
+    (p_value, p_value_adjusted): (f64, f64),
+    method: &str,
+    replicates: Option<u64>,
+) {
+    key!(o, out, "statistic");
+    json::f64(out, statistic);
+    key!(o, out, "df");
+    json::u64(out, df.into());
+    key!(o, out, "p_value");
+    json::f64(out, p_value);
+    key!(o, out, "p_value_adjusted");
+    json::f64(out, p_value_adjusted);
+    key!(o, out, "method");
+    json::str(out, method);
+    if let Some(r) = replicates {
+        key!(o, out, "replicates");
+        json::u64(out, r);
+    }
+}
+
 /// The JSON of consecutive balancers as elements of the report's `balancers` array, the
 /// first being element `index`: each after its separator, pretty-printed at its depth in
 /// the document.
@@ -916,20 +942,14 @@ fn write_simulation_json(out: &mut Vec<u8>, depth: usize, s: &Simulation) {
     let mut o = json::Obj::open(out, depth);
     key!(o, out, "connections");
     json::u64(out, *connections);
-    key!(o, out, "statistic");
-    json::f64(out, *statistic);
-    key!(o, out, "df");
-    json::u64(out, (*df).into());
-    key!(o, out, "p_value");
-    json::f64(out, *p_value);
-    key!(o, out, "p_value_adjusted");
-    json::f64(out, *p_value_adjusted);
-    key!(o, out, "method");
-    json::str(out, method);
-    if let Some(r) = replicates {
-        key!(o, out, "replicates");
-        json::u64(out, *r);
-    }
+    test_fields(
+        &mut o,
+        out,
+        (*statistic, *df),
+        (*p_value, *p_value_adjusted),
+        method,
+        *replicates,
+    );
     key!(o, out, "g_test");
     {
         let Test {
@@ -1031,20 +1051,14 @@ fn write_observed_json(out: &mut Vec<u8>, depth: usize, t: &ObservedTest) {
     json::u64(out, *connections);
     key!(o, out, "affinity_connections");
     json::u64(out, *affinity_connections);
-    key!(o, out, "statistic");
-    json::f64(out, *statistic);
-    key!(o, out, "df");
-    json::u64(out, (*df).into());
-    key!(o, out, "p_value");
-    json::f64(out, *p_value);
-    key!(o, out, "p_value_adjusted");
-    json::f64(out, *p_value_adjusted);
-    key!(o, out, "method");
-    json::str(out, method);
-    if let Some(r) = replicates {
-        key!(o, out, "replicates");
-        json::u64(out, *r);
-    }
+    test_fields(
+        &mut o,
+        out,
+        (*statistic, *df),
+        (*p_value, *p_value_adjusted),
+        method,
+        *replicates,
+    );
     o.close(out);
 }
 
