@@ -124,17 +124,7 @@ fn read_lines<'a, E>(
                     chain_of_run = chain;
                 }
                 v6 |= summary.v6;
-                run.push(
-                    RuleLine::from_parts(
-                        no,
-                        line,
-                        summary.target,
-                        summary.statistic,
-                        summary.counted,
-                        summary.plain,
-                    )
-                    .with_facts(summary.fixed, summary.tests_source),
-                );
+                run.push(summary.rule_line(no, line));
                 no = no.saturating_add(1);
                 continue;
             }
@@ -149,17 +139,7 @@ fn read_lines<'a, E>(
                     chain_of_run = chain;
                 }
                 v6 |= summary.v6;
-                run.push(
-                    RuleLine::from_parts(
-                        no,
-                        line,
-                        summary.target,
-                        summary.statistic,
-                        summary.counted,
-                        summary.plain,
-                    )
-                    .with_facts(summary.fixed, summary.tests_source),
-                );
+                run.push(summary.rule_line(no, line));
             }
             Ok(Line::Rule { chain, rule }) => {
                 // (Not given when asking for summaries; kept for completeness.)

@@ -28,15 +28,7 @@ fn check_summaries(text: &str) -> Result<(), TestCaseError> {
             (Ok(Line::Summary { chain: c1, summary }), Ok(Line::Rule { chain: c2, rule })) => {
                 prop_assert_eq!(c1, c2);
                 prop_assert_eq!(summary.v6, build::rule_is_v6(&rule), "{}", line);
-                let a = RuleLine::from_parts(
-                    1,
-                    line,
-                    summary.target,
-                    summary.statistic,
-                    summary.counted,
-                    summary.plain,
-                )
-                .with_facts(summary.fixed, summary.tests_source);
+                let a = summary.rule_line(1, line);
                 prop_assert_eq!(a, RuleLine::new(1, line, &rule), "{}", line);
             }
             (Ok(Line::Other(_)), Ok(Line::Other(_))) => {}

@@ -265,6 +265,22 @@ pub(crate) struct Summary<'a> {
     pub tests_source: bool,
 }
 
+impl<'a> Summary<'a> {
+    /// The ruleset's record of line `no`, whose text is `text` and whose summary this is
+    /// (the one place that turns a summary into a [`RuleLine`]).
+    pub(crate) fn rule_line(&self, no: u32, text: &'a str) -> crate::model::RuleLine<'a> {
+        crate::model::RuleLine::from_parts(
+            no,
+            text,
+            self.target,
+            self.statistic,
+            self.counted,
+            self.plain,
+        )
+        .with_facts(self.fixed, self.tests_source)
+    }
+}
+
 /// Checks the tokens after `-A CHAIN` as [`rule`] does (the same errors), but keeps only
 /// the rule's [`Summary`]: no vectors are built, except for `-m statistic` matches,
 /// whose values are checked.
