@@ -720,7 +720,7 @@ impl fmt::Display for Prob {
 impl Prob {
     /// Appends the text of `Display` (`num/den`, `0` or `1`) to `out`, with digits
     /// computed in machine words (no big-integer division) when numerator and
-    /// denominator have at most [`Limbs::BITS`] bits (every exact form a report prints
+    /// denominator have at most 1,280 bits (every exact form a report prints
     /// does), through the big integers' decimal conversion otherwise.
     pub fn write_text(&self, out: &mut Vec<u8>) {
         if self.num.is_zero() {

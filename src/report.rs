@@ -632,7 +632,7 @@ impl<'w> JsonStream<'w> {
             .ok_or_else(|| std::io::Error::other("report JSON without balancers"))
     }
 
-    /// Balancers written at a time (in batches of [`BATCH`], four a thread).
+    /// Balancers written at a time (in batches of 32 balancers, four a thread).
     pub fn chunk() -> usize {
         BATCH * 4 * rayon::current_num_threads().max(1)
     }
