@@ -18,7 +18,7 @@ use lbaudit::eval::{self, Mode, Packet};
 use lbaudit::graph::Graph;
 use lbaudit::model::Ruleset;
 use lbaudit::parse::{self, ParseOptions};
-use lbaudit::report::Report;
+use lbaudit::report::{self, Report};
 
 /// Runs one input; panics on any violated property.
 pub fn run(data: &[u8]) {
@@ -59,7 +59,8 @@ pub fn run(data: &[u8]) {
         return;
     };
     warnings.extend(graph.warnings.iter().cloned());
-    let balancers = balance::find(&graph);
+    let candidates = balance::candidates(&graph);
+    let balancers = balance::analyse_all(&graph, &candidates);
     let opts = AuditOptions {
         // 1,000 simulated connections per balancer exercise the simulator without making
         // an input slow. (Far fewer would send the tests to the exact or Monte-Carlo
@@ -67,11 +68,39 @@ pub fn run(data: &[u8]) {
         // instrumented build; counters in the input reach those tests anyway.)
         connections: Some(if flags & 2 != 0 { 1000 } else { 0 }),
         clients: (flags & 4 != 0).then_some(3),
+        // The run's size is its candidates, as `report` has it.
+        balancers: Some(candidates.len()),
         ..AuditOptions::default()
     };
     let (audits, info) = audit::run(&graph, &balancers, &opts);
-    let report = Report::new("fuzz", &rs, &balancers, Some(&audits), info, warnings);
-    let _ = report.to_json();
+    let report = Report::new(
+        "fuzz",
+        &rs,
+        &balancers,
+        Some(&audits),
+        info,
+        warnings.clone(),
+    );
+    let json = report.to_json();
+    // `report --format json` prints while it analyses, a window at a time (in two passes
+    // when p-values are corrected across balancers): the same text as the built report.
+    let window = usize::from(flags >> 4) + 1;
+    let mut streamed = Vec::new();
+    report::write_json_windowed(
+        &mut streamed,
+        "fuzz",
+        &rs,
+        &graph,
+        &candidates,
+        &opts,
+        warnings,
+        window,
+    )
+    .expect("writes to memory");
+    assert!(
+        streamed == json.as_bytes(),
+        "streamed JSON (window {window}) differs from the built report's"
+    );
     let _ = report.to_csv();
     let _ = report.to_markdown();
     let _ = report.to_table(false);
