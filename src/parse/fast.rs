@@ -391,15 +391,9 @@ fn plain_probability(p: &[u8]) -> bool {
     }
 }
 
-/// Is the `-m statistic` match starting at step `i` certainly valid (so that
-/// `statistic::from_match` would accept it)? Random mode with a plain probability
-/// only; anything else is left to the slow path.
-fn statistic_is_plain(line: &str, vals: &[(u32, u32)], steps: &[FStep], i: usize) -> bool {
-    plain_statistic(line, vals, steps, i).is_some()
-}
-
-/// The `-m statistic` match starting at step `i`, when it is certainly valid (see
-/// [`statistic_is_plain`]): what `statistic::from_match` gives for it.
+/// The `-m statistic` match starting at step `i`, when it is certainly valid: what
+/// `statistic::from_match` gives for it. Random mode with a plain probability only;
+/// anything else (`None`) is left to the slow path.
 fn plain_statistic(
     line: &str,
     vals: &[(u32, u32)],
@@ -443,52 +437,24 @@ fn summary<'a>(
 ) -> Option<Summary<'a>> {
     let counters = read_steps(line, k0, counters, bufs)?;
     let (steps, vals) = bufs.steps();
-    let mut out = Summary {
-        target: None,
-        statistic: false,
-        counted: counters.is_some(),
-        plain: true,
-        v6: false,
-        fixed: Some(None),
-        tests_source: false,
-    };
+    let mut out = Summary::empty(counters.is_some());
     let mut module = "";
-    let mut seen_statistic = false;
     for (i, st) in steps.iter().enumerate() {
         match st.kind {
             StepKind::Core => {
-                out.plain = false;
-                out.fixed = None;
-                out.tests_source |= st.core == 1;
+                out.condition(st.core == 1);
                 if (st.core == 1 || st.core == 2) && st.first(line, vals).contains(':') {
                     out.v6 = true;
                 }
             }
-            StepKind::Opt(Sec::Implicit) => {
-                out.plain = false;
-                out.fixed = None;
-            }
+            StepKind::Opt(Sec::Implicit) => out.condition(false),
             StepKind::MatchStart => {
                 module = st.name(line);
                 if module == "statistic" {
-                    out.statistic = true;
-                    let s = plain_statistic(line, vals, steps, i)?;
-                    // One statistic match decides; with two, the options are read again.
-                    out.fixed = match out.fixed {
-                        Some(None) if !seen_statistic => Some(Some(s)),
-                        _ => None,
-                    };
-                    seen_statistic = true;
+                    out.statistic_match(plain_statistic(line, vals, steps, i)?);
                 }
             }
-            StepKind::Opt(Sec::Match) => {
-                if !crate::model::is_state_module(module) {
-                    out.plain = false;
-                }
-                if module != "comment" && module != "statistic" {
-                    out.fixed = None;
-                }
-            }
+            StepKind::Opt(Sec::Match) => out.match_option(module),
             StepKind::Target(jump) => {
                 let has_options = steps[i + 1..]
                     .iter()
@@ -530,7 +496,7 @@ fn rule<'a>(
             StepKind::Opt(Sec::Target) => n_target += 1,
             StepKind::MatchStart => {
                 n_matches += 1;
-                if s.name(line) == "statistic" && !statistic_is_plain(line, vals, steps, i) {
+                if s.name(line) == "statistic" && plain_statistic(line, vals, steps, i).is_none() {
                     return None;
                 }
             }

@@ -266,6 +266,47 @@ pub(crate) struct Summary<'a> {
 }
 
 impl<'a> Summary<'a> {
+    /// The summary of a rule with nothing read yet but whether it has counters.
+    pub(crate) fn empty(counted: bool) -> Self {
+        Summary {
+            target: None,
+            statistic: false,
+            counted,
+            plain: true,
+            v6: false,
+            fixed: Some(None),
+            tests_source: false,
+        }
+    }
+
+    /// A core option (`source`: it is `-s`) or an option of an implicit match: the rule
+    /// is not plain, and not decided by chance alone.
+    pub(crate) fn condition(&mut self, source: bool) {
+        self.plain = false;
+        self.fixed = None;
+        self.tests_source |= source;
+    }
+
+    /// An option of a `-m module` match.
+    pub(crate) fn match_option(&mut self, module: &str) {
+        if !crate::model::is_state_module(module) {
+            self.plain = false;
+        }
+        if module != "comment" && module != "statistic" {
+            self.fixed = None;
+        }
+    }
+
+    /// A valid `-m statistic` match: one decides by chance; with two, the options are
+    /// read again.
+    pub(crate) fn statistic_match(&mut self, s: crate::statistic::Statistic) {
+        self.fixed = match self.fixed {
+            Some(None) if !self.statistic => Some(Some(s)),
+            _ => None,
+        };
+        self.statistic = true;
+    }
+
     /// The ruleset's record of line `no`, whose text is `text` and whose summary this is
     /// (the one place that turns a summary into a [`RuleLine`]).
     pub(crate) fn rule_line(&self, no: u32, text: &'a str) -> crate::model::RuleLine<'a> {
@@ -300,33 +341,15 @@ pub(crate) fn summary<'a>(
             toks[st.v0].text.as_ref()
         }
     };
-    let mut out = Summary {
-        target: None,
-        statistic: false,
-        counted: counters.is_some(),
-        plain: true,
-        v6: false,
-        fixed: Some(None),
-        tests_source: false,
-    };
+    let mut out = Summary::empty(counters.is_some());
     let mut module = "";
-    let mut seen_statistic = false;
     for (i, st) in steps.iter().enumerate() {
         match st.kind {
             StepKind::Core | StepKind::Opt(Sec::Implicit) => {
-                out.plain = false;
-                out.fixed = None;
-                out.tests_source |= st.kind == StepKind::Core && st.name == "s";
+                out.condition(st.kind == StepKind::Core && st.name == "s");
             }
             StepKind::MatchStart => module = st.name,
-            StepKind::Opt(Sec::Match) => {
-                if !crate::model::is_state_module(module) {
-                    out.plain = false;
-                }
-                if module != "comment" && module != "statistic" {
-                    out.fixed = None;
-                }
-            }
+            StepKind::Opt(Sec::Match) => out.match_option(module),
             _ => {}
         }
         match st.kind {
@@ -346,7 +369,6 @@ pub(crate) fn summary<'a>(
                 out.v6 = true;
             }
             StepKind::MatchStart if st.name == "statistic" => {
-                out.statistic = true;
                 let options = steps[i + 1..]
                     .iter()
                     .take_while(|x| x.kind != StepKind::MatchStart)
@@ -367,13 +389,7 @@ pub(crate) fn summary<'a>(
                     options,
                     col: st.col,
                 };
-                let s = check_statistic(ctx, &m)?;
-                // One statistic match decides; with two, the options are read again.
-                out.fixed = match out.fixed {
-                    Some(None) if !seen_statistic => Some(Some(s)),
-                    _ => None,
-                };
-                seen_statistic = true;
+                out.statistic_match(check_statistic(ctx, &m)?);
             }
             _ => {}
         }
