@@ -20,7 +20,7 @@
 //! to match: it cannot change where a connection is sent.
 
 use crate::graph::{Graph, TargetRef};
-use crate::model::{Match, Opt, Rule, RuleCache, Warning};
+use crate::model::{Match, Opt, Rule, RuleCache, RuleLine, Warning};
 use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob};
 use crate::statistic::{self, SCALE, Statistic};
 use rustc_hash::FxHashMap as HashMap;
@@ -715,11 +715,8 @@ impl Walker<'_, '_, '_> {
                 TargetRef::Chain { .. } | TargetRef::Return => line.fixed_share(),
                 _ => None,
             };
-            // Nor one that only sets marks and tests the source of a connection whose
-            // source is open: `-s` would bind it or stay undecided, and either way the
-            // rule is assumed not to apply (see [`Walker::decide`]); kube-proxy's
-            // `-s <endpoint>/32 -j KUBE-MARK-MASQ`.
-            let skipped = mark_only && line.tests_source() && t.packet.src.is_none();
+            // Nor a mark-only rule known not to apply.
+            let skipped = mark_only && mark_rule_never_applies(line, &t.packet);
             let (rule, decision) = match fixed {
                 _ if skipped => (None, Decision::No),
                 Some(share) => (None, Decision::Yes(share)),
@@ -929,6 +926,15 @@ impl Walker<'_, '_, '_> {
         }
         all.then_some(true)
     }
+}
+
+/// Whether a rule whose target only sets marks is known, from its first reading, not to
+/// apply to `packet`: it tests the source of a connection whose source is open, and
+/// `-s` would bind the source or stay undecided, either way the rule is assumed not to
+/// apply (see `Walker::decide`); kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ`.
+/// Core options are decided before any match, so no runtime match is reached either.
+pub(crate) fn mark_rule_never_applies(line: &RuleLine<'_>, packet: &Packet) -> bool {
+    line.tests_source() && packet.src.is_none()
 }
 
 /// The options whose result depends only on the connection (not on marks, the client's

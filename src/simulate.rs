@@ -1593,13 +1593,12 @@ impl<'g, 'r, 'a, 'w> Compiler<'g, 'r, 'a, 'w> {
         if let Some(d) = self.w.slots[slot].decisions.get(x) {
             return d;
         }
-        // As the evaluator: a mark-only rule testing an open source never applies (its
-        // `-s` would bind it or stay undecided), and it fails before any runtime match
-        // (core options come first).
+        // As the evaluator (it fails before any runtime match).
         let d = if mark_only
-            && self.graph.chain(self.table, c).rules[r].tests_source()
-            && self.w.states[x as usize].src.is_none()
-        {
+            && eval::mark_rule_never_applies(
+                &self.graph.chain(self.table, c).rules[r],
+                &self.w.states[x as usize],
+            ) {
             Decision {
                 reach: 0,
                 pass: false,
