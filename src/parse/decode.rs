@@ -36,18 +36,7 @@ fn clean_text(bytes: &[u8]) -> Option<&str> {
     if bytes.len() < 4 * PIECE || rayon::current_num_threads() < 2 {
         return None;
     }
-    let mut pieces = Vec::with_capacity(bytes.len() / PIECE + 1);
-    let mut rest = bytes;
-    while !rest.is_empty() {
-        let cut = rest
-            .get(PIECE..)
-            .and_then(|tail| tail.iter().position(|&b| b == b'\n'))
-            .map_or(rest.len(), |p| PIECE + p + 1);
-        let (piece, tail) = rest.split_at(cut);
-        pieces.push(piece);
-        rest = tail;
-    }
-    let clean = pieces
+    let clean = super::pieces_after_newlines(bytes, PIECE)
         .par_iter()
         .all(|p| find_binary(p).is_none() && std::str::from_utf8(p).is_ok());
     // SAFETY: every piece is UTF-8 and each ends after an ASCII byte (a line feed) or at

@@ -248,25 +248,35 @@ fn outline(text: &str) -> Outline {
     }
 }
 
-/// Cuts `text` into about `n` pieces that end after a line feed.
-fn split_lines(text: &str, n: usize) -> Vec<&str> {
-    let target = text.len() / n.max(1) + 1;
-    let mut pieces = Vec::with_capacity(n + 1);
-    let mut rest = text;
+/// Cuts `bytes` into pieces that end after the first line feed at or past `size` bytes
+/// into them (the last piece: at the end).
+fn pieces_after_newlines(bytes: &[u8], size: usize) -> Vec<&[u8]> {
+    let mut pieces = Vec::with_capacity(bytes.len() / size.max(1) + 1);
+    let mut rest = bytes;
     while !rest.is_empty() {
         let cut = rest
-            .as_bytes()
-            .get(target..)
+            .get(size..)
             .and_then(|tail| tail.iter().position(|&b| b == b'\n'))
-            .map_or(rest.len(), |p| target + p + 1);
-        let Some((piece, tail)) = rest.split_at_checked(cut) else {
-            pieces.push(rest);
-            break;
-        };
+            .map_or(rest.len(), |p| size + p + 1);
+        let (piece, tail) = rest.split_at(cut);
         pieces.push(piece);
         rest = tail;
     }
     pieces
+}
+
+/// Cuts `text` into about `n` pieces that end after a line feed.
+fn split_lines(text: &str, n: usize) -> Vec<&str> {
+    let mut rest = text;
+    pieces_after_newlines(text.as_bytes(), text.len() / n.max(1) + 1)
+        .into_iter()
+        .map(|p| {
+            // A piece ends after a line feed or at the end: a character boundary.
+            let (piece, tail) = rest.split_at_checked(p.len()).unwrap_or((rest, ""));
+            rest = tail;
+            piece
+        })
+        .collect()
 }
 
 /// Parses iptables-save / `iptables -S` / fragment text into a [`Ruleset`].
