@@ -4,7 +4,7 @@
 use crate::eval::{self, Distribution, Mode, Outcome, OutcomeInfo, Packet};
 use crate::graph::Graph;
 use crate::model::{Chain, Rule, Warning, is_state_module};
-use crate::prob::{CompactProb, Prob};
+use crate::prob::{CompactProb, Prob, push_u64};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet as HashSet;
 
@@ -553,21 +553,21 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         }
         ("jump", _, _, _, _) => format!("{} line {}", chain.name, rule.line),
         (_, Some(a), Some(d), Some(port), pr) => {
-            let mut t = String::with_capacity(a.len() + 16);
+            let mut t = Vec::with_capacity(a.len() + 16);
             if d.is_ipv6() {
-                t.push('[');
-                t.push_str(a);
-                t.push(']');
+                t.push(b'[');
+                t.extend_from_slice(a.as_bytes());
+                t.push(b']');
             } else {
-                t.push_str(a);
+                t.extend_from_slice(a.as_bytes());
             }
-            t.push(':');
-            push_decimal(&mut t, u32::from(port));
+            t.push(b':');
+            push_u64(&mut t, port.into());
             if let Some(pr) = pr {
-                t.push('/');
-                t.push_str(pr);
+                t.push(b'/');
+                t.extend_from_slice(pr.as_bytes());
             }
-            t
+            String::from_utf8(t).expect("text and digits")
         }
         (_, Some(a), _, None, _) => a.clone(),
         _ => format!("{} line {}", chain.name, rule.line),
@@ -584,35 +584,19 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
     }
 }
 
-/// Appends `n` in decimal.
-fn push_decimal(s: &mut String, n: u32) {
-    let mut buf = [0u8; 10];
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    s.extend(buf[i..].iter().map(|&b| b as char));
-}
-
 /// An address as `Display` writes it; IPv4 without the formatting machinery (a
 /// report has one or two per balancer).
 fn ip_text(a: std::net::IpAddr) -> String {
     match a {
         std::net::IpAddr::V4(v4) => {
-            let mut s = String::with_capacity(15);
+            let mut s = Vec::with_capacity(15);
             for (i, o) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    s.push('.');
+                    s.push(b'.');
                 }
-                push_decimal(&mut s, u32::from(o));
+                push_u64(&mut s, o.into());
             }
-            s
+            String::from_utf8(s).expect("digits and dots")
         }
         v6 => v6.to_string(),
     }
@@ -635,11 +619,6 @@ mod tests {
         ] {
             let ip: std::net::IpAddr = a.parse().unwrap();
             assert_eq!(ip_text(ip), ip.to_string());
-        }
-        for n in [0, 7, 10, 99, 100, 65535, u32::MAX] {
-            let mut s = String::new();
-            push_decimal(&mut s, n);
-            assert_eq!(s, n.to_string());
         }
     }
 

@@ -838,7 +838,7 @@ const DIGIT_PAIRS: &[u8; 200] = b"\
     8081828384858687888990919293949596979899";
 
 /// The decimal digits of `n` (no leading zeros; `0` for 0).
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut buf = [0u8; 20];
     let mut at = buf.len();
     while n >= 100 {
