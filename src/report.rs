@@ -124,12 +124,15 @@ pub struct Report {
     pub warnings: Vec<Warning>,
 }
 
+/// The exact form of `p` when it may be short enough to print (at most 3 bits a
+/// character); the text itself must still be at most [`EXACT_MAX_CHARS`] long.
+fn short_exact(p: &CompactProb) -> Option<&crate::prob::Prob> {
+    p.exact()
+        .filter(|p| p.bits() <= (EXACT_MAX_CHARS as u64) * 3)
+}
+
 fn exact_text(p: &CompactProb) -> Option<String> {
-    let p = p.exact()?;
-    if p.bits() > (EXACT_MAX_CHARS as u64) * 3 {
-        return None;
-    }
-    let s = p.to_string();
+    let s = short_exact(p)?.to_string();
     (s.len() <= EXACT_MAX_CHARS).then_some(s)
 }
 
@@ -1103,10 +1106,7 @@ fn write_entry_json(out: &mut Vec<u8>, depth: usize, e: &Entry) {
 /// The member `key` (quoted, with its colon) with `exact_text(p)`, or nothing when that
 /// is `None` (an approximation, or a fraction too long to print).
 fn write_exact_json(out: &mut Vec<u8>, o: &mut json::Obj, key: &[u8], p: &CompactProb) {
-    let Some(p) = p.exact() else { return };
-    if p.bits() > (EXACT_MAX_CHARS as u64) * 3 {
-        return;
-    }
+    let Some(p) = short_exact(p) else { return };
     let (mark, first) = (out.len(), o.is_first());
     o.key(out, key);
     out.push(b'"');
