@@ -192,46 +192,57 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
         selector: Option<String>,
         first_rule: Option<usize>,
     }
-    let mut found = Vec::new();
-    for (t, table) in graph.rs.tables.iter().enumerate() {
-        for (c, chain) in table.chains.iter().enumerate() {
-            let mut groups: Vec<(String, usize)> = Vec::new();
-            for (r, line) in chain.rules.iter().enumerate() {
-                if !line.statistic() {
-                    continue;
-                }
-                // A plain rule's selector is empty: no need to read it again.
-                let key = if line.plain() {
-                    String::new()
-                } else {
-                    selector(&line.parse())
-                };
-                if !groups.iter().any(|(k, _)| *k == key) {
-                    groups.push((key, r));
-                }
-            }
-            let kube = is_kube_balancer_chain(chain.name);
-            if groups.is_empty() {
-                if kube {
-                    found.push(Found {
-                        table: t,
-                        chain: c,
-                        selector: None,
-                        first_rule: None,
-                    });
-                }
+    // A chain's candidates: one per distinct selector of its statistic rules (a kube
+    // service chain without any is still one).
+    let per_chain = |t: usize, c: usize, chain: &Chain<'_>| -> Vec<Found> {
+        let mut groups: Vec<(String, usize)> = Vec::new();
+        for (r, line) in chain.rules.iter().enumerate() {
+            if !line.statistic() {
                 continue;
             }
-            let split = groups.len() > 1 || chain.policy.is_some();
-            for (key, r) in groups {
-                found.push(Found {
-                    table: t,
-                    chain: c,
-                    selector: (split && !key.is_empty()).then_some(key),
-                    first_rule: Some(r),
-                });
+            // A plain rule's selector is empty: no need to read it again.
+            let key = if line.plain() {
+                String::new()
+            } else {
+                selector(&line.parse())
+            };
+            if !groups.iter().any(|(k, _)| *k == key) {
+                groups.push((key, r));
             }
         }
+        if groups.is_empty() {
+            return if is_kube_balancer_chain(chain.name) {
+                vec![Found {
+                    table: t,
+                    chain: c,
+                    selector: None,
+                    first_rule: None,
+                }]
+            } else {
+                Vec::new()
+            };
+        }
+        let split = groups.len() > 1 || chain.policy.is_some();
+        groups
+            .into_iter()
+            .map(|(key, r)| Found {
+                table: t,
+                chain: c,
+                selector: (split && !key.is_empty()).then_some(key),
+                first_rule: Some(r),
+            })
+            .collect()
+    };
+    let mut found: Vec<Found> = Vec::new();
+    for (t, table) in graph.rs.tables.iter().enumerate() {
+        // (In order: rayon's extend keeps it.)
+        found.par_extend(
+            table
+                .chains
+                .par_iter()
+                .enumerate()
+                .flat_map_iter(|(c, chain)| per_chain(t, c, chain)),
+        );
     }
     let mut out: Vec<Candidate> = found
         .into_par_iter()
@@ -268,7 +279,8 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
             }
         })
         .collect();
-    out.sort_by(|a, b| (&a.name, &a.chain_name, a.line).cmp(&(&b.name, &b.chain_name, b.line)));
+    // (A stable sort, as `sort_by`: equal keys keep the order found.)
+    out.par_sort_by(|a, b| (&a.name, &a.chain_name, a.line).cmp(&(&b.name, &b.chain_name, b.line)));
     out
 }
 

@@ -187,17 +187,14 @@ impl<'r, 'a> Graph<'r, 'a> {
         for table in &rs.tables {
             tables.push(build_table(rs.format, table, lenient, &mut warnings)?);
         }
-        let graph = Graph {
+        let mut graph = Graph {
             rs,
             tables,
             warnings,
         };
         for (t, table) in rs.tables.iter().enumerate() {
-            graph.check_loops(t, table)?;
-        }
-        let mut graph = graph;
-        for t in 0..graph.tables.len() {
-            graph.compute_flags(t);
+            let order = graph.checked_order(t, table)?;
+            graph.compute_flags(t, order);
         }
         Ok(graph)
     }
@@ -218,38 +215,12 @@ impl<'r, 'a> Graph<'r, 'a> {
 
     /// Chains in an order where every chain comes after all chains it jumps to.
     pub fn callee_first_order(&self, t: usize) -> Vec<usize> {
-        let tg = &self.tables[t];
-        let n = tg.chains();
-        let mut order = Vec::with_capacity(n);
-        let mut state = vec![0u8; n]; // 0 new, 1 on stack, 2 done
-        for root in 0..n {
-            if state[root] != 0 {
-                continue;
-            }
-            let mut stack = vec![(root, 0usize)];
-            state[root] = 1;
-            while let Some(&mut (c, ref mut r)) = stack.last_mut() {
-                if *r < tg.rules(c) {
-                    let target = tg.target(c, *r);
-                    *r += 1;
-                    if let TargetRef::Chain { chain, .. } = target
-                        && state[chain] == 0
-                    {
-                        state[chain] = 1;
-                        stack.push((chain, 0));
-                    }
-                } else {
-                    state[c] = 2;
-                    order.push(c);
-                    stack.pop();
-                }
-            }
-        }
-        order
+        // A built graph has no loop.
+        self.checked_order(t, &self.rs.tables[t])
+            .unwrap_or_default()
     }
 
-    fn compute_flags(&mut self, t: usize) {
-        let order = self.callee_first_order(t);
+    fn compute_flags(&mut self, t: usize, order: Vec<usize>) {
         let table = &self.rs.tables[t];
         let tg = &mut self.tables[t];
         for c in order {
@@ -273,21 +244,26 @@ impl<'r, 'a> Graph<'r, 'a> {
         }
     }
 
-    fn check_loops(&self, t: usize, table: &Table<'a>) -> Result<(), InputError> {
+    /// One depth-first walk over the jumps of table `t`: the first loop found is an
+    /// error; without one, the chains in callee-first order.
+    fn checked_order(&self, t: usize, table: &Table<'a>) -> Result<Vec<usize>, InputError> {
         let tg = &self.tables[t];
         let n = table.chains.len();
-        let mut state = vec![0u8; n];
+        let mut order = Vec::with_capacity(n);
+        let mut state = vec![0u8; n]; // 0 new, 1 on stack, 2 done
+        // (chain, next rule index)
+        let mut stack: Vec<(usize, usize)> = Vec::new();
         for root in 0..n {
             if state[root] != 0 {
                 continue;
             }
-            // (chain, next rule index)
-            let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+            stack.push((root, 0));
             state[root] = 1;
             while let Some(top) = stack.last_mut() {
                 let (c, r) = *top;
                 if r >= tg.rules(c) {
                     state[c] = 2;
+                    order.push(c);
                     stack.pop();
                     continue;
                 }
@@ -304,7 +280,7 @@ impl<'r, 'a> Graph<'r, 'a> {
                 }
             }
         }
-        Ok(())
+        Ok(order)
     }
 }
 

@@ -88,12 +88,19 @@ impl<'a> TableB<'a> {
 
     /// The chain with that name, created when new.
     fn chain_mut(&mut self, name: &'a str) -> &mut Chain<'a> {
-        let chains = &mut self.table.chains;
+        let chains = &self.table.chains;
         let end = chains.len().min(self.last.saturating_add(4));
         if let Some(i) = (self.last..end).find(|&i| chains[i].name == name) {
             self.last = i;
-            return &mut chains[i];
+            return &mut self.table.chains[i];
         }
+        self.chain_by_index(name)
+    }
+
+    /// [`Self::chain_mut`] without first looking near the last chain: for declarations,
+    /// which mostly name new chains.
+    fn chain_by_index(&mut self, name: &'a str) -> &mut Chain<'a> {
+        let chains = &mut self.table.chains;
         let i = *self.index.entry(name).or_insert_with(|| {
             chains.push(Chain {
                 name,
@@ -295,7 +302,7 @@ impl<'a> Builder<'a> {
                 let Some(t) = self.target_table(line, "chain declaration")? else {
                     return Ok(());
                 };
-                let c = t.chain_mut(name);
+                let c = t.chain_by_index(name);
                 if let Some(first) = c.declared_line {
                     let table = t.table.name;
                     let message = if table.is_empty() {

@@ -323,13 +323,14 @@ fn parse_in<'a>(
     }
     let lines = next - 1;
     let mut b = Builder::new(lenient, sizes);
-    // The pieces are read in waves, a piece per thread at a time, and filed in order
-    // after each wave: what was read but not filed stays small. Without `lenient` a
-    // piece stops at its first bad line, which is all the filing can get to.
+    // The pieces are read in waves, a piece per thread at a time, and filed in order:
+    // what was read but not filed stays small. The filing of one wave (on one thread)
+    // runs while the next wave is read. Without `lenient` a piece stops at its first
+    // bad line, which is all the filing can get to; a wave read beyond a fatal error
+    // is dropped unfiled.
     let threads = rayon::current_num_threads().max(1);
-    for (wave, wave_firsts) in pieces.chunks(threads).zip(firsts.chunks(threads)) {
-        let chunks: Vec<Vec<Entry<'a>>> = wave
-            .par_iter()
+    let read_wave = |wave: &[&'a str], wave_firsts: &[u32]| -> Vec<Vec<Entry<'a>>> {
+        wave.par_iter()
             .zip(wave_firsts.par_iter())
             .map(|(p, &first)| {
                 let mut out = Vec::new();
@@ -340,11 +341,24 @@ fn parse_in<'a>(
                 });
                 out
             })
-            .collect();
-        for e in chunks.into_iter().flatten() {
-            apply(&mut b, e)?;
+            .collect()
+    };
+    let file = |b: &mut Builder<'a>, read: Vec<Vec<Entry<'a>>>| -> Result<(), InputError> {
+        for e in read.into_iter().flatten() {
+            apply(b, e)?;
         }
+        Ok(())
+    };
+    let mut read: Vec<Vec<Entry<'a>>> = Vec::new();
+    for (wave, wave_firsts) in pieces.chunks(threads).zip(firsts.chunks(threads)) {
+        let (filed, next) = rayon::join(
+            || file(&mut b, std::mem::take(&mut read)),
+            || read_wave(wave, wave_firsts),
+        );
+        filed?;
+        read = next;
     }
+    file(&mut b, read)?;
     b.finish(lines)
 }
 
