@@ -79,6 +79,37 @@ impl Statistic {
 ///
 /// Returns `None` when the text is not a number in [0, 1].
 pub fn threshold_from_text(text: &str) -> Option<u32> {
+    if let Some(q) = short_decimal_threshold(text.as_bytes()) {
+        return Some(q);
+    }
+    decimal_threshold(text)
+}
+
+/// [`threshold_from_text`] for the form iptables and kube-proxy print, `0.` and 1 to 19
+/// digits, in integers: with `p = n / 10^d`, `2^31·p = q + r / 10^d`. The f64 that
+/// `strtod` makes of the text is within 2^-53 of `p` (p < 1), so 2^31 times it is within
+/// 2^-22 of `2^31·p` and rounds to the same integer unless `r / 10^d` is that close to
+/// one half; then (and for any other form) `None`, and the float path decides.
+fn short_decimal_threshold(t: &[u8]) -> Option<u32> {
+    let digits = t.strip_prefix(b"0.")?;
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |a, &d| a * 10 + u64::from(d - b'0'));
+    let den = 10u128.pow(digits.len() as u32);
+    let x = u128::from(n) << 31;
+    let (q, r) = (x / den, x % den);
+    // |r/den - 1/2| = |2r - den| / (2 den), which must exceed 2^-21.
+    if (2 * r).abs_diff(den) << 20 <= den {
+        return None;
+    }
+    u32::try_from(q + u128::from(2 * r > den)).ok()
+}
+
+/// [`threshold_from_text`] through `f64`, as iptables does it.
+fn decimal_threshold(text: &str) -> Option<u32> {
     let t = text.trim();
     // strtod accepts more (hex floats, "inf"), but iptables prints plain decimals and
     // anything else in a dump is a mistake worth reporting.
@@ -207,6 +238,47 @@ pub fn from_match(m: &Match<'_>) -> Result<Statistic, StatisticError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The integer path gives what the float path gives, whenever it answers, on
+        /// every length of `0.` decimals (and answers for all but a sliver of them).
+        #[test]
+        fn integer_thresholds_are_the_float_ones(n in any::<u64>(), d in 1usize..=19) {
+            let digits = format!("{:0>19}", n % 10u64.pow(19));
+            let text = format!("0.{}", &digits[..d]);
+            let fast = short_decimal_threshold(text.as_bytes());
+            if let Some(q) = fast {
+                prop_assert_eq!(Some(q), decimal_threshold(&text), "{}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn integer_thresholds_near_halves_fall_back() {
+        // Whatever the integer path answers is the float path's answer.
+        for text in [
+            "0.5",
+            "0.00000000023283064365",
+            "0.0000000002328306437",
+            "0.0000000002",
+            "0.3333333333",
+            "0.33333333333",
+            "0.1000000000",
+            "0.9999999999",
+            "0.0000000000",
+            "0.99999999999999999999",
+        ] {
+            if let Some(q) = short_decimal_threshold(text.as_bytes()) {
+                assert_eq!(Some(q), decimal_threshold(text), "{text}");
+            }
+            assert_eq!(threshold_from_text(text), decimal_threshold(text), "{text}");
+        }
+        // 2^31 * 0.0000000002328306436 = 0.49999999994…, within 2^-21 of a half:
+        // declined, so f64 decides.
+        assert_eq!(short_decimal_threshold(b"0.0000000002328306436"), None);
+        assert_eq!(short_decimal_threshold(b"0.25"), Some(1 << 29));
+    }
 
     #[test]
     fn thresholds_round_like_lround() {
