@@ -116,7 +116,7 @@ fn read_lines<'a, E>(
     let mut chain_of_run: &'a str = "";
     let mut v6 = false;
     let mut no = first;
-    for line in text.lines() {
+    for line in lines(text) {
         let read = match line::fast_line(line, &mut sc.fast) {
             Some(line::Fast::Rule { chain, summary }) => {
                 if chain_of_run != chain {
@@ -163,6 +163,34 @@ fn read_lines<'a, E>(
     }
     flush_run(sink, &mut run, chain_of_run, &mut v6)?;
     Ok(no - first)
+}
+
+/// The lines of `text` as [`str::lines`] gives them (cut at line feeds, a carriage
+/// return before a line feed removed, no empty line after a final line feed), found
+/// by the memchr crate's vectorised search: a 60 MB dump has half a million lines, and
+/// `str::lines` looks for each end a machine word at a time.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= bytes.len() {
+            return None;
+        }
+        let line = match memchr::memchr(b'\n', &bytes[start..]) {
+            Some(p) => {
+                // (Cut at ASCII bytes: character boundaries.)
+                let line = &text[start..start + p];
+                start += p + 1;
+                line.strip_suffix('\r').unwrap_or(line)
+            }
+            None => {
+                let line = &text[start..];
+                start = bytes.len();
+                line
+            }
+        };
+        Some(line)
+    })
 }
 
 thread_local! {
@@ -223,12 +251,7 @@ fn outline(text: &str) -> Outline {
     let mut lines = 0usize;
     let mut start = 0;
     while start < bytes.len() {
-        // (`str::find` looks for the line feed a word at a time; `start` follows a
-        // line feed, so it is on a character boundary.)
-        let end = text
-            .get(start..)
-            .and_then(|rest| rest.find('\n'))
-            .map_or(bytes.len(), |p| start + p);
+        let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |p| start + p);
         lines += 1;
         let line = &bytes[start..end];
         let body = line.trim_ascii_start();

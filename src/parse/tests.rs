@@ -705,3 +705,13 @@ fn parallel_reading_gives_the_same_result() {
     }
     assert_eq!(e1.text, "garbage line");
 }
+
+proptest::proptest! {
+    /// `lines` cuts text exactly as `str::lines` does.
+    #[test]
+    fn lines_are_str_lines(text in "[a\\r\\n é]{0,40}") {
+        let ours: Vec<&str> = super::lines(&text).collect();
+        let std: Vec<&str> = text.lines().collect();
+        proptest::prop_assert_eq!(ours, std);
+    }
+}
