@@ -466,7 +466,7 @@ fn kube_name(chain: &Chain<'_>, entry_comment: impl FnOnce() -> Option<String>) 
     chain
         .rules
         .iter()
-        .find_map(|r| r.parse().comment().map(strip))
+        .find_map(|r| r.comment().map(|c| strip(&c)))
         .or_else(|| entry_comment().as_deref().map(strip))
         .filter(|n| !n.is_empty())
 }

@@ -368,6 +368,12 @@ impl<'a> RuleLine<'a> {
         crate::parse::reparse(self.text, self.line)
     }
 
+    /// The rule's comment, as [`Rule::comment`] of [`Self::parse`] gives it (mostly
+    /// without reading the whole rule).
+    pub fn comment(&self) -> Option<std::borrow::Cow<'a, str>> {
+        crate::parse::rule_comment(self.text, self.line)
+    }
+
     /// `-j NAME` or `-g CHAIN`, if the rule has one.
     pub fn target(&self) -> Option<TargetHead<'a>> {
         (self.flags & HAS_TARGET != 0).then(|| TargetHead {

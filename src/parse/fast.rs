@@ -366,6 +366,44 @@ pub(super) fn rule_line<'a>(
     Some((chain, rule(ctx, k0, counters, bufs)?))
 }
 
+/// The comment of a rule line (as [`Rule::comment`] of [`rule_line`]'s rule), read
+/// without building the rule: `None` when the fast path does not read the line,
+/// `Some(None)` for a rule without a comment.
+pub(super) fn comment_of<'a>(
+    line: &'a str,
+    body: &str,
+    bufs: &mut FastBufs,
+) -> Option<Option<&'a str>> {
+    let (counters, _, k0) = head(line, body, bufs)?;
+    read_steps(line, k0, counters, bufs)?;
+    let (steps, vals) = bufs.steps();
+    let mut in_comment = false;
+    let mut found = None;
+    for (i, st) in steps.iter().enumerate() {
+        match st.kind {
+            // Options before any `-m` go to a match named after the protocol, which
+            // could be called `comment`: left to the whole rule.
+            StepKind::Opt(Sec::Implicit) => return None,
+            StepKind::MatchStart => {
+                let name = st.name(line);
+                // As `rule` does: a statistic match it does not read leaves the
+                // line to the slow path.
+                if name == "statistic" && plain_statistic(line, vals, steps, i).is_none() {
+                    return None;
+                }
+                in_comment = name == "comment";
+            }
+            StepKind::Opt(Sec::Match) if in_comment && found.is_none() => {
+                if st.name(line) == "comment" {
+                    found = Some(st.first(line, vals));
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(found)
+}
+
 /// `b.is_ascii()`, eight bytes at a time.
 #[inline]
 fn is_ascii(b: &[u8]) -> bool {

@@ -157,6 +157,11 @@ pub(super) fn fast_rule_line<'a>(ctx: &LineCtx<'a>, bufs: &mut FastBufs) -> Opti
     fast::rule_line(ctx, trim_blanks(ctx.text), bufs).map(|(_, rule)| rule)
 }
 
+/// The comment of a rule line by the fast path only (see [`fast::comment_of`]).
+pub(super) fn fast_comment<'a>(text: &'a str, bufs: &mut FastBufs) -> Option<Option<&'a str>> {
+    fast::comment_of(text, trim_blanks(text), bufs)
+}
+
 /// `s` without blanks at either end (blanks are ASCII: bytes and characters agree).
 #[inline]
 fn trim_blanks(s: &str) -> &str {

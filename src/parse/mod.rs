@@ -228,6 +228,21 @@ pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     }
 }
 
+/// The comment of line `no`, the text of a rule line read before without error: what
+/// `reparse(text, no).comment()` gives, mostly without building the rule.
+pub fn rule_comment(text: &str, no: u32) -> Option<std::borrow::Cow<'_, str>> {
+    let fast = FAST.with(|bufs| {
+        let mut bufs = bufs.try_borrow_mut().ok()?;
+        line::fast_comment(text, &mut bufs)
+    });
+    match fast {
+        Some(c) => c.map(std::borrow::Cow::Borrowed),
+        None => reparse(text, no)
+            .comment()
+            .map(|c| std::borrow::Cow::Owned(c.to_string())),
+    }
+}
+
 /// Files one entry.
 fn apply<'a>(b: &mut Builder<'a>, e: Entry<'a>) -> Result<(), InputError> {
     match e {

@@ -551,8 +551,15 @@ fn check_fast_lines(text: &str) -> Result<(), TestCaseError> {
             let slow = line::parse_line_slow(&ctx, &mut sc, full);
             prop_assert_eq!(&fast, &slow, "{:?}", line);
         }
-        // And a rule read again.
+        // A rule's comment read alone: the whole rule's, when the fast path reads it.
         let ctx = rule::LineCtx::new(line, 7);
+        if let Ok(Line::Rule { rule, .. }) =
+            line::parse_line_slow(&ctx, &mut Scratch::default(), true)
+            && let Some(comment) = line::fast_comment(line, &mut fast::FastBufs::default())
+        {
+            prop_assert_eq!(comment, rule.comment(), "{:?}", line);
+        }
+        // And a rule read again.
         if let Some(rule) = line::fast_rule_line(&ctx, &mut fast::FastBufs::default()) {
             let mut sc = Scratch::default();
             let slow = line::parse_line_slow(&ctx, &mut sc, true);
@@ -648,6 +655,7 @@ fn fast_path_reads_kube_lines() {
         let ctx = rule::LineCtx::new(line, 1);
         let mut bufs = fast::FastBufs::default();
         assert!(line::fast_rule_line(&ctx, &mut bufs).is_some(), "{line}");
+        assert!(line::fast_comment(line, &mut bufs).is_some(), "{line}");
         check_fast_lines(line).unwrap();
     }
 }
