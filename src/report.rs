@@ -1112,7 +1112,7 @@ fn write_exact_json(out: &mut Vec<u8>, o: &mut json::Obj, key: &[u8], p: &Compac
     out.push(b'"');
     let at = out.len();
     // Digits and a slash: nothing to escape.
-    p.write_text(out);
+    p.write_text_dyadic_fast(out);
     // `exact_text`'s second limit. (With at most 1,200 bits a fraction has at most 364
     // characters: kept as the definition, never taken back today.)
     if out.len() - at <= EXACT_MAX_CHARS {
