@@ -1864,14 +1864,15 @@ impl Prob {
         };
         if let Some(n) = self.num.to_u64() {
             push_u64(out, n);
+        } else if self.num.bits() <= 64 * 4 {
+            // Most numerators that need more than a word: small arrays, quickly cleared.
+            let mut words = [0u64; 4];
+            let len = fill_words(&mut words, &self.num);
+            push_words_decimal(out, &mut words[..len], &mut [0; 5]);
         } else if self.num.bits() <= 64 * WORDS_MAX as u64 {
             let mut words = [0u64; WORDS_MAX];
-            let mut len = 0;
-            for (slot, w) in words.iter_mut().zip(self.num.iter_u64_digits()) {
-                *slot = w;
-                len += 1;
-            }
-            push_words_decimal(out, &mut words[..len]);
+            let len = fill_words(&mut words, &self.num);
+            push_words_decimal(out, &mut words[..len], &mut [0; BLOCKS_MAX]);
         } else {
             return self.write_text(out);
         }
@@ -1911,11 +1912,25 @@ fn div_e19(hi: u64, lo: u64) -> (u64, u64) {
     (q1, r)
 }
 
+/// Blocks of 19 digits under the top word of a number of [`WORDS_MAX`] words.
+const BLOCKS_MAX: usize = WORDS_MAX * 64 * 30103 / 100_000 / 19 + 1;
+
+/// Copies the 64-bit words of `n` (which fit) into `words`; returns how many there are.
+fn fill_words(words: &mut [u64], n: &BigUint) -> usize {
+    let mut len = 0;
+    for (slot, w) in words.iter_mut().zip(n.iter_u64_digits()) {
+        *slot = w;
+        len += 1;
+    }
+    len
+}
+
 /// Appends the decimal digits of the number whose little-endian 64-bit words are
-/// `words` (at most [`WORDS_MAX`]; no leading zeros, `0` for 0). The words are used up.
-fn push_words_decimal(out: &mut Vec<u8>, words: &mut [u64]) {
+/// `words` (no leading zeros, `0` for 0), with room in `blocks` for its 19-digit blocks
+/// under the top word (up to `words.len() · 64 · log10(2) / 19 + 1` of them). The words
+/// are used up.
+fn push_words_decimal(out: &mut Vec<u8>, words: &mut [u64], blocks: &mut [u64]) {
     // Blocks of 19 digits from the bottom while the value needs more than one word.
-    let mut blocks = [0u64; WORDS_MAX * 64 * 30103 / 100_000 / 19 + 1];
     let mut n = 0;
     let mut len = words.len();
     while len > 0 && words[len - 1] == 0 {
@@ -2015,7 +2030,9 @@ mod dyadic_text_tests {
             let p = ten.pow(k);
             nums.extend([&p - 1u32, p.clone(), &p + 1u32]);
         }
-        for k in [63u32, 64, 65, 127, 128, 129, 1279, 1280, 1281, 1300] {
+        for k in [
+            63u32, 64, 65, 127, 128, 129, 255, 256, 257, 1279, 1280, 1281, 1300,
+        ] {
             let p = BigUint::one() << k;
             nums.extend([&p - 1u32, p.clone(), &p + 1u32]);
         }
