@@ -845,7 +845,7 @@ pub(crate) fn write_balancer_json(
         key!(x, out, "probability");
         json::f64(out, e.prob.to_f64());
         key!(x, out, "ideal");
-        out.extend_from_slice(ideal_text.as_bytes());
+        ideal_text.write(out);
         let deviation = e.prob.relative_deviation(n);
         skew = f64::max(skew, deviation.abs());
         key!(x, out, "relative_deviation");
@@ -862,7 +862,7 @@ pub(crate) fn write_balancer_json(
         key!(x, out, "expected");
         match audit.and_then(|a| a.expected.probs.get(i).copied()) {
             Some(p) if p.to_bits() != ideal.to_bits() => json::f64(out, p),
-            _ => out.extend_from_slice(ideal_text.as_bytes()),
+            _ => ideal_text.write(out),
         }
         let simulated = sim.and_then(|s| s.counts.get(i).copied());
         if let Some(k) = simulated {
@@ -1406,8 +1406,17 @@ mod json {
             Self { bytes, len }
         }
 
+        #[cfg(test)]
         pub fn as_bytes(&self) -> &[u8] {
             &self.bytes[..self.len]
+        }
+
+        /// Appends the text: all 32 bytes (a copy of fixed size), then the length set.
+        #[inline(always)]
+        pub fn write(&self, out: &mut Vec<u8>) {
+            let end = out.len() + self.len;
+            out.extend_from_slice(&self.bytes);
+            out.truncate(end);
         }
     }
 
