@@ -1849,3 +1849,252 @@ mod tests {
         }
     }
 }
+
+impl Prob {
+    /// Appends the same text as [`Prob::write_text`], faster for the fractions reports
+    /// print most: over a power of two (every kube-proxy probability), the denominator
+    /// is copied from a table ([`pow2_text`]) and the numerator's digits are computed
+    /// 19 at a time in 64-bit words ([`push_words_decimal`]).
+    pub fn write_text_dyadic_fast(&self, out: &mut Vec<u8>) {
+        if !self.odd.is_one() || self.num.is_zero() || self.is_one() {
+            return self.write_text(out);
+        }
+        let Some(den) = pow2_text(self.shift) else {
+            return self.write_text(out);
+        };
+        if let Some(n) = self.num.to_u64() {
+            push_u64(out, n);
+        } else if self.num.bits() <= 64 * 4 {
+            // Most numerators that need more than a word: small arrays, quickly cleared.
+            let mut words = [0u64; 4];
+            let len = fill_words(&mut words, &self.num);
+            push_words_decimal(out, &mut words[..len], &mut [0; 5]);
+        } else if self.num.bits() <= 64 * WORDS_MAX as u64 {
+            let mut words = [0u64; WORDS_MAX];
+            let len = fill_words(&mut words, &self.num);
+            push_words_decimal(out, &mut words[..len], &mut [0; BLOCKS_MAX]);
+        } else {
+            return self.write_text(out);
+        }
+        out.push(b'/');
+        out.extend_from_slice(den);
+    }
+}
+
+/// 64-bit words of the longest numerator [`Prob::write_text_dyadic_fast`] converts
+/// itself (1,280 bits, as [`Limbs`]).
+const WORDS_MAX: usize = 20;
+
+/// 10^19, the largest power of ten below 2^64; its top bit is set.
+const E19: u64 = 10_000_000_000_000_000_000;
+
+/// The reciprocal of [`E19`] for [`div_e19`]: ⌊(2^128 − 1) / E19⌋ − 2^64.
+const E19_INV: u64 = (u128::MAX / E19 as u128 - (1u128 << 64)) as u64;
+
+/// `(hi · 2^64 + lo) / E19` and its remainder, for `hi < E19`: a division by an
+/// invariant normalised divisor with its precomputed reciprocal (Möller and Granlund,
+/// "Improved division by invariant integers", 2011, algorithm 4): one 128-bit product
+/// instead of a call to the 128-bit division.
+#[inline]
+fn div_e19(hi: u64, lo: u64) -> (u64, u64) {
+    debug_assert!(hi < E19);
+    let q = u128::from(E19_INV) * u128::from(hi) + ((u128::from(hi) + 1) << 64 | u128::from(lo));
+    let (mut q1, q0) = ((q >> 64) as u64, q as u64);
+    let mut r = lo.wrapping_sub(q1.wrapping_mul(E19));
+    if r > q0 {
+        q1 = q1.wrapping_sub(1);
+        r = r.wrapping_add(E19);
+    }
+    if r >= E19 {
+        q1 += 1;
+        r -= E19;
+    }
+    (q1, r)
+}
+
+/// Blocks of 19 digits under the top word of a number of [`WORDS_MAX`] words.
+const BLOCKS_MAX: usize = WORDS_MAX * 64 * 30103 / 100_000 / 19 + 1;
+
+/// Copies the 64-bit words of `n` (which fit) into `words`; returns how many there are.
+fn fill_words(words: &mut [u64], n: &BigUint) -> usize {
+    let mut len = 0;
+    for (slot, w) in words.iter_mut().zip(n.iter_u64_digits()) {
+        *slot = w;
+        len += 1;
+    }
+    len
+}
+
+/// Appends the decimal digits of the number whose little-endian 64-bit words are
+/// `words` (no leading zeros, `0` for 0), with room in `blocks` for its 19-digit blocks
+/// under the top word (up to `words.len() · 64 · log10(2) / 19 + 1` of them). The words
+/// are used up.
+fn push_words_decimal(out: &mut Vec<u8>, words: &mut [u64], blocks: &mut [u64]) {
+    // Blocks of 19 digits from the bottom while the value needs more than one word.
+    let mut n = 0;
+    let mut len = words.len();
+    while len > 0 && words[len - 1] == 0 {
+        len -= 1;
+    }
+    while len > 1 {
+        let mut rem = 0;
+        for w in words[..len].iter_mut().rev() {
+            (*w, rem) = div_e19(rem, *w);
+        }
+        blocks[n] = rem;
+        n += 1;
+        // At least 2^64 before: the quotient is not 0.
+        while words[len - 1] == 0 {
+            len -= 1;
+        }
+    }
+    push_u64(out, if len == 0 { 0 } else { words[0] });
+    for &b in blocks[..n].iter().rev() {
+        push_block19(out, b);
+    }
+}
+
+/// Powers of two up to this exponent have their decimal text in [`pow2_text`]'s table
+/// (every denominator of an exact fraction a report prints: at most 1,200 bits).
+const POW2_TEXT_MAX: u64 = 1280;
+
+/// The decimal text of `2^k`, for `k` up to [`POW2_TEXT_MAX`]: from a table of all of
+/// them (about 250 kB), made on first use by doubling.
+pub(crate) fn pow2_text(k: u64) -> Option<&'static [u8]> {
+    static TABLE: std::sync::OnceLock<(Vec<u8>, Vec<usize>)> = std::sync::OnceLock::new();
+    let k = usize::try_from(k)
+        .ok()
+        .filter(|&k| k as u64 <= POW2_TEXT_MAX)?;
+    let (text, ends) = TABLE.get_or_init(|| {
+        const BLOCK: u32 = 1_000_000_000;
+        // 2^k in blocks of 9 digits, little-endian.
+        let mut blocks: Vec<u32> = vec![1];
+        let mut text = Vec::with_capacity(260_000);
+        let mut ends = Vec::with_capacity(POW2_TEXT_MAX as usize + 1);
+        for _ in 0..=POW2_TEXT_MAX {
+            let (top, rest) = blocks.split_last().expect("not empty");
+            push_u64(&mut text, u64::from(*top));
+            for &b in rest.iter().rev() {
+                push_block(&mut text, b);
+            }
+            ends.push(text.len());
+            let mut carry = 0;
+            for b in &mut blocks {
+                let d = *b * 2 + carry;
+                (*b, carry) = (d % BLOCK, d / BLOCK);
+            }
+            if carry != 0 {
+                blocks.push(carry);
+            }
+        }
+        (text, ends)
+    });
+    let start = if k == 0 { 0 } else { ends[k - 1] };
+    Some(&text[start..ends[k]])
+}
+
+#[cfg(test)]
+mod dyadic_text_tests {
+    use super::*;
+
+    /// [`Prob::write_text_dyadic_fast`]'s bytes, after others already in the buffer.
+    fn fast_text(p: &Prob) -> Vec<u8> {
+        let mut out = b"x".to_vec();
+        p.write_text_dyadic_fast(&mut out);
+        out.split_off(1)
+    }
+
+    fn slow_text(p: &Prob) -> Vec<u8> {
+        let mut out = Vec::new();
+        p.write_text(&mut out);
+        out
+    }
+
+    /// `num / 2^shift` in lowest terms (or `num / (odd · 2^shift)`).
+    fn fraction(num: BigUint, odd: BigUint, shift: u64) -> Prob {
+        let mut p = Prob { num, odd, shift };
+        p.normalize();
+        p
+    }
+
+    #[test]
+    fn powers_of_two_and_edges_are_the_plain_text() {
+        for k in 0..=POW2_TEXT_MAX {
+            let two_k = BigUint::one() << k;
+            assert_eq!(pow2_text(k).unwrap(), two_k.to_string().as_bytes(), "2^{k}");
+        }
+        assert_eq!(pow2_text(POW2_TEXT_MAX + 1), None);
+        let ten = BigUint::from(10u32);
+        let mut nums = vec![BigUint::zero(), BigUint::one()];
+        for k in 1..=70u32 {
+            let p = ten.pow(k);
+            nums.extend([&p - 1u32, p.clone(), &p + 1u32]);
+        }
+        for k in [
+            63u32, 64, 65, 127, 128, 129, 255, 256, 257, 1279, 1280, 1281, 1300,
+        ] {
+            let p = BigUint::one() << k;
+            nums.extend([&p - 1u32, p.clone(), &p + 1u32]);
+        }
+        for num in &nums {
+            for shift in [0, 1, 31, 64, 65, 200, 1280, 1281, 1400] {
+                let p = fraction(num.clone(), BigUint::one(), shift);
+                assert_eq!(fast_text(&p), slow_text(&p), "{num} / 2^{shift}");
+                let p = fraction(num.clone(), BigUint::from(3u32), shift);
+                assert_eq!(fast_text(&p), slow_text(&p), "{num} / 3·2^{shift}");
+            }
+        }
+    }
+
+    #[test]
+    fn division_by_ten_to_the_19_is_the_plain_division() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for i in 0..200_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let hi = match i % 4 {
+                0 => x % E19,
+                1 => E19 - 1 - (x % 1000),
+                2 => x % 1000,
+                _ => x >> (i % 64),
+            } % E19;
+            let lo = if i % 8 == 0 {
+                u64::MAX - (i % 3)
+            } else {
+                x.rotate_left(29)
+            };
+            let n = (u128::from(hi) << 64) | u128::from(lo);
+            let want = ((n / u128::from(E19)) as u64, (n % u128::from(E19)) as u64);
+            assert_eq!(div_e19(hi, lo), want, "{hi} {lo}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The fast text is `write_text`'s for fractions over powers of two (and others)
+        /// with numerators of up to 45 limbs of 32 bits and kube-proxy cascades.
+        #[test]
+        fn dyadic_fast_text_is_write_text(
+            num in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..45),
+            shift in 0u64..1400,
+            odd in proptest::prelude::any::<u32>(),
+            factors in proptest::collection::vec(1u64..(1 << 31), 0..40),
+            every in 2u64..40,
+        ) {
+            let num = BigUint::new(num);
+            let p = fraction(num.clone(), BigUint::one(), shift);
+            proptest::prop_assert_eq!(fast_text(&p), slow_text(&p));
+            let p = fraction(num, BigUint::from(odd | 1), shift);
+            proptest::prop_assert_eq!(fast_text(&p), slow_text(&p));
+            let mut p = Prob::one();
+            for q in factors {
+                p.mul_ratio_assign(q, 1 << 31);
+                proptest::prop_assert_eq!(fast_text(&p), slow_text(&p));
+                let c = p.complement().expect("at most 1");
+                proptest::prop_assert_eq!(fast_text(&c), slow_text(&c));
+                let m = p.mul_ratio(every - 1, every);
+                proptest::prop_assert_eq!(fast_text(&m), slow_text(&m));
+            }
+        }
+    }
+}

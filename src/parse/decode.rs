@@ -13,19 +13,69 @@ fn is_binary(b: u8) -> bool {
     (b < 9) | ((14..32).contains(&b) & (b != 27))
 }
 
-/// Offset of the first binary byte. Scans in blocks without early exit so that the
-/// compiler can vectorise the test.
-fn find_binary(bytes: &[u8]) -> Option<usize> {
+/// What one pass over the bytes found: the offset of the first binary byte, and
+/// whether every byte before it is ASCII.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Scan {
+    binary: Option<usize>,
+    ascii: bool,
+}
+
+/// Is every byte of the block printable ASCII or a line feed (what nearly every block
+/// of a dump is)? No early exit, so that the compiler tests many bytes an instruction.
+#[inline(always)]
+fn plain(block: &[u8]) -> bool {
+    block
+        .iter()
+        .fold(true, |ok, &b| ok & (((b as i8) >= 0x20) | (b == b'\n')))
+}
+
+/// Finds the first binary byte and whether the bytes are ASCII, in one pass: blocks of
+/// plain text are passed over many bytes an instruction, the others (a tab, a carriage
+/// return, non-ASCII text, a binary byte) are looked at byte by byte.
+fn scan(bytes: &[u8]) -> Scan {
     const BLOCK: usize = 64;
-    for (i, block) in bytes.chunks(BLOCK).enumerate() {
-        if block.iter().fold(false, |acc, &b| acc | is_binary(b)) {
-            return block
-                .iter()
-                .position(|&b| is_binary(b))
-                .map(|p| i * BLOCK + p);
+    let mut ascii = true;
+    let mut blocks = bytes.chunks_exact(BLOCK);
+    let mut at = 0;
+    for block in blocks.by_ref() {
+        if !plain(block) {
+            if let Some(p) = block.iter().position(|&b| is_binary(b)) {
+                return Scan {
+                    binary: Some(at + p),
+                    ascii: ascii && block[..p].is_ascii(),
+                };
+            }
+            ascii &= block.is_ascii();
         }
+        at += BLOCK;
     }
-    None
+    let rest = blocks.remainder();
+    let binary = rest.iter().position(|&b| is_binary(b));
+    Scan {
+        binary: binary.map(|p| at + p),
+        ascii: ascii && rest[..binary.unwrap_or(rest.len())].is_ascii(),
+    }
+}
+
+/// The bytes as text, `found` being their [`scan`] without a binary byte: checked for
+/// UTF-8 only when some byte is not ASCII.
+fn utf8(bytes: &[u8], found: Scan) -> Result<&str, std::str::Utf8Error> {
+    debug_assert_eq!(found, scan(bytes));
+    if found.ascii && found.binary.is_none() {
+        // SAFETY: `scan` saw every byte and found each below 0x80: ASCII is UTF-8.
+        return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    std::str::from_utf8(bytes)
+}
+
+/// The bytes as text when they have no binary byte and are UTF-8.
+fn text_of(bytes: &[u8]) -> Option<&str> {
+    let found = scan(bytes);
+    if found.binary.is_some() {
+        return None;
+    }
+    utf8(bytes, found).ok()
 }
 
 /// Large inputs are checked by several threads, in pieces cut after line feeds;
@@ -38,7 +88,7 @@ fn clean_text(bytes: &[u8]) -> Option<&str> {
     }
     let clean = super::pieces_after_newlines(bytes, PIECE)
         .par_iter()
-        .all(|p| find_binary(p).is_none() && std::str::from_utf8(p).is_ok());
+        .all(|p| text_of(p).is_some());
     // SAFETY: every piece is UTF-8 and each ends after an ASCII byte (a line feed) or at
     // the end of the input, so no character is split: the whole is UTF-8.
     clean.then(|| unsafe { std::str::from_utf8_unchecked(bytes) })
@@ -89,7 +139,8 @@ pub fn decode(bytes: &[u8], lenient: bool) -> Result<(Cow<'_, str>, Vec<Warning>
     if let Some(text) = clean_text(bytes) {
         return Ok((Cow::Borrowed(text), Vec::new()));
     }
-    if let Some(pos) = find_binary(bytes) {
+    let found = scan(bytes);
+    if let Some(pos) = found.binary {
         let (line, col) = line_col(bytes, pos);
         let utf16 = bytes[pos] == 0
             && bytes.len() > 3
@@ -111,7 +162,7 @@ pub fn decode(bytes: &[u8], lenient: bool) -> Result<(Cow<'_, str>, Vec<Warning>
             },
         ));
     }
-    match std::str::from_utf8(bytes) {
+    match utf8(bytes, found) {
         Ok(s) => Ok((Cow::Borrowed(s), Vec::new())),
         Err(e) if !lenient => {
             let pos = e.valid_up_to();
@@ -221,6 +272,81 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((e.line, e.col), (1, 2));
+    }
+
+    /// The byte-by-byte search for a binary byte that `scan` replaced.
+    fn old_find_binary(bytes: &[u8]) -> Option<usize> {
+        bytes.iter().position(|&b| is_binary(b))
+    }
+
+    /// Text bytes with the odd ones mixed in: plain runs longer than a block, line feeds,
+    /// carriage returns, tabs, NUL and other control bytes, DEL, pieces of UTF-8
+    /// characters (é, U+2028) and any byte at all.
+    fn odd_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let piece = prop_oneof![
+            20 => proptest::collection::vec(b' '..=b'~', 0..150),
+            4 => Just(vec![b'\n']),
+            2 => Just(b"\r\n".to_vec()),
+            1 => Just(vec![b'\t']),
+            1 => Just(vec![0u8]),
+            1 => (0u8..32).prop_map(|b| vec![b]),
+            1 => Just(vec![0x7f]),
+            2 => Just("\u{e9}".as_bytes().to_vec()),
+            2 => Just("\u{2028}".as_bytes().to_vec()),
+            1 => Just(vec![0xe2, 0x80]),
+            2 => any::<u8>().prop_map(|b| vec![b]),
+        ];
+        proptest::collection::vec(piece, 0..12).prop_map(|p| p.concat())
+    }
+
+    proptest::proptest! {
+        /// One pass finds what the byte-by-byte search and `str::from_utf8` found, and
+        /// `decode` reads the bytes alike.
+        #[test]
+        fn scan_is_the_byte_by_byte_search(bytes in odd_bytes(), at in 0usize..2000) {
+            let binary = old_find_binary(&bytes);
+            let found = scan(&bytes);
+            proptest::prop_assert_eq!(found.binary, binary);
+            let before = &bytes[..binary.unwrap_or(bytes.len())];
+            proptest::prop_assert_eq!(found.ascii, before.is_ascii());
+            let utf8_ok = std::str::from_utf8(&bytes).ok();
+            proptest::prop_assert_eq!(text_of(&bytes), utf8_ok.filter(|_| binary.is_none()));
+            if binary.is_none() {
+                proptest::prop_assert_eq!(utf8(&bytes, found), std::str::from_utf8(&bytes));
+            }
+            // Long inputs too: the odd bytes behind a long plain run.
+            let mut long = vec![b'x'; at + 1];
+            long.extend_from_slice(&bytes);
+            let found = scan(&long);
+            proptest::prop_assert_eq!(found.binary, old_find_binary(&long));
+            for lenient in [false, true] {
+                match (decode(&long, lenient), old_find_binary(&long)) {
+                    (Err(e), Some(pos)) => {
+                        proptest::prop_assert_eq!(e.kind, InputErrorKind::Binary);
+                        proptest::prop_assert_eq!((e.line, e.col), line_col(&long, pos));
+                    }
+                    (r, None) => match (r, std::str::from_utf8(&long)) {
+                        (Ok((t, w)), Ok(s)) => {
+                            proptest::prop_assert_eq!(t.as_ref(), s);
+                            proptest::prop_assert!(w.is_empty());
+                        }
+                        (Ok((t, _)), Err(_)) => {
+                            proptest::prop_assert!(lenient);
+                            proptest::prop_assert_eq!(t, String::from_utf8_lossy(&long));
+                        }
+                        (Err(e), Err(u)) => {
+                            proptest::prop_assert!(!lenient);
+                            proptest::prop_assert_eq!(e.kind, InputErrorKind::Encoding);
+                            let pos = u.valid_up_to();
+                            proptest::prop_assert_eq!((e.line, e.col), line_col(&long, pos));
+                        }
+                        (Err(e), Ok(_)) => proptest::prop_assert!(false, "{e:?}"),
+                    },
+                    (Ok(_), Some(pos)) => proptest::prop_assert!(false, "binary at {pos}"),
+                }
+            }
+        }
     }
 
     #[test]
