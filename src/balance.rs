@@ -489,13 +489,13 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
     let table = graph.table(t);
     let tg = &graph.tables[t];
     let mut out = Vec::new();
+    // The pass-through chains found besides `c`, and those whose callers are still to see.
     let mut seen = HashSet::default();
-    let mut stack = vec![c];
-    seen.insert(c);
-    while let Some(cur) = stack.pop() {
+    let mut stack = Vec::new();
+    let mut next = Some(c);
+    while let Some(cur) = next.take().or_else(|| stack.pop()) {
         for (pc, pr) in tg.callers(cur) {
             let parent = &table.chains[pc];
-            let rule = parent.rules[pr].parse();
             let dispatch = parent.name == "KUBE-SERVICES"
                 || parent.name == "KUBE-NODEPORTS"
                 || parent.policy.is_some()
@@ -506,12 +506,14 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
                 || parent.name.starts_with("KUBE-SVL-")
                 || parent.name.starts_with("KUBE-SVC-");
             if !dispatch && pass_through && out.len() < 1000 {
-                if seen.insert(pc) {
+                if pc != c && seen.insert(pc) {
                     stack.push(pc);
                 }
                 continue;
             }
-            out.push(entry_from_rule(parent, &rule));
+            // Only an entry rule is read again: a pass-through jump needs no more than its
+            // chain's name.
+            out.push(entry_from_rule(parent, &parent.rules[pr].parse()));
         }
     }
     if out.is_empty()
@@ -533,19 +535,19 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
 
 fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
     let p = Packet::from_rule(rule);
-    let comment = rule.comment().unwrap_or("");
+    let comment = rule.comment();
     let kind = if chain.name == "KUBE-NODEPORTS" {
         "node-port"
-    } else if comment.ends_with("external IP") {
+    } else if comment.is_some_and(|c| c.ends_with("external IP")) {
         "external-ip"
-    } else if comment.ends_with("loadbalancer IP") {
+    } else if comment.is_some_and(|c| c.ends_with("loadbalancer IP")) {
         "load-balancer"
     } else if chain.name == "KUBE-SERVICES" && p.dst.is_some() {
         "cluster-ip"
     } else {
         "jump"
     };
-    let proto = p.proto.clone();
+    let proto = p.proto;
     let address = p.dst.map(ip_text);
     let text = match (kind, &address, p.dst, p.dport, &proto) {
         ("node-port", _, _, Some(port), pr) => {
@@ -580,7 +582,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         protocol: proto,
         chain: chain.name.to_string(),
         line: rule.line,
-        comment: rule.comment().map(str::to_string),
+        comment: comment.map(str::to_string),
     }
 }
 

@@ -572,6 +572,124 @@ impl Approx {
     }
 }
 
+/// A walk's branch weight: exactly a [`Prob`], kept in machine words while it is a
+/// dyadic `num / 2^shift` whose numerator fits in 128 bits (every weight of a random-mode
+/// cascade of up to four rules), so that the walk's many small products and sums need no
+/// big integers. [`Weight::to_prob`] gives the same `Prob` that `Prob`'s own arithmetic
+/// would have: both are exact and in lowest terms.
+#[derive(Clone, Debug)]
+pub(crate) enum Weight {
+    /// `num / 2^shift` in lowest terms (`num` odd, or `shift` 0).
+    Dyadic {
+        num: u128,
+        shift: u64,
+    },
+    Exact(Prob),
+}
+
+impl Weight {
+    pub(crate) fn zero() -> Self {
+        Weight::Dyadic { num: 0, shift: 0 }
+    }
+
+    pub(crate) fn one() -> Self {
+        Weight::Dyadic { num: 1, shift: 0 }
+    }
+
+    /// `num / 2^shift` in lowest terms.
+    fn dyadic(num: u128, shift: u64) -> Self {
+        if num == 0 {
+            return Weight::zero();
+        }
+        let t = u64::from(num.trailing_zeros()).min(shift);
+        Weight::Dyadic {
+            num: num >> t,
+            shift: shift - t,
+        }
+    }
+
+    /// The exact value.
+    pub(crate) fn to_prob(&self) -> Prob {
+        match self {
+            Weight::Dyadic { num, shift } => Prob {
+                num: BigUint::from(*num),
+                odd: BigUint::one(),
+                shift: *shift,
+            },
+            Weight::Exact(p) => p.clone(),
+        }
+    }
+
+    /// The exact value, taken.
+    pub(crate) fn into_prob(self) -> Prob {
+        match self {
+            Weight::Exact(p) => p,
+            w => w.to_prob(),
+        }
+    }
+
+    /// `self = other`, reusing `self`'s allocation when both are big.
+    pub(crate) fn assign(&mut self, other: &Weight) {
+        match (&mut *self, other) {
+            (Weight::Exact(p), Weight::Exact(q)) => p.clone_from(q),
+            _ => *self = other.clone(),
+        }
+    }
+
+    /// `self ·= a / b` for machine integers (b > 0), as [`Prob::mul_ratio_assign`].
+    pub(crate) fn mul_ratio_assign(&mut self, a: u64, b: u64) {
+        if let Weight::Dyadic { num, shift } = *self
+            && b.is_power_of_two()
+            && let Some(n) = num.checked_mul(u128::from(a))
+            && let Some(s) = shift.checked_add(u64::from(b.trailing_zeros()))
+        {
+            *self = Weight::dyadic(n, s);
+            return;
+        }
+        match self {
+            Weight::Exact(p) => p.mul_ratio_assign(a, b),
+            w => {
+                let mut p = w.to_prob();
+                p.mul_ratio_assign(a, b);
+                *w = Weight::Exact(p);
+            }
+        }
+    }
+
+    /// `self += other`, as [`Prob::add_assign`].
+    pub(crate) fn add_assign(&mut self, other: &Weight) {
+        if let (Weight::Dyadic { num: a, shift: sa }, Weight::Dyadic { num: b, shift: sb }) =
+            (&*self, other)
+        {
+            // Over the larger power of two: the other numerator is shifted left.
+            let (a, b, s, d) = if sa >= sb {
+                (*a, *b, *sa, sa - sb)
+            } else {
+                (*b, *a, *sb, sb - sa)
+            };
+            if d < 128
+                && u64::from(b.leading_zeros()) >= d
+                && let Some(n) = a.checked_add(b << d)
+            {
+                *self = Weight::dyadic(n, s);
+                return;
+            }
+        }
+        match (&mut *self, other) {
+            (Weight::Exact(p), Weight::Exact(q)) => p.add_assign(q),
+            (Weight::Exact(p), q) => p.add_assign(&q.to_prob()),
+            (w, q) => {
+                let mut p = w.to_prob();
+                match q {
+                    Weight::Exact(q) => p.add_assign(q),
+                    q => p.add_assign(&q.to_prob()),
+                }
+                *w = Weight::Exact(p);
+            }
+        }
+    }
+}
+
 /// Outcome probabilities longer than this (in [`Prob::bits`]) are kept as an [`Approx`].
 /// Exact forms of up to 1,200 bits are printed in reports, so those stay exact.
 pub const KEEP_EXACT_BITS: u64 = 4096;
