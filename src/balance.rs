@@ -3,7 +3,7 @@
 
 use crate::eval::{self, Distribution, Mode, Outcome, OutcomeInfo, Packet};
 use crate::graph::Graph;
-use crate::model::{Chain, Rule, Warning, is_state_module};
+use crate::model::{Chain, Rule, RuleLine, Warning, is_state_module};
 use crate::prob::{CompactProb, Prob, push_u64};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet as HashSet;
@@ -463,8 +463,11 @@ fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
     let mut lines = Vec::new();
     let mut seconds = None;
     // A module name is never escaped (the parser takes it as written), so a rule with
-    // `-m recent` has "recent" in its text: the others need not be read again.
-    for line in chain.rules.iter().filter(|l| l.text.contains("recent")) {
+    // `-m recent` has "recent" in its text: the others need not be read again. Nor need
+    // the rules that only chance decides (see `RuleLine::fixed_share`) be searched: their
+    // matches other than comments and statistics have no options, so no `--rcheck`.
+    let affinity_rule = |l: &&RuleLine<'_>| l.fixed_share().is_none() && l.text.contains("recent");
+    for line in chain.rules.iter().filter(affinity_rule) {
         let rule = line.parse();
         if let Some(m) = rule.find_match("recent")
             && m.opt("rcheck").is_some()
@@ -662,5 +665,53 @@ mod tests {
             }
         }
         assert!(plain > 100 && not > 100, "{plain} plain, {not} not");
+    }
+
+    /// `affinity` need not search the rules that only chance decides: on every rule of
+    /// every fixture, such a rule has no `-m recent … --rcheck`, and the affinity found
+    /// is the one found by reading every rule.
+    #[test]
+    fn rules_only_chance_decides_have_no_affinity() {
+        let mut texts: Vec<String> = crate::testing::fixture_texts()
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect();
+        texts.push(
+            "-A A -m recent --name x --rcheck --seconds 5 -j B\n\
+             -A A -m recent -m statistic --mode random --probability 0.5 -j B\n\
+             -A A -m comment --comment recent -m statistic --mode random --probability 0.5 -j B\n\
+             -A A -m recent --name y --rcheck -m statistic --mode random --probability 0.5 -j B\n"
+                .to_string(),
+        );
+        let mut fixed = 0;
+        let mut found = 0;
+        for text in &texts {
+            let rs = parse(text, &ParseOptions { lenient: true }).unwrap();
+            for chain in rs.tables.iter().flat_map(|t| &t.chains) {
+                let mut lines = Vec::new();
+                for line in &chain.rules {
+                    let rule = line.parse();
+                    let rcheck = rule
+                        .find_match("recent")
+                        .is_some_and(|m| m.opt("rcheck").is_some());
+                    if line.fixed_share().is_some() {
+                        fixed += 1;
+                        assert!(!rcheck, "{}", line.text);
+                    }
+                    if rcheck {
+                        lines.push(rule.line);
+                    }
+                }
+                assert_eq!(
+                    affinity(chain).map(|a| a.lines),
+                    (!lines.is_empty()).then_some(lines)
+                );
+                found += usize::from(affinity(chain).is_some());
+            }
+        }
+        assert!(
+            fixed > 100 && found > 2,
+            "{fixed} fixed rules, {found} affinities"
+        );
     }
 }

@@ -852,13 +852,16 @@ impl Walker<'_, '_, '_, '_> {
         for o in &mut self.outcomes {
             o.via.sort_unstable();
         }
+        let warnings = if self.warned.is_empty() {
+            Vec::new()
+        } else {
+            (self.warned.into_iter())
+                .map(|(line, message)| Warning { line, message })
+                .collect()
+        };
         Ok(Distribution {
             outcomes: self.outcomes,
-            warnings: self
-                .warned
-                .into_iter()
-                .map(|(line, message)| Warning { line, message })
-                .collect(),
+            warnings,
             steps: self.steps,
             statistic_rules: self.statistic_rules,
             total,

@@ -1966,4 +1966,81 @@ mod tests {
             }
         }
     }
+
+    /// A sequence of walk operations on a weight: multiply by `a / b`, or add a weight
+    /// made from a seed.
+    #[derive(Debug, Clone)]
+    enum WeightOp {
+        Mul(u64, u64),
+        Add(u64, u64),
+    }
+
+    fn weight_op() -> impl proptest::strategy::Strategy<Value = WeightOp> {
+        use proptest::prelude::*;
+        let den = prop_oneof![
+            Just(1u64 << 31),
+            Just(2u64),
+            Just(1u64),
+            1u64..10,
+            (0u32..63).prop_map(|k| 1u64 << k),
+        ];
+        prop_oneof![
+            (0u64..(1 << 32), den.clone()).prop_map(|(a, b)| WeightOp::Mul(a % (b + 1), b)),
+            (0u64..(1 << 32), den).prop_map(|(a, b)| WeightOp::Add(a % (b + 1), b)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// `Weight` (machine words while dyadic and short) gives exactly the `Prob` of
+        /// the same operations, through the change to big integers and after it.
+        #[test]
+        fn weight_arithmetic_is_prob_arithmetic(
+            ops in proptest::collection::vec(weight_op(), 0..40),
+        ) {
+            let mut w = Weight::one();
+            let mut p = Prob::one();
+            for op in ops {
+                match op {
+                    WeightOp::Mul(a, b) => {
+                        w.mul_ratio_assign(a, b);
+                        p.mul_ratio_assign(a, b);
+                    }
+                    WeightOp::Add(a, b) => {
+                        let mut x = Weight::one();
+                        x.mul_ratio_assign(a, b);
+                        // Also through a copy, as a split takes its share.
+                        let mut y = Weight::zero();
+                        y.assign(&x);
+                        w.add_assign(&y);
+                        p.add_assign(&Prob::ratio(a, b));
+                    }
+                }
+                proptest::prop_assert_eq!(w.to_prob(), p.clone());
+            }
+            proptest::prop_assert_eq!(w.into_prob(), p);
+        }
+    }
+
+    #[test]
+    fn weights_of_a_long_cascade_leave_machine_words_exactly() {
+        // 40 rules of a kube-proxy cascade: the weights pass 128 bits after four.
+        let s = 1u64 << 31;
+        let (mut w, mut p) = (Weight::one(), Prob::one());
+        let (mut wt, mut pt) = (Weight::zero(), Prob::zero());
+        for i in 0..40u64 {
+            let q = s / (40 - i);
+            let (mut wq, mut pq) = (w.clone(), p.clone());
+            wq.mul_ratio_assign(q, s);
+            pq.mul_ratio_assign(q, s);
+            wt.add_assign(&wq);
+            pt.add_assign(&pq);
+            w.mul_ratio_assign(s - q, s);
+            p.mul_ratio_assign(s - q, s);
+            assert_eq!(w.to_prob(), p);
+            assert_eq!(wt.to_prob(), pt);
+        }
+        assert!(matches!(w, Weight::Exact(_)));
+        wt.add_assign(&w);
+        assert!(wt.into_prob().is_one());
+    }
 }
