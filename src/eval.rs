@@ -680,7 +680,9 @@ struct Buffers {
     /// For each outcome, the choices of its first path (see [`Choices`]).
     first: Vec<Choices>,
     index: OutcomeIndex,
-    /// The index in [`Walker::rules`] of each rule read, by (chain, rule).
+    /// The (chain, rule) of each rule read, in the order of [`Walker::rules`].
+    read_keys: Vec<(usize, usize)>,
+    /// Once more than [`SCAN_READ`] rules are read: the index of each by (chain, rule).
     read: HashMap<(usize, usize), usize>,
     /// The packet a rule is tested on (bindings are tentative until the rule applies).
     scratch: Scratch,
@@ -694,7 +696,7 @@ impl Buffers {
         if self.queue.slots.capacity() > KEEP
             || self.first.capacity() > KEEP
             || self.index.hashes.capacity() > KEEP
-            || self.read.capacity() > KEEP
+            || self.read_keys.capacity() > KEEP
         {
             *self = Buffers::default();
             return;
@@ -702,6 +704,7 @@ impl Buffers {
         self.queue.clear();
         self.first.clear();
         self.index.clear();
+        self.read_keys.clear();
         self.read.clear();
         self.scratch.copy_of = None;
     }
@@ -722,6 +725,9 @@ struct OutcomeIndex {
     heads: Option<HashMap<u64, usize>>,
     next: Vec<usize>,
 }
+
+/// Up to this many rules read, a walk finds them again without an index.
+const SCAN_READ: usize = 16;
 
 /// Up to this many outcomes, they are found without an index.
 const SCAN_OUTCOMES: usize = 32;
@@ -870,12 +876,26 @@ impl Walker<'_, '_, '_, '_> {
 
     /// The index in `rules` of rule `r` of chain `c`, read on first use.
     fn read(&mut self, c: usize, r: usize) -> usize {
-        let rules = &mut self.rules;
-        let chain = self.graph.chain(self.table, c);
-        *self.bufs.read.entry((c, r)).or_insert_with(|| {
-            rules.push(chain.rules[r].parse());
-            rules.len() - 1
-        })
+        let key = (c, r);
+        let b = &mut *self.bufs;
+        let found = if b.read_keys.len() <= SCAN_READ {
+            b.read_keys.iter().position(|&k| k == key)
+        } else {
+            b.read.get(&key).copied()
+        };
+        if let Some(i) = found {
+            return i;
+        }
+        self.rules
+            .push(self.graph.chain(self.table, c).rules[r].parse());
+        b.read_keys.push(key);
+        if b.read_keys.len() == SCAN_READ + 1 {
+            b.read
+                .extend(b.read_keys.iter().enumerate().map(|(i, &k)| (k, i)));
+        } else if b.read_keys.len() > SCAN_READ {
+            b.read.insert(key, self.rules.len() - 1);
+        }
+        self.rules.len() - 1
     }
 
     /// Records the end of thread `t` (its weight, path and choices are taken) in `outcome`.
@@ -883,8 +903,8 @@ impl Walker<'_, '_, '_, '_> {
         let weight = std::mem::replace(&mut t.weight, Weight::zero());
         self.total.add_assign(&weight);
         let weight = weight.into_prob();
-        let hash = OutcomeIndex::hash(&outcome);
         let first = &mut self.bufs.first;
+        let hash = OutcomeIndex::hash(&outcome);
         match self.bufs.index.find(hash, &outcome, &self.outcomes) {
             Some(i) => {
                 let o = &mut self.outcomes[i];
@@ -1057,8 +1077,14 @@ impl Walker<'_, '_, '_, '_> {
                     }
                     // Split: the branch that does not match goes on with the next rule.
                     // The weight is moved, not cloned: it is long in a long cascade.
-                    let mut taken = Weight::Exact(std::mem::replace(&mut self.spare, Prob::zero()));
-                    taken.assign(&t.weight);
+                    let mut taken = match &t.weight {
+                        Weight::Exact(w) => {
+                            let mut p = std::mem::replace(&mut self.spare, Prob::zero());
+                            p.clone_from(w);
+                            Weight::Exact(Box::new(p))
+                        }
+                        w => w.clone(),
+                    };
                     taken.mul_ratio_assign(num, den);
                     let weight = std::mem::replace(&mut t.weight, Weight::zero());
                     let mut rest = t.clone();

@@ -580,11 +580,9 @@ impl Approx {
 #[derive(Clone, Debug)]
 pub(crate) enum Weight {
     /// `num / 2^shift` in lowest terms (`num` odd, or `shift` 0).
-    Dyadic {
-        num: u128,
-        shift: u64,
-    },
-    Exact(Prob),
+    Dyadic { num: u128, shift: u64 },
+    /// Any other value (boxed: a walk moves its weights around).
+    Exact(Box<Prob>),
 }
 
 impl Weight {
@@ -616,23 +614,15 @@ impl Weight {
                 odd: BigUint::one(),
                 shift: *shift,
             },
-            Weight::Exact(p) => p.clone(),
+            Weight::Exact(p) => Prob::clone(p),
         }
     }
 
     /// The exact value, taken.
     pub(crate) fn into_prob(self) -> Prob {
         match self {
-            Weight::Exact(p) => p,
+            Weight::Exact(p) => *p,
             w => w.to_prob(),
-        }
-    }
-
-    /// `self = other`, reusing `self`'s allocation when both are big.
-    pub(crate) fn assign(&mut self, other: &Weight) {
-        match (&mut *self, other) {
-            (Weight::Exact(p), Weight::Exact(q)) => p.clone_from(q),
-            _ => *self = other.clone(),
         }
     }
 
@@ -651,7 +641,7 @@ impl Weight {
             w => {
                 let mut p = w.to_prob();
                 p.mul_ratio_assign(a, b);
-                *w = Weight::Exact(p);
+                *w = Weight::Exact(Box::new(p));
             }
         }
     }
@@ -684,7 +674,7 @@ impl Weight {
                     Weight::Exact(q) => p.add_assign(q),
                     q => p.add_assign(&q.to_prob()),
                 }
-                *w = Weight::Exact(p);
+                *w = Weight::Exact(Box::new(p));
             }
         }
     }
@@ -2008,10 +1998,7 @@ mod tests {
                     WeightOp::Add(a, b) => {
                         let mut x = Weight::one();
                         x.mul_ratio_assign(a, b);
-                        // Also through a copy, as a split takes its share.
-                        let mut y = Weight::zero();
-                        y.assign(&x);
-                        w.add_assign(&y);
+                        w.add_assign(&x);
                         p.add_assign(&Prob::ratio(a, b));
                     }
                 }
