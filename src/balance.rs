@@ -348,7 +348,7 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
         ..
     } in outcomes
     {
-        if outcome == Outcome::Unmatched {
+        if matches!(outcome, Outcome::Unmatched) {
             unmatched = prob;
             continue;
         }
@@ -491,7 +491,8 @@ fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
 fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>) -> Vec<Entry> {
     let table = graph.table(t);
     let tg = &graph.tables[t];
-    let mut out = Vec::new();
+    // (A kube-proxy service has one to four entries.)
+    let mut out = Vec::with_capacity(4);
     // The pass-through chains found besides `c`, and those whose callers are still to see.
     let mut seen = HashSet::default();
     let mut stack = Vec::new();
