@@ -711,8 +711,8 @@ impl Buffers {
 }
 
 thread_local! {
-    /// Each thread's [`Buffers`], taken by a walk and given back at its end.
-    static BUFFERS: std::cell::Cell<Buffers> = std::cell::Cell::default();
+    /// Each thread's [`Buffers`], borrowed by one walk at a time.
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
 }
 
 /// The outcomes recorded so far, found by content: by a scan of their hashes while there
@@ -789,27 +789,29 @@ pub fn evaluate(
     mode: Mode,
     record_paths: bool,
 ) -> Result<Distribution, TooComplex> {
-    let mut bufs = BUFFERS.with(std::cell::Cell::take);
     // A balancer has about one outcome and one rule to read per rule of its chain.
     let expected = (graph.chain(table, chain).rules.len() + 1).min(1024);
-    let w = Walker {
-        graph,
-        table,
-        mode,
-        record_paths,
-        outcomes: Vec::with_capacity(expected),
-        warned: BTreeSet::new(),
-        steps: 0,
-        statistic_rules: 0,
-        total: Weight::zero(),
-        spare: Prob::zero(),
-        rules: Vec::with_capacity(expected),
-        bufs: &mut bufs,
-    };
-    let result = w.walk(chain, packet);
-    bufs.clear();
-    BUFFERS.with(|b| b.set(bufs));
-    result
+    BUFFERS.with_borrow_mut(|bufs| {
+        // (Empty already, unless a walk on this thread was interrupted.)
+        bufs.clear();
+        let w = Walker {
+            graph,
+            table,
+            mode,
+            record_paths,
+            outcomes: Vec::with_capacity(expected),
+            warned: BTreeSet::new(),
+            steps: 0,
+            statistic_rules: 0,
+            total: Weight::zero(),
+            spare: Prob::zero(),
+            rules: Vec::with_capacity(expected),
+            bufs: &mut *bufs,
+        };
+        let result = w.walk(chain, packet);
+        bufs.clear();
+        result
+    })
 }
 
 /// Result of deciding a rule's conditions.
