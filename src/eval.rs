@@ -664,8 +664,8 @@ struct Walker<'g, 'r, 'a, 'b> {
     /// cascade the weights are long: allocating afresh at every rule costs time and leaves
     /// the allocator holding many blocks of different sizes).
     spare: Prob,
-    /// Rules read so far (the ruleset keeps only their text); `bufs.read` has their
-    /// indices by (chain, rule).
+    /// Rules read so far (the ruleset keeps only their text), found by (chain, rule)
+    /// with [`Walker::read`].
     rules: Vec<Rule<'a>>,
     bufs: &'b mut Buffers,
 }
