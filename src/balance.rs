@@ -3,7 +3,7 @@
 
 use crate::eval::{self, Distribution, Mode, Outcome, OutcomeInfo, Packet};
 use crate::graph::Graph;
-use crate::model::{Chain, Rule, Warning, is_state_module};
+use crate::model::{Chain, Rule, RuleLine, Warning, is_state_module};
 use crate::prob::{CompactProb, Prob, push_u64};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet as HashSet;
@@ -360,7 +360,7 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
         ..
     } in outcomes
     {
-        if outcome == Outcome::Unmatched {
+        if matches!(outcome, Outcome::Unmatched) {
             unmatched = prob;
             continue;
         }
@@ -475,8 +475,11 @@ fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
     let mut lines = Vec::new();
     let mut seconds = None;
     // A module name is never escaped (the parser takes it as written), so a rule with
-    // `-m recent` has "recent" in its text: the others need not be read again.
-    for line in chain.rules.iter().filter(|l| l.text.contains("recent")) {
+    // `-m recent` has "recent" in its text: the others need not be read again. Nor need
+    // the rules that only chance decides (see `RuleLine::fixed_share`) be searched: their
+    // matches other than comments and statistics have no options, so no `--rcheck`.
+    let affinity_rule = |l: &&RuleLine<'_>| l.fixed_share().is_none() && l.text.contains("recent");
+    for line in chain.rules.iter().filter(affinity_rule) {
         let rule = line.parse();
         if let Some(m) = rule.find_match("recent")
             && m.opt("rcheck").is_some()
@@ -500,14 +503,15 @@ fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
 fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>) -> Vec<Entry> {
     let table = graph.table(t);
     let tg = &graph.tables[t];
-    let mut out = Vec::new();
+    // (A kube-proxy service has one to four entries.)
+    let mut out = Vec::with_capacity(4);
+    // The pass-through chains found besides `c`, and those whose callers are still to see.
     let mut seen = HashSet::default();
-    let mut stack = vec![c];
-    seen.insert(c);
-    while let Some(cur) = stack.pop() {
+    let mut stack = Vec::new();
+    let mut next = Some(c);
+    while let Some(cur) = next.take().or_else(|| stack.pop()) {
         for (pc, pr) in tg.callers(cur) {
             let parent = &table.chains[pc];
-            let rule = parent.rules[pr].parse();
             let dispatch = parent.name == "KUBE-SERVICES"
                 || parent.name == "KUBE-NODEPORTS"
                 || parent.policy.is_some()
@@ -518,12 +522,14 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
                 || parent.name.starts_with("KUBE-SVL-")
                 || parent.name.starts_with("KUBE-SVC-");
             if !dispatch && pass_through && out.len() < 1000 {
-                if seen.insert(pc) {
+                if pc != c && seen.insert(pc) {
                     stack.push(pc);
                 }
                 continue;
             }
-            out.push(entry_from_rule(parent, &rule));
+            // Only an entry rule is read again: a pass-through jump needs no more than its
+            // chain's name.
+            out.push(entry_from_rule(parent, &parent.rules[pr].parse()));
         }
     }
     if out.is_empty()
@@ -545,19 +551,19 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
 
 fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
     let p = Packet::from_rule(rule);
-    let comment = rule.comment().unwrap_or("");
+    let comment = rule.comment();
     let kind = if chain.name == "KUBE-NODEPORTS" {
         "node-port"
-    } else if comment.ends_with("external IP") {
+    } else if comment.is_some_and(|c| c.ends_with("external IP")) {
         "external-ip"
-    } else if comment.ends_with("loadbalancer IP") {
+    } else if comment.is_some_and(|c| c.ends_with("loadbalancer IP")) {
         "load-balancer"
     } else if chain.name == "KUBE-SERVICES" && p.dst.is_some() {
         "cluster-ip"
     } else {
         "jump"
     };
-    let proto = p.proto.clone();
+    let proto = p.proto;
     let address = p.dst.map(ip_text);
     let text = match (kind, &address, p.dst, p.dport, &proto) {
         ("node-port", _, _, Some(port), pr) => {
@@ -592,7 +598,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         protocol: proto,
         chain: chain.name.to_string(),
         line: rule.line,
-        comment: rule.comment().map(str::to_string),
+        comment: comment.map(str::to_string),
     }
 }
 
@@ -672,5 +678,53 @@ mod tests {
             }
         }
         assert!(plain > 100 && not > 100, "{plain} plain, {not} not");
+    }
+
+    /// `affinity` need not search the rules that only chance decides: on every rule of
+    /// every fixture, such a rule has no `-m recent … --rcheck`, and the affinity found
+    /// is the one found by reading every rule.
+    #[test]
+    fn rules_only_chance_decides_have_no_affinity() {
+        let mut texts: Vec<String> = crate::testing::fixture_texts()
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect();
+        texts.push(
+            "-A A -m recent --name x --rcheck --seconds 5 -j B\n\
+             -A A -m recent -m statistic --mode random --probability 0.5 -j B\n\
+             -A A -m comment --comment recent -m statistic --mode random --probability 0.5 -j B\n\
+             -A A -m recent --name y --rcheck -m statistic --mode random --probability 0.5 -j B\n"
+                .to_string(),
+        );
+        let mut fixed = 0;
+        let mut found = 0;
+        for text in &texts {
+            let rs = parse(text, &ParseOptions { lenient: true }).unwrap();
+            for chain in rs.tables.iter().flat_map(|t| &t.chains) {
+                let mut lines = Vec::new();
+                for line in &chain.rules {
+                    let rule = line.parse();
+                    let rcheck = rule
+                        .find_match("recent")
+                        .is_some_and(|m| m.opt("rcheck").is_some());
+                    if line.fixed_share().is_some() {
+                        fixed += 1;
+                        assert!(!rcheck, "{}", line.text);
+                    }
+                    if rcheck {
+                        lines.push(rule.line);
+                    }
+                }
+                assert_eq!(
+                    affinity(chain).map(|a| a.lines),
+                    (!lines.is_empty()).then_some(lines)
+                );
+                found += usize::from(affinity(chain).is_some());
+            }
+        }
+        assert!(
+            fixed > 100 && found > 2,
+            "{fixed} fixed rules, {found} affinities"
+        );
     }
 }

@@ -20,17 +20,19 @@
 //! to match: it cannot change where a connection is sent.
 
 use crate::graph::{Graph, TargetRef};
-use crate::model::{Match, Opt, Rule, RuleCache, RuleLine, Warning};
-use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob};
+use crate::model::{Match, Opt, Rule, RuleLine, Warning};
+use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob, Weight};
 use crate::statistic::{self, SCALE, Statistic};
 use rustc_hash::FxHashMap as HashMap;
+use std::borrow::Cow;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 /// What is known about the connection being walked.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
 pub struct Packet {
     pub src: Option<IpAddr>,
     pub dst: Option<IpAddr>,
@@ -44,7 +46,51 @@ pub struct Packet {
     pub dst_local: Option<bool>,
 }
 
+impl Clone for Packet {
+    fn clone(&self) -> Self {
+        let mut p = Packet::default();
+        p.clone_from(self);
+        p
+    }
+
+    /// Reuses `self`'s strings (the walk tests each rule on a copy of its packet).
+    fn clone_from(&mut self, from: &Self) {
+        let Packet {
+            src,
+            dst,
+            proto,
+            sport,
+            dport,
+            in_iface,
+            out_iface,
+            dst_local,
+        } = from;
+        self.src = *src;
+        self.dst = *dst;
+        self.proto.clone_from(proto);
+        self.sport = *sport;
+        self.dport = *dport;
+        self.in_iface.clone_from(in_iface);
+        self.out_iface.clone_from(out_iface);
+        self.dst_local = *dst_local;
+    }
+}
+
 impl Packet {
+    /// A bit for each field that is open (`None`). Deciding a rule binds open fields
+    /// only, so a packet differs from its copy that a rule was tested on exactly when the
+    /// copy has fewer open fields.
+    fn open_fields(&self) -> u8 {
+        u8::from(self.src.is_none())
+            | u8::from(self.dst.is_none()) << 1
+            | u8::from(self.proto.is_none()) << 2
+            | u8::from(self.sport.is_none()) << 3
+            | u8::from(self.dport.is_none()) << 4
+            | u8::from(self.in_iface.is_none()) << 5
+            | u8::from(self.out_iface.is_none()) << 6
+            | u8::from(self.dst_local.is_none()) << 7
+    }
+
     /// The packet that a rule's positive conditions describe: its `-s`, `-d`, `-p`, `-i`,
     /// `-o` and destination/source port, where they name one value.
     pub fn from_rule(rule: &Rule<'_>) -> Packet {
@@ -199,16 +245,106 @@ pub const STEP_LIMIT: u64 = 200_000_000;
 /// benchmark: 20,000).
 pub const STATE_LIMIT: usize = 100_000;
 
+/// A short list kept inline, on the heap once longer than `N`: a thread's return points,
+/// its choices and its place in the program are a few items long (a kube-proxy walk: one
+/// return point, two runs of choices), and a thread is copied at every split.
+#[derive(Debug, Clone)]
+enum Small<T, const N: usize> {
+    Inline(u8, [T; N]),
+    Heap(Vec<T>),
+}
+
+impl<T: Copy + Default, const N: usize> Default for Small<T, N> {
+    fn default() -> Self {
+        Small::Inline(0, [T::default(); N])
+    }
+}
+
+impl<T: Copy + Default, const N: usize> Small<T, N> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            Small::Inline(n, items) => &items[..usize::from(*n)],
+            Small::Heap(v) => v,
+        }
+    }
+
+    fn last_mut(&mut self) -> Option<&mut T> {
+        match self {
+            Small::Inline(n, items) => items[..usize::from(*n)].last_mut(),
+            Small::Heap(v) => v.last_mut(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    fn push(&mut self, x: T) {
+        match self {
+            Small::Inline(n, items) if usize::from(*n) < N => {
+                items[usize::from(*n)] = x;
+                *n += 1;
+            }
+            Small::Inline(_, items) => {
+                let mut v = Vec::with_capacity(2 * N);
+                v.extend_from_slice(items);
+                v.push(x);
+                *self = Small::Heap(v);
+            }
+            Small::Heap(v) => v.push(x),
+        }
+    }
+
+    fn pop(&mut self) -> Option<T> {
+        match self {
+            Small::Inline(0, _) => None,
+            Small::Inline(n, items) => {
+                *n -= 1;
+                Some(items[usize::from(*n)])
+            }
+            Small::Heap(v) => v.pop(),
+        }
+    }
+}
+
+impl<T: Copy + Default + PartialEq, const N: usize> PartialEq for Small<T, N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Copy + Default + Eq, const N: usize> Eq for Small<T, N> {}
+
+impl<T: Copy + Default + Hash, const N: usize> Hash for Small<T, N> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.as_slice().hash(h);
+    }
+}
+
+impl<T: Copy + Default + Ord, const N: usize> PartialOrd for Small<T, N> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T: Copy + Default + Ord, const N: usize> Ord for Small<T, N> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
 #[derive(Clone)]
 struct Thread {
     chain: usize,
     rule: usize,
-    stack: Vec<(usize, usize)>,
-    weight: Prob,
+    /// Return points: (chain, rule) of each `-j` that has not returned yet.
+    stack: Small<(usize, usize), 2>,
+    weight: Weight,
     nfmark: u32,
     ctmark: u32,
     mark_mask: u32,
-    packet: Packet,
+    /// Shared by the branches of a split until one binds a field.
+    packet: Rc<Packet>,
     path: Vec<Step>,
     via: u32,
     /// Branches merged into this thread (see [`Thread::same_state`]).
@@ -223,7 +359,7 @@ struct Thread {
 /// for, they order paths as a depth-first walk that takes the matching branch first meets
 /// them; a kube-proxy cascade's paths are one or two runs long.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Choices(Vec<(bool, u32)>);
+struct Choices(Small<(bool, u32), 2>);
 
 impl Choices {
     fn push(&mut self, rest: bool) {
@@ -236,7 +372,10 @@ impl Choices {
 
 impl Ord for Choices {
     fn cmp(&self, other: &Self) -> Ordering {
-        let (mut a, mut b) = (self.0.iter().copied(), other.0.iter().copied());
+        let (mut a, mut b) = (
+            self.0.as_slice().iter().copied(),
+            other.0.as_slice().iter().copied(),
+        );
         let (mut x, mut y) = (a.next(), b.next());
         loop {
             match (x, y) {
@@ -273,18 +412,20 @@ impl Thread {
     /// indices of its return points, then its own rule.
     fn cmp_position(&self, pos: &[u32]) -> Ordering {
         self.stack
+            .as_slice()
             .iter()
             .map(|&(_, r)| r as u32)
             .chain(std::iter::once(self.rule as u32))
             .cmp(pos.iter().copied())
     }
 
-    fn position(&self) -> Box<[u32]> {
-        self.stack
-            .iter()
-            .map(|&(_, r)| r as u32)
-            .chain(std::iter::once(self.rule as u32))
-            .collect()
+    fn position(&self) -> Position {
+        let mut p = Position::default();
+        for &(_, r) in self.stack.as_slice() {
+            p.push(r as u32);
+        }
+        p.push(self.rule as u32);
+        p
     }
 
     /// Do the two threads go on identically from here? Everything that decides how a
@@ -343,13 +484,23 @@ impl Thread {
 struct Queue {
     slots: Vec<Slot>,
     free: Vec<usize>,
-    /// The first slot of each state hash (further slots with that hash are chained).
-    heads: HashMap<u64, usize>,
-    order: BinaryHeap<Reverse<(Box<[u32]>, usize)>>,
+    /// Once there are more than [`SCAN_SLOTS`] slots: the first slot of each state hash
+    /// (further slots with that hash are chained). Until then [`Queue::find`] compares
+    /// with every slot and no hash is computed (a kube-proxy walk has one or two threads
+    /// waiting at a time).
+    heads: Option<HashMap<u64, usize>>,
+    order: BinaryHeap<Reverse<(Position, usize)>>,
     len: usize,
 }
 
-/// A waiting thread, with its state hash and the next slot of the same hash.
+/// A thread's place in the program (see [`Queue`]).
+type Position = Small<u32, 4>;
+
+/// Up to this many slots, waiting threads are found without an index.
+const SCAN_SLOTS: usize = 16;
+
+/// A waiting thread, with its state hash and the next slot of the same hash (both kept
+/// once the queue is indexed).
 struct Slot {
     thread: Option<Thread>,
     hash: u64,
@@ -363,12 +514,36 @@ impl Queue {
         self.len
     }
 
-    /// The slot of a waiting thread in the same state as `t`.
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+        self.heads = None;
+        self.order.clear();
+        self.len = 0;
+    }
+
+    /// The state hash of `t` once the queue is indexed (0 before: not needed).
+    fn hash(&self, t: &Thread) -> u64 {
+        if self.heads.is_some() {
+            t.state_hash()
+        } else {
+            0
+        }
+    }
+
+    /// The slot of a waiting thread in the same state as `t`, whose [`Queue::hash`] is
+    /// `hash`.
     fn find(&self, t: &Thread, hash: u64) -> Option<usize> {
-        let mut i = *self.heads.get(&hash)?;
+        let same = |slot: &Slot| {
+            slot.hash == hash && slot.thread.as_ref().is_some_and(|w| w.same_state(t))
+        };
+        let Some(heads) = &self.heads else {
+            return self.slots.iter().position(same);
+        };
+        let mut i = *heads.get(&hash)?;
         while i != NO_SLOT {
             let slot = &self.slots[i];
-            if slot.thread.as_ref().is_some_and(|w| w.same_state(t)) {
+            if same(slot) {
                 return Some(i);
             }
             i = slot.next;
@@ -391,17 +566,16 @@ impl Queue {
 
     /// Queues `t`, merging it into a waiting thread in the same state if there is one.
     fn push(&mut self, t: Thread) {
-        let hash = t.state_hash();
+        let hash = self.hash(&t);
         if let Some(i) = self.find(&t, hash) {
             self.add_to(i, &t);
             return;
         }
         let pos = t.position();
-        let next = self.heads.get(&hash).copied().unwrap_or(NO_SLOT);
         let slot = Slot {
             thread: Some(t),
             hash,
-            next,
+            next: NO_SLOT,
         };
         let i = match self.free.pop() {
             Some(i) => {
@@ -413,7 +587,20 @@ impl Queue {
                 self.slots.len() - 1
             }
         };
-        self.heads.insert(hash, i);
+        match &mut self.heads {
+            Some(heads) => self.slots[i].next = heads.insert(hash, i).unwrap_or(NO_SLOT),
+            None if self.slots.len() > SCAN_SLOTS => {
+                let mut heads = HashMap::default();
+                for (j, slot) in self.slots.iter_mut().enumerate() {
+                    if let Some(w) = &slot.thread {
+                        slot.hash = w.state_hash();
+                        slot.next = heads.insert(slot.hash, j).unwrap_or(NO_SLOT);
+                    }
+                }
+                self.heads = Some(heads);
+            }
+            None => {}
+        }
         self.order.push(Reverse((pos, i)));
         self.len += 1;
     }
@@ -421,21 +608,23 @@ impl Queue {
     /// Takes the waiting thread of least position.
     fn pop(&mut self) -> Option<Thread> {
         let Reverse((_, i)) = self.order.pop()?;
-        let (hash, next) = (self.slots[i].hash, self.slots[i].next);
-        // Unlink slot i from its hash chain.
-        let head = self.heads[&hash];
-        if head == i {
-            if next == NO_SLOT {
-                self.heads.remove(&hash);
+        if let Some(heads) = &mut self.heads {
+            let (hash, next) = (self.slots[i].hash, self.slots[i].next);
+            // Unlink slot i from its hash chain.
+            let head = heads[&hash];
+            if head == i {
+                if next == NO_SLOT {
+                    heads.remove(&hash);
+                } else {
+                    heads.insert(hash, next);
+                }
             } else {
-                self.heads.insert(hash, next);
+                let mut p = head;
+                while self.slots[p].next != i {
+                    p = self.slots[p].next;
+                }
+                self.slots[p].next = next;
             }
-        } else {
-            let mut p = head;
-            while self.slots[p].next != i {
-                p = self.slots[p].next;
-            }
-            self.slots[p].next = next;
         }
         self.free.push(i);
         self.len -= 1;
@@ -445,12 +634,12 @@ impl Queue {
     /// How the least waiting position compares with the thread's.
     fn least_vs(&self, t: &Thread) -> Option<Ordering> {
         let Reverse((pos, _)) = self.order.peek()?;
-        Some(t.cmp_position(pos).reverse())
+        Some(t.cmp_position(pos.as_slice()).reverse())
     }
 
     /// Adds `t` to a waiting thread in the same state, if there is one.
     fn merge(&mut self, t: &Thread) -> bool {
-        match self.find(t, t.state_hash()) {
+        match self.find(t, self.hash(t)) {
             Some(i) => {
                 self.add_to(i, t);
                 true
@@ -460,28 +649,135 @@ impl Queue {
     }
 }
 
-struct Walker<'g, 'r, 'a> {
+struct Walker<'g, 'r, 'a, 'b> {
     graph: &'g Graph<'r, 'a>,
     table: usize,
     mode: Mode,
     record_paths: bool,
     outcomes: Vec<OutcomeInfo>,
-    index: HashMap<Outcome, usize>,
     warned: BTreeSet<(u32, String)>,
     steps: u64,
     statistic_rules: u32,
-    /// Threads waiting to go on.
-    queue: Queue,
-    /// For each outcome, the choices of its first path (see [`Choices`]).
-    first: Vec<Choices>,
     /// Exact sum of the weights recorded in `outcomes`.
-    total: Prob,
+    total: Weight,
     /// A finished thread's weight, whose allocation the next split reuses (in a long
     /// cascade the weights are long: allocating afresh at every rule costs time and leaves
     /// the allocator holding many blocks of different sizes).
     spare: Prob,
-    /// Rules read so far (the ruleset keeps only their text), by (chain, rule).
-    rules: RuleCache<'a>,
+    /// Rules read so far (the ruleset keeps only their text), found by (chain, rule)
+    /// with [`Walker::read`].
+    rules: Vec<Rule<'a>>,
+    bufs: &'b mut Buffers,
+}
+
+/// A walk's working storage, kept between walks by each thread ([`BUFFERS`]): a report
+/// walks tens of thousands of balancers of a few rules each, for which setting up the
+/// queue and indexes afresh cost more than the walk itself. Empty between walks.
+#[derive(Default)]
+struct Buffers {
+    /// Threads waiting to go on.
+    queue: Queue,
+    /// For each outcome, the choices of its first path (see [`Choices`]).
+    first: Vec<Choices>,
+    index: OutcomeIndex,
+    /// The (chain, rule) of each rule read, in the order of [`Walker::rules`].
+    read_keys: Vec<(usize, usize)>,
+    /// Once more than [`SCAN_READ`] rules are read: the index of each by (chain, rule).
+    read: HashMap<(usize, usize), usize>,
+    /// The packet a rule is tested on (bindings are tentative until the rule applies).
+    scratch: Scratch,
+}
+
+impl Buffers {
+    /// Empties the buffers for the next walk, keeping their storage unless a large walk
+    /// left much of it.
+    fn clear(&mut self) {
+        const KEEP: usize = 1024;
+        if self.queue.slots.capacity() > KEEP
+            || self.first.capacity() > KEEP
+            || self.index.hashes.capacity() > KEEP
+            || self.read_keys.capacity() > KEEP
+        {
+            *self = Buffers::default();
+            return;
+        }
+        self.queue.clear();
+        self.first.clear();
+        self.index.clear();
+        self.read_keys.clear();
+        self.read.clear();
+        self.scratch.copy_of = None;
+    }
+}
+
+thread_local! {
+    /// Each thread's [`Buffers`], borrowed by one walk at a time.
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
+}
+
+/// The outcomes recorded so far, found by content: by a scan of their hashes while there
+/// are few, by an index once there are more than [`SCAN_OUTCOMES`].
+#[derive(Default)]
+struct OutcomeIndex {
+    /// A hash of each outcome, in the order of [`Walker::outcomes`].
+    hashes: Vec<u64>,
+    /// Once indexed: the last outcome of each hash; `next` chains the earlier ones.
+    heads: Option<HashMap<u64, usize>>,
+    next: Vec<usize>,
+}
+
+/// Up to this many rules read, a walk finds them again without an index.
+const SCAN_READ: usize = 16;
+
+/// Up to this many outcomes, they are found without an index.
+const SCAN_OUTCOMES: usize = 32;
+
+impl OutcomeIndex {
+    fn hash(outcome: &Outcome) -> u64 {
+        let mut h = rustc_hash::FxHasher::default();
+        outcome.hash(&mut h);
+        h.finish()
+    }
+
+    /// The index of `outcome` (whose hash is `hash`) in `outcomes`.
+    fn find(&self, hash: u64, outcome: &Outcome, outcomes: &[OutcomeInfo]) -> Option<usize> {
+        let Some(heads) = &self.heads else {
+            return (self.hashes.iter().zip(outcomes))
+                .position(|(&h, o)| h == hash && o.outcome == *outcome);
+        };
+        let mut i = *heads.get(&hash)?;
+        while i != NO_SLOT {
+            if outcomes[i].outcome == *outcome {
+                return Some(i);
+            }
+            i = self.next[i];
+        }
+        None
+    }
+
+    fn clear(&mut self) {
+        self.hashes.clear();
+        self.heads = None;
+        self.next.clear();
+    }
+
+    /// Records that the next outcome has hash `hash`.
+    fn push(&mut self, hash: u64) {
+        self.hashes.push(hash);
+        match &mut self.heads {
+            Some(heads) => self
+                .next
+                .push(heads.insert(hash, self.hashes.len() - 1).unwrap_or(NO_SLOT)),
+            None if self.hashes.len() > SCAN_OUTCOMES => {
+                let mut heads = HashMap::default();
+                self.next = (self.hashes.iter().enumerate())
+                    .map(|(i, &h)| heads.insert(h, i).unwrap_or(NO_SLOT))
+                    .collect();
+                self.heads = Some(heads);
+            }
+            None => {}
+        }
+    }
 }
 
 /// Walks the graph from the start of `chain` in `table` for `packet`.
@@ -493,66 +789,28 @@ pub fn evaluate(
     mode: Mode,
     record_paths: bool,
 ) -> Result<Distribution, TooComplex> {
-    let mut w = Walker {
-        graph,
-        table,
-        mode,
-        record_paths,
-        outcomes: Vec::new(),
-        index: HashMap::default(),
-        warned: BTreeSet::new(),
-        steps: 0,
-        statistic_rules: 0,
-        queue: Queue::default(),
-        first: Vec::new(),
-        total: Prob::zero(),
-        spare: Prob::zero(),
-        rules: RuleCache::default(),
-    };
-    let start = Thread {
-        chain,
-        rule: 0,
-        stack: Vec::new(),
-        weight: Prob::one(),
-        nfmark: 0,
-        ctmark: 0,
-        mark_mask: 0,
-        packet,
-        path: Vec::new(),
-        via: 0,
-        paths: 1,
-        choices: Choices::default(),
-    };
-    w.queue.push(start);
-    while let Some(t) = w.queue.pop() {
-        w.run(t)?;
-        w.check_size()?;
-    }
-    w.recover_exact();
-    // Outcomes in the order a depth-first walk (matching branch first) reaches them: the
-    // order of the rules for a cascade, whatever order the walk went in.
-    if !w.first.is_sorted() {
-        let mut order: Vec<usize> = (0..w.outcomes.len()).collect();
-        order.sort_by(|&i, &j| w.first[i].cmp(&w.first[j]));
-        let mut slots: Vec<Option<OutcomeInfo>> = w.outcomes.drain(..).map(Some).collect();
-        w.outcomes = order
-            .into_iter()
-            .map(|i| slots[i].take().expect("each outcome once"))
-            .collect();
-    }
-    for o in &mut w.outcomes {
-        o.via.sort_unstable();
-    }
-    Ok(Distribution {
-        outcomes: w.outcomes,
-        warnings: w
-            .warned
-            .into_iter()
-            .map(|(line, message)| Warning { line, message })
-            .collect(),
-        steps: w.steps,
-        statistic_rules: w.statistic_rules,
-        total: w.total,
+    // A balancer has about one outcome and one rule to read per rule of its chain.
+    let expected = (graph.chain(table, chain).rules.len() + 1).min(1024);
+    BUFFERS.with_borrow_mut(|bufs| {
+        // (Empty already, unless a walk on this thread was interrupted.)
+        bufs.clear();
+        let w = Walker {
+            graph,
+            table,
+            mode,
+            record_paths,
+            outcomes: Vec::with_capacity(expected),
+            warned: BTreeSet::new(),
+            steps: 0,
+            statistic_rules: 0,
+            total: Weight::zero(),
+            spare: Prob::zero(),
+            rules: Vec::with_capacity(expected),
+            bufs: &mut *bufs,
+        };
+        let result = w.walk(chain, packet);
+        bufs.clear();
+        result
     })
 }
 
@@ -563,31 +821,107 @@ enum Decision {
     Yes(Option<(u64, u64)>),
 }
 
-impl Walker<'_, '_, '_> {
-    fn warn(&mut self, line: u32, message: String) {
-        self.warned.insert((line, message));
+impl Walker<'_, '_, '_, '_> {
+    /// The walk from the start of `chain` for `packet`.
+    fn walk(mut self, chain: usize, packet: Packet) -> Result<Distribution, TooComplex> {
+        let start = Thread {
+            chain,
+            rule: 0,
+            stack: Small::default(),
+            weight: Weight::one(),
+            nfmark: 0,
+            ctmark: 0,
+            mark_mask: 0,
+            packet: Rc::new(packet),
+            path: Vec::new(),
+            via: 0,
+            paths: 1,
+            choices: Choices::default(),
+        };
+        self.bufs.queue.push(start);
+        while let Some(t) = self.bufs.queue.pop() {
+            self.run(t)?;
+            self.check_size()?;
+        }
+        let total = std::mem::replace(&mut self.total, Weight::zero()).into_prob();
+        self.recover_exact(&total);
+        // Outcomes in the order a depth-first walk (matching branch first) reaches them: the
+        // order of the rules for a cascade, whatever order the walk went in.
+        let first = &self.bufs.first;
+        if !first.is_sorted() {
+            let mut order: Vec<usize> = (0..self.outcomes.len()).collect();
+            order.sort_by(|&i, &j| first[i].cmp(&first[j]));
+            let mut slots: Vec<Option<OutcomeInfo>> = self.outcomes.drain(..).map(Some).collect();
+            self.outcomes = order
+                .into_iter()
+                .map(|i| slots[i].take().expect("each outcome once"))
+                .collect();
+        }
+        for o in &mut self.outcomes {
+            o.via.sort_unstable();
+        }
+        let warnings = if self.warned.is_empty() {
+            Vec::new()
+        } else {
+            (self.warned.into_iter())
+                .map(|(line, message)| Warning { line, message })
+                .collect()
+        };
+        Ok(Distribution {
+            outcomes: self.outcomes,
+            warnings,
+            steps: self.steps,
+            statistic_rules: self.statistic_rules,
+            total,
+        })
     }
 
-    /// Records the end of thread `t` (its weight is taken) in `outcome`.
+    /// The index in `rules` of rule `r` of chain `c`, read on first use.
+    fn read(&mut self, c: usize, r: usize) -> usize {
+        let key = (c, r);
+        let b = &mut *self.bufs;
+        let found = if b.read_keys.len() <= SCAN_READ {
+            b.read_keys.iter().position(|&k| k == key)
+        } else {
+            b.read.get(&key).copied()
+        };
+        if let Some(i) = found {
+            return i;
+        }
+        self.rules
+            .push(self.graph.chain(self.table, c).rules[r].parse());
+        b.read_keys.push(key);
+        if b.read_keys.len() == SCAN_READ + 1 {
+            b.read
+                .extend(b.read_keys.iter().enumerate().map(|(i, &k)| (k, i)));
+        } else if b.read_keys.len() > SCAN_READ {
+            b.read.insert(key, self.rules.len() - 1);
+        }
+        self.rules.len() - 1
+    }
+
+    /// Records the end of thread `t` (its weight, path and choices are taken) in `outcome`.
     fn finish(&mut self, t: &mut Thread, outcome: Outcome, line: u32) {
-        let via = if t.via > 0 { vec![t.via] } else { Vec::new() };
-        let weight = std::mem::replace(&mut t.weight, Prob::zero());
+        let weight = std::mem::replace(&mut t.weight, Weight::zero());
         self.total.add_assign(&weight);
-        match self.index.get(&outcome) {
-            Some(&i) => {
+        let weight = weight.into_prob();
+        let first = &mut self.bufs.first;
+        let hash = OutcomeIndex::hash(&outcome);
+        match self.bufs.index.find(hash, &outcome, &self.outcomes) {
+            Some(i) => {
                 let o = &mut self.outcomes[i];
                 o.prob.add_exact(&weight);
                 o.paths = o.paths.saturating_add(t.paths);
                 if t.via > 0 && !o.via.contains(&t.via) {
                     o.via.push(t.via);
                 }
-                if shorter_path((&t.path, &t.choices), (&o.path, &self.first[i])) {
+                if shorter_path((&t.path, &t.choices), (&o.path, &first[i])) {
                     o.path = std::mem::take(&mut t.path);
                     o.line = line;
                     o.chain = t.chain;
                 }
-                if t.choices < self.first[i] {
-                    self.first[i] = std::mem::take(&mut t.choices);
+                if t.choices < first[i] {
+                    first[i] = std::mem::take(&mut t.choices);
                 }
                 self.recycle(weight);
             }
@@ -599,14 +933,14 @@ impl Walker<'_, '_, '_> {
                     self.recycle(weight);
                     approx
                 };
-                self.index.insert(outcome.clone(), self.outcomes.len());
-                self.first.push(std::mem::take(&mut t.choices));
+                self.bufs.index.push(hash);
+                self.bufs.first.push(std::mem::take(&mut t.choices));
                 self.outcomes.push(OutcomeInfo {
                     outcome,
                     prob,
                     paths: t.paths,
-                    path: t.path.clone(),
-                    via,
+                    path: std::mem::take(&mut t.path),
+                    via: if t.via > 0 { vec![t.via] } else { Vec::new() },
                     line,
                     chain: t.chain,
                 });
@@ -615,7 +949,7 @@ impl Walker<'_, '_, '_> {
     }
 
     fn check_size(&self) -> Result<(), TooComplex> {
-        if self.outcomes.len() + self.queue.len() > STATE_LIMIT {
+        if self.outcomes.len() + self.bufs.queue.len() > STATE_LIMIT {
             return Err(TooComplex {
                 limit: STATE_LIMIT as u64,
                 what: "outcomes and waiting branches at once",
@@ -634,7 +968,7 @@ impl Walker<'_, '_, '_> {
     /// When exactly one outcome's probability had to be approximated, it is the exact total
     /// less all the others: exact again. (A sum of long terms that collapses to a short
     /// value, e.g. every branch of a long cascade reaching one outcome, is then exact.)
-    fn recover_exact(&mut self) {
+    fn recover_exact(&mut self, total: &Prob) {
         let mut approx = self
             .outcomes
             .iter()
@@ -643,7 +977,7 @@ impl Walker<'_, '_, '_> {
         let (Some((i, _)), None) = (approx.next(), approx.next()) else {
             return;
         };
-        let mut rest = self.total.clone();
+        let mut rest = total.clone();
         for (j, o) in self.outcomes.iter().enumerate() {
             if let (true, Some(p)) = (j != i, o.prob.exact()) {
                 match rest.checked_sub(p) {
@@ -661,12 +995,12 @@ impl Walker<'_, '_, '_> {
         let table = self.graph.table(self.table);
         loop {
             // Go on only while no waiting thread is behind this one (see [`Queue`]).
-            match self.queue.least_vs(&t) {
+            match self.bufs.queue.least_vs(&t) {
                 Some(Ordering::Less) => {
-                    self.queue.push(t);
+                    self.bufs.queue.push(t);
                     return Ok(());
                 }
-                Some(Ordering::Equal) if self.queue.merge(&t) => return Ok(()),
+                Some(Ordering::Equal) if self.bufs.queue.merge(&t) => return Ok(()),
                 _ => {}
             }
             // The graph's rule counts are a small array; the chain itself is looked at
@@ -721,9 +1055,15 @@ impl Walker<'_, '_, '_> {
                 _ if skipped => (None, Decision::No),
                 Some(share) => (None, Decision::Yes(share)),
                 None => {
-                    let rule = self.rules.get(&table.chains, t.chain, t.rule);
-                    let decision = self.decide(&rule, &mut t, mark_only);
-                    (Some(rule), decision)
+                    let i = self.read(t.chain, t.rule);
+                    let decision = decide(
+                        &self.rules[i],
+                        &mut t,
+                        mark_only,
+                        &mut self.bufs.scratch,
+                        &mut self.warned,
+                    );
+                    (Some(i), decision)
                 }
             };
             let line_no = line.line;
@@ -739,10 +1079,16 @@ impl Walker<'_, '_, '_> {
                     }
                     // Split: the branch that does not match goes on with the next rule.
                     // The weight is moved, not cloned: it is long in a long cascade.
-                    let mut taken = std::mem::replace(&mut self.spare, Prob::zero());
-                    taken.clone_from(&t.weight);
+                    let mut taken = match &t.weight {
+                        Weight::Exact(w) => {
+                            let mut p = std::mem::replace(&mut self.spare, Prob::zero());
+                            p.clone_from(w);
+                            Weight::Exact(Box::new(p))
+                        }
+                        w => w.clone(),
+                    };
                     taken.mul_ratio_assign(num, den);
-                    let weight = std::mem::replace(&mut t.weight, Prob::zero());
+                    let weight = std::mem::replace(&mut t.weight, Weight::zero());
                     let mut rest = t.clone();
                     t.weight = taken;
                     rest.weight = weight;
@@ -750,7 +1096,7 @@ impl Walker<'_, '_, '_> {
                     rest.rule += 1;
                     rest.choices.push(true);
                     t.choices.push(false);
-                    self.queue.push(rest);
+                    self.bufs.queue.push(rest);
                     self.check_size()?;
                 }
                 Decision::Yes(None) => {}
@@ -786,7 +1132,7 @@ impl Walker<'_, '_, '_> {
                     }
                 }
                 TargetRef::Mark => {
-                    apply_mark(rule.as_deref().expect("read: not fixed"), &mut t);
+                    apply_mark(&self.rules[rule.expect("read: not fixed")], &mut t);
                     t.rule += 1;
                 }
                 TargetRef::Terminal => {
@@ -796,7 +1142,7 @@ impl Walker<'_, '_, '_> {
                             line: line_no,
                         });
                     }
-                    let outcome = terminal_outcome(rule.as_deref().expect("read: not fixed"));
+                    let outcome = terminal_outcome(&self.rules[rule.expect("read: not fixed")]);
                     self.finish(&mut t, outcome, line_no);
                     return Ok(());
                 }
@@ -819,113 +1165,153 @@ impl Walker<'_, '_, '_> {
             _ => Outcome::Unmatched,
         }
     }
+}
 
-    /// Decides the rule's conditions for the thread's packet.
-    fn decide(&mut self, rule: &Rule<'_>, t: &mut Thread, mark_only: bool) -> Decision {
-        let mut undecided: Vec<String> = Vec::new();
-        // Bindings are tentative until the whole rule is known to apply.
-        let mut packet = t.packet.clone();
-        for o in &rule.core {
-            match core_test(o, &mut packet) {
-                Some(true) => {}
-                Some(false) => return Decision::No,
-                None => undecided.push(describe(o)),
-            }
+/// Decides the rule's conditions for the thread's packet; assumptions made are added to
+/// `warned`.
+fn decide(
+    rule: &Rule<'_>,
+    t: &mut Thread,
+    mark_only: bool,
+    scratch: &mut Scratch,
+    warned: &mut BTreeSet<(u32, String)>,
+) -> Decision {
+    // Bindings are tentative until the whole rule is known to apply: the rule is tested
+    // on a copy, made again only when the packet is another than last time's or a test
+    // bound a field of the copy.
+    if !(scratch.copy_of.as_ref()).is_some_and(|p| Rc::ptr_eq(p, &t.packet)) {
+        scratch.packet.clone_from(&t.packet);
+        scratch.copy_of = Some(Rc::clone(&t.packet));
+    }
+    let decision = decide_on(rule, t, mark_only, &mut scratch.packet, warned);
+    // A test binds only open fields: the copy differs exactly when it has fewer of them.
+    let bound = scratch.packet.open_fields() != t.packet.open_fields();
+    debug_assert_eq!(bound, scratch.packet != *t.packet);
+    if bound {
+        scratch.copy_of = None;
+        if matches!(decision, Decision::Yes(_)) {
+            t.packet = Rc::new(scratch.packet.clone());
+            scratch.copy_of = Some(Rc::clone(&t.packet));
         }
-        let mut share: Option<(u64, u64)> = None;
-        for m in &rule.matches {
-            if m.module == "statistic" {
-                match statistic::from_match(m) {
-                    Ok(s) => {
-                        let (num, den) = match s {
-                            Statistic::Random {
-                                threshold,
-                                inverted,
-                            } => {
-                                let q = u64::from(threshold);
-                                if inverted {
-                                    (SCALE - q, SCALE)
-                                } else {
-                                    (q, SCALE)
-                                }
+    }
+    decision
+}
+
+/// The packet a rule is tested on, and the packet it is a copy of while they are equal.
+#[derive(Default)]
+struct Scratch {
+    packet: Packet,
+    copy_of: Option<Rc<Packet>>,
+}
+
+/// [`decide`] with `packet`, a copy of the thread's packet, bound as the rule binds it.
+fn decide_on(
+    rule: &Rule<'_>,
+    t: &Thread,
+    mark_only: bool,
+    packet: &mut Packet,
+    warned: &mut BTreeSet<(u32, String)>,
+) -> Decision {
+    let mut undecided: Vec<String> = Vec::new();
+    for o in &rule.core {
+        match core_test(o, packet) {
+            Some(true) => {}
+            Some(false) => return Decision::No,
+            None => undecided.push(describe(o)),
+        }
+    }
+    let mut share: Option<(u64, u64)> = None;
+    for m in &rule.matches {
+        if m.module == "statistic" {
+            match statistic::from_match(m) {
+                Ok(s) => {
+                    let (num, den) = match s {
+                        Statistic::Random {
+                            threshold,
+                            inverted,
+                        } => {
+                            let q = u64::from(threshold);
+                            if inverted {
+                                (SCALE - q, SCALE)
+                            } else {
+                                (q, SCALE)
                             }
-                            Statistic::Nth {
-                                every, inverted, ..
-                            } => {
-                                let n = u64::from(every);
-                                if inverted { (n - 1, n) } else { (1, n) }
-                            }
-                        };
-                        share = Some(match share {
-                            None => (num, den),
-                            // Two statistic matches in one rule: independent draws.
-                            Some((a, b)) => match (a.checked_mul(num), b.checked_mul(den)) {
-                                (Some(x), Some(y)) => (x, y),
-                                _ => (a, b),
-                            },
-                        });
-                    }
-                    Err(e) => {
-                        self.warn(rule.line, format!("statistic match ignored: {}", e.message));
-                    }
+                        }
+                        Statistic::Nth {
+                            every, inverted, ..
+                        } => {
+                            let n = u64::from(every);
+                            if inverted { (n - 1, n) } else { (1, n) }
+                        }
+                    };
+                    share = Some(match share {
+                        None => (num, den),
+                        // Two statistic matches in one rule: independent draws.
+                        Some((a, b)) => match (a.checked_mul(num), b.checked_mul(den)) {
+                            (Some(x), Some(y)) => (x, y),
+                            _ => (a, b),
+                        },
+                    });
                 }
-                continue;
+                Err(e) => {
+                    warned.insert((rule.line, format!("statistic match ignored: {}", e.message)));
+                }
             }
-            match self.match_test(m, t, &mut packet) {
-                Some(true) => {}
-                Some(false) => return Decision::No,
-                None => undecided.push(format!("-m {}", m.module)),
-            }
+            continue;
         }
-        // A rule that only sets marks must not bind open fields of the connection:
-        // kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ` says nothing about who connects.
-        if mark_only && packet != t.packet {
+        match match_test(m, t, packet) {
+            Some(true) => {}
+            Some(false) => return Decision::No,
+            None => undecided.push(format!("-m {}", m.module)),
+        }
+    }
+    // A rule that only sets marks must not bind open fields of the connection:
+    // kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ` says nothing about who connects.
+    if mark_only && *packet != *t.packet {
+        return Decision::No;
+    }
+    if !undecided.is_empty() {
+        if mark_only {
+            // Cannot change where the connection goes; assume it does not apply.
             return Decision::No;
         }
-        if !undecided.is_empty() {
-            if mark_only {
-                // Cannot change where the connection goes; assume it does not apply.
-                return Decision::No;
-            }
-            self.warn(
-                rule.line,
-                format!(
-                    "cannot decide {} for the connection; assumed to match",
-                    undecided.join(", ")
-                ),
-            );
-        }
-        t.packet = packet;
-        Decision::Yes(share)
+        warned.insert((
+            rule.line,
+            format!(
+                "cannot decide {} for the connection; assumed to match",
+                undecided.join(", ")
+            ),
+        ));
     }
+    Decision::Yes(share)
+}
 
-    fn match_test(&mut self, m: &Match<'_>, t: &Thread, packet: &mut Packet) -> Option<bool> {
-        let mut all = true;
-        for o in &m.options {
-            let r = match (m.module, o.name) {
-                ("mark", "mark") => mark_test(o, t.nfmark),
-                ("connmark", "mark") => mark_test(o, t.ctmark),
-                ("recent", "rcheck" | "update" | "remove") => Some(o.negated),
-                ("recent", "set") => Some(true),
-                (
-                    "recent",
-                    "seconds" | "reap" | "name" | "mask" | "rsource" | "rdest" | "hitcount"
-                    | "rttl",
-                ) => Some(true),
-                _ => static_test(m.module, o, packet),
-            };
-            match r {
-                Some(true) => {}
-                Some(false) => return Some(false),
-                None => all = false,
-            }
+/// Decides match `m` for thread `t` (its marks) and `packet`, which may be bound.
+fn match_test(m: &Match<'_>, t: &Thread, packet: &mut Packet) -> Option<bool> {
+    let mut all = true;
+    for o in &m.options {
+        let r = match (m.module, o.name) {
+            ("mark", "mark") => mark_test(o, t.nfmark),
+            ("connmark", "mark") => mark_test(o, t.ctmark),
+            ("recent", "rcheck" | "update" | "remove") => Some(o.negated),
+            ("recent", "set") => Some(true),
+            (
+                "recent",
+                "seconds" | "reap" | "name" | "mask" | "rsource" | "rdest" | "hitcount" | "rttl",
+            ) => Some(true),
+            _ => static_test(m.module, o, packet),
+        };
+        match r {
+            Some(true) => {}
+            Some(false) => return Some(false),
+            None => all = false,
         }
-        if m.options.is_empty() {
-            // A module with no options (e.g. `-m tcp` alone) constrains nothing.
-            return Some(true);
-        }
-        all.then_some(true)
     }
+    if m.options.is_empty() {
+        // A module with no options (e.g. `-m tcp` alone) constrains nothing.
+        return Some(true);
+    }
+    all.then_some(true)
 }
 
 /// Whether a rule whose target only sets marks is known, from its first reading, not to
@@ -987,13 +1373,19 @@ fn describe(o: &Opt<'_>) -> String {
 
 /// Lower-case protocol name from a `-p` value (names or numbers).
 pub fn proto_name(v: &str) -> String {
+    proto_name_ref(v).into_owned()
+}
+
+/// [`proto_name`], borrowed where it can be (a name already in lower case).
+fn proto_name_ref(v: &str) -> Cow<'_, str> {
     match v {
         "6" => "tcp".into(),
         "17" => "udp".into(),
         "132" => "sctp".into(),
         "1" => "icmp".into(),
         "58" => "ipv6-icmp".into(),
-        _ => v.to_ascii_lowercase(),
+        _ if v.bytes().any(|b| b.is_ascii_uppercase()) => v.to_ascii_lowercase().into(),
+        _ => v.into(),
     }
 }
 
@@ -1001,14 +1393,14 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
     let v = o.value();
     let r = match o.name {
         "p" => {
-            let want = proto_name(v);
+            let want = proto_name_ref(v);
             if want == "all" || want == "0" {
                 Some(true)
             } else {
                 match &p.proto {
                     Some(have) => Some(*have == want || (want == "icmpv6" && have == "ipv6-icmp")),
                     None if !o.negated => {
-                        p.proto = Some(want);
+                        p.proto = Some(want.into_owned());
                         Some(true)
                     }
                     None => None,
@@ -1071,15 +1463,21 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
     r.map(|m| m != o.negated)
 }
 
+/// The address of the first item of a list of addresses or networks (`a/len,b`).
 pub(crate) fn first_addr(v: &str) -> Option<IpAddr> {
-    let first = v.split(',').next()?;
-    let addr = first.split('/').next()?;
-    addr.parse().ok()
+    v[..first_end(v, b'/')].parse().ok()
 }
 
+/// The first port of a list of ports or ranges (`80:90,443`).
 pub(crate) fn first_port(v: &str) -> Option<u16> {
-    let first = v.split(',').next()?;
-    first.split(':').next()?.parse().ok()
+    v[..first_end(v, b':')].parse().ok()
+}
+
+/// Where the first item of the comma-separated `v` ends, or its part before `sep`.
+fn first_end(v: &str, sep: u8) -> usize {
+    v.bytes()
+        .position(|b| b == b',' || b == sep)
+        .unwrap_or(v.len())
 }
 
 /// Does `cidr` (an address, `addr/len` or `addr/dotted-mask`) contain `a`?
@@ -1647,7 +2045,7 @@ mod tests {
                 ("10.0.0.3".into(), "3/8".into()),
             ]
         );
-        let c = |a: &[(bool, u32)]| Choices(a.to_vec());
+        let c = |a: &[(bool, u32)]| Choices(Small::Heap(a.to_vec()));
         assert!(c(&[(false, 1)]) < c(&[(true, 1), (false, 1)]));
         assert!(c(&[(true, 3), (false, 1)]) < c(&[(true, 4)]));
         assert!(c(&[(true, 2)]) < c(&[(true, 2), (false, 1)]));

@@ -572,6 +572,114 @@ impl Approx {
     }
 }
 
+/// A walk's branch weight: exactly a [`Prob`], kept in machine words while it is a
+/// dyadic `num / 2^shift` whose numerator fits in 128 bits (every weight of a random-mode
+/// cascade of up to four rules), so that the walk's many small products and sums need no
+/// big integers. [`Weight::to_prob`] gives the same `Prob` that `Prob`'s own arithmetic
+/// would have: both are exact and in lowest terms.
+#[derive(Clone, Debug)]
+pub(crate) enum Weight {
+    /// `num / 2^shift` in lowest terms (`num` odd, or `shift` 0).
+    Dyadic { num: u128, shift: u64 },
+    /// Any other value (boxed: a walk moves its weights around).
+    Exact(Box<Prob>),
+}
+
+impl Weight {
+    pub(crate) fn zero() -> Self {
+        Weight::Dyadic { num: 0, shift: 0 }
+    }
+
+    pub(crate) fn one() -> Self {
+        Weight::Dyadic { num: 1, shift: 0 }
+    }
+
+    /// `num / 2^shift` in lowest terms.
+    fn dyadic(num: u128, shift: u64) -> Self {
+        if num == 0 {
+            return Weight::zero();
+        }
+        let t = u64::from(num.trailing_zeros()).min(shift);
+        Weight::Dyadic {
+            num: num >> t,
+            shift: shift - t,
+        }
+    }
+
+    /// The exact value.
+    pub(crate) fn to_prob(&self) -> Prob {
+        match self {
+            Weight::Dyadic { num, shift } => Prob {
+                num: BigUint::from(*num),
+                odd: BigUint::one(),
+                shift: *shift,
+            },
+            Weight::Exact(p) => Prob::clone(p),
+        }
+    }
+
+    /// The exact value, taken.
+    pub(crate) fn into_prob(self) -> Prob {
+        match self {
+            Weight::Exact(p) => *p,
+            w => w.to_prob(),
+        }
+    }
+
+    /// `self ·= a / b` for machine integers (b > 0), as [`Prob::mul_ratio_assign`].
+    pub(crate) fn mul_ratio_assign(&mut self, a: u64, b: u64) {
+        if let Weight::Dyadic { num, shift } = *self
+            && b.is_power_of_two()
+            && let Some(n) = num.checked_mul(u128::from(a))
+            && let Some(s) = shift.checked_add(u64::from(b.trailing_zeros()))
+        {
+            *self = Weight::dyadic(n, s);
+            return;
+        }
+        match self {
+            Weight::Exact(p) => p.mul_ratio_assign(a, b),
+            w => {
+                let mut p = w.to_prob();
+                p.mul_ratio_assign(a, b);
+                *w = Weight::Exact(Box::new(p));
+            }
+        }
+    }
+
+    /// `self += other`, as [`Prob::add_assign`].
+    pub(crate) fn add_assign(&mut self, other: &Weight) {
+        if let (Weight::Dyadic { num: a, shift: sa }, Weight::Dyadic { num: b, shift: sb }) =
+            (&*self, other)
+        {
+            // Over the larger power of two: the other numerator is shifted left.
+            let (a, b, s, d) = if sa >= sb {
+                (*a, *b, *sa, sa - sb)
+            } else {
+                (*b, *a, *sb, sb - sa)
+            };
+            if d < 128
+                && u64::from(b.leading_zeros()) >= d
+                && let Some(n) = a.checked_add(b << d)
+            {
+                *self = Weight::dyadic(n, s);
+                return;
+            }
+        }
+        match (&mut *self, other) {
+            (Weight::Exact(p), Weight::Exact(q)) => p.add_assign(q),
+            (Weight::Exact(p), q) => p.add_assign(&q.to_prob()),
+            (w, q) => {
+                let mut p = w.to_prob();
+                match q {
+                    Weight::Exact(q) => p.add_assign(q),
+                    q => p.add_assign(&q.to_prob()),
+                }
+                *w = Weight::Exact(Box::new(p));
+            }
+        }
+    }
+}
+
 /// Outcome probabilities longer than this (in [`Prob::bits`]) are kept as an [`Approx`].
 /// Exact forms of up to 1,200 bits are printed in reports, so those stay exact.
 pub const KEEP_EXACT_BITS: u64 = 4096;
@@ -1847,6 +1955,80 @@ mod tests {
                 check_approx_conversions(&near, n);
             }
         }
+    }
+
+    /// A sequence of walk operations on a weight: multiply by `a / b`, or add a weight
+    /// made from a seed.
+    #[derive(Debug, Clone)]
+    enum WeightOp {
+        Mul(u64, u64),
+        Add(u64, u64),
+    }
+
+    fn weight_op() -> impl proptest::strategy::Strategy<Value = WeightOp> {
+        use proptest::prelude::*;
+        let den = prop_oneof![
+            Just(1u64 << 31),
+            Just(2u64),
+            Just(1u64),
+            1u64..10,
+            (0u32..63).prop_map(|k| 1u64 << k),
+        ];
+        prop_oneof![
+            (0u64..(1 << 32), den.clone()).prop_map(|(a, b)| WeightOp::Mul(a % (b + 1), b)),
+            (0u64..(1 << 32), den).prop_map(|(a, b)| WeightOp::Add(a % (b + 1), b)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// `Weight` (machine words while dyadic and short) gives exactly the `Prob` of
+        /// the same operations, through the change to big integers and after it.
+        #[test]
+        fn weight_arithmetic_is_prob_arithmetic(
+            ops in proptest::collection::vec(weight_op(), 0..40),
+        ) {
+            let mut w = Weight::one();
+            let mut p = Prob::one();
+            for op in ops {
+                match op {
+                    WeightOp::Mul(a, b) => {
+                        w.mul_ratio_assign(a, b);
+                        p.mul_ratio_assign(a, b);
+                    }
+                    WeightOp::Add(a, b) => {
+                        let mut x = Weight::one();
+                        x.mul_ratio_assign(a, b);
+                        w.add_assign(&x);
+                        p.add_assign(&Prob::ratio(a, b));
+                    }
+                }
+                proptest::prop_assert_eq!(w.to_prob(), p.clone());
+            }
+            proptest::prop_assert_eq!(w.into_prob(), p);
+        }
+    }
+
+    #[test]
+    fn weights_of_a_long_cascade_leave_machine_words_exactly() {
+        // 40 rules of a kube-proxy cascade: the weights pass 128 bits after four.
+        let s = 1u64 << 31;
+        let (mut w, mut p) = (Weight::one(), Prob::one());
+        let (mut wt, mut pt) = (Weight::zero(), Prob::zero());
+        for i in 0..40u64 {
+            let q = s / (40 - i);
+            let (mut wq, mut pq) = (w.clone(), p.clone());
+            wq.mul_ratio_assign(q, s);
+            pq.mul_ratio_assign(q, s);
+            wt.add_assign(&wq);
+            pt.add_assign(&pq);
+            w.mul_ratio_assign(s - q, s);
+            p.mul_ratio_assign(s - q, s);
+            assert_eq!(w.to_prob(), p);
+            assert_eq!(wt.to_prob(), pt);
+        }
+        assert!(matches!(w, Weight::Exact(_)));
+        wt.add_assign(&w);
+        assert!(wt.into_prob().is_one());
     }
 }
 
