@@ -440,24 +440,6 @@ pub(crate) fn fixed_decision(rule: &Rule<'_>) -> Option<Option<Statistic>> {
     Some(found)
 }
 
-/// The rules of a table read again so far, each once (a walk meets a rule many
-/// times; the ruleset keeps only its text).
-#[derive(Debug, Default)]
-pub struct RuleCache<'a> {
-    rules: rustc_hash::FxHashMap<(usize, usize), std::rc::Rc<Rule<'a>>>,
-}
-
-impl<'a> RuleCache<'a> {
-    /// Rule `r` of chain `c` of `chains`, read on first use.
-    pub fn get(&mut self, chains: &[Chain<'a>], c: usize, r: usize) -> std::rc::Rc<Rule<'a>> {
-        std::rc::Rc::clone(
-            self.rules
-                .entry((c, r))
-                .or_insert_with(|| std::rc::Rc::new(chains[c].rules[r].parse())),
-        )
-    }
-}
-
 /// A chain's default policy (built-in chains only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy<'a> {

@@ -1149,7 +1149,7 @@ impl Work {
         // State 0 reuses the strings of the last balancer's.
         self.states.truncate(1);
         match self.states.first_mut() {
-            Some(s) => copy_packet(s, packet),
+            Some(s) => s.clone_from(packet),
             None => self.states.push(packet.clone()),
         }
         self.state_ix.clear();
@@ -1195,28 +1195,6 @@ struct Compiler<'g, 'r, 'a, 'w> {
     /// Endpoint index by outcome (the first endpoint with it), built when a large
     /// balancer first needs it.
     endpoint_ix: Option<HashMap<&'g Outcome, u32>>,
-}
-
-/// `to = from.clone()`, reusing `to`'s strings.
-fn copy_packet(to: &mut Packet, from: &Packet) {
-    let Packet {
-        src,
-        dst,
-        proto,
-        sport,
-        dport,
-        in_iface,
-        out_iface,
-        dst_local,
-    } = from;
-    to.src = *src;
-    to.dst = *dst;
-    to.proto.clone_from(proto);
-    to.sport = *sport;
-    to.dport = *dport;
-    to.in_iface.clone_from(in_iface);
-    to.out_iface.clone_from(out_iface);
-    to.dst_local = *dst_local;
 }
 
 /// The conditions of `rule` in the kernel's order, appended to `conds`; nth counters
@@ -1532,21 +1510,21 @@ impl<'g, 'r, 'a, 'w> Compiler<'g, 'r, 'a, 'w> {
         // Any other condition came from reading the rule.
         let rule = &self.rules[s.rule as usize];
         let packet = &mut w.scratch;
-        copy_packet(packet, &w.states[x as usize]);
+        packet.clone_from(&w.states[x as usize]);
         let mut reach: u16 = 0;
         for cond in conds {
             let r = match *cond {
                 Cond::Core(i) => {
                     let o = &rule.core[i as usize];
                     if mark_only {
-                        copy_packet(&mut w.before, packet);
+                        w.before.clone_from(packet);
                     }
                     core_test(o, packet)
                 }
                 Cond::Static(m, i) => {
                     let m = &rule.matches[m as usize];
                     if mark_only {
-                        copy_packet(&mut w.before, packet);
+                        w.before.clone_from(packet);
                     }
                     static_test(m.module, &m.options[i as usize], packet)
                 }
