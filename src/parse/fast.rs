@@ -393,10 +393,10 @@ pub(super) fn comment_of<'a>(
                 }
                 in_comment = name == "comment";
             }
-            StepKind::Opt(Sec::Match) if in_comment && found.is_none() => {
-                if st.name(line) == "comment" {
-                    found = Some(st.first(line, vals));
-                }
+            StepKind::Opt(Sec::Match)
+                if in_comment && found.is_none() && st.name(line) == "comment" =>
+            {
+                found = Some(st.first(line, vals));
             }
             _ => {}
         }
