@@ -640,23 +640,28 @@ mod tests {
         }
     }
 
-    /// `RuleLine::plain` (from the first reading) says exactly when a rule's selector
-    /// is empty, on every rule of every fixture and on a few made for it.
-    #[test]
-    fn plain_rules_are_those_with_an_empty_selector() {
+    /// Every fixture's text, and `extra`.
+    fn fixtures_and(extra: &str) -> Vec<String> {
         let mut texts: Vec<String> = crate::testing::fixture_texts()
             .into_iter()
             .map(|(_, text)| text)
             .collect();
-        texts.push(
+        texts.push(extra.to_string());
+        texts
+    }
+
+    /// `RuleLine::plain` (from the first reading) says exactly when a rule's selector
+    /// is empty, on every rule of every fixture and on a few made for it.
+    #[test]
+    fn plain_rules_are_those_with_an_empty_selector() {
+        let texts = fixtures_and(
             "-A A -m statistic --mode nth --every 2 --packet 0 -j B\n\
              -A A -p tcp -m statistic --mode nth --every 2 --packet 0 -j B\n\
              -A A -p tcp --dport 80 -m comment --comment x -j B\n\
              -A A -m mark --mark 0x1 -m comment --comment \"a b\" -j B\n\
              -A A -m tcp -m statistic --mode random --probability 0.5 -j B\n\
              -A A -m tcp --dport 1 -j B\n\
-             -A A ! -s 10.0.0.0/8 -j B\n"
-                .to_string(),
+             -A A ! -s 10.0.0.0/8 -j B\n",
         );
         let mut plain = 0;
         let mut not = 0;
@@ -685,16 +690,11 @@ mod tests {
     /// is the one found by reading every rule.
     #[test]
     fn rules_only_chance_decides_have_no_affinity() {
-        let mut texts: Vec<String> = crate::testing::fixture_texts()
-            .into_iter()
-            .map(|(_, text)| text)
-            .collect();
-        texts.push(
+        let texts = fixtures_and(
             "-A A -m recent --name x --rcheck --seconds 5 -j B\n\
              -A A -m recent -m statistic --mode random --probability 0.5 -j B\n\
              -A A -m comment --comment recent -m statistic --mode random --probability 0.5 -j B\n\
-             -A A -m recent --name y --rcheck -m statistic --mode random --probability 0.5 -j B\n"
-                .to_string(),
+             -A A -m recent --name y --rcheck -m statistic --mode random --probability 0.5 -j B\n",
         );
         let mut fixed = 0;
         let mut found = 0;
