@@ -2035,8 +2035,8 @@ mod tests {
 impl Prob {
     /// Appends the same text as [`Prob::write_text`], faster for the fractions reports
     /// print most: over a power of two (every kube-proxy probability), the denominator
-    /// is copied from a table ([`pow2_text`]) and the numerator's digits are computed
-    /// 19 at a time in 64-bit words ([`push_words_decimal`]).
+    /// is copied from a table (`pow2_text`) and the numerator's digits are computed
+    /// 19 at a time in 64-bit words (`push_words_decimal`).
     pub fn write_text_dyadic_fast(&self, out: &mut Vec<u8>) {
         if !self.odd.is_one() || self.num.is_zero() || self.is_one() {
             return self.write_text(out);
