@@ -580,10 +580,7 @@ pub fn write_json_windowed(
     // Nothing ties balancers together: analyse, audit and print a window at a time.
     let mut out = JsonStream::begin(w, source, rs, None, warnings)?;
     for part in candidates.chunks(window) {
-        let balancers = crate::balance::analyse_all(graph, part);
-        let audits = audit::audit_window(graph, &balancers, &opts, &AtomicUsize::new(0));
-        out.balancers(&balancers, Some(&audits))?;
-        drop_in_parallel(balancers);
+        out.analyse_and_write(graph, part, &opts)?;
     }
     out.finish()
 }
@@ -689,6 +686,53 @@ impl<'w> JsonStream<'w> {
             self.head.warnings.extend(b.warnings.iter().cloned());
         }
         self.written += balancers.len();
+        Ok(())
+    }
+
+    /// The balancers of `candidates`, each batch analysed, audited on its own (nothing
+    /// ties balancers together: no p-values corrected across them), converted and
+    /// dropped by one task, and written in order: what [`Self::balancers`] writes for
+    /// the analysed window, without waiting for the slowest balancer of the window
+    /// between the three steps.
+    pub fn analyse_and_write(
+        &mut self,
+        graph: &Graph<'_, '_>,
+        candidates: &[Candidate],
+        opts: &crate::audit::AuditOptions,
+    ) -> std::io::Result<()> {
+        use rayon::prelude::*;
+        let batches = candidates.len().div_ceil(BATCH);
+        if self.buffers.len() < batches {
+            self.buffers.resize_with(batches, Vec::new);
+        }
+        let done = AtomicUsize::new(0);
+        // Per batch: its balancers' count and warnings.
+        let written: Vec<(usize, Vec<Warning>)> = self.buffers[..batches]
+            .par_iter_mut()
+            .zip(candidates.par_chunks(BATCH))
+            .map(|(buffer, part)| {
+                let balancers = crate::balance::analyse_all(graph, part);
+                let audits = audit::audit_window(graph, &balancers, opts, &done);
+                buffer.clear();
+                // Written as if after another balancer: the comma before the first
+                // balancer of the report is left out below.
+                render_batch(buffer, 1, &balancers, Some(&audits));
+                let warnings = balancers
+                    .iter()
+                    .flat_map(|b| b.warnings.iter().cloned())
+                    .collect();
+                (balancers.len(), warnings)
+            })
+            .collect();
+        for (buffer, (n, warnings)) in self.buffers[..batches].iter().zip(written) {
+            let text = match buffer.strip_prefix(b",") {
+                Some(rest) if self.written == 0 => rest,
+                _ => buffer,
+            };
+            self.w.write_all(text)?;
+            self.written += n;
+            self.head.warnings.extend(warnings);
+        }
         Ok(())
     }
 
@@ -1993,5 +2037,59 @@ mod tests {
             }
         }
         assert!(corrected > 500, "{corrected} audits with p-values");
+    }
+
+    /// Windows of many batches, the first batches without a balancer (generic chains
+    /// whose statistic rules no traffic reaches, listed first by name): the streamed
+    /// JSON is still the built report's.
+    #[test]
+    fn streamed_json_over_many_batches() {
+        let mut text = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n");
+        for i in 0..40 {
+            text.push_str(&format!(
+                ":AAA{i:02} - [0:0]\n-A AAA{i:02} -j ACCEPT\n-A AAA{i:02} -m statistic --mode random --probability 0.5 -j ACCEPT\n"
+            ));
+        }
+        for i in 0..90 {
+            text.push_str(&format!(
+                ":KUBE-SVC-{i:04} - [0:0]\n:KUBE-SEP-{i:04}A - [0:0]\n:KUBE-SEP-{i:04}B - [0:0]\n\
+                 -A KUBE-SVC-{i:04} -m comment --comment \"ns/s{i:02}:p\" -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i:04}A\n\
+                 -A KUBE-SVC-{i:04} -m comment --comment \"ns/s{i:02}:p\" -j KUBE-SEP-{i:04}B\n\
+                 -A KUBE-SEP-{i:04}A -p tcp -j DNAT --to-destination 10.0.{i}.1:80\n\
+                 -A KUBE-SEP-{i:04}B -p tcp -j DNAT --to-destination 10.0.{i}.2:80\n"
+            ));
+        }
+        text.push_str("COMMIT\n");
+        let rs = parse::parse(&text, &ParseOptions::default()).unwrap();
+        let graph = Graph::build(&rs, false).unwrap();
+        let candidates = crate::balance::candidates(&graph);
+        assert_eq!(candidates.len(), 130);
+        let balancers: Vec<Balancer> = candidates
+            .iter()
+            .filter_map(|c| crate::balance::analyse(&graph, c))
+            .collect();
+        assert_eq!(balancers.len(), 90);
+        let opts = AuditOptions {
+            connections: Some(0),
+            balancers: Some(candidates.len()),
+            ..AuditOptions::default()
+        };
+        let (audits, info) = audit::run(&graph, &balancers, &opts);
+        let built = Report::new("x", &rs, &balancers, Some(&audits), info, Vec::new()).to_json();
+        for window in [1, 33, 64, 1000] {
+            let mut out = Vec::new();
+            write_json_windowed(
+                &mut out,
+                "x",
+                &rs,
+                &graph,
+                &candidates,
+                &opts,
+                Vec::new(),
+                window,
+            )
+            .unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), built, "window {window}");
+        }
     }
 }
