@@ -538,6 +538,7 @@ pub fn write_json_windowed(
         balancers: Some(candidates.len()),
         ..opts.clone()
     };
+    use rayon::prelude::*;
     let window = window.max(1);
     let counters = rs
         .tables
@@ -551,9 +552,16 @@ pub fn write_json_windowed(
             // does not depend on its window).
             let mut kept = audit::CompactAudits::new(n);
             for part in candidates.chunks(window) {
-                let balancers = crate::balance::analyse_all(graph, part);
-                for a in audit::audit_window(graph, &balancers, &opts, done) {
-                    kept.push(&a);
+                // Each batch analysed and audited by one task.
+                let audits: Vec<Vec<Audit>> = part
+                    .par_chunks(BATCH)
+                    .map(|some| {
+                        let balancers = crate::balance::analyse_all(graph, some);
+                        audit::audit_window(graph, &balancers, &opts, done)
+                    })
+                    .collect();
+                for a in audits.iter().flatten() {
+                    kept.push(a);
                 }
                 kept.seal();
             }
@@ -563,14 +571,21 @@ pub fn write_json_windowed(
             let mut audits = kept.reader();
             let mut out = JsonStream::begin(w, source, rs, info, warnings)?;
             for part in candidates.chunks(window) {
-                let balancers = crate::balance::analyse_all(graph, part);
-                // Their audits rebuilt as many at a time as are printed at a time.
-                for some in balancers.chunks(JsonStream::chunk()) {
-                    let some_audits: Vec<Audit> =
-                        some.iter().map(|b| audits.next(b, &opts)).collect();
-                    out.balancers(some, Some(&some_audits))?;
-                }
-                drop_in_parallel(balancers);
+                let balancers: Vec<Vec<Balancer>> = part
+                    .par_chunks(BATCH)
+                    .map(|some| crate::balance::analyse_all(graph, some))
+                    .collect();
+                // Their audits read back in order, then each batch printed by one task.
+                let batches: Vec<(Vec<Balancer>, Vec<Audit>)> = balancers
+                    .into_iter()
+                    .map(|some| {
+                        let some_audits = some.iter().map(|b| audits.next(b, &opts)).collect();
+                        (some, some_audits)
+                    })
+                    .collect();
+                out.write_batches(batches, |(some, audits), buffer| {
+                    render_counted(buffer, &some, Some(&audits))
+                })?;
                 done.fetch_add(part.len(), Ordering::Relaxed);
             }
             debug_assert!(audits.is_done(), "as many balancers as in pass 1");
@@ -583,14 +598,6 @@ pub fn write_json_windowed(
         out.analyse_and_write(graph, part, &opts)?;
     }
     out.finish()
-}
-
-/// Drops a window of balancers on several threads, a batch a task: freeing their many
-/// small allocations (names, entries, endpoints, exact fractions) is about a tenth of
-/// the cost of writing them, and the other threads wait for the next window meanwhile.
-fn drop_in_parallel(balancers: Vec<Balancer>) {
-    use rayon::prelude::*;
-    balancers.into_par_iter().with_min_len(BATCH).for_each(drop);
 }
 
 /// Balancers a thread writes at a time: about 70 kB of JSON with the cross-check.
@@ -653,39 +660,19 @@ impl<'w> JsonStream<'w> {
         balancers: &[Balancer],
         audits: Option<&[Audit]>,
     ) -> std::io::Result<()> {
-        use rayon::prelude::*;
-        // Each balancer written as the pretty printer writes it as an element of
-        // `balancers` (two levels deep), in batches on several threads, each into a
-        // buffer kept from one call to the next: the same memory again for each window,
-        // instead of new buffers freed by another thread than theirs.
-        let first = self.written;
+        // A window at a time, so that the batches' buffers stay few.
         let window = Self::chunk();
-        let mut start = 0;
-        while start < balancers.len() {
-            let end = (start + window).min(balancers.len());
-            let batches = (end - start).div_ceil(BATCH);
-            if self.buffers.len() < batches {
-                self.buffers.resize_with(batches, Vec::new);
-            }
-            self.buffers[..batches]
-                .par_iter_mut()
+        for (k, part) in balancers.chunks(window).enumerate() {
+            let batches: Vec<(usize, &[Balancer])> = part
+                .chunks(BATCH)
                 .enumerate()
-                .for_each(|(k, buffer)| {
-                    let from = start + k * BATCH;
-                    let to = (from + BATCH).min(end);
-                    let audits = audits.map(|a| a.get(from..).unwrap_or_default());
-                    buffer.clear();
-                    render_batch(buffer, first + from, &balancers[from..to], audits);
-                });
-            for buffer in &self.buffers[..batches] {
-                self.w.write_all(buffer)?;
-            }
-            start = end;
+                .map(|(j, some)| (k * window + j * BATCH, some))
+                .collect();
+            self.write_batches(batches, |(from, some), buffer| {
+                let audits = audits.map(|a| a.get(from..).unwrap_or_default());
+                render_counted(buffer, some, audits)
+            })?;
         }
-        for b in balancers {
-            self.head.warnings.extend(b.warnings.iter().cloned());
-        }
-        self.written += balancers.len();
         Ok(())
     }
 
@@ -700,37 +687,47 @@ impl<'w> JsonStream<'w> {
         candidates: &[Candidate],
         opts: &crate::audit::AuditOptions,
     ) -> std::io::Result<()> {
-        use rayon::prelude::*;
-        let batches = candidates.len().div_ceil(BATCH);
-        if self.buffers.len() < batches {
-            self.buffers.resize_with(batches, Vec::new);
-        }
         let done = AtomicUsize::new(0);
-        // Per batch: its balancers' count and warnings.
-        let written: Vec<(usize, Vec<Warning>)> = self.buffers[..batches]
+        let batches: Vec<&[Candidate]> = candidates.chunks(BATCH).collect();
+        self.write_batches(batches, |part, buffer| {
+            let balancers = crate::balance::analyse_all(graph, part);
+            let audits = audit::audit_window(graph, &balancers, opts, &done);
+            render_counted(buffer, &balancers, Some(&audits))
+        })
+    }
+
+    /// Writes what `render` puts in a buffer for each of `batches` (a batch: up to
+    /// [`BATCH`] balancers; it returns how many and their warnings), each batch made and
+    /// converted by one task on several threads into a buffer kept from one call to the
+    /// next (the same memory again for each window, not new buffers freed by another
+    /// thread than theirs), then written in order.
+    fn write_batches<T: Send>(
+        &mut self,
+        batches: Vec<T>,
+        render: impl Fn(T, &mut Vec<u8>) -> (usize, Vec<Warning>) + Sync,
+    ) -> std::io::Result<()> {
+        use rayon::prelude::*;
+        let n = batches.len();
+        if self.buffers.len() < n {
+            self.buffers.resize_with(n, Vec::new);
+        }
+        let written: Vec<(usize, Vec<Warning>)> = self.buffers[..n]
             .par_iter_mut()
-            .zip(candidates.par_chunks(BATCH))
-            .map(|(buffer, part)| {
-                let balancers = crate::balance::analyse_all(graph, part);
-                let audits = audit::audit_window(graph, &balancers, opts, &done);
+            .zip(batches)
+            .map(|(buffer, batch)| {
                 buffer.clear();
-                // Written as if after another balancer: the comma before the first
-                // balancer of the report is left out below.
-                render_batch(buffer, 1, &balancers, Some(&audits));
-                let warnings = balancers
-                    .iter()
-                    .flat_map(|b| b.warnings.iter().cloned())
-                    .collect();
-                (balancers.len(), warnings)
+                render(batch, buffer)
             })
             .collect();
-        for (buffer, (n, warnings)) in self.buffers[..batches].iter().zip(written) {
+        for (buffer, (count, warnings)) in self.buffers.iter().zip(written) {
+            // Each batch is written as if after another balancer: the comma before the
+            // report's first balancer is left out here.
             let text = match buffer.strip_prefix(b",") {
                 Some(rest) if self.written == 0 => rest,
                 _ => buffer,
             };
             self.w.write_all(text)?;
-            self.written += n;
+            self.written += count;
             self.head.warnings.extend(warnings);
         }
         Ok(())
@@ -784,11 +781,26 @@ fn test_fields(
     }
 }
 
-/// The JSON of consecutive balancers as elements of the report's `balancers` array, the
-/// first being element `index`: each after its separator, pretty-printed at its depth in
-/// the document.
+/// [`render_batch`] of balancers that are not the report's first: how many, and their
+/// warnings.
+fn render_counted(
+    out: &mut Vec<u8>,
+    balancers: &[Balancer],
+    audits: Option<&[Audit]>,
+) -> (usize, Vec<Warning>) {
+    render_batch(out, balancers, audits);
+    let warnings = balancers
+        .iter()
+        .flat_map(|b| b.warnings.iter().cloned())
+        .collect();
+    (balancers.len(), warnings)
+}
+
+/// The JSON of consecutive balancers as elements of the report's `balancers` array,
+/// none of them the first: each after its separator (`,` and a new line),
+/// pretty-printed at its depth in the document.
 #[inline(never)]
-fn render_batch(out: &mut Vec<u8>, index: usize, balancers: &[Balancer], audits: Option<&[Audit]>) {
+fn render_batch(out: &mut Vec<u8>, balancers: &[Balancer], audits: Option<&[Audit]>) {
     // About 0.5 kB a balancer and 0.6 kB an endpoint (the 30k dump: 2.2 kB a balancer).
     let size: usize = balancers
         .iter()
@@ -796,11 +808,7 @@ fn render_batch(out: &mut Vec<u8>, index: usize, balancers: &[Balancer], audits:
         .sum();
     out.reserve(size);
     for (i, b) in balancers.iter().enumerate() {
-        out.extend_from_slice(if index + i == 0 {
-            b"\n    "
-        } else {
-            b",\n    "
-        });
+        out.extend_from_slice(b",\n    ");
         write_balancer_json(out, 2, b, audits.and_then(|a| a.get(i)));
     }
 }
@@ -2069,27 +2077,46 @@ mod tests {
             .filter_map(|c| crate::balance::analyse(&graph, c))
             .collect();
         assert_eq!(balancers.len(), 90);
-        let opts = AuditOptions {
-            connections: Some(0),
-            balancers: Some(candidates.len()),
-            ..AuditOptions::default()
-        };
-        let (audits, info) = audit::run(&graph, &balancers, &opts);
-        let built = Report::new("x", &rs, &balancers, Some(&audits), info, Vec::new()).to_json();
+        // Without a cross-check (one pass), and with one (two passes: p-values corrected
+        // across balancers).
+        for connections in [0, 200] {
+            let opts = AuditOptions {
+                connections: Some(connections),
+                balancers: Some(candidates.len()),
+                ..AuditOptions::default()
+            };
+            streamed_is_built(&rs, &graph, &candidates, &balancers, &opts);
+        }
+    }
+
+    fn streamed_is_built(
+        rs: &Ruleset<'_>,
+        graph: &Graph<'_, '_>,
+        candidates: &[Candidate],
+        balancers: &[Balancer],
+        opts: &AuditOptions,
+    ) {
+        let (audits, info) = audit::run(graph, balancers, opts);
+        let built = Report::new("x", rs, balancers, Some(&audits), info, Vec::new()).to_json();
         for window in [1, 33, 64, 1000] {
             let mut out = Vec::new();
             write_json_windowed(
                 &mut out,
                 "x",
-                &rs,
-                &graph,
-                &candidates,
-                &opts,
+                rs,
+                graph,
+                candidates,
+                opts,
                 Vec::new(),
                 window,
             )
             .unwrap();
-            assert_eq!(String::from_utf8(out).unwrap(), built, "window {window}");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                built,
+                "window {window}, {:?} connections",
+                opts.connections
+            );
         }
     }
 }
