@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use crate::model::{Counters, Jump, Match, Opt, Rule, Target};
 
 use super::lex::{T_BANG, T_OPT, T_QUOTED, fast_counters, split};
-use super::rule::{LineCtx, Sec, StepKind, Summary, implicit_module};
+use super::rule::{LineCtx, Sec, StepKind, Summary, name_implicit_match};
 
 /// One option, `-m` or `-j` of the rule, with its values as a range of `vals`.
 #[derive(Debug, Clone, Copy)]
@@ -608,11 +608,7 @@ fn rule<'a>(
         }
     }
     if n_implicit > 0 {
-        let proto = core
-            .iter()
-            .find(|o: &&Opt<'a>| o.name == "p")
-            .and_then(|o| o.values.first());
-        matches[0].module = proto.map_or("", |p| implicit_module(p));
+        name_implicit_match(&core, &mut matches[0]);
     }
     Some(Rule {
         line: ctx.no,

@@ -197,6 +197,16 @@ pub(super) fn core_short(name: &str) -> Option<&'static str> {
     })
 }
 
+/// Names the implicit match (the options before any `-m`) after the rule's `-p` among
+/// its `core` options (see [`implicit_module`]).
+pub(super) fn name_implicit_match<'a>(core: &[Opt<'a>], implicit: &mut Match<'a>) {
+    let proto = core
+        .iter()
+        .find(|o| o.name == "p")
+        .and_then(|o| o.values.first());
+    implicit.module = proto.map_or("", |p| implicit_module(p));
+}
+
 /// The match module that iptables loads for options given after `-p PROTOCOL` without
 /// `-m`: the protocol's name (numbers and capitals as iptables accepts them), or "" for
 /// a protocol without such a module. Decided by the text alone, so that a quoted or
@@ -719,11 +729,7 @@ fn build<'a>(
         }
     }
     if n_implicit > 0 {
-        let proto = core
-            .iter()
-            .find(|o: &&Opt<'a>| o.name == "p")
-            .and_then(|o| o.values.first());
-        matches[0].module = proto.map_or("", |p| implicit_module(p));
+        name_implicit_match(&core, &mut matches[0]);
     }
 
     // `-m statistic` must make sense to the kernel.
