@@ -584,7 +584,7 @@ pub fn write_json_windowed(
                     })
                     .collect();
                 out.write_batches(batches, |(some, audits), buffer| {
-                    render_counted(buffer, &some, Some(&audits))
+                    render_batch(buffer, &some, Some(&audits))
                 })?;
                 done.fetch_add(part.len(), Ordering::Relaxed);
             }
@@ -670,7 +670,7 @@ impl<'w> JsonStream<'w> {
                 .collect();
             self.write_batches(batches, |(from, some), buffer| {
                 let audits = audits.map(|a| a.get(from..).unwrap_or_default());
-                render_counted(buffer, some, audits)
+                render_batch(buffer, some, audits)
             })?;
         }
         Ok(())
@@ -692,7 +692,7 @@ impl<'w> JsonStream<'w> {
         self.write_batches(batches, |part, buffer| {
             let balancers = crate::balance::analyse_all(graph, part);
             let audits = audit::audit_window(graph, &balancers, opts, &done);
-            render_counted(buffer, &balancers, Some(&audits))
+            render_batch(buffer, &balancers, Some(&audits))
         })
     }
 
@@ -781,26 +781,15 @@ fn test_fields(
     }
 }
 
-/// [`render_batch`] of balancers that are not the report's first: how many, and their
-/// warnings.
-fn render_counted(
+/// The JSON of consecutive balancers as elements of the report's `balancers` array,
+/// none of them the first: each after its separator (`,` and a new line),
+/// pretty-printed at its depth in the document. Returns how many, and their warnings.
+#[inline(never)]
+fn render_batch(
     out: &mut Vec<u8>,
     balancers: &[Balancer],
     audits: Option<&[Audit]>,
 ) -> (usize, Vec<Warning>) {
-    render_batch(out, balancers, audits);
-    let warnings = balancers
-        .iter()
-        .flat_map(|b| b.warnings.iter().cloned())
-        .collect();
-    (balancers.len(), warnings)
-}
-
-/// The JSON of consecutive balancers as elements of the report's `balancers` array,
-/// none of them the first: each after its separator (`,` and a new line),
-/// pretty-printed at its depth in the document.
-#[inline(never)]
-fn render_batch(out: &mut Vec<u8>, balancers: &[Balancer], audits: Option<&[Audit]>) {
     // About 0.5 kB a balancer and 0.6 kB an endpoint (the 30k dump: 2.2 kB a balancer).
     let size: usize = balancers
         .iter()
@@ -811,6 +800,11 @@ fn render_batch(out: &mut Vec<u8>, balancers: &[Balancer], audits: Option<&[Audi
         out.extend_from_slice(b",\n    ");
         write_balancer_json(out, 2, b, audits.and_then(|a| a.get(i)));
     }
+    let warnings = balancers
+        .iter()
+        .flat_map(|b| b.warnings.iter().cloned())
+        .collect();
+    (balancers.len(), warnings)
 }
 
 /// Appends the JSON of [`BalancerReport::from_balancer`]`(b, audit)` to `out`: the bytes

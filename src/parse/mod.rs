@@ -198,15 +198,17 @@ thread_local! {
     static FAST: std::cell::RefCell<fast::FastBufs> = std::cell::RefCell::default();
 }
 
+/// `f` with this thread's fast-path buffers (`None` should they be in use already).
+fn with_fast_bufs<T>(f: impl FnOnce(&mut fast::FastBufs) -> Option<T>) -> Option<T> {
+    FAST.with(|bufs| f(&mut *bufs.try_borrow_mut().ok()?))
+}
+
 /// Reads line `no`, the text of a rule line that was read before without error, into
 /// its [`Rule`]. (Should the text not read as a rule, which cannot happen for the text
 /// of a [`RuleLine`], the rule is empty.)
 pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     let ctx = LineCtx::new(text, no);
-    let fast = FAST.with(|bufs| {
-        let mut bufs = bufs.try_borrow_mut().ok()?;
-        line::fast_rule_line(&ctx, &mut bufs)
-    });
+    let fast = with_fast_bufs(|bufs| line::fast_rule_line(&ctx, bufs));
     if let Some(rule) = fast {
         return rule;
     }
@@ -231,10 +233,7 @@ pub fn reparse(text: &str, no: u32) -> Rule<'_> {
 /// The comment of line `no`, the text of a rule line read before without error: what
 /// `reparse(text, no).comment()` gives, mostly without building the rule.
 pub fn rule_comment(text: &str, no: u32) -> Option<std::borrow::Cow<'_, str>> {
-    let fast = FAST.with(|bufs| {
-        let mut bufs = bufs.try_borrow_mut().ok()?;
-        line::fast_comment(text, &mut bufs)
-    });
+    let fast = with_fast_bufs(|bufs| line::fast_comment(text, bufs));
     match fast {
         Some(c) => c.map(std::borrow::Cow::Borrowed),
         None => reparse(text, no)
