@@ -175,11 +175,20 @@ pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
 
 /// [`analyse`] of each candidate, on several threads, in the candidates' order.
 pub fn analyse_all(graph: &Graph<'_, '_>, candidates: &[Candidate]) -> Vec<Balancer> {
+    // A few candidates a task: what their walks read is asked for first, all at once
+    // (`Graph::warm`), so that its memory latencies overlap.
     candidates
-        .par_iter()
-        .filter_map(|cand| analyse(graph, cand))
+        .par_chunks(WARM_CANDIDATES)
+        .flat_map_iter(|part| {
+            let roots: Vec<(usize, usize)> = part.iter().map(|c| (c.table, c.chain)).collect();
+            graph.warm(&roots);
+            part.iter().filter_map(|cand| analyse(graph, cand))
+        })
         .collect()
 }
+
+/// Candidates analysed by one task of [`analyse_all`], after one [`Graph::warm`].
+const WARM_CANDIDATES: usize = 16;
 
 /// Every place that may be a balancer: each group of statistic rules of a chain (rules
 /// with the same selector), and every kube-proxy service chain. Sorted by (name, chain,
