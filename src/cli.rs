@@ -286,7 +286,7 @@ fn read_file(path: &str) -> std::io::Result<Bytes> {
     }
     let size = usize::try_from(meta.len()).unwrap_or(0);
     let mut bytes = Vec::with_capacity(size + 1);
-    advise_huge(&mut bytes);
+    crate::memory::advise_huge(&mut bytes);
     f.read_to_end(&mut bytes)?;
     Ok(Bytes::Read(bytes))
 }
@@ -349,28 +349,6 @@ impl Drop for Mapped {
         }
     }
 }
-
-#[cfg(target_os = "linux")]
-fn advise_huge(v: &mut Vec<u8>) {
-    const HUGE: usize = 2 << 20;
-    let start = v.as_mut_ptr() as usize;
-    let end = start + v.capacity();
-    let first = start.next_multiple_of(HUGE);
-    let last = end / HUGE * HUGE;
-    if last > first {
-        // SAFETY: a hint about pages inside the vector's own allocation.
-        unsafe {
-            libc::madvise(
-                first as *mut libc::c_void,
-                last - first,
-                libc::MADV_HUGEPAGE,
-            );
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn advise_huge(_: &mut Vec<u8>) {}
 
 fn read_stdin() -> Result<Input> {
     let mut bytes = Vec::new();

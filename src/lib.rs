@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod expect;
 pub mod graph;
+mod memory;
 pub mod model;
 pub mod observed;
 pub mod parse;

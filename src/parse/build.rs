@@ -74,7 +74,12 @@ impl<'a> TableB<'a> {
                 name,
                 line,
                 committed: false,
-                chains: Vec::with_capacity(chains),
+                chains: {
+                    // A large dump's chain list is written once, in order: huge pages.
+                    let mut v = Vec::with_capacity(chains);
+                    crate::memory::advise_huge(&mut v);
+                    v
+                },
             },
             index: ChainIndex::with_capacity_and_hasher(chains, BuildHasherDefault::default()),
             first_line: None,
