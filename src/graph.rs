@@ -2,6 +2,7 @@
 //! extension; loops and jumps to undeclared chains found here.
 
 use crate::error::{InputError, InputErrorKind};
+use crate::memory::prefetch;
 use crate::model::{Chain, Format, Jump, Ruleset, Table, TargetHead, Warning};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
@@ -117,6 +118,33 @@ impl TableGraph {
         self.target_list[i].unpack()
     }
 
+    /// The `(chain, rule)` positions that jump or go to each chain, in input order:
+    /// [`TableGraph::caller_start`] and [`TableGraph::caller_list`] (a counting sort by
+    /// callee).
+    fn file_callers(&self) -> (Vec<u32>, Vec<(u32, u32)>) {
+        let n = self.chains();
+        let mut caller_start = vec![0u32; n + 1];
+        for p in &self.target_list {
+            if let TargetRef::Chain { chain: callee, .. } = p.unpack() {
+                caller_start[callee + 1] += 1;
+            }
+        }
+        for c in 0..n {
+            caller_start[c + 1] += caller_start[c];
+        }
+        let mut next = caller_start.clone();
+        let mut caller_list = vec![(0u32, 0u32); caller_start[n] as usize];
+        for c in 0..n {
+            for r in 0..self.rules(c) {
+                if let TargetRef::Chain { chain: callee, .. } = self.target(c, r) {
+                    caller_list[next[callee] as usize] = (c as u32, r as u32);
+                    next[callee] += 1;
+                }
+            }
+        }
+        (caller_start, caller_list)
+    }
+
     /// The `(chain, rule)` positions that jump or go to chain `c`, in input order.
     pub fn callers(&self, c: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.caller_list[self.caller_start[c] as usize..self.caller_start[c + 1] as usize]
@@ -127,18 +155,6 @@ impl TableGraph {
 
 /// The rules of a chain that [`Graph::warm`] looks at.
 const WARM_RULES: usize = 64;
-
-/// A hint to load the cache line of `p` (nothing on other architectures).
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of every x86_64 processor; a prefetch never faults, whatever
-    // the address.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(p.cast());
-    }
-}
 
 /// [`prefetch`] for the first three cache lines of a rule's text.
 #[inline(always)]
@@ -217,8 +233,18 @@ impl<'r, 'a> Graph<'r, 'a> {
             warnings,
         };
         for (t, table) in rs.tables.iter().enumerate() {
-            let order = graph.checked_order(t, table)?;
-            graph.compute_flags(t, order);
+            // The callers are filed while the loops are looked for and the flags set.
+            let g = &graph;
+            let (callers, flags) = rayon::join(
+                || g.tables[t].file_callers(),
+                || {
+                    g.checked_order(t, table)
+                        .map(|order| g.compute_flags(t, order))
+                },
+            );
+            let tg = &mut graph.tables[t];
+            (tg.caller_start, tg.caller_list) = callers;
+            (tg.may_terminate, tg.may_mark) = flags?;
         }
         Ok(graph)
     }
@@ -298,9 +324,14 @@ impl<'r, 'a> Graph<'r, 'a> {
             .unwrap_or_default()
     }
 
-    fn compute_flags(&mut self, t: usize, order: Vec<usize>) {
+    /// Per chain of table `t` (visited in `order`, callee first): may traversal end
+    /// with a verdict inside it, may it change marks ([`TableGraph::may_terminate`],
+    /// [`TableGraph::may_mark`]).
+    fn compute_flags(&self, t: usize, order: Vec<usize>) -> (Vec<bool>, Vec<bool>) {
         let table = &self.rs.tables[t];
-        let tg = &mut self.tables[t];
+        let tg = &self.tables[t];
+        let n = tg.chains();
+        let (mut may_terminate, mut may_mark) = (vec![false; n], vec![false; n]);
         for c in order {
             let mut term = false;
             let mut mark = false;
@@ -309,17 +340,18 @@ impl<'r, 'a> Graph<'r, 'a> {
                     TargetRef::Terminal => term = true,
                     TargetRef::Mark => mark = true,
                     TargetRef::Chain { chain, .. } => {
-                        term |= tg.may_terminate[chain];
-                        mark |= tg.may_mark[chain];
+                        term |= may_terminate[chain];
+                        mark |= may_mark[chain];
                     }
                     _ => {}
                 }
             }
             // A built-in chain's policy is a verdict too.
             term |= table.chains[c].policy.is_some();
-            tg.may_terminate[c] = term;
-            tg.may_mark[c] = mark;
+            may_terminate[c] = term;
+            may_mark[c] = mark;
         }
+        (may_terminate, may_mark)
     }
 
     /// One depth-first walk over the jumps of table `t`: the first loop found is an
@@ -448,13 +480,6 @@ fn build_table<'a>(
         target_start.push(at);
         at += chain.rules.len() as u32;
     }
-    // Callers are counted first, then filed (counting sort by callee).
-    let mut caller_count = vec![0u32; n + 1];
-    for p in &target_list {
-        if let TargetRef::Chain { chain: callee, .. } = p.unpack() {
-            caller_count[callee + 1] += 1;
-        }
-    }
     let mut missing_warned: HashMap<&str, ()> = HashMap::default();
     for &(c, r) in resolved.iter().flat_map(|(_, noted)| noted) {
         let rule = &table.chains[c].rules[r];
@@ -498,28 +523,14 @@ fn build_table<'a>(
         }
     }
     target_start.push(target_list.len() as u32);
-    for c in 0..n {
-        caller_count[c + 1] += caller_count[c];
-    }
-    let caller_start = caller_count;
-    let mut next = caller_start.clone();
-    let mut caller_list = vec![(0u32, 0u32); caller_start[n] as usize];
-    for (ci, chain) in table.chains.iter().enumerate() {
-        let base = target_start[ci] as usize;
-        for ri in 0..chain.rules.len() {
-            if let TargetRef::Chain { chain: callee, .. } = target_list[base + ri].unpack() {
-                caller_list[next[callee] as usize] = (ci as u32, ri as u32);
-                next[callee] += 1;
-            }
-        }
-    }
+    // Callers and flags are filled in by `Graph::build`.
     Ok(TableGraph {
         target_start,
         target_list,
-        caller_start,
-        caller_list,
-        may_terminate: vec![false; n],
-        may_mark: vec![false; n],
+        caller_start: Vec::new(),
+        caller_list: Vec::new(),
+        may_terminate: Vec::new(),
+        may_mark: Vec::new(),
     })
 }
 

@@ -1,4 +1,4 @@
-//! Hints to the operating system about large buffers.
+//! Hints to the operating system and the processor about memory.
 
 /// Asks for transparent huge pages (2 MiB) for the whole 2 MiB pages inside `v`'s
 /// allocation: a large buffer filled once then faults a page per 2 MiB instead of one
@@ -25,3 +25,16 @@ pub(crate) fn advise_huge<T>(v: &mut Vec<T>) {
 
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn advise_huge<T>(_: &mut Vec<T>) {}
+
+/// A hint to the processor to load the cache line of `p` (nothing on other
+/// architectures).
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of every x86_64 processor; a prefetch never faults, whatever
+    // the address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+}

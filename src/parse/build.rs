@@ -97,6 +97,11 @@ impl<'a> TableB<'a> {
         let end = chains.len().min(self.last.saturating_add(4));
         if let Some(i) = (self.last..end).find(|&i| chains[i].name == name) {
             self.last = i;
+            // The next runs are most likely of the next chains: their names (in the
+            // declarations, read long before) are asked for now.
+            for next in chains.iter().skip(i + 1).take(2) {
+                crate::memory::prefetch(next.name.as_ptr());
+            }
             return &mut self.table.chains[i];
         }
         self.chain_by_index(name)
