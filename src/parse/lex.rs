@@ -754,20 +754,25 @@ mod sse2 {
         let mut base = from;
         while base < end {
             let k = masks::<false>(b, base);
-            let mut m = k.blank | k.quote;
+            let (mut blank, mut quote) = (k.blank, k.quote);
             let mut next = base + 64;
-            while m != 0 {
-                let bit = m.trailing_zeros();
-                let p = base + bit as usize;
-                if k.quote >> bit & 1 == 0 {
+            loop {
+                // The blanks before the first quote (all of them when there is none).
+                let mut m = blank & !quote & quote.wrapping_sub(1);
+                while m != 0 {
+                    let p = base + m.trailing_zeros() as usize;
                     if s < p {
                         o[n] = bare_token(b, s, p);
                         n += 1;
                     }
                     s = p + 1;
                     m &= m - 1;
-                    continue;
                 }
+                if quote == 0 {
+                    break;
+                }
+                let bit = quote.trailing_zeros();
+                let p = base + bit as usize;
                 if s < p {
                     // A quote glued to a word.
                     return None;
@@ -794,7 +799,8 @@ mod sse2 {
                     next = s;
                     break;
                 }
-                m &= u64::MAX << skip;
+                blank &= u64::MAX << skip;
+                quote &= u64::MAX << skip;
             }
             base = next;
         }
