@@ -92,13 +92,29 @@ pub fn threshold_from_text(text: &str) -> Option<u32> {
 /// one half; then (and for any other form) `None`, and the float path decides.
 fn short_decimal_threshold(t: &[u8]) -> Option<u32> {
     let digits = t.strip_prefix(b"0.")?;
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() || digits.len() > 19 {
         return None;
     }
-    let n = digits
-        .iter()
-        .fold(0u64, |a, &d| a * 10 + u64::from(d - b'0'));
-    let den = 10u128.pow(digits.len() as u32);
+    // The digits, checked and summed in one pass (19 digits fit in a u64).
+    let mut n = 0u64;
+    for &c in digits {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n * 10 + u64::from(d);
+    }
+    let d = digits.len() as u32;
+    if d <= 14 {
+        short_decimal_threshold_u64(n, d)
+    } else {
+        short_decimal_threshold_u128(n, d)
+    }
+}
+
+/// [`short_decimal_threshold`] of the `d` digits `n` (`d <= 19`), in `u128`.
+fn short_decimal_threshold_u128(n: u64, d: u32) -> Option<u32> {
+    let den = 10u128.pow(d);
     let x = u128::from(n) << 31;
     let (q, r) = (x / den, x % den);
     // |r/den - 1/2| = |2r - den| / (2 den), which must exceed 2^-21.
@@ -106,6 +122,30 @@ fn short_decimal_threshold(t: &[u8]) -> Option<u32> {
         return None;
     }
     u32::try_from(q + u128::from(2 * r > den)).ok()
+}
+
+/// [`short_decimal_threshold`] of the `d <= 14` digits `n`, in `u64`: with `10^d = 2^d·5^d`,
+/// `2^31·n / 10^d = m / 5^d` for `m = n·2^(31-d) < 5^d·2^31 <= 5^14·2^31 < 2^64`, and
+/// the remainder `r` of the `u128` form is `2^d` times the remainder `r'` of this one,
+/// so the tests on `r / 10^d` are the same on `r' / 5^d`.
+fn short_decimal_threshold_u64(n: u64, d: u32) -> Option<u32> {
+    /// `5^d` for `d <= 14`.
+    const POW5: [u64; 15] = {
+        let mut t = [1u64; 15];
+        let mut i = 1;
+        while i < 15 {
+            t[i] = t[i - 1] * 5;
+            i += 1;
+        }
+        t
+    };
+    let den = *POW5.get(d as usize)?;
+    let m = n << (31 - d);
+    let (q, r) = (m / den, m % den);
+    if (2 * r).abs_diff(den) << 20 <= den {
+        return None;
+    }
+    u32::try_from(q + u64::from(2 * r > den)).ok()
 }
 
 /// [`threshold_from_text`] through `f64`, as iptables does it.
@@ -251,6 +291,21 @@ mod tests {
             if let Some(q) = fast {
                 prop_assert_eq!(Some(q), decimal_threshold(&text), "{}", text);
             }
+        }
+    }
+
+    proptest! {
+        /// The `u64` path for up to 14 digits gives what the `u128` form gives.
+        #[test]
+        fn u64_thresholds_are_the_u128_ones(n in any::<u64>(), d in 1u32..=14) {
+            let n = n % 10u64.pow(d);
+            prop_assert_eq!(
+                short_decimal_threshold_u64(n, d),
+                short_decimal_threshold_u128(n, d),
+                "{} {}",
+                n,
+                d
+            );
         }
     }
 
