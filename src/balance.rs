@@ -527,9 +527,16 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
                 }
                 continue;
             }
-            // Only an entry rule is read again: a pass-through jump needs no more than its
-            // chain's name.
-            out.push(entry_from_rule(parent, &parent.rules[pr].parse()));
+            // Only an entry rule is read again (without building it when it is of the
+            // simplest shape, as kube-proxy's are): a pass-through jump needs no more
+            // than its chain's name.
+            let line = &parent.rules[pr];
+            out.push(match line.light() {
+                Some(rule) => {
+                    entry_from(parent, Packet::from_light(&rule), rule.comment(), rule.line)
+                }
+                None => entry_from_rule(parent, &line.parse()),
+            });
         }
     }
     if out.is_empty()
@@ -550,8 +557,12 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
 }
 
 fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
-    let p = Packet::from_rule(rule);
-    let comment = rule.comment();
+    entry_from(chain, Packet::from_rule(rule), rule.comment(), rule.line)
+}
+
+/// The entry of the rule of line `line` in `chain`, with the packet its conditions
+/// describe and its comment.
+fn entry_from(chain: &Chain<'_>, p: Packet, comment: Option<&str>, line: u32) -> Entry {
     let kind = if chain.name == "KUBE-NODEPORTS" {
         "node-port"
     } else if comment.is_some_and(|c| c.ends_with("external IP")) {
@@ -569,7 +580,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         ("node-port", _, _, Some(port), pr) => {
             format!("node port {port}/{}", pr.as_deref().unwrap_or("tcp"))
         }
-        ("jump", _, _, _, _) => format!("{} line {}", chain.name, rule.line),
+        ("jump", _, _, _, _) => format!("{} line {line}", chain.name),
         (_, Some(a), Some(d), Some(port), pr) => {
             let mut t = Vec::with_capacity(a.len() + 16);
             if d.is_ipv6() {
@@ -588,7 +599,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
             String::from_utf8(t).expect("text and digits")
         }
         (_, Some(a), _, None, _) => a.clone(),
-        _ => format!("{} line {}", chain.name, rule.line),
+        _ => format!("{} line {line}", chain.name),
     };
     Entry {
         kind,
@@ -597,7 +608,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         port: p.dport,
         protocol: proto,
         chain: chain.name.to_string(),
-        line: rule.line,
+        line,
         comment: comment.map(str::to_string),
     }
 }

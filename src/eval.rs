@@ -94,34 +94,56 @@ impl Packet {
     /// The packet that a rule's positive conditions describe: its `-s`, `-d`, `-p`, `-i`,
     /// `-o` and destination/source port, where they name one value.
     pub fn from_rule(rule: &Rule<'_>) -> Packet {
+        Packet::from_options(
+            rule.core.iter().map(|o| (o.name, o.negated, o.value())),
+            (rule.matches.iter())
+                .flat_map(|m| &m.options)
+                .map(|o| (o.name, o.negated, o.value())),
+        )
+    }
+
+    /// [`Packet::from_rule`] of a rule of a [`LightRule`]'s shape.
+    pub fn from_light(rule: &LightRule<'_>) -> Packet {
+        Packet::from_options(
+            rule.core().iter().map(|o| (o.name, o.negated, o.value())),
+            (rule.matches())
+                .flat_map(|(_, opts)| opts)
+                .map(|o| (o.name, o.negated, o.value())),
+        )
+    }
+
+    /// [`Packet::from_rule`] of a rule with these core options and options of matches,
+    /// each as (name, negated, first value).
+    fn from_options<'x>(
+        core: impl Iterator<Item = (&'x str, bool, &'x str)>,
+        options: impl Iterator<Item = (&'x str, bool, &'x str)>,
+    ) -> Packet {
         let mut p = Packet::default();
-        for o in &rule.core {
-            if o.negated {
+        for (name, negated, v) in core {
+            if negated {
                 continue;
             }
-            match o.name {
-                "s" => p.src = first_addr(o.value()),
-                "d" => p.dst = first_addr(o.value()),
-                "p" => p.proto = Some(proto_name(o.value())),
-                "i" => p.in_iface = Some(o.value().trim_end_matches('+').to_string()),
-                "o" => p.out_iface = Some(o.value().trim_end_matches('+').to_string()),
+            match name {
+                "s" => p.src = first_addr(v),
+                "d" => p.dst = first_addr(v),
+                "p" => p.proto = Some(proto_name(v)),
+                "i" => p.in_iface = Some(v.trim_end_matches('+').to_string()),
+                "o" => p.out_iface = Some(v.trim_end_matches('+').to_string()),
                 _ => {}
             }
         }
-        for m in &rule.matches {
-            for o in &m.options {
-                if o.negated {
-                    continue;
+        for (name, negated, v) in options {
+            if negated {
+                continue;
+            }
+            match name {
+                "dport" | "destination-port" | "dports" | "destination-ports" | "ports" => {
+                    p.dport = first_port(v);
                 }
-                match o.name {
-                    "dport" | "destination-port" | "dports" | "destination-ports" | "ports" => {
-                        p.dport = first_port(o.value());
-                    }
-                    "sport" | "source-port" | "sports" | "source-ports" => {
-                        p.sport = first_port(o.value());
-                    }
-                    _ => {}
+                "sport" | "source-port" | "sports" | "source-ports" => {
+                    p.sport = first_port(v);
                 }
+                _ => {}
             }
         }
         p

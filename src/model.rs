@@ -512,75 +512,78 @@ impl<'a> LightRule<'a> {
         let mut state = LightState::Head;
         // `!` before the next option.
         let mut negated = false;
-        // (One loop over the tokens, so that reading the next token is inlined once.)
+        let bytes = text.as_bytes();
+        // (Tokens are cut at ASCII bytes or the ends: character boundaries.)
+        let str_of = |a: usize, e: usize| text.get(a..e);
         for &(start, end) in &spans[..n] {
-            // (Cut at ASCII bytes: character boundaries.)
-            let tok = if start & QUOTED != 0 {
-                LightTok::Quoted(text.get((start & !QUOTED) as usize..end as usize)?)
-            } else {
-                LightTok::Word(text.get(start as usize..end as usize)?)
-            };
-            state = match (state, tok) {
-                (LightState::Head, LightTok::Word("-A")) => LightState::Chain,
-                (LightState::Chain, LightTok::Word(_)) => LightState::Option,
-                (LightState::Option | LightState::Value, LightTok::Word("!")) if !negated => {
-                    if state == LightState::Value {
-                        // `!` right after an option's name (iptables' old placement).
+            let quoted = start & QUOTED != 0;
+            let (a, e) = ((start & !QUOTED) as usize, end as usize);
+            let w = bytes.get(a..e)?;
+            state = match state {
+                LightState::Head if w == b"-A" && !quoted => LightState::Chain,
+                LightState::Chain if !quoted => LightState::Option,
+                LightState::Core(name) if quoted || is_light_value(w) => {
+                    if usize::from(rule.n_core) == LIGHT_CORE || !is_light_value(w) {
                         return None;
                     }
-                    negated = true;
-                    LightState::Option
-                }
-                (LightState::Core(name), LightTok::Word(v) | LightTok::Quoted(v))
-                    if is_light_value(v) && usize::from(rule.n_core) < LIGHT_CORE =>
-                {
                     rule.core[usize::from(rule.n_core)] = LightOpt {
                         name,
                         negated,
-                        value: Some(v),
+                        value: Some(str_of(a, e)?),
                     };
                     rule.n_core += 1;
                     negated = false;
                     LightState::Option
                 }
-                (LightState::Module, LightTok::Word(v))
-                    if !v.is_empty()
-                        && is_light_value(v)
+                LightState::Module
+                    if !quoted
+                        && is_light_value(w)
                         && usize::from(rule.n_matches) < LIGHT_MATCHES =>
                 {
-                    rule.matches[usize::from(rule.n_matches)] = (v, rule.n_opts, rule.n_opts);
+                    rule.matches[usize::from(rule.n_matches)] =
+                        (str_of(a, e)?, rule.n_opts, rule.n_opts);
                     rule.n_matches += 1;
                     LightState::Option
                 }
-                (LightState::Target, LightTok::Word(v)) if !v.is_empty() && is_light_value(v) => {
-                    rule.target = Some((v, rule.n_opts));
+                LightState::Target if !quoted && is_light_value(w) => {
+                    rule.target = Some((str_of(a, e)?, rule.n_opts));
                     LightState::Option
                 }
-                (LightState::Value, LightTok::Quoted(v)) => {
-                    rule.opts[usize::from(rule.n_opts) - 1].value = Some(v);
-                    // (A second value is a value where an option should be.)
+                // A value of the option just read (a second one is a value where an
+                // option should be).
+                LightState::Value if quoted || is_light_value(w) => {
+                    rule.opts[usize::from(rule.n_opts) - 1].value = Some(str_of(a, e)?);
                     LightState::Option
                 }
-                (LightState::Value, LightTok::Word(v)) if is_light_value(v) => {
-                    rule.opts[usize::from(rule.n_opts) - 1].value = Some(v);
+                // `!` right after an option's name (iptables' old placement).
+                LightState::Value if w == b"!" => return None,
+                LightState::Option if w == b"!" && !quoted => {
+                    if negated {
+                        return None;
+                    }
+                    negated = true;
                     LightState::Option
                 }
-                (LightState::Option | LightState::Value, LightTok::Word(w)) => {
-                    let name = match w.as_bytes() {
-                        [b'-', b'-', ..] => &w[2..],
-                        [b'-', c, ..] if c.is_ascii_alphabetic() => &w[1..],
+                LightState::Option | LightState::Value if !quoted => {
+                    let name_at = match w {
+                        [b'-', b'-', ..] => a + 2,
+                        [b'-', c, ..] if c.is_ascii_alphabetic() => a + 1,
                         // A value where an option should be.
                         _ => return None,
                     };
                     match w {
                         // (The parser takes core options anywhere, even after a match.)
-                        "-s" | "-d" | "-p" | "-i" | "-o" => LightState::Core(name),
-                        "-m" if !negated && rule.target.is_none() => LightState::Module,
-                        "-j" if !negated && rule.target.is_none() => LightState::Target,
+                        b"-s" => LightState::Core("s"),
+                        b"-d" => LightState::Core("d"),
+                        b"-p" => LightState::Core("p"),
+                        b"-i" => LightState::Core("i"),
+                        b"-o" => LightState::Core("o"),
+                        b"-m" if !negated && rule.target.is_none() => LightState::Module,
+                        b"-j" if !negated && rule.target.is_none() => LightState::Target,
                         // Any other name the parser knows (long forms of the above, `-g`,
                         // `-c`, `-f`, …), and options before any match, are not of the
                         // shape.
-                        _ if is_known_option(name)
+                        _ if is_known_option(&w[name_at - a..])
                             || (rule.n_matches == 0 && rule.target.is_none())
                             || usize::from(rule.n_opts) == LIGHT_OPTS =>
                         {
@@ -588,7 +591,7 @@ impl<'a> LightRule<'a> {
                         }
                         _ => {
                             rule.opts[usize::from(rule.n_opts)] = LightOpt {
-                                name,
+                                name: str_of(name_at, e)?,
                                 negated,
                                 value: None,
                             };
@@ -610,7 +613,7 @@ impl<'a> LightRule<'a> {
 
 /// Where [`LightRule::read`] is in a line: what the next token must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LightState<'a> {
+enum LightState {
     /// `-A`.
     Head,
     /// The chain's name.
@@ -618,7 +621,7 @@ enum LightState<'a> {
     /// An option or `!`.
     Option,
     /// The value of the core option of that short name.
-    Core(&'a str),
+    Core(&'static str),
     /// A match's module.
     Module,
     /// The target's name.
@@ -629,49 +632,40 @@ enum LightState<'a> {
 
 /// Option names the parser reads itself (core options, matches, targets, counters) in
 /// any form: a [`LightRule`] takes only the short forms it knows.
-fn is_known_option(name: &str) -> bool {
+fn is_known_option(name: &[u8]) -> bool {
     matches!(
         name,
-        "m" | "match"
-            | "j"
-            | "jump"
-            | "g"
-            | "goto"
-            | "c"
-            | "set-counters"
-            | "s"
-            | "source"
-            | "src"
-            | "d"
-            | "destination"
-            | "dst"
-            | "p"
-            | "protocol"
-            | "i"
-            | "in-interface"
-            | "o"
-            | "out-interface"
-            | "f"
-            | "fragment"
+        b"m" | b"match"
+            | b"j"
+            | b"jump"
+            | b"g"
+            | b"goto"
+            | b"c"
+            | b"set-counters"
+            | b"s"
+            | b"source"
+            | b"src"
+            | b"d"
+            | b"destination"
+            | b"dst"
+            | b"p"
+            | b"protocol"
+            | b"i"
+            | b"in-interface"
+            | b"o"
+            | b"out-interface"
+            | b"f"
+            | b"fragment"
     )
 }
 
 /// Is a bare word a value (not an option, not `!`), as the parser tells them apart?
-fn is_light_value(w: &str) -> bool {
-    match w.as_bytes() {
+fn is_light_value(w: &[u8]) -> bool {
+    match w {
         [b'!'] => false,
         [b'-', c, ..] => !(c.is_ascii_alphabetic() || *c == b'-'),
         _ => true,
     }
-}
-
-/// A token of a [`LightRule`]'s line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LightTok<'a> {
-    /// A bare word.
-    Word(&'a str),
-    /// A quoted string without its quotes.
-    Quoted(&'a str),
 }
 
 /// The most tokens of a [`LightRule`]'s line.
@@ -689,13 +683,13 @@ fn is_light_blank(b: u8) -> bool {
 /// and quoted strings that start a token and end before a blank (or the end), and there
 /// are at most [`LIGHT_TOKENS`] of them: their number, with the byte range of each in
 /// `spans` (a quoted string's without its quotes, its start marked [`QUOTED`]). `None`
-/// for anything else (a quote inside a word, a quote not closed, any backslash, a line
-/// of 2 GiB or more). One pass, eight bytes a step: only bytes below `#` (blanks,
+/// for anything else (a quote inside a word, a quote not closed, a backslash in a quoted
+/// string, a line of 2 GiB or more). One pass, eight bytes a step: only bytes below `#` (blanks,
 /// quotes, `!` and controls) are looked at one by one.
 fn light_split(b: &[u8], spans: &mut [(u32, u32); LIGHT_TOKENS]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    if b.len() >= QUOTED as usize || memchr::memchr(b'\\', b).is_some() {
+    if b.len() >= QUOTED as usize {
         return None;
     }
     let mut n = 0;
@@ -739,8 +733,8 @@ fn light_split(b: &[u8], spans: &mut [(u32, u32); LIGHT_TOKENS]) -> Option<usize
                     // A quote glued to a word.
                     return None;
                 }
-                let q = p + 1 + memchr::memchr(b'"', &b[p + 1..])?;
-                if b.get(q + 1).is_some_and(|&c| !is_light_blank(c)) {
+                let q = p + 1 + memchr::memchr2(b'"', b'\\', &b[p + 1..])?;
+                if b[q] != b'"' || b.get(q + 1).is_some_and(|&c| !is_light_blank(c)) {
                     return None;
                 }
                 *spans.get_mut(n)? = ((p + 1) as u32 | QUOTED, q as u32);
