@@ -674,9 +674,10 @@ const LIGHT_TOKENS: usize = 32;
 /// The bit of a token's start in [`light_split`] that marks a quoted string.
 const QUOTED: u32 = 1 << 31;
 
-/// The parser's blanks.
+/// The parser's blanks (space, tab, carriage return, vertical tab, form feed).
 fn is_light_blank(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | 0x0b | 0x0c)
+    const BLANKS: u64 = 1 << b' ' | 1 << b'\t' | 1 << b'\r' | 1 << 0x0b | 1 << 0x0c;
+    b < 64 && BLANKS >> b & 1 != 0
 }
 
 /// Splits a line into its tokens as the parser does, when they are words between blanks
