@@ -292,7 +292,13 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
     let kind = cand.kind;
     let entries = entries(graph, cand.table, cand.chain, cand.first_rule);
     let packet = match (cand.first_rule, kind) {
-        (Some(r), Kind::Generic) => Packet::from_rule(&chain.rules[r].parse()),
+        (Some(r), Kind::Generic) => {
+            let line = &chain.rules[r];
+            match line.light() {
+                Some(rule) => Packet::from_light(&rule),
+                None => Packet::from_rule(&line.parse()),
+            }
+        }
         _ => entries
             .iter()
             .find(|e| e.kind == "cluster-ip")

@@ -811,7 +811,7 @@ pub fn evaluate(
     mode: Mode,
     record_paths: bool,
 ) -> Result<Distribution, TooComplex> {
-    // A balancer has about one outcome and one rule to read per rule of its chain.
+    // A balancer has about one outcome per rule of its chain.
     let expected = (graph.chain(table, chain).rules.len() + 1).min(1024);
     BUFFERS.with_borrow_mut(|bufs| {
         // (Empty already, unless a walk on this thread was interrupted.)
@@ -827,7 +827,8 @@ pub fn evaluate(
             statistic_rules: 0,
             total: Weight::zero(),
             spare: Prob::zero(),
-            rules: Vec::with_capacity(expected),
+            // (Most rules a walk decides are not built: see `RuleLine::light`.)
+            rules: Vec::new(),
             bufs: &mut *bufs,
         };
         let result = w.walk(chain, packet);
