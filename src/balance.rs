@@ -301,7 +301,13 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
     let kind = cand.kind;
     let entries = entries(graph, cand.table, cand.chain, cand.first_rule);
     let packet = match (cand.first_rule, kind) {
-        (Some(r), Kind::Generic) => Packet::from_rule(&chain.rules[r].parse()),
+        (Some(r), Kind::Generic) => {
+            let line = &chain.rules[r];
+            match line.light() {
+                Some(rule) => Packet::from_light(&rule),
+                None => Packet::from_rule(&line.parse()),
+            }
+        }
         _ => entries
             .iter()
             .find(|e| e.kind == "cluster-ip")
@@ -475,7 +481,11 @@ fn kube_name(chain: &Chain<'_>, entry_comment: impl FnOnce() -> Option<String>) 
     chain
         .rules
         .iter()
-        .find_map(|r| r.comment().map(|c| strip(&c)))
+        .find_map(|r| match r.light() {
+            // (Read without allocating when the rule is of the simplest shape.)
+            Some(light) => light.comment().map(strip),
+            None => r.comment().map(|c| strip(&c)),
+        })
         .or_else(|| entry_comment().as_deref().map(strip))
         .filter(|n| !n.is_empty())
 }
@@ -536,9 +546,16 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
                 }
                 continue;
             }
-            // Only an entry rule is read again: a pass-through jump needs no more than its
-            // chain's name.
-            out.push(entry_from_rule(parent, &parent.rules[pr].parse()));
+            // Only an entry rule is read again (without building it when it is of the
+            // simplest shape, as kube-proxy's are): a pass-through jump needs no more
+            // than its chain's name.
+            let line = &parent.rules[pr];
+            out.push(match line.light() {
+                Some(rule) => {
+                    entry_from(parent, Packet::from_light(&rule), rule.comment(), rule.line)
+                }
+                None => entry_from_rule(parent, &line.parse()),
+            });
         }
     }
     if out.is_empty()
@@ -559,8 +576,12 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
 }
 
 fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
-    let p = Packet::from_rule(rule);
-    let comment = rule.comment();
+    entry_from(chain, Packet::from_rule(rule), rule.comment(), rule.line)
+}
+
+/// The entry of the rule of line `line` in `chain`, with the packet its conditions
+/// describe and its comment.
+fn entry_from(chain: &Chain<'_>, p: Packet, comment: Option<&str>, line: u32) -> Entry {
     let kind = if chain.name == "KUBE-NODEPORTS" {
         "node-port"
     } else if comment.is_some_and(|c| c.ends_with("external IP")) {
@@ -578,7 +599,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         ("node-port", _, _, Some(port), pr) => {
             format!("node port {port}/{}", pr.as_deref().unwrap_or("tcp"))
         }
-        ("jump", _, _, _, _) => format!("{} line {}", chain.name, rule.line),
+        ("jump", _, _, _, _) => format!("{} line {line}", chain.name),
         (_, Some(a), Some(d), Some(port), pr) => {
             let mut t = Vec::with_capacity(a.len() + 16);
             if d.is_ipv6() {
@@ -597,7 +618,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
             String::from_utf8(t).expect("text and digits")
         }
         (_, Some(a), _, None, _) => a.clone(),
-        _ => format!("{} line {}", chain.name, rule.line),
+        _ => format!("{} line {line}", chain.name),
     };
     Entry {
         kind,
@@ -606,7 +627,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
         port: p.dport,
         protocol: proto,
         chain: chain.name.to_string(),
-        line: rule.line,
+        line,
         comment: comment.map(str::to_string),
     }
 }

@@ -20,7 +20,7 @@
 //! to match: it cannot change where a connection is sent.
 
 use crate::graph::{Graph, TargetRef};
-use crate::model::{Match, Opt, Rule, RuleLine, Warning};
+use crate::model::{LightRule, Match, Opt, Rule, RuleLine, Warning};
 use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob, Weight};
 use crate::statistic::{self, SCALE, Statistic};
 use rustc_hash::FxHashMap as HashMap;
@@ -94,34 +94,56 @@ impl Packet {
     /// The packet that a rule's positive conditions describe: its `-s`, `-d`, `-p`, `-i`,
     /// `-o` and destination/source port, where they name one value.
     pub fn from_rule(rule: &Rule<'_>) -> Packet {
+        Packet::from_options(
+            rule.core.iter().map(|o| (o.name, o.negated, o.value())),
+            (rule.matches.iter())
+                .flat_map(|m| &m.options)
+                .map(|o| (o.name, o.negated, o.value())),
+        )
+    }
+
+    /// [`Packet::from_rule`] of a rule of a [`LightRule`]'s shape.
+    pub fn from_light(rule: &LightRule<'_>) -> Packet {
+        Packet::from_options(
+            rule.core().iter().map(|o| (o.name, o.negated, o.value())),
+            (rule.matches())
+                .flat_map(|(_, opts)| opts)
+                .map(|o| (o.name, o.negated, o.value())),
+        )
+    }
+
+    /// [`Packet::from_rule`] of a rule with these core options and options of matches,
+    /// each as (name, negated, first value).
+    fn from_options<'x>(
+        core: impl Iterator<Item = (&'x str, bool, &'x str)>,
+        options: impl Iterator<Item = (&'x str, bool, &'x str)>,
+    ) -> Packet {
         let mut p = Packet::default();
-        for o in &rule.core {
-            if o.negated {
+        for (name, negated, v) in core {
+            if negated {
                 continue;
             }
-            match o.name {
-                "s" => p.src = first_addr(o.value()),
-                "d" => p.dst = first_addr(o.value()),
-                "p" => p.proto = Some(proto_name(o.value())),
-                "i" => p.in_iface = Some(o.value().trim_end_matches('+').to_string()),
-                "o" => p.out_iface = Some(o.value().trim_end_matches('+').to_string()),
+            match name {
+                "s" => p.src = first_addr(v),
+                "d" => p.dst = first_addr(v),
+                "p" => p.proto = Some(proto_name(v)),
+                "i" => p.in_iface = Some(v.trim_end_matches('+').to_string()),
+                "o" => p.out_iface = Some(v.trim_end_matches('+').to_string()),
                 _ => {}
             }
         }
-        for m in &rule.matches {
-            for o in &m.options {
-                if o.negated {
-                    continue;
+        for (name, negated, v) in options {
+            if negated {
+                continue;
+            }
+            match name {
+                "dport" | "destination-port" | "dports" | "destination-ports" | "ports" => {
+                    p.dport = first_port(v);
                 }
-                match o.name {
-                    "dport" | "destination-port" | "dports" | "destination-ports" | "ports" => {
-                        p.dport = first_port(o.value());
-                    }
-                    "sport" | "source-port" | "sports" | "source-ports" => {
-                        p.sport = first_port(o.value());
-                    }
-                    _ => {}
+                "sport" | "source-port" | "sports" | "source-ports" => {
+                    p.sport = first_port(v);
                 }
+                _ => {}
             }
         }
         p
@@ -789,7 +811,7 @@ pub fn evaluate(
     mode: Mode,
     record_paths: bool,
 ) -> Result<Distribution, TooComplex> {
-    // A balancer has about one outcome and one rule to read per rule of its chain.
+    // A balancer has about one outcome per rule of its chain.
     let expected = (graph.chain(table, chain).rules.len() + 1).min(1024);
     BUFFERS.with_borrow_mut(|bufs| {
         // (Empty already, unless a walk on this thread was interrupted.)
@@ -805,7 +827,8 @@ pub fn evaluate(
             statistic_rules: 0,
             total: Weight::zero(),
             spare: Prob::zero(),
-            rules: Vec::with_capacity(expected),
+            // (Most rules a walk decides are not built: see `RuleLine::light`.)
+            rules: Vec::new(),
             bufs: &mut *bufs,
         };
         let result = w.walk(chain, packet);
@@ -1051,20 +1074,34 @@ impl Walker<'_, '_, '_, '_> {
             };
             // Nor a mark-only rule known not to apply.
             let skipped = mark_only && mark_rule_never_applies(line, &t.packet);
+            // Nor a rule of the simplest shape whose matches always match (kube-proxy's
+            // DNAT rules): its core options and target are read without building the rule.
+            // (A MARK rule's options are the whole rule's.)
+            let light = match (fixed, target) {
+                (None, TargetRef::Mark) => None,
+                (None, _) if !skipped => line.light().filter(light_matches_always),
+                _ => None,
+            };
             let (rule, decision) = match fixed {
                 _ if skipped => (None, Decision::No),
                 Some(share) => (None, Decision::Yes(share)),
-                None => {
-                    let i = self.read(t.chain, t.rule);
-                    let decision = decide(
-                        &self.rules[i],
-                        &mut t,
-                        mark_only,
-                        &mut self.bufs.scratch,
-                        &mut self.warned,
-                    );
-                    (Some(i), decision)
-                }
+                None => match &light {
+                    Some(l) => {
+                        let warned = &mut self.warned;
+                        let decision = decide(&mut t, &mut self.bufs.scratch, |t, p| {
+                            decide_light(l, t, mark_only, p, warned)
+                        });
+                        (None, decision)
+                    }
+                    None => {
+                        let i = self.read(t.chain, t.rule);
+                        let (rules, warned) = (&self.rules, &mut self.warned);
+                        let decision = decide(&mut t, &mut self.bufs.scratch, |t, p| {
+                            decide_on(&rules[i], t, mark_only, p, warned)
+                        });
+                        (Some(i), decision)
+                    }
+                },
             };
             let line_no = line.line;
             let at_top = t.stack.is_empty();
@@ -1142,7 +1179,10 @@ impl Walker<'_, '_, '_, '_> {
                             line: line_no,
                         });
                     }
-                    let outcome = terminal_outcome(&self.rules[rule.expect("read: not fixed")]);
+                    let outcome = match &light {
+                        Some(l) => light_outcome(l),
+                        None => terminal_outcome(&self.rules[rule.expect("read: not fixed")]),
+                    };
                     self.finish(&mut t, outcome, line_no);
                     return Ok(());
                 }
@@ -1167,14 +1207,12 @@ impl Walker<'_, '_, '_, '_> {
     }
 }
 
-/// Decides the rule's conditions for the thread's packet; assumptions made are added to
-/// `warned`.
+/// Decides the rule's conditions for the thread's packet with `decide_on` (given the
+/// thread and a copy of its packet, which it may bind: [`decide_on`] or [`decide_light`]).
 fn decide(
-    rule: &Rule<'_>,
     t: &mut Thread,
-    mark_only: bool,
     scratch: &mut Scratch,
-    warned: &mut BTreeSet<(u32, String)>,
+    decide_on: impl FnOnce(&Thread, &mut Packet) -> Decision,
 ) -> Decision {
     // Bindings are tentative until the whole rule is known to apply: the rule is tested
     // on a copy, made again only when the packet is another than last time's or a test
@@ -1183,7 +1221,7 @@ fn decide(
         scratch.packet.clone_from(&t.packet);
         scratch.copy_of = Some(Rc::clone(&t.packet));
     }
-    let decision = decide_on(rule, t, mark_only, &mut scratch.packet, warned);
+    let decision = decide_on(t, &mut scratch.packet);
     // A test binds only open fields: the copy differs exactly when it has fewer of them.
     let bound = scratch.packet.open_fields() != t.packet.open_fields();
     debug_assert_eq!(bound, scratch.packet != *t.packet);
@@ -1265,6 +1303,47 @@ fn decide_on(
             None => undecided.push(format!("-m {}", m.module)),
         }
     }
+    conclude(rule.line, share, t, mark_only, packet, undecided, warned)
+}
+
+/// [`decide_on`] for a rule of a [`LightRule`]'s shape whose matches always match
+/// ([`light_matches_always`]).
+fn decide_light(
+    rule: &LightRule<'_>,
+    t: &Thread,
+    mark_only: bool,
+    packet: &mut Packet,
+    warned: &mut BTreeSet<(u32, String)>,
+) -> Decision {
+    let mut undecided: Vec<String> = Vec::new();
+    for o in rule.core() {
+        match core_test_parts(o.name, o.negated, o.value(), packet) {
+            Some(true) => {}
+            Some(false) => return Decision::No,
+            None => undecided.push(describe_parts(o.name, o.negated, o.value())),
+        }
+    }
+    conclude(rule.line, None, t, mark_only, packet, undecided, warned)
+}
+
+/// Whether every match of `rule` matches whatever the connection, as [`match_test`]
+/// finds: comments, and modules without options other than `statistic`.
+fn light_matches_always(rule: &LightRule<'_>) -> bool {
+    rule.matches()
+        .all(|(m, opts)| m == "comment" || (opts.is_empty() && m != "statistic"))
+}
+
+/// The end of [`decide_on`] for the rule of line `line`, once its conditions are tested:
+/// the statistic share `share`, the descriptions of the tests it could not decide.
+fn conclude(
+    line: u32,
+    share: Option<(u64, u64)>,
+    t: &Thread,
+    mark_only: bool,
+    packet: &Packet,
+    undecided: Vec<String>,
+    warned: &mut BTreeSet<(u32, String)>,
+) -> Decision {
     // A rule that only sets marks must not bind open fields of the connection:
     // kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ` says nothing about who connects.
     if mark_only && *packet != *t.packet {
@@ -1276,7 +1355,7 @@ fn decide_on(
             return Decision::No;
         }
         warned.insert((
-            rule.line,
+            line,
             format!(
                 "cannot decide {} for the connection; assumed to match",
                 undecided.join(", ")
@@ -1363,12 +1442,12 @@ pub(crate) fn static_test(module: &str, o: &Opt<'_>, packet: &mut Packet) -> Opt
 }
 
 fn describe(o: &Opt<'_>) -> String {
-    format!(
-        "{}-{} {}",
-        if o.negated { "! " } else { "" },
-        o.name,
-        o.value()
-    )
+    describe_parts(o.name, o.negated, o.value())
+}
+
+/// [`describe`] of the option `name` (`!` before it: `negated`) with first value `v`.
+fn describe_parts(name: &str, negated: bool, v: &str) -> String {
+    format!("{}-{name} {v}", if negated { "! " } else { "" })
 }
 
 /// Lower-case protocol name from a `-p` value (names or numbers).
@@ -1390,8 +1469,12 @@ fn proto_name_ref(v: &str) -> Cow<'_, str> {
 }
 
 pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
-    let v = o.value();
-    let r = match o.name {
+    core_test_parts(o.name, o.negated, o.value(), p)
+}
+
+/// [`core_test`] of the core option `name` (`!` before it: `negated`) with first value `v`.
+fn core_test_parts(name: &str, negated: bool, v: &str, p: &mut Packet) -> Option<bool> {
+    let r = match name {
         "p" => {
             let want = proto_name_ref(v);
             if want == "all" || want == "0" {
@@ -1399,7 +1482,7 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
             } else {
                 match &p.proto {
                     Some(have) => Some(*have == want || (want == "icmpv6" && have == "ipv6-icmp")),
-                    None if !o.negated => {
+                    None if !negated => {
                         p.proto = Some(want.into_owned());
                         Some(true)
                     }
@@ -1408,11 +1491,7 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
             }
         }
         "s" | "d" => {
-            let field = if o.name == "s" {
-                &mut p.src
-            } else {
-                &mut p.dst
-            };
+            let field = if name == "s" { &mut p.src } else { &mut p.dst };
             match field {
                 Some(addr) => {
                     let a = *addr;
@@ -1427,7 +1506,7 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
                     }
                     if any || known { Some(any) } else { None }
                 }
-                None if !o.negated && !v.contains(',') => match first_addr(v) {
+                None if !negated && !v.contains(',') => match first_addr(v) {
                     Some(a) => {
                         *field = Some(a);
                         Some(true)
@@ -1438,7 +1517,7 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
             }
         }
         "i" | "o" => {
-            let field = if o.name == "i" {
+            let field = if name == "i" {
                 &mut p.in_iface
             } else {
                 &mut p.out_iface
@@ -1448,7 +1527,7 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
                     Some(prefix) => have.starts_with(prefix),
                     None => have == v,
                 }),
-                None if !o.negated => {
+                None if !negated => {
                     *field = Some(v.trim_end_matches('+').to_string());
                     Some(true)
                 }
@@ -1460,7 +1539,7 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
         _ => None,
     };
     // `-s`/`-d` bound above already matched; negation applies to decided results.
-    r.map(|m| m != o.negated)
+    r.map(|m| m != negated)
 }
 
 /// The address of the first item of a list of addresses or networks (`a/len,b`).
@@ -1682,22 +1761,38 @@ pub(crate) fn terminal_outcome(rule: &Rule<'_>) -> Outcome {
     let Some(target) = &rule.target else {
         return Outcome::Unmatched;
     };
-    let arg = |names: &[&str]| {
-        target
-            .options
-            .iter()
+    target_outcome(target.name, |names| {
+        (target.options.iter())
             .find(|o| names.contains(&o.name))
-            .map(|o| o.value().to_string())
+            .map(|o| o.value())
+    })
+}
+
+/// [`terminal_outcome`] of a rule of a [`LightRule`]'s shape.
+fn light_outcome(rule: &LightRule<'_>) -> Outcome {
+    let Some((name, options)) = rule.target() else {
+        return Outcome::Unmatched;
     };
-    match target.name {
+    target_outcome(name, |names| {
+        (options.iter())
+            .find(|o| names.contains(&o.name))
+            .map(|o| o.value())
+    })
+}
+
+/// The outcome of the terminal target `name` whose first option of the names given has
+/// the first value `find(names)`.
+fn target_outcome<'x>(name: &str, find: impl Fn(&[&str]) -> Option<&'x str>) -> Outcome {
+    let arg = |names: &[&str]| find(names).map(str::to_string);
+    match name {
         "DNAT" => Outcome::Dnat(arg(&["to-destination", "to"]).unwrap_or_default()),
         "SNAT" => Outcome::Verdict(match arg(&["to-source", "to"]) {
             Some(a) => format!("SNAT {a}"),
             None => "SNAT".into(),
         }),
         "REDIRECT" | "MASQUERADE" => Outcome::Verdict(match arg(&["to-ports"]) {
-            Some(a) => format!("{} {a}", target.name),
-            None => target.name.to_string(),
+            Some(a) => format!("{name} {a}"),
+            None => name.to_string(),
         }),
         "NFQUEUE" => Outcome::Verdict(match arg(&["queue-num", "queue-balance"]) {
             Some(a) => format!("NFQUEUE {a}"),

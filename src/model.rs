@@ -374,6 +374,12 @@ impl<'a> RuleLine<'a> {
         crate::parse::rule_comment(self.text, self.line)
     }
 
+    /// The rule read without allocating, when it is of the simplest shape (see
+    /// [`LightRule`]): what [`Self::parse`] gives, for a fraction of the work.
+    pub fn light(&self) -> Option<LightRule<'a>> {
+        LightRule::read(self.text, self.line)
+    }
+
     /// `-j NAME` or `-g CHAIN`, if the rule has one.
     pub fn target(&self) -> Option<TargetHead<'a>> {
         (self.flags & HAS_TARGET != 0).then(|| TargetHead {
@@ -417,6 +423,336 @@ impl<'a> RuleLine<'a> {
     pub fn plain(&self) -> bool {
         self.flags & PLAIN != 0
     }
+}
+
+/// One option of a [`LightRule`]: its name (without dashes; core options by their short
+/// name), whether `!` preceded it, and its one value if it has one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LightOpt<'a> {
+    pub name: &'a str,
+    pub negated: bool,
+    pub value: Option<&'a str>,
+}
+
+impl LightOpt<'_> {
+    /// The value, or "" when the option has none (as [`Opt::value`]).
+    pub fn value(&self) -> &str {
+        self.value.unwrap_or("")
+    }
+}
+
+/// Room in a [`LightRule`]: core options, matches, options of matches and target.
+const LIGHT_CORE: usize = 4;
+const LIGHT_MATCHES: usize = 4;
+const LIGHT_OPTS: usize = 8;
+
+/// A rule of the simplest shape, read from its line without allocating ([`RuleLine::light`]):
+/// what [`RuleLine::parse`] gives for it, borrowed. The shape: `-A CHAIN`, then short
+/// core options (`-s`, `-d`, `-p`, `-i`, `-o`) with one value each, `-m MODULE` matches
+/// and at most one `-j TARGET` at the end, every option of a match or the target with
+/// at most one value, `!` only right before an option, values bare words or quoted
+/// strings without backslashes, and no counters. kube-proxy writes its rules so.
+#[derive(Debug, Clone)]
+pub struct LightRule<'a> {
+    /// 1-based line of the rule in the input.
+    pub line: u32,
+    core: [LightOpt<'a>; LIGHT_CORE],
+    n_core: u8,
+    /// Each match: its module and the range of its options in `opts`.
+    matches: [(&'a str, u8, u8); LIGHT_MATCHES],
+    n_matches: u8,
+    /// Options of the matches, then of the target.
+    opts: [LightOpt<'a>; LIGHT_OPTS],
+    n_opts: u8,
+    /// The `-j` target's name and where its options start in `opts`.
+    target: Option<(&'a str, u8)>,
+}
+
+impl<'a> LightRule<'a> {
+    /// The core options in the order written.
+    pub fn core(&self) -> &[LightOpt<'a>] {
+        &self.core[..usize::from(self.n_core)]
+    }
+
+    /// The matches in order: each module's name and options.
+    pub fn matches(&self) -> impl Iterator<Item = (&'a str, &[LightOpt<'a>])> + '_ {
+        self.matches[..usize::from(self.n_matches)]
+            .iter()
+            .map(|&(m, a, b)| (m, &self.opts[usize::from(a)..usize::from(b)]))
+    }
+
+    /// The `-j` target's name and options, if the rule has one.
+    pub fn target(&self) -> Option<(&'a str, &[LightOpt<'a>])> {
+        self.target
+            .map(|(name, a)| (name, &self.opts[usize::from(a)..usize::from(self.n_opts)]))
+    }
+
+    /// The text of the first `-m comment --comment` (as [`Rule::comment`]).
+    pub fn comment(&self) -> Option<&'a str> {
+        self.matches()
+            .filter(|(m, _)| *m == "comment")
+            .find_map(|(_, opts)| opts.iter().find(|o| o.name == "comment"))
+            .map(|o| o.value.unwrap_or(""))
+    }
+
+    /// Reads `text`, or `None` when it is not of the shape (see the type).
+    fn read(text: &'a str, line: u32) -> Option<Self> {
+        let mut rule = LightRule {
+            line,
+            core: [LightOpt::default(); LIGHT_CORE],
+            n_core: 0,
+            matches: [("", 0, 0); LIGHT_MATCHES],
+            n_matches: 0,
+            opts: [LightOpt::default(); LIGHT_OPTS],
+            n_opts: 0,
+            target: None,
+        };
+        let mut spans = [(0u32, 0u32); LIGHT_TOKENS];
+        let n = light_split(text.as_bytes(), &mut spans)?;
+        let mut state = LightState::Head;
+        // `!` before the next option.
+        let mut negated = false;
+        let bytes = text.as_bytes();
+        // (Tokens are cut at ASCII bytes or the ends: character boundaries.)
+        let str_of = |a: usize, e: usize| text.get(a..e);
+        for &(start, end) in &spans[..n] {
+            let quoted = start & QUOTED != 0;
+            let (a, e) = ((start & !QUOTED) as usize, end as usize);
+            let w = bytes.get(a..e)?;
+            state = match state {
+                LightState::Head if w == b"-A" && !quoted => LightState::Chain,
+                LightState::Chain if !quoted => LightState::Option,
+                LightState::Core(name) if quoted || is_light_value(w) => {
+                    if usize::from(rule.n_core) == LIGHT_CORE || !is_light_value(w) {
+                        return None;
+                    }
+                    rule.core[usize::from(rule.n_core)] = LightOpt {
+                        name,
+                        negated,
+                        value: Some(str_of(a, e)?),
+                    };
+                    rule.n_core += 1;
+                    negated = false;
+                    LightState::Option
+                }
+                LightState::Module
+                    if !quoted
+                        && is_light_value(w)
+                        && usize::from(rule.n_matches) < LIGHT_MATCHES =>
+                {
+                    rule.matches[usize::from(rule.n_matches)] =
+                        (str_of(a, e)?, rule.n_opts, rule.n_opts);
+                    rule.n_matches += 1;
+                    LightState::Option
+                }
+                LightState::Target if !quoted && is_light_value(w) => {
+                    rule.target = Some((str_of(a, e)?, rule.n_opts));
+                    LightState::Option
+                }
+                // A value of the option just read (a second one is a value where an
+                // option should be).
+                LightState::Value if quoted || is_light_value(w) => {
+                    rule.opts[usize::from(rule.n_opts) - 1].value = Some(str_of(a, e)?);
+                    LightState::Option
+                }
+                // `!` right after an option's name (iptables' old placement).
+                LightState::Value if w == b"!" => return None,
+                LightState::Option if w == b"!" && !quoted => {
+                    if negated {
+                        return None;
+                    }
+                    negated = true;
+                    LightState::Option
+                }
+                LightState::Option | LightState::Value if !quoted => {
+                    let name_at = match w {
+                        [b'-', b'-', ..] => a + 2,
+                        [b'-', c, ..] if c.is_ascii_alphabetic() => a + 1,
+                        // A value where an option should be.
+                        _ => return None,
+                    };
+                    match w {
+                        // (The parser takes core options anywhere, even after a match.)
+                        b"-s" => LightState::Core("s"),
+                        b"-d" => LightState::Core("d"),
+                        b"-p" => LightState::Core("p"),
+                        b"-i" => LightState::Core("i"),
+                        b"-o" => LightState::Core("o"),
+                        b"-m" if !negated && rule.target.is_none() => LightState::Module,
+                        b"-j" if !negated && rule.target.is_none() => LightState::Target,
+                        // Any other name the parser knows (long forms of the above, `-g`,
+                        // `-c`, `-f`, …), and options before any match, are not of the
+                        // shape.
+                        _ if is_known_option(&w[name_at - a..])
+                            || (rule.n_matches == 0 && rule.target.is_none())
+                            || usize::from(rule.n_opts) == LIGHT_OPTS =>
+                        {
+                            return None;
+                        }
+                        _ => {
+                            rule.opts[usize::from(rule.n_opts)] = LightOpt {
+                                name: str_of(name_at, e)?,
+                                negated,
+                                value: None,
+                            };
+                            rule.n_opts += 1;
+                            if rule.target.is_none() {
+                                rule.matches[usize::from(rule.n_matches) - 1].2 = rule.n_opts;
+                            }
+                            negated = false;
+                            LightState::Value
+                        }
+                    }
+                }
+                _ => return None,
+            };
+        }
+        (matches!(state, LightState::Option | LightState::Value) && !negated).then_some(rule)
+    }
+}
+
+/// Where [`LightRule::read`] is in a line: what the next token must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LightState {
+    /// `-A`.
+    Head,
+    /// The chain's name.
+    Chain,
+    /// An option or `!`.
+    Option,
+    /// The value of the core option of that short name.
+    Core(&'static str),
+    /// A match's module.
+    Module,
+    /// The target's name.
+    Target,
+    /// A value of the option just read, or what [`LightState::Option`] takes.
+    Value,
+}
+
+/// Option names the parser reads itself (core options, matches, targets, counters) in
+/// any form: a [`LightRule`] takes only the short forms it knows.
+fn is_known_option(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"m" | b"match"
+            | b"j"
+            | b"jump"
+            | b"g"
+            | b"goto"
+            | b"c"
+            | b"set-counters"
+            | b"s"
+            | b"source"
+            | b"src"
+            | b"d"
+            | b"destination"
+            | b"dst"
+            | b"p"
+            | b"protocol"
+            | b"i"
+            | b"in-interface"
+            | b"o"
+            | b"out-interface"
+            | b"f"
+            | b"fragment"
+    )
+}
+
+/// Is a bare word a value (not an option, not `!`), as the parser tells them apart?
+fn is_light_value(w: &[u8]) -> bool {
+    match w {
+        [b'!'] => false,
+        [b'-', c, ..] => !(c.is_ascii_alphabetic() || *c == b'-'),
+        _ => true,
+    }
+}
+
+/// The most tokens of a [`LightRule`]'s line.
+const LIGHT_TOKENS: usize = 32;
+
+/// The bit of a token's start in [`light_split`] that marks a quoted string.
+const QUOTED: u32 = 1 << 31;
+
+/// The parser's blanks (space, tab, carriage return, vertical tab, form feed).
+fn is_light_blank(b: u8) -> bool {
+    const BLANKS: u64 = 1 << b' ' | 1 << b'\t' | 1 << b'\r' | 1 << 0x0b | 1 << 0x0c;
+    b < 64 && BLANKS >> b & 1 != 0
+}
+
+/// Splits a line into its tokens as the parser does, when they are words between blanks
+/// and quoted strings that start a token and end before a blank (or the end), and there
+/// are at most [`LIGHT_TOKENS`] of them: their number, with the byte range of each in
+/// `spans` (a quoted string's without its quotes, its start marked [`QUOTED`]). `None`
+/// for anything else (a quote inside a word, a quote not closed, a backslash in a quoted
+/// string, a line of 2 GiB or more). One pass, eight bytes a step: only bytes below `#` (blanks,
+/// quotes, `!` and controls) are looked at one by one.
+fn light_split(b: &[u8], spans: &mut [(u32, u32); LIGHT_TOKENS]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    if b.len() >= QUOTED as usize {
+        return None;
+    }
+    let mut n = 0;
+    // Start of the word being read (no word when it is the current byte).
+    let mut s = 0;
+    let mut i = 0;
+    while i < b.len() {
+        let (mut m, at) = match b.get(i..i + 8) {
+            Some(chunk) => {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(chunk);
+                let w = u64::from_le_bytes(x);
+                // (Bytes at or above 0x80 are never flagged; a borrow can flag a byte
+                // above a flagged one, which is looked at and found not special.)
+                (w.wrapping_sub(ONES * u64::from(b'#')) & !w & HIGHS, i)
+            }
+            None => {
+                // The last bytes, one by one.
+                let mut m = 0u64;
+                for (k, &c) in b[i..].iter().enumerate() {
+                    if c < b'#' {
+                        m |= 0x80 << (8 * k);
+                    }
+                }
+                (m, i)
+            }
+        };
+        i = at + 8;
+        while m != 0 {
+            let p = at + (m.trailing_zeros() / 8) as usize;
+            m &= m - 1;
+            let c = b[p];
+            if is_light_blank(c) {
+                if s < p {
+                    *spans.get_mut(n)? = (s as u32, p as u32);
+                    n += 1;
+                }
+                s = p + 1;
+            } else if c == b'"' {
+                if s < p {
+                    // A quote glued to a word.
+                    return None;
+                }
+                let q = p + 1 + memchr::memchr2(b'"', b'\\', &b[p + 1..])?;
+                if b[q] != b'"' || b.get(q + 1).is_some_and(|&c| !is_light_blank(c)) {
+                    return None;
+                }
+                *spans.get_mut(n)? = ((p + 1) as u32 | QUOTED, q as u32);
+                n += 1;
+                // Go on after the quoted string and the blank after it.
+                s = q + 2;
+                i = q + 2;
+                break;
+            }
+            // `!` and other controls belong to words.
+        }
+    }
+    if s < b.len() {
+        *spans.get_mut(n)? = (s as u32, b.len() as u32);
+        n += 1;
+    }
+    Some(n)
 }
 
 /// What decides whether `rule` applies when that depends on chance alone (see
@@ -533,7 +869,132 @@ const _: () = assert!(std::mem::size_of::<RuleLine<'static>>() <= 32);
 
 #[cfg(test)]
 mod tests {
+    use super::{LightRule, Rule};
     use crate::parse::{ParseOptions, parse};
+    use proptest::prelude::*;
+
+    /// Does the light reading say what the whole rule says?
+    fn same(light: &LightRule<'_>, rule: &Rule<'_>) -> bool {
+        let opts_same = |l: &[super::LightOpt<'_>], r: &[super::Opt<'_>]| {
+            l.len() == r.len()
+                && l.iter().zip(r).all(|(a, b)| {
+                    a.name == b.name
+                        && a.negated == b.negated
+                        && b.values.len() == usize::from(a.value.is_some())
+                        && a.value() == b.value()
+                })
+        };
+        light.line == rule.line
+            && rule.counters.is_none()
+            && opts_same(light.core(), &rule.core)
+            && light.matches().count() == rule.matches.len()
+            && light
+                .matches()
+                .zip(&rule.matches)
+                .all(|((m, o), r)| m == r.module && !r.implicit && opts_same(o, &r.options))
+            && match (light.target(), &rule.target) {
+                (None, None) => true,
+                (Some((name, o)), Some(t)) => {
+                    t.jump == super::Jump::Jump && name == t.name && opts_same(o, &t.options)
+                }
+                _ => false,
+            }
+            && light.comment() == rule.comment()
+    }
+
+    /// Checks every rule line of `text` (read leniently); the number read lightly.
+    fn check_light(text: &str) -> usize {
+        let Ok(rs) = parse(text, &ParseOptions { lenient: true }) else {
+            return 0;
+        };
+        let mut n = 0;
+        for line in rs
+            .tables
+            .iter()
+            .flat_map(|t| &t.chains)
+            .flat_map(|c| &c.rules)
+        {
+            if let Some(light) = line.light() {
+                let rule = line.parse();
+                assert!(same(&light, &rule), "{}\n{light:?}\n{rule:?}", line.text);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn light_rules_are_the_rules_parse_reads() {
+        let mut n = 0;
+        for (_, text) in crate::testing::fixture_texts() {
+            n += check_light(&text);
+        }
+        n += check_light(
+            "-A A -p tcp -m comment --comment \"a b\" -m tcp -j DNAT --to-destination 1.2.3.4:80\n\
+             -A A ! -s 10.0.0.0/8 -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -j KUBE-MARK-MASQ\n\
+             -A A -m comment --comment \"\" -m statistic --mode random --probability 0.5 -j B\n\
+             -A A -p tcp -m tcp ! --dport 80 -j ACCEPT\n",
+        );
+        assert!(n > 200, "{n} rules read lightly");
+        // Not of the shape: left to the whole reading.
+        let rs = parse(
+            "-A A -p tcp --dport 80 -j B\n\
+             -A A --source 1.2.3.4 -j B\n\
+             -A A -s 1.2.3.4 -g B\n\
+             [1:2] -A A -j B\n\
+             -A A -m multiport --dports 1 2 -j B\n\
+             -A A -m comment --comment \"a\\\"b\" -j B\n\
+             -A A -j B -m tcp\n",
+            &ParseOptions { lenient: true },
+        )
+        .unwrap();
+        for line in &rs.tables[0].chains[0].rules {
+            assert!(line.light().is_none(), "{}", line.text);
+        }
+    }
+
+    proptest! {
+        /// On lines made of the tokens that matter, the light reading, when there is one,
+        /// is the whole reading.
+        #[test]
+        fn light_reading_agrees_on_random_lines(
+            words in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "-s", "-d", "-p", "-i", "-o", "-f", "-m", "-j", "-g", "-c", "!", "--source",
+                    "--dport", "--comment", "comment", "tcp", "statistic", "10.0.0.1/32", "1",
+                    "\"a b\"", "\"x\\\"y\"", "\"\"", "\"-s\"", "a\"b", "--", "-1", "-x",
+                    "DNAT", "--to-destination", "1.2.3.4:80", "--match", "-A", "\t", "é",
+                    // Whole pieces, so that many lines are of the shape.
+                    "-p tcp", "! -s 10.0.0.0/8", "-d 10.96.0.1/32", "-m comment --comment \"a b\"",
+                    "-m tcp", "-m tcp --dport 80", "! --dport 80", "-j DNAT --to-destination 1.2.3.4:80",
+                    "-j KUBE-SEP-X", "-m statistic --mode random --probability 0.5", "-i eth+",
+                    "-m mark --mark 0x4000/0x4000", "--comment \"\"",
+                ]),
+                0..12,
+            )
+        ) {
+            let text = format!("-A X {}\n", words.join(" "));
+            check_light(&text);
+        }
+
+        /// The same on lines of pieces kube-proxy writes (most of them of the shape).
+        #[test]
+        fn light_reading_agrees_on_kube_like_lines(
+            words in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "-p tcp", "-p udp", "! -s 10.0.0.0/8", "-s 10.1.2.3/32", "-d 10.96.0.1/32",
+                    "-m comment --comment \"a b\"", "-m comment --comment x", "-m tcp",
+                    "--dport 80", "! --dport 80", "-m addrtype --dst-type LOCAL", "-m udp",
+                    "-j DNAT --to-destination 1.2.3.4:80", "-j KUBE-SEP-X", "-j RETURN",
+                    "-m statistic --mode random --probability 0.5", "-o eth0", "--set-xmark 0x4000/0",
+                ]),
+                0..7,
+            )
+        ) {
+            let text = format!("-A X {}\n", words.join(" "));
+            check_light(&text);
+        }
+    }
 
     /// `fixed_share` of each rule of a one-chain fragment, as the first reading kept it.
     fn shares(rules: &[&str]) -> Vec<Option<Option<(u64, u64)>>> {
