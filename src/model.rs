@@ -377,7 +377,7 @@ impl<'a> RuleLine<'a> {
     /// The rule read without allocating, when it is of the simplest shape (see
     /// [`LightRule`]): what [`Self::parse`] gives, for a fraction of the work.
     pub fn light(&self) -> Option<LightRule<'a>> {
-        LightRule::read(self.text, self.line)
+        crate::parse::light(self.text, self.line)
     }
 
     /// `-j NAME` or `-g CHAIN`, if the rule has one.
@@ -447,11 +447,13 @@ const LIGHT_MATCHES: usize = 4;
 const LIGHT_OPTS: usize = 8;
 
 /// A rule of the simplest shape, read from its line without allocating ([`RuleLine::light`]):
-/// what [`RuleLine::parse`] gives for it, borrowed. The shape: `-A CHAIN`, then short
-/// core options (`-s`, `-d`, `-p`, `-i`, `-o`) with one value each, `-m MODULE` matches
-/// and at most one `-j TARGET` at the end, every option of a match or the target with
-/// at most one value, `!` only right before an option, values bare words or quoted
-/// strings without backslashes, and no counters. kube-proxy writes its rules so.
+/// what [`RuleLine::parse`] gives for it, borrowed. The shape: `-A CHAIN`, then core
+/// options (`-s`, `-d`, `-p`, `-i`, `-o`, in any of their forms) with one value each,
+/// `-m MODULE` matches and at most one `-j TARGET` after them, every option of a match
+/// or the target with at most one value, `!` only right before an option, values bare
+/// words or quoted strings without backslashes, and no counters; room for a few of
+/// each. kube-proxy writes its rules so. The parser's fast path reads it
+/// ([`crate::parse::light`]).
 #[derive(Debug, Clone)]
 pub struct LightRule<'a> {
     /// 1-based line of the rule in the input.
@@ -495,9 +497,9 @@ impl<'a> LightRule<'a> {
             .map(|o| o.value.unwrap_or(""))
     }
 
-    /// Reads `text`, or `None` when it is not of the shape (see the type).
-    fn read(text: &'a str, line: u32) -> Option<Self> {
-        let mut rule = LightRule {
+    /// An empty rule of line `line`, for the parser to fill ([`crate::parse::light`]).
+    pub(crate) fn empty(line: u32) -> Self {
+        LightRule {
             line,
             core: [LightOpt::default(); LIGHT_CORE],
             n_core: 0,
@@ -506,253 +508,48 @@ impl<'a> LightRule<'a> {
             opts: [LightOpt::default(); LIGHT_OPTS],
             n_opts: 0,
             target: None,
-        };
-        let mut spans = [(0u32, 0u32); LIGHT_TOKENS];
-        let n = light_split(text.as_bytes(), &mut spans)?;
-        let mut state = LightState::Head;
-        // `!` before the next option.
-        let mut negated = false;
-        let bytes = text.as_bytes();
-        // (Tokens are cut at ASCII bytes or the ends: character boundaries.)
-        let str_of = |a: usize, e: usize| text.get(a..e);
-        for &(start, end) in &spans[..n] {
-            let quoted = start & QUOTED != 0;
-            let (a, e) = ((start & !QUOTED) as usize, end as usize);
-            let w = bytes.get(a..e)?;
-            state = match state {
-                LightState::Head if w == b"-A" && !quoted => LightState::Chain,
-                LightState::Chain if !quoted => LightState::Option,
-                LightState::Core(name) if quoted || is_light_value(w) => {
-                    if usize::from(rule.n_core) == LIGHT_CORE || !is_light_value(w) {
-                        return None;
-                    }
-                    rule.core[usize::from(rule.n_core)] = LightOpt {
-                        name,
-                        negated,
-                        value: Some(str_of(a, e)?),
-                    };
-                    rule.n_core += 1;
-                    negated = false;
-                    LightState::Option
-                }
-                LightState::Module
-                    if !quoted
-                        && is_light_value(w)
-                        && usize::from(rule.n_matches) < LIGHT_MATCHES =>
-                {
-                    rule.matches[usize::from(rule.n_matches)] =
-                        (str_of(a, e)?, rule.n_opts, rule.n_opts);
-                    rule.n_matches += 1;
-                    LightState::Option
-                }
-                LightState::Target if !quoted && is_light_value(w) => {
-                    rule.target = Some((str_of(a, e)?, rule.n_opts));
-                    LightState::Option
-                }
-                // A value of the option just read (a second one is a value where an
-                // option should be).
-                LightState::Value if quoted || is_light_value(w) => {
-                    rule.opts[usize::from(rule.n_opts) - 1].value = Some(str_of(a, e)?);
-                    LightState::Option
-                }
-                // `!` right after an option's name (iptables' old placement).
-                LightState::Value if w == b"!" => return None,
-                LightState::Option if w == b"!" && !quoted => {
-                    if negated {
-                        return None;
-                    }
-                    negated = true;
-                    LightState::Option
-                }
-                LightState::Option | LightState::Value if !quoted => {
-                    let name_at = match w {
-                        [b'-', b'-', ..] => a + 2,
-                        [b'-', c, ..] if c.is_ascii_alphabetic() => a + 1,
-                        // A value where an option should be.
-                        _ => return None,
-                    };
-                    match w {
-                        // (The parser takes core options anywhere, even after a match.)
-                        b"-s" => LightState::Core("s"),
-                        b"-d" => LightState::Core("d"),
-                        b"-p" => LightState::Core("p"),
-                        b"-i" => LightState::Core("i"),
-                        b"-o" => LightState::Core("o"),
-                        b"-m" if !negated && rule.target.is_none() => LightState::Module,
-                        b"-j" if !negated && rule.target.is_none() => LightState::Target,
-                        // Any other name the parser knows (long forms of the above, `-g`,
-                        // `-c`, `-f`, …), and options before any match, are not of the
-                        // shape.
-                        _ if is_known_option(&w[name_at - a..])
-                            || (rule.n_matches == 0 && rule.target.is_none())
-                            || usize::from(rule.n_opts) == LIGHT_OPTS =>
-                        {
-                            return None;
-                        }
-                        _ => {
-                            rule.opts[usize::from(rule.n_opts)] = LightOpt {
-                                name: str_of(name_at, e)?,
-                                negated,
-                                value: None,
-                            };
-                            rule.n_opts += 1;
-                            if rule.target.is_none() {
-                                rule.matches[usize::from(rule.n_matches) - 1].2 = rule.n_opts;
-                            }
-                            negated = false;
-                            LightState::Value
-                        }
-                    }
-                }
-                _ => return None,
-            };
-        }
-        (matches!(state, LightState::Option | LightState::Value) && !negated).then_some(rule)
-    }
-}
-
-/// Where [`LightRule::read`] is in a line: what the next token must be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LightState {
-    /// `-A`.
-    Head,
-    /// The chain's name.
-    Chain,
-    /// An option or `!`.
-    Option,
-    /// The value of the core option of that short name.
-    Core(&'static str),
-    /// A match's module.
-    Module,
-    /// The target's name.
-    Target,
-    /// A value of the option just read, or what [`LightState::Option`] takes.
-    Value,
-}
-
-/// Option names the parser reads itself (core options, matches, targets, counters) in
-/// any form: a [`LightRule`] takes only the short forms it knows.
-fn is_known_option(name: &[u8]) -> bool {
-    matches!(
-        name,
-        b"m" | b"match"
-            | b"j"
-            | b"jump"
-            | b"g"
-            | b"goto"
-            | b"c"
-            | b"set-counters"
-            | b"s"
-            | b"source"
-            | b"src"
-            | b"d"
-            | b"destination"
-            | b"dst"
-            | b"p"
-            | b"protocol"
-            | b"i"
-            | b"in-interface"
-            | b"o"
-            | b"out-interface"
-            | b"f"
-            | b"fragment"
-    )
-}
-
-/// Is a bare word a value (not an option, not `!`), as the parser tells them apart?
-fn is_light_value(w: &[u8]) -> bool {
-    match w {
-        [b'!'] => false,
-        [b'-', c, ..] => !(c.is_ascii_alphabetic() || *c == b'-'),
-        _ => true,
-    }
-}
-
-/// The most tokens of a [`LightRule`]'s line.
-const LIGHT_TOKENS: usize = 32;
-
-/// The bit of a token's start in [`light_split`] that marks a quoted string.
-const QUOTED: u32 = 1 << 31;
-
-/// The parser's blanks (space, tab, carriage return, vertical tab, form feed).
-fn is_light_blank(b: u8) -> bool {
-    const BLANKS: u64 = 1 << b' ' | 1 << b'\t' | 1 << b'\r' | 1 << 0x0b | 1 << 0x0c;
-    b < 64 && BLANKS >> b & 1 != 0
-}
-
-/// Splits a line into its tokens as the parser does, when they are words between blanks
-/// and quoted strings that start a token and end before a blank (or the end), and there
-/// are at most [`LIGHT_TOKENS`] of them: their number, with the byte range of each in
-/// `spans` (a quoted string's without its quotes, its start marked [`QUOTED`]). `None`
-/// for anything else (a quote inside a word, a quote not closed, a backslash in a quoted
-/// string, a line of 2 GiB or more). One pass, eight bytes a step: only bytes below `#` (blanks,
-/// quotes, `!` and controls) are looked at one by one.
-fn light_split(b: &[u8], spans: &mut [(u32, u32); LIGHT_TOKENS]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    if b.len() >= QUOTED as usize {
-        return None;
-    }
-    let mut n = 0;
-    // Start of the word being read (no word when it is the current byte).
-    let mut s = 0;
-    let mut i = 0;
-    while i < b.len() {
-        let (mut m, at) = match b.get(i..i + 8) {
-            Some(chunk) => {
-                let mut x = [0u8; 8];
-                x.copy_from_slice(chunk);
-                let w = u64::from_le_bytes(x);
-                // (Bytes at or above 0x80 are never flagged; a borrow can flag a byte
-                // above a flagged one, which is looked at and found not special.)
-                (w.wrapping_sub(ONES * u64::from(b'#')) & !w & HIGHS, i)
-            }
-            None => {
-                // The last bytes, one by one.
-                let mut m = 0u64;
-                for (k, &c) in b[i..].iter().enumerate() {
-                    if c < b'#' {
-                        m |= 0x80 << (8 * k);
-                    }
-                }
-                (m, i)
-            }
-        };
-        i = at + 8;
-        while m != 0 {
-            let p = at + (m.trailing_zeros() / 8) as usize;
-            m &= m - 1;
-            let c = b[p];
-            if is_light_blank(c) {
-                if s < p {
-                    *spans.get_mut(n)? = (s as u32, p as u32);
-                    n += 1;
-                }
-                s = p + 1;
-            } else if c == b'"' {
-                if s < p {
-                    // A quote glued to a word.
-                    return None;
-                }
-                let q = p + 1 + memchr::memchr2(b'"', b'\\', &b[p + 1..])?;
-                if b[q] != b'"' || b.get(q + 1).is_some_and(|&c| !is_light_blank(c)) {
-                    return None;
-                }
-                *spans.get_mut(n)? = ((p + 1) as u32 | QUOTED, q as u32);
-                n += 1;
-                // Go on after the quoted string and the blank after it.
-                s = q + 2;
-                i = q + 2;
-                break;
-            }
-            // `!` and other controls belong to words.
         }
     }
-    if s < b.len() {
-        *spans.get_mut(n)? = (s as u32, b.len() as u32);
-        n += 1;
+
+    /// Adds a core option; `None` when there is no room.
+    pub(crate) fn push_core(&mut self, o: LightOpt<'a>) -> Option<()> {
+        *self.core.get_mut(usize::from(self.n_core))? = o;
+        self.n_core += 1;
+        Some(())
     }
-    Some(n)
+
+    /// Adds a match (before any target); `None` when there is no room.
+    pub(crate) fn push_match(&mut self, module: &'a str) -> Option<()> {
+        if self.target.is_some() {
+            return None;
+        }
+        *self.matches.get_mut(usize::from(self.n_matches))? = (module, self.n_opts, self.n_opts);
+        self.n_matches += 1;
+        Some(())
+    }
+
+    /// Adds an option of the last match, or of the target once there is one; `None`
+    /// when there is no room or nothing to add it to.
+    pub(crate) fn push_opt(&mut self, o: LightOpt<'a>) -> Option<()> {
+        if self.target.is_none() && self.n_matches == 0 {
+            return None;
+        }
+        *self.opts.get_mut(usize::from(self.n_opts))? = o;
+        self.n_opts += 1;
+        if self.target.is_none() {
+            self.matches[usize::from(self.n_matches) - 1].2 = self.n_opts;
+        }
+        Some(())
+    }
+
+    /// Sets the `-j` target; `None` when there is one already.
+    pub(crate) fn set_target(&mut self, name: &'a str) -> Option<()> {
+        if self.target.is_some() {
+            return None;
+        }
+        self.target = Some((name, self.n_opts));
+        Some(())
+    }
 }
 
 /// What decides whether `rule` applies when that depends on chance alone (see
@@ -933,13 +730,15 @@ mod tests {
             "-A A -p tcp -m comment --comment \"a b\" -m tcp -j DNAT --to-destination 1.2.3.4:80\n\
              -A A ! -s 10.0.0.0/8 -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -j KUBE-MARK-MASQ\n\
              -A A -m comment --comment \"\" -m statistic --mode random --probability 0.5 -j B\n\
-             -A A -p tcp -m tcp ! --dport 80 -j ACCEPT\n",
+             -A A -p tcp -m tcp ! --dport 80 -j ACCEPT\n\
+             --append A --source 1.2.3.4 --match tcp --jump B\n",
         );
         assert!(n > 200, "{n} rules read lightly");
         // Not of the shape: left to the whole reading.
         let rs = parse(
             "-A A -p tcp --dport 80 -j B\n\
-             -A A --source 1.2.3.4 -j B\n\
+             -A A -f -j B\n\
+             -A A -m tcp -j B -c 1 2\n\
              -A A -s 1.2.3.4 -g B\n\
              [1:2] -A A -j B\n\
              -A A -m multiport --dports 1 2 -j B\n\

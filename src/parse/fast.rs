@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 
-use crate::model::{Counters, Jump, Match, Opt, Rule, Target};
+use crate::model::{Counters, Jump, LightOpt, LightRule, Match, Opt, Rule, Target};
 
 use super::lex::{T_BANG, T_OPT, T_QUOTED, fast_counters, split};
 use super::rule::{LineCtx, Sec, StepKind, Summary, name_implicit_match};
@@ -364,6 +364,43 @@ pub(super) fn rule_line<'a>(
 ) -> Option<(&'a str, Rule<'a>)> {
     let (counters, chain, k0) = head(ctx.text, body, bufs)?;
     Some((chain, rule(ctx, k0, counters, bufs)?))
+}
+
+/// A rule line (`body`: the line without blanks at either end, a slice of `line`),
+/// line `no`, as a [`LightRule`] when it is of that shape: from the same tokens and
+/// options as [`rule_line`], without allocating. `None` for any other line.
+pub(super) fn light<'a>(
+    line: &'a str,
+    body: &str,
+    no: u32,
+    bufs: &mut FastBufs,
+) -> Option<LightRule<'a>> {
+    let (counters, _, k0) = head(line, body, bufs)?;
+    if counters.is_some() || read_steps(line, k0, None, bufs)?.is_some() {
+        return None;
+    }
+    let (steps, vals) = bufs.steps();
+    let mut rule = LightRule::empty(no);
+    for st in steps {
+        if st.nv > 1 {
+            return None;
+        }
+        let opt = LightOpt {
+            name: st.name(line),
+            negated: st.negated,
+            value: (st.nv == 1).then(|| st.first(line, vals)),
+        };
+        match st.kind {
+            // `-s`, `-d`, `-p`, `-i`, `-o` (not `-f`) with a value.
+            StepKind::Core if (1..=5).contains(&st.core) && st.nv == 1 => rule.push_core(opt)?,
+            StepKind::MatchStart => rule.push_match(opt.name)?,
+            StepKind::Opt(Sec::Match | Sec::Target) => rule.push_opt(opt)?,
+            StepKind::Target(Jump::Jump) => rule.set_target(opt.name)?,
+            // `-f`, a core option without one value, options before any `-m`, `-g`.
+            _ => return None,
+        }
+    }
+    Some(rule)
 }
 
 /// The comment of a rule line (as [`Rule::comment`] of [`rule_line`]'s rule), read

@@ -157,6 +157,15 @@ pub(super) fn fast_rule_line<'a>(ctx: &LineCtx<'a>, bufs: &mut FastBufs) -> Opti
     fast::rule_line(ctx, trim_blanks(ctx.text), bufs).map(|(_, rule)| rule)
 }
 
+/// A rule line of the simplest shape by the fast path only (see [`fast::light`]).
+pub(super) fn fast_light<'a>(
+    text: &'a str,
+    no: u32,
+    bufs: &mut FastBufs,
+) -> Option<crate::model::LightRule<'a>> {
+    fast::light(text, trim_blanks(text), no, bufs)
+}
+
 /// The comment of a rule line by the fast path only (see [`fast::comment_of`]).
 pub(super) fn fast_comment<'a>(text: &'a str, bufs: &mut FastBufs) -> Option<Option<&'a str>> {
     fast::comment_of(text, trim_blanks(text), bufs)

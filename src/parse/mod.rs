@@ -230,6 +230,13 @@ pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     }
 }
 
+/// Line `no`, the text of a rule line read before without error, as a
+/// [`LightRule`](crate::model::LightRule) when it is of that shape (what [`reparse`]
+/// gives for it, read without allocating); `None` otherwise.
+pub fn light(text: &str, no: u32) -> Option<crate::model::LightRule<'_>> {
+    with_fast_bufs(|bufs| line::fast_light(text, no, bufs))
+}
+
 /// The comment of line `no`, the text of a rule line read before without error: what
 /// `reparse(text, no).comment()` gives, mostly without building the rule.
 pub fn rule_comment(text: &str, no: u32) -> Option<std::borrow::Cow<'_, str>> {
