@@ -528,6 +528,8 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
     let mut seen = HashSet::default();
     let mut stack = Vec::new();
     let mut next = Some(c);
+    // Each entry rule read lightly, in place.
+    let mut light = crate::model::LightRule::empty(0);
     while let Some(cur) = next.take().or_else(|| stack.pop()) {
         for (pc, pr) in tg.callers(cur) {
             let parent = &table.chains[pc];
@@ -550,11 +552,15 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
             // simplest shape, as kube-proxy's are): a pass-through jump needs no more
             // than its chain's name.
             let line = &parent.rules[pr];
-            out.push(match line.light() {
-                Some(rule) => {
-                    entry_from(parent, Packet::from_light(&rule), rule.comment(), rule.line)
-                }
-                None => entry_from_rule(parent, &line.parse()),
+            out.push(if line.light_into(&mut light) {
+                entry_from(
+                    parent,
+                    Packet::from_light(&light),
+                    light.comment(),
+                    light.line,
+                )
+            } else {
+                entry_from_rule(parent, &line.parse())
             });
         }
     }

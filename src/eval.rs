@@ -689,6 +689,9 @@ struct Walker<'g, 'r, 'a, 'b> {
     /// Rules read so far (the ruleset keeps only their text), found by (chain, rule)
     /// with [`Walker::read`].
     rules: Vec<Rule<'a>>,
+    /// The rule read last by [`RuleLine::light_into`] (filled in place: it is a few
+    /// hundred bytes).
+    light: LightRule<'a>,
     bufs: &'b mut Buffers,
 }
 
@@ -829,6 +832,7 @@ pub fn evaluate(
             spare: Prob::zero(),
             // (Most rules a walk decides are not built: see `RuleLine::light`.)
             rules: Vec::new(),
+            light: LightRule::empty(0),
             bufs: &mut *bufs,
         };
         let result = w.walk(chain, packet);
@@ -1078,14 +1082,16 @@ impl Walker<'_, '_, '_, '_> {
             // DNAT rules): its core options and target are read without building the rule.
             // (A MARK rule's options are the whole rule's.)
             let light = match (fixed, target) {
-                (None, TargetRef::Mark) => None,
-                (None, _) if !skipped => line.light().filter(light_matches_always),
-                _ => None,
+                (None, TargetRef::Mark) => false,
+                (None, _) if !skipped => {
+                    line.light_into(&mut self.light) && light_matches_always(&self.light)
+                }
+                _ => false,
             };
             let (rule, decision) = match fixed {
                 _ if skipped => (None, Decision::No),
                 Some(share) => (None, Decision::Yes(share)),
-                None => match &light {
+                None => match light.then_some(&self.light) {
                     Some(l) => {
                         let warned = &mut self.warned;
                         let decision = decide(&mut t, &mut self.bufs.scratch, |t, p| {
@@ -1179,7 +1185,7 @@ impl Walker<'_, '_, '_, '_> {
                             line: line_no,
                         });
                     }
-                    let outcome = match &light {
+                    let outcome = match light.then_some(&self.light) {
                         Some(l) => light_outcome(l),
                         None => terminal_outcome(&self.rules[rule.expect("read: not fixed")]),
                     };

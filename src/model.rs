@@ -377,7 +377,15 @@ impl<'a> RuleLine<'a> {
     /// The rule read without allocating, when it is of the simplest shape (see
     /// [`LightRule`]): what [`Self::parse`] gives, for a fraction of the work.
     pub fn light(&self) -> Option<LightRule<'a>> {
-        crate::parse::light(self.text, self.line)
+        let mut rule = LightRule::empty(self.line);
+        self.light_into(&mut rule).then_some(rule)
+    }
+
+    /// [`Self::light`] into `rule` (a few hundred bytes, better not moved about): `false`
+    /// when the rule is not of the shape (`rule` is then unspecified).
+    #[inline]
+    pub fn light_into(&self, rule: &mut LightRule<'a>) -> bool {
+        crate::parse::light_into(self.text, self.line, rule)
     }
 
     /// `-j NAME` or `-g CHAIN`, if the rule has one.
@@ -453,7 +461,7 @@ const LIGHT_OPTS: usize = 8;
 /// or the target with at most one value, `!` only right before an option, values bare
 /// words or quoted strings without backslashes, and no counters; room for a few of
 /// each. kube-proxy writes its rules so. The parser's fast path reads it
-/// ([`crate::parse::light`]).
+/// ([`crate::parse::light_into`]).
 #[derive(Debug, Clone)]
 pub struct LightRule<'a> {
     /// 1-based line of the rule in the input.
@@ -497,8 +505,17 @@ impl<'a> LightRule<'a> {
             .map(|o| o.value.unwrap_or(""))
     }
 
-    /// An empty rule of line `line`, for the parser to fill ([`crate::parse::light`]).
-    pub(crate) fn empty(line: u32) -> Self {
+    /// Empties the rule, to be filled again as line `line`.
+    pub(crate) fn clear(&mut self, line: u32) {
+        self.line = line;
+        self.n_core = 0;
+        self.n_matches = 0;
+        self.n_opts = 0;
+        self.target = None;
+    }
+
+    /// An empty rule of line `line`, to fill with [`RuleLine::light_into`].
+    pub fn empty(line: u32) -> Self {
         LightRule {
             line,
             core: [LightOpt::default(); LIGHT_CORE],

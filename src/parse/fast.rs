@@ -367,20 +367,22 @@ pub(super) fn rule_line<'a>(
 }
 
 /// A rule line (`body`: the line without blanks at either end, a slice of `line`),
-/// line `no`, as a [`LightRule`] when it is of that shape: from the same tokens and
-/// options as [`rule_line`], without allocating. `None` for any other line.
+/// line `no`, read into `rule` as a [`LightRule`] when it is of that shape: from the
+/// same tokens and options as [`rule_line`], without allocating. `None` for any other
+/// line.
 pub(super) fn light<'a>(
     line: &'a str,
     body: &str,
     no: u32,
     bufs: &mut FastBufs,
-) -> Option<LightRule<'a>> {
+    rule: &mut LightRule<'a>,
+) -> Option<()> {
     let (counters, _, k0) = head(line, body, bufs)?;
     if counters.is_some() || read_steps(line, k0, None, bufs)?.is_some() {
         return None;
     }
     let (steps, vals) = bufs.steps();
-    let mut rule = LightRule::empty(no);
+    rule.clear(no);
     for st in steps {
         if st.nv > 1 {
             return None;
@@ -400,7 +402,7 @@ pub(super) fn light<'a>(
             _ => return None,
         }
     }
-    Some(rule)
+    Some(())
 }
 
 /// The comment of a rule line (as [`Rule::comment`] of [`rule_line`]'s rule), read

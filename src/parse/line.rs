@@ -162,8 +162,9 @@ pub(super) fn fast_light<'a>(
     text: &'a str,
     no: u32,
     bufs: &mut FastBufs,
-) -> Option<crate::model::LightRule<'a>> {
-    fast::light(text, trim_blanks(text), no, bufs)
+    rule: &mut crate::model::LightRule<'a>,
+) -> Option<()> {
+    fast::light(text, trim_blanks(text), no, bufs, rule)
 }
 
 /// The comment of a rule line by the fast path only (see [`fast::comment_of`]).

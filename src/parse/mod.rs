@@ -230,11 +230,11 @@ pub fn reparse(text: &str, no: u32) -> Rule<'_> {
     }
 }
 
-/// Line `no`, the text of a rule line read before without error, as a
-/// [`LightRule`](crate::model::LightRule) when it is of that shape (what [`reparse`]
-/// gives for it, read without allocating); `None` otherwise.
-pub fn light(text: &str, no: u32) -> Option<crate::model::LightRule<'_>> {
-    with_fast_bufs(|bufs| line::fast_light(text, no, bufs))
+/// Reads line `no`, the text of a rule line read before without error, into `rule` as
+/// a [`LightRule`](crate::model::LightRule) when it is of that shape (what [`reparse`]
+/// gives for it, read without allocating); `false` otherwise.
+pub fn light_into<'a>(text: &'a str, no: u32, rule: &mut crate::model::LightRule<'a>) -> bool {
+    with_fast_bufs(|bufs| line::fast_light(text, no, bufs, rule)).is_some()
 }
 
 /// The comment of line `no`, the text of a rule line read before without error: what
