@@ -697,34 +697,38 @@ impl<'w> JsonStream<'w> {
     }
 
     /// Writes what `render` puts in a buffer for each of `batches` (a batch: up to
-    /// [`BATCH`] balancers; it returns how many and their warnings), each batch made and
+    /// [`BATCH`] balancers; it returns the text's length, how many and their warnings),
+    /// each batch made and
     /// converted by one task on several threads into a buffer kept from one call to the
     /// next (the same memory again for each window, not new buffers freed by another
     /// thread than theirs), then written in order.
     fn write_batches<T: Send>(
         &mut self,
         batches: Vec<T>,
-        render: impl Fn(T, &mut Vec<u8>) -> (usize, Vec<Warning>) + Sync,
+        render: impl Fn(T, &mut Vec<u8>) -> Rendered + Sync,
     ) -> std::io::Result<()> {
         use rayon::prelude::*;
         let n = batches.len();
         if self.buffers.len() < n {
             self.buffers.resize_with(n, Vec::new);
         }
-        let written: Vec<(usize, Vec<Warning>)> = self.buffers[..n]
+        let written: Vec<Rendered> = self.buffers[..n]
             .par_iter_mut()
             .zip(batches)
-            .map(|(buffer, batch)| {
-                buffer.clear();
-                render(batch, buffer)
-            })
+            .map(|(buffer, batch)| render(batch, buffer))
             .collect();
-        for (buffer, (count, warnings)) in self.buffers.iter().zip(written) {
+        for (buffer, done) in self.buffers.iter().zip(written) {
+            let Rendered {
+                len,
+                count,
+                warnings,
+            } = done;
+            let text = buffer.get(..len).unwrap_or_default();
             // Each batch is written as if after another balancer: the comma before the
             // report's first balancer is left out here.
-            let text = match buffer.strip_prefix(b",") {
+            let text = match text.strip_prefix(b",") {
                 Some(rest) if self.written == 0 => rest,
-                _ => buffer,
+                _ => text,
             };
             self.w.write_all(text)?;
             self.written += count;
@@ -757,9 +761,10 @@ macro_rules! key {
 
 /// The fields a simulated and a counter test share: statistic, degrees of freedom,
 /// p-value (raw and adjusted), method and the Monte-Carlo replicates.
+#[inline(always)]
 fn test_fields(
     o: &mut json::Obj,
-    out: &mut Vec<u8>,
+    out: &mut json::Out,
     (statistic, df): (f64, u32),
     (p_value, p_value_adjusted): (f64, f64),
     method: &str,
@@ -786,25 +791,40 @@ fn test_fields(
 /// pretty-printed at its depth in the document. Returns how many, and their warnings.
 #[inline(never)]
 fn render_batch(
-    out: &mut Vec<u8>,
+    buffer: &mut Vec<u8>,
     balancers: &[Balancer],
     audits: Option<&[Audit]>,
-) -> (usize, Vec<Warning>) {
+) -> Rendered {
     // About 0.5 kB a balancer and 0.6 kB an endpoint (the 30k dump: 2.2 kB a balancer).
     let size: usize = balancers
         .iter()
         .map(|b| 512 + 640 * b.endpoints.len())
         .sum();
-    out.reserve(size);
+    let mut out = json::Out::new(std::mem::take(buffer), 0);
+    out.ensure(size);
     for (i, b) in balancers.iter().enumerate() {
-        out.extend_from_slice(b",\n    ");
-        write_balancer_json(out, 2, b, audits.and_then(|a| a.get(i)));
+        out.put(b",\n    ");
+        write_balancer(&mut out, 2, b, audits.and_then(|a| a.get(i)));
     }
+    let len;
+    (*buffer, len) = out.finish();
     let warnings = balancers
         .iter()
         .flat_map(|b| b.warnings.iter().cloned())
         .collect();
-    (balancers.len(), warnings)
+    Rendered {
+        len,
+        count: balancers.len(),
+        warnings,
+    }
+}
+
+/// What [`render_batch`] wrote: the length of the text at the start of its buffer (the
+/// bytes after it are left over from before), how many balancers, and their warnings.
+struct Rendered {
+    len: usize,
+    count: usize,
+    warnings: Vec<Warning>,
 }
 
 /// Appends the JSON of [`BalancerReport::from_balancer`]`(b, audit)` to `out`: the bytes
@@ -814,12 +834,27 @@ fn render_batch(
 ///
 /// Structs of other modules are taken apart field by field without `..`, so a field added
 /// to one of them stops the build here instead of going missing from the JSON.
+#[cfg(test)]
 pub(crate) fn write_balancer_json(
     out: &mut Vec<u8>,
     depth: usize,
     b: &Balancer,
     audit: Option<&Audit>,
 ) {
+    let start = out.len();
+    let mut o = json::Out::new(std::mem::take(out), start);
+    write_balancer(&mut o, depth, b, audit);
+    let len;
+    (*out, len) = o.finish();
+    out.truncate(len);
+}
+
+/// [`write_balancer_json`] at the cursor of `out`.
+fn write_balancer(dest: &mut json::Out, depth: usize, b: &Balancer, audit: Option<&Audit>) {
+    // A local cursor, every use of it inlined (others are handed room or the cursor by
+    // value): its fields stay in registers.
+    let mut local = std::mem::take(dest);
+    let out = &mut local;
     let n = b.endpoints.len() as u64;
     let ideal = if n == 0 { 0.0 } else { 1.0 / n as f64 };
     // The same for every endpoint (and usually their `expected`): formatted once.
@@ -835,7 +870,7 @@ pub(crate) fn write_balancer_json(
     json::str(out, &b.chain);
     key!(o, out, "kind");
     // Quoted names that need no escape.
-    out.extend_from_slice(match b.kind {
+    out.put(match b.kind {
         Kind::KubeProxy => b"\"kube-proxy\"",
         Kind::Generic => b"\"generic\"",
     });
@@ -858,7 +893,7 @@ pub(crate) fn write_balancer_json(
     a.close(out);
     key!(o, out, "affinity");
     match &b.affinity {
-        None => out.extend_from_slice(b"null"),
+        None => out.put(b"null"),
         Some(Affinity {
             kind,
             seconds,
@@ -945,7 +980,7 @@ pub(crate) fn write_balancer_json(
     key!(o, out, "max_relative_skew");
     json::f64(out, skew);
     key!(o, out, "exact_sum_is_one");
-    out.extend_from_slice(if b.exact_total.is_one() {
+    out.put(if b.exact_total.is_one() {
         b"true"
     } else {
         b"false"
@@ -954,11 +989,11 @@ pub(crate) fn write_balancer_json(
     json::str(out, audit.map_or("uniform", |a| &a.expected.source));
     if let Some(s) = sim {
         key!(o, out, "simulation");
-        write_simulation_json(out, o.depth(), s);
+        *out = write_simulation_json(std::mem::take(out), o.depth(), s);
     }
     if let Some(t) = obs {
         key!(o, out, "observed");
-        write_observed_json(out, o.depth(), t);
+        *out = write_observed_json(std::mem::take(out), o.depth(), t);
     }
     if let Some(missing) = audit.map(|a| &a.expected.missing).filter(|m| !m.is_empty()) {
         key!(o, out, "missing_endpoints");
@@ -970,11 +1005,14 @@ pub(crate) fn write_balancer_json(
         a.close(out);
     }
     o.close(out);
+    *dest = local;
 }
 
 /// A [`Simulation`] as serde writes it, as a value inside `depth` open objects and
 /// arrays (with the default cross-check every balancer has one).
-fn write_simulation_json(out: &mut Vec<u8>, depth: usize, s: &Simulation) {
+#[inline(never)]
+fn write_simulation_json(mut local: json::Out, depth: usize, s: &Simulation) -> json::Out {
+    let out = &mut local;
     let Simulation {
         connections,
         statistic,
@@ -1086,11 +1124,14 @@ fn write_simulation_json(out: &mut Vec<u8>, depth: usize, s: &Simulation) {
         json::u64(out, *c);
     }
     o.close(out);
+    local
 }
 
 /// An [`ObservedTest`] as serde writes it, as a value inside `depth` open objects and
 /// arrays.
-fn write_observed_json(out: &mut Vec<u8>, depth: usize, t: &ObservedTest) {
+#[inline(never)]
+fn write_observed_json(mut local: json::Out, depth: usize, t: &ObservedTest) -> json::Out {
+    let out = &mut local;
     let ObservedTest {
         connections,
         affinity_connections,
@@ -1117,6 +1158,7 @@ fn write_observed_json(out: &mut Vec<u8>, depth: usize, t: &ObservedTest) {
         *replicates,
     );
     o.close(out);
+    local
 }
 
 /// `k` of `of` as a share (0 of none), as the report gives it.
@@ -1124,7 +1166,8 @@ fn share(k: u64, of: u64) -> f64 {
     if of == 0 { 0.0 } else { k as f64 / of as f64 }
 }
 
-fn write_entry_json(out: &mut Vec<u8>, depth: usize, e: &Entry) {
+#[inline(always)]
+fn write_entry_json(out: &mut json::Out, depth: usize, e: &Entry) {
     let Entry {
         kind,
         text,
@@ -1161,20 +1204,27 @@ fn write_entry_json(out: &mut Vec<u8>, depth: usize, e: &Entry) {
 /// is `None` (an approximation, or a fraction too long to print). Inlined, so that the
 /// key is copied as a literal.
 #[inline(always)]
-fn write_exact_json(out: &mut Vec<u8>, o: &mut json::Obj, key: &[u8], p: &CompactProb) {
+fn write_exact_json(out: &mut json::Out, o: &mut json::Obj, key: &[u8], p: &CompactProb) {
     let Some(p) = short_exact(p) else { return };
-    let (mark, first) = (out.len(), o.is_first());
+    let (mark, first) = (out.pos(), o.is_first());
     o.key(out, key);
-    out.push(b'"');
-    let at = out.len();
+    out.put(b"\"");
+    let at = out.pos();
     // Digits and a slash: nothing to escape.
-    p.write_text_dyadic_fast(out);
+    match p.write_text_dyadic_into(out.room(crate::prob::DYADIC_TEXT_ROOM)) {
+        Some(len) => out.advance(len),
+        None => {
+            let mut text = Vec::new();
+            p.write_text(&mut text);
+            out.put(&text);
+        }
+    }
     // `exact_text`'s second limit. (With at most 1,200 bits a fraction has at most 364
     // characters: kept as the definition, never taken back today.)
-    if out.len() - at <= EXACT_MAX_CHARS {
-        out.push(b'"');
+    if out.pos() - at <= EXACT_MAX_CHARS {
+        out.put(b"\"");
     } else {
-        out.truncate(mark);
+        out.set_pos(mark);
         o.reset_first(first);
     }
 }
@@ -1184,6 +1234,95 @@ fn write_exact_json(out: &mut Vec<u8>, o: &mut json::Obj, key: &[u8], p: &Compac
 mod json {
     use serde_json::ser::{CompactFormatter, Formatter};
     use std::io;
+
+    /// A text being written into a buffer at a cursor: the bytes before `pos` are the
+    /// text; the buffer's whole length is initialized room (bytes left from earlier
+    /// texts, overwritten), grown (rarely) when a piece does not fit. Each piece is a
+    /// check of the room and a copy, without a vector's length kept in memory; the
+    /// buffer and its room are kept across batches, so it is filled once.
+    #[derive(Default)]
+    pub struct Out {
+        buf: Vec<u8>,
+        pos: usize,
+    }
+
+    impl Out {
+        /// Writing into `buf` from `pos` (at most its length).
+        pub fn new(buf: Vec<u8>, pos: usize) -> Self {
+            let pos = pos.min(buf.len());
+            Out { buf, pos }
+        }
+
+        /// The buffer and the length of the text at its start.
+        pub fn finish(self) -> (Vec<u8>, usize) {
+            (self.buf, self.pos)
+        }
+
+        /// The length of the text.
+        #[inline(always)]
+        pub fn pos(&self) -> usize {
+            self.pos
+        }
+
+        /// Takes the text back to its first `pos` bytes.
+        pub fn set_pos(&mut self, pos: usize) {
+            self.pos = pos.min(self.pos);
+        }
+
+        /// Makes sure `n` bytes of room follow the text.
+        #[inline(always)]
+        pub fn ensure(&mut self, n: usize) {
+            if n > self.buf.len() - self.pos {
+                self.buf = grown(std::mem::take(&mut self.buf), self.pos + n);
+            }
+        }
+
+        /// The `n` bytes of room after the text (to be written, then [`Out::advance`]d).
+        #[inline(always)]
+        pub fn room(&mut self, n: usize) -> &mut [u8] {
+            self.ensure(n);
+            &mut self.buf[self.pos..self.pos + n]
+        }
+
+        /// [`Out::room`] of a known size.
+        #[inline(always)]
+        pub fn room_array<const N: usize>(&mut self) -> &mut [u8; N] {
+            self.ensure(N);
+            let at = self.pos;
+            (&mut self.buf[at..at + N]).try_into().expect("N bytes")
+        }
+
+        /// Adds the next `n` bytes of room (written through [`Out::room`]) to the text.
+        #[inline(always)]
+        pub fn advance(&mut self, n: usize) {
+            self.pos = (self.pos + n).min(self.buf.len());
+        }
+
+        /// Appends `bytes`.
+        #[inline(always)]
+        pub fn put(&mut self, bytes: &[u8]) {
+            let n = bytes.len();
+            self.room(n).copy_from_slice(bytes);
+            self.pos += n;
+        }
+
+        /// Appends the first `len` bytes of `bytes` (all copied, a copy of known size).
+        #[inline(always)]
+        pub fn put_prefix<const N: usize>(&mut self, bytes: &[u8; N], len: usize) {
+            *self.room_array::<N>() = *bytes;
+            self.advance(len.min(N));
+        }
+    }
+
+    /// `buf` grown to at least `len` bytes (and at least twice as long), the new bytes 0.
+    /// (By value: the cursor's address is never taken, so that it stays in registers.)
+    #[cold]
+    #[inline(never)]
+    fn grown(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
+        let want = len.max(2 * buf.len()).max(4096);
+        buf.resize(want, 0);
+        buf
+    }
 
     /// Deepest level indented with one fixed-size copy (deeper ones are padded after it).
     const MAX_DEPTH: usize = 15;
@@ -1205,16 +1344,25 @@ mod json {
 
     /// A line break (after a comma unless `first`) and the indentation of `depth` levels.
     #[inline(always)]
-    fn newline(out: &mut Vec<u8>, first: bool, depth: usize) {
-        let len = out.len();
-        // Always the whole array (a copy of known size, no call), then the part needed.
-        out.extend_from_slice(if first { &NEWLINE } else { &BREAK });
+    fn newline(out: &mut Out, first: bool, depth: usize) {
         let want = 2 + 2 * depth - usize::from(first);
         if depth <= MAX_DEPTH {
-            out.truncate(len + want);
+            // Always the whole array (a copy of known size, no call), then the part needed.
+            out.put_prefix(if first { &NEWLINE } else { &BREAK }, want);
         } else {
-            out.resize(len + want, b' ');
+            *out = deep_newline(std::mem::take(out), first, depth);
         }
+    }
+
+    /// [`newline`] deeper than [`MAX_DEPTH`].
+    #[cold]
+    #[inline(never)]
+    fn deep_newline(mut out: Out, first: bool, depth: usize) -> Out {
+        out.put(if first { b"\n" } else { b",\n" });
+        for _ in 0..depth {
+            out.put(b"  ");
+        }
+        out
     }
 
     /// An object being written; its members are at `depth`.
@@ -1226,8 +1374,8 @@ mod json {
     impl Obj {
         /// Opens an object that is a value inside `depth` open objects and arrays.
         #[inline]
-        pub fn open(out: &mut Vec<u8>, depth: usize) -> Self {
-            out.push(b'{');
+        pub fn open(out: &mut Out, depth: usize) -> Self {
+            out.put(b"{");
             Obj {
                 depth: depth + 1,
                 first: true,
@@ -1242,10 +1390,10 @@ mod json {
         /// Starts a member: `key` is its name quoted, a colon and a space (see `key!`);
         /// its value follows.
         #[inline(always)]
-        pub fn key(&mut self, out: &mut Vec<u8>, key: &[u8]) {
+        pub fn key(&mut self, out: &mut Out, key: &[u8]) {
             newline(out, self.first, self.depth);
             self.first = false;
-            out.extend_from_slice(key);
+            out.put(key);
         }
 
         pub fn is_first(&self) -> bool {
@@ -1259,11 +1407,11 @@ mod json {
 
         /// `{}` when empty, else the closing brace on its own line.
         #[inline]
-        pub fn close(self, out: &mut Vec<u8>) {
+        pub fn close(self, out: &mut Out) {
             if !self.first {
                 newline(out, true, self.depth - 1);
             }
-            out.push(b'}');
+            out.put(b"}");
         }
     }
 
@@ -1276,8 +1424,8 @@ mod json {
     impl Arr {
         /// Opens an array that is a value inside `depth` open objects and arrays.
         #[inline]
-        pub fn open(out: &mut Vec<u8>, depth: usize) -> Self {
-            out.push(b'[');
+        pub fn open(out: &mut Out, depth: usize) -> Self {
+            out.put(b"[");
             Arr {
                 depth: depth + 1,
                 first: true,
@@ -1290,18 +1438,18 @@ mod json {
 
         /// Starts the next element; it follows.
         #[inline]
-        pub fn item(&mut self, out: &mut Vec<u8>) {
+        pub fn item(&mut self, out: &mut Out) {
             newline(out, self.first, self.depth);
             self.first = false;
         }
 
         /// `[]` when empty, else the closing bracket on its own line.
         #[inline]
-        pub fn close(self, out: &mut Vec<u8>) {
+        pub fn close(self, out: &mut Out) {
             if !self.first {
                 newline(out, true, self.depth - 1);
             }
-            out.push(b']');
+            out.put(b"]");
         }
     }
 
@@ -1327,16 +1475,18 @@ mod json {
     /// A string, quoted and escaped as `serde_json` does. (Inlined: a call saved and
     /// restored six registers around a few dozen instructions.)
     #[inline(always)]
-    pub fn str(out: &mut Vec<u8>, s: &str) {
+    pub fn str(out: &mut Out, s: &str) {
         let bytes = s.as_bytes();
-        out.reserve(bytes.len() + 2);
-        out.push(b'"');
         if needs_escape(bytes) {
-            escaped(out, bytes);
+            *out = escaped(std::mem::take(out), bytes);
         } else {
-            out.extend_from_slice(bytes);
+            let n = bytes.len();
+            let room = out.room(n + 2);
+            room[0] = b'"';
+            room[1..=n].copy_from_slice(bytes);
+            room[n + 1] = b'"';
+            out.advance(n + 2);
         }
-        out.push(b'"');
     }
 
     /// Does a byte of the word need an escape (a control character, `"` or `\\`)? Eight
@@ -1384,8 +1534,11 @@ mod json {
         bytes.iter().any(|&c| ESCAPE[c as usize] != 0)
     }
 
+    /// `bytes` quoted and escaped.
     #[cold]
-    fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    #[inline(never)]
+    fn escaped(mut out: Out, bytes: &[u8]) -> Out {
+        out.put(b"\"");
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut start = 0;
         for (i, &c) in bytes.iter().enumerate() {
@@ -1393,10 +1546,10 @@ mod json {
             if e == 0 {
                 continue;
             }
-            out.extend_from_slice(&bytes[start..i]);
+            out.put(&bytes[start..i]);
             start = i + 1;
             if e == b'u' {
-                out.extend_from_slice(&[
+                out.put(&[
                     b'\\',
                     b'u',
                     b'0',
@@ -1405,28 +1558,33 @@ mod json {
                     HEX[usize::from(c & 0xf)],
                 ]);
             } else {
-                out.extend_from_slice(&[b'\\', e]);
+                out.put(&[b'\\', e]);
             }
         }
-        out.extend_from_slice(&bytes[start..]);
+        out.put(&bytes[start..]);
+        out.put(b"\"");
+        out
     }
 
     #[inline(always)]
-    pub fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    pub fn opt_str(out: &mut Out, s: Option<&str>) {
         match s {
             Some(s) => str(out, s),
-            None => out.extend_from_slice(b"null"),
+            None => out.put(b"null"),
         }
     }
 
     /// A float as `serde_json` writes it: its own shortest form, `null` when not finite.
-    #[inline]
-    pub fn f64(out: &mut Vec<u8>, v: f64) {
+    #[inline(always)]
+    pub fn f64(out: &mut Out, v: f64) {
         if v.is_finite() {
-            // Writing to a Vec cannot fail.
-            let _ = CompactFormatter.write_f64(out, v);
+            // At most 24 bytes (`-1.2345678901234567e-308`): it fits.
+            let mut rest: &mut [u8] = out.room(32);
+            let _ = CompactFormatter.write_f64(&mut rest, v);
+            let len = 32 - rest.len();
+            out.advance(len);
         } else {
-            out.extend_from_slice(b"null");
+            out.put(b"null");
         }
     }
 
@@ -1459,28 +1617,28 @@ mod json {
 
         /// Appends the text: all 32 bytes (a copy of fixed size), then the length set.
         #[inline(always)]
-        pub fn write(&self, out: &mut Vec<u8>) {
-            let end = out.len() + self.len;
-            out.extend_from_slice(&self.bytes);
-            out.truncate(end);
+        pub fn write(&self, out: &mut Out) {
+            out.put_prefix(&self.bytes, self.len);
         }
     }
 
-    #[inline]
-    pub fn u64(out: &mut Vec<u8>, v: u64) {
-        let _ = CompactFormatter.write_u64(out, v);
+    #[inline(always)]
+    pub fn u64(out: &mut Out, v: u64) {
+        let len = crate::prob::write_u64(out.room_array(), v);
+        out.advance(len);
     }
 
-    pub fn opt_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    #[inline(always)]
+    pub fn opt_u64(out: &mut Out, v: Option<u64>) {
         match v {
             Some(v) => u64(out, v),
-            None => out.extend_from_slice(b"null"),
+            None => out.put(b"null"),
         }
     }
 
     /// An array of integers, as a value inside `depth` open objects and arrays.
     #[inline(always)]
-    pub fn u32s(out: &mut Vec<u8>, depth: usize, values: &[u32]) {
+    pub fn u32s(out: &mut Out, depth: usize, values: &[u32]) {
         let mut a = Arr::open(out, depth);
         for &v in values {
             a.item(out);
@@ -1490,7 +1648,8 @@ mod json {
     }
 
     /// `[lo, hi]`, as a value inside `depth` open objects and arrays.
-    pub fn f64_pair(out: &mut Vec<u8>, depth: usize, (lo, hi): (f64, f64)) {
+    #[inline(always)]
+    pub fn f64_pair(out: &mut Out, depth: usize, (lo, hi): (f64, f64)) {
         let mut a = Arr::open(out, depth);
         a.item(out);
         f64(out, lo);
