@@ -1373,7 +1373,7 @@ mod json {
 
     impl Obj {
         /// Opens an object that is a value inside `depth` open objects and arrays.
-        #[inline]
+        #[inline(always)]
         pub fn open(out: &mut Out, depth: usize) -> Self {
             out.put(b"{");
             Obj {
@@ -1406,7 +1406,7 @@ mod json {
         }
 
         /// `{}` when empty, else the closing brace on its own line.
-        #[inline]
+        #[inline(always)]
         pub fn close(self, out: &mut Out) {
             if !self.first {
                 newline(out, true, self.depth - 1);
@@ -1423,7 +1423,7 @@ mod json {
 
     impl Arr {
         /// Opens an array that is a value inside `depth` open objects and arrays.
-        #[inline]
+        #[inline(always)]
         pub fn open(out: &mut Out, depth: usize) -> Self {
             out.put(b"[");
             Arr {
@@ -1437,14 +1437,14 @@ mod json {
         }
 
         /// Starts the next element; it follows.
-        #[inline]
+        #[inline(always)]
         pub fn item(&mut self, out: &mut Out) {
             newline(out, self.first, self.depth);
             self.first = false;
         }
 
         /// `[]` when empty, else the closing bracket on its own line.
-        #[inline]
+        #[inline(always)]
         pub fn close(self, out: &mut Out) {
             if !self.first {
                 newline(out, true, self.depth - 1);
@@ -1477,6 +1477,33 @@ mod json {
     #[inline(always)]
     pub fn str(out: &mut Out, s: &str) {
         let bytes = s.as_bytes();
+        let n = bytes.len();
+        // 8 to 32 bytes (most names): checked and copied as two overlapping pieces of
+        // fixed size, without a call.
+        if let (Some(first), Some(last)) = (bytes.first_chunk::<16>(), bytes.last_chunk::<16>()) {
+            if n <= 32 && !flagged_block(first) && !flagged_block(last) {
+                let room = out.room_array::<34>();
+                room[0] = b'"';
+                room[1..17].copy_from_slice(first);
+                room[n - 15..=n].copy_from_slice(last);
+                room[n + 1] = b'"';
+                out.advance(n + 2);
+                return;
+            }
+        } else if let (Some(first), Some(last)) =
+            (bytes.first_chunk::<8>(), bytes.last_chunk::<8>())
+        {
+            let word = |w: &[u8; 8]| u64::from_ne_bytes(*w);
+            if !flagged_word(word(first)) && !flagged_word(word(last)) {
+                let room = out.room_array::<18>();
+                room[0] = b'"';
+                room[1..9].copy_from_slice(first);
+                room[n - 7..=n].copy_from_slice(last);
+                room[n + 1] = b'"';
+                out.advance(n + 2);
+                return;
+            }
+        }
         if needs_escape(bytes) {
             *out = escaped(std::mem::take(out), bytes);
         } else {
