@@ -992,12 +992,19 @@ fn write_below_e8(dst: &mut [u8; 8], n: u32) -> usize {
 
 /// Writes the decimal digits of `n` (no leading zeros; `0` for 0) at the start of `dst`;
 /// returns how many there are (bytes after them may be overwritten).
-#[inline]
+#[inline(always)]
 pub(crate) fn write_u64(dst: &mut [u8; 20], n: u64) -> usize {
-    let head = dst.first_chunk_mut::<8>().expect("20 bytes");
     if n < E8 {
-        return write_below_e8(head, n as u32);
+        // Most numbers: line numbers, ports, counts (inlined, without a call).
+        return write_below_e8(dst.first_chunk_mut().expect("20 bytes"), n as u32);
     }
+    write_u64_long(dst, n)
+}
+
+/// [`write_u64`] for `n` of at least 10^8.
+#[inline(never)]
+fn write_u64_long(dst: &mut [u8; 20], n: u64) -> usize {
+    let head = dst.first_chunk_mut::<8>().expect("20 bytes");
     let (high, low) = (n / E8, (n % E8) as u32);
     let at = if high < E8 {
         write_below_e8(head, high as u32)

@@ -913,6 +913,8 @@ fn write_balancer(dest: &mut json::Out, depth: usize, b: &Balancer, audit: Optio
     // The largest |relative_deviation| as `Balancer::max_relative_skew` folds it, from
     // the deviations written (each an exact computation: once is enough).
     let mut skew = 0.0;
+    // Its text: that of the deviation it comes from, without the sign.
+    let mut skew_text = json::F64Text::new(skew);
     let mut a = json::Arr::open(out, o.depth());
     for (i, e) in b.endpoints.iter().enumerate() {
         a.item(out);
@@ -928,9 +930,14 @@ fn write_balancer(dest: &mut json::Out, depth: usize, b: &Balancer, audit: Optio
         key!(x, out, "ideal");
         ideal_text.write(out);
         let deviation = e.prob.relative_deviation(n);
-        skew = f64::max(skew, deviation.abs());
         key!(x, out, "relative_deviation");
+        let at = out.pos();
         json::f64(out, deviation);
+        // `f64::max(skew, |deviation|)` (a NaN is passed over), with its text.
+        if deviation.abs() > skew {
+            skew = deviation.abs();
+            skew_text = json::F64Text::magnitude(out.written_since(at));
+        }
         key!(x, out, "line");
         json::u64(out, e.line.into());
         key!(x, out, "chain");
@@ -975,10 +982,14 @@ fn write_balancer(dest: &mut json::Out, depth: usize, b: &Balancer, audit: Optio
     }
     a.close(out);
     key!(o, out, "unmatched");
-    json::f64(out, b.unmatched.to_f64());
+    match b.unmatched.to_f64() {
+        // Most balancers: the text of 0 without a conversion.
+        0.0 => out.put(json::F64Text::ZERO),
+        u => json::f64(out, u),
+    }
     write_exact_json(out, &mut o, b"\"unmatched_exact\": ", &b.unmatched);
     key!(o, out, "max_relative_skew");
-    json::f64(out, skew);
+    skew_text.write(out);
     key!(o, out, "exact_sum_is_one");
     out.put(if b.exact_total.is_one() {
         b"true"
@@ -1262,6 +1273,11 @@ mod json {
         #[inline(always)]
         pub fn pos(&self) -> usize {
             self.pos
+        }
+
+        /// The text written since it was `at` long.
+        pub fn written_since(&self, at: usize) -> &[u8] {
+            &self.buf[at.min(self.pos)..self.pos]
         }
 
         /// Takes the text back to its first `pos` bytes.
@@ -1637,6 +1653,19 @@ mod json {
             Self { bytes, len }
         }
 
+        /// The text of 0 (and of -0 without its sign).
+        pub const ZERO: &[u8] = b"0.0";
+
+        /// The text of `|v|` from the text of `v` as [`f64`] wrote it (its sign dropped:
+        /// the digits of a float do not depend on its sign).
+        pub fn magnitude(text: &[u8]) -> Self {
+            let text = text.strip_prefix(b"-").unwrap_or(text);
+            let mut bytes = [0u8; 32];
+            let len = text.len().min(32);
+            bytes[..len].copy_from_slice(&text[..len]);
+            Self { bytes, len }
+        }
+
         #[cfg(test)]
         pub fn as_bytes(&self) -> &[u8] {
             &self.bytes[..self.len]
@@ -1772,6 +1801,15 @@ mod tests {
     fn serde_balancer_json(b: &Balancer, audit: Option<&Audit>, depth: usize) -> String {
         let one = serde_json::to_string_pretty(&BalancerReport::from_balancer(b, audit)).unwrap();
         one.replace('\n', &format!("\n{}", "  ".repeat(depth)))
+    }
+
+    /// What `write` puts after `prefix` (written first) through a cursor.
+    fn written(prefix: &[u8], write: impl FnOnce(&mut json::Out)) -> String {
+        let mut out = json::Out::new(prefix.to_vec(), prefix.len());
+        write(&mut out);
+        let (mut buf, len) = out.finish();
+        buf.truncate(len);
+        String::from_utf8(buf.split_off(prefix.len())).expect("UTF-8")
     }
 
     /// [`write_balancer_json`]'s bytes (appended to a non-empty buffer).
@@ -2059,10 +2097,8 @@ mod tests {
             all.push(char::from_u32(c).unwrap());
         }
         for s in [all.as_str(), "", "\"", "\\", "\u{0}", "abc\u{7f}"] {
-            let mut out = Vec::new();
-            json::str(&mut out, s);
             assert_eq!(
-                String::from_utf8(out).unwrap(),
+                written(b"", |out| json::str(out, s)),
                 serde_json::to_string(s).unwrap()
             );
         }
@@ -2073,9 +2109,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_string_is_escaped_as_serde_escapes_it(s in ".*", bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
-            let mut out = Vec::new();
-            json::str(&mut out, &s);
-            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+            proptest::prop_assert_eq!(written(b"", |out| json::str(out, &s)), serde_json::to_string(&s).unwrap());
             let naive = bytes.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
             proptest::prop_assert_eq!(json::needs_escape(&bytes), naive);
         }
@@ -2101,9 +2135,7 @@ mod tests {
             ),
         ) {
             let s: String = pieces.concat();
-            let mut out = b"x".to_vec();
-            json::str(&mut out, &s);
-            proptest::prop_assert_eq!(String::from_utf8(out.split_off(1)).unwrap(), serde_json::to_string(&s).unwrap());
+            proptest::prop_assert_eq!(written(b"x", |out| json::str(out, &s)), serde_json::to_string(&s).unwrap());
             let naive = s.bytes().any(|c| c < 0x20 || c == b'"' || c == b'\\');
             proptest::prop_assert_eq!(json::needs_escape(s.as_bytes()), naive);
         }
@@ -2111,11 +2143,16 @@ mod tests {
         #[test]
         fn any_float_is_written_as_serde_writes_it(bits in proptest::prelude::any::<u64>(), v in proptest::prelude::any::<f64>()) {
             for x in [f64::from_bits(bits), v] {
-                let mut out = Vec::new();
-                json::f64(&mut out, x);
+                let out = written(b"x", |out| json::f64(out, x));
                 let kept = json::F64Text::new(x);
-                proptest::prop_assert_eq!(out.as_slice(), kept.as_bytes());
-                proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&x).unwrap());
+                proptest::prop_assert_eq!(out.as_bytes(), kept.as_bytes());
+                proptest::prop_assert_eq!(&out, &serde_json::to_string(&x).unwrap());
+                // The magnitude's text is the text without its sign.
+                let abs = json::F64Text::magnitude(out.as_bytes());
+                proptest::prop_assert_eq!(abs.as_bytes(), json::F64Text::new(x.abs()).as_bytes());
+                if x == 0.0 {
+                    proptest::prop_assert_eq!(json::F64Text::ZERO, abs.as_bytes());
+                }
             }
         }
     }
