@@ -1407,9 +1407,21 @@ mod json {
         /// its value follows.
         #[inline(always)]
         pub fn key(&mut self, out: &mut Out, key: &[u8]) {
-            newline(out, self.first, self.depth);
+            let (first, depth) = (self.first, self.depth);
             self.first = false;
-            out.put(key);
+            if depth <= MAX_DEPTH {
+                // The line break, the indentation and the key with one check of the room:
+                // the whole break (a copy of known size), the key after the part needed.
+                let want = 2 + 2 * depth - usize::from(first);
+                let room = out.room(BREAK.len() + key.len());
+                room[..BREAK.len()].copy_from_slice(if first { &NEWLINE } else { &BREAK });
+                // `want` is at most the break's length: the key fits in the room.
+                room[want..want + key.len()].copy_from_slice(key);
+                out.advance(want + key.len());
+            } else {
+                newline(out, first, depth);
+                out.put(key);
+            }
         }
 
         pub fn is_first(&self) -> bool {
