@@ -802,10 +802,12 @@ fn render_batch(
         .sum();
     let mut out = json::Out::new(std::mem::take(buffer), 0);
     out.ensure(size);
-    for (i, b) in balancers.iter().enumerate() {
-        out.put(b",\n    ");
-        write_balancer(&mut out, 2, b, audits.and_then(|a| a.get(i)));
-    }
+    FLOAT_TEXTS.with_borrow_mut(|texts| {
+        for (i, b) in balancers.iter().enumerate() {
+            out.put(b",\n    ");
+            write_balancer(&mut out, 2, b, audits.and_then(|a| a.get(i)), texts);
+        }
+    });
     let len;
     (*buffer, len) = out.finish();
     let warnings = balancers
@@ -817,6 +819,12 @@ fn render_batch(
         count: balancers.len(),
         warnings,
     }
+}
+
+thread_local! {
+    /// The texts of the floats this thread wrote last (see [`json::FloatTexts`]).
+    static FLOAT_TEXTS: std::cell::RefCell<json::FloatTexts> =
+        std::cell::RefCell::new(json::FloatTexts::new());
 }
 
 /// What [`render_batch`] wrote: the length of the text at the start of its buffer (the
@@ -843,14 +851,20 @@ pub(crate) fn write_balancer_json(
 ) {
     let start = out.len();
     let mut o = json::Out::new(std::mem::take(out), start);
-    write_balancer(&mut o, depth, b, audit);
+    write_balancer(&mut o, depth, b, audit, &mut json::FloatTexts::new());
     let len;
     (*out, len) = o.finish();
     out.truncate(len);
 }
 
 /// [`write_balancer_json`] at the cursor of `out`.
-fn write_balancer(dest: &mut json::Out, depth: usize, b: &Balancer, audit: Option<&Audit>) {
+fn write_balancer(
+    dest: &mut json::Out,
+    depth: usize,
+    b: &Balancer,
+    audit: Option<&Audit>,
+    floats: &mut json::FloatTexts,
+) {
     // A local cursor, every use of it inlined (others are handed room or the cursor by
     // value): its fields stay in registers.
     let mut local = std::mem::take(dest);
@@ -926,13 +940,13 @@ fn write_balancer(dest: &mut json::Out, depth: usize, b: &Balancer, audit: Optio
             other => json::str(out, &other.label()),
         }
         key!(x, out, "probability");
-        json::f64(out, e.prob.to_f64());
+        floats.write(out, e.prob.to_f64());
         key!(x, out, "ideal");
         ideal_text.write(out);
         let deviation = e.prob.relative_deviation(n);
         key!(x, out, "relative_deviation");
         let at = out.pos();
-        json::f64(out, deviation);
+        floats.write(out, deviation);
         // `f64::max(skew, |deviation|)` (a NaN is passed over), with its text.
         if deviation.abs() > skew {
             skew = deviation.abs();
@@ -1643,7 +1657,52 @@ mod json {
         }
     }
 
+    /// The texts of recently written floats, by their bits: a table of 1,024 slots,
+    /// each float in the slot its bits hash to, replacing the one there. Balancers with
+    /// as many endpoints have the same probabilities (kube-proxy writes the same rule
+    /// probabilities) and deviations: most floats of a report are copied from here
+    /// instead of converted again.
+    pub struct FloatTexts {
+        slots: Box<[(u64, F64Text)]>,
+    }
+
+    impl FloatTexts {
+        const SLOTS_LOG2: u32 = 10;
+
+        /// Every slot holds 0 (its bits are 0), whose text is `0.0`.
+        pub fn new() -> Self {
+            let zero = (0.0f64.to_bits(), F64Text::new(0.0));
+            FloatTexts {
+                slots: vec![zero; 1 << Self::SLOTS_LOG2].into_boxed_slice(),
+            }
+        }
+
+        /// Writes `v` as [`f64`] does.
+        #[inline(always)]
+        pub fn write(&mut self, out: &mut Out, v: f64) {
+            let bits = v.to_bits();
+            // Fibonacci hashing: the top bits of the product.
+            let at = (bits.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - Self::SLOTS_LOG2)) as usize;
+            match self.slots.get(at) {
+                Some((held, text)) if *held == bits => text.write(out),
+                _ => self.convert(at, v).write(out),
+            }
+        }
+
+        /// The text of `v`, kept in slot `at`. (Handed back, not written: the cursor is
+        /// never handed to a call.)
+        #[inline(never)]
+        fn convert(&mut self, at: usize, v: f64) -> F64Text {
+            let text = F64Text::new(v);
+            if let Some(slot) = self.slots.get_mut(at) {
+                *slot = (v.to_bits(), text.clone());
+            }
+            text
+        }
+    }
+
     /// A float's text as [`f64`] writes it, kept to be written several times.
+    #[derive(Clone)]
     pub struct F64Text {
         bytes: [u8; 32],
         len: usize,
