@@ -2212,6 +2212,25 @@ mod tests {
         }
 
         #[test]
+        fn kept_float_texts_are_the_floats_texts(
+            values in proptest::collection::vec(proptest::prelude::any::<f64>(), 0..200),
+            picks in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..400),
+        ) {
+            // Floats written again and again (slots reused and replaced): each time the
+            // text `json::f64` writes.
+            let mut texts = json::FloatTexts::new();
+            for i in &picks {
+                let x = if values.is_empty() { 0.0 } else { values[i.index(values.len())] };
+                let kept = written(b"x", |out| texts.write(out, x));
+                proptest::prop_assert_eq!(kept, written(b"x", |out| json::f64(out, x)));
+            }
+            for &x in &values {
+                let kept = written(b"", |out| texts.write(out, x));
+                proptest::prop_assert_eq!(kept, written(b"", |out| json::f64(out, x)));
+            }
+        }
+
+        #[test]
         fn any_float_is_written_as_serde_writes_it(bits in proptest::prelude::any::<u64>(), v in proptest::prelude::any::<f64>()) {
             for x in [f64::from_bits(bits), v] {
                 let out = written(b"x", |out| json::f64(out, x));
