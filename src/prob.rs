@@ -2142,6 +2142,79 @@ impl Prob {
     }
 }
 
+/// The texts of recently written fractions over a power of two (numerator of at most
+/// 128 bits, denominator at most `2^128`), by numerator and shift: a table of 1,024
+/// slots, each fraction in the slot they hash to, replacing the one there. Balancers
+/// with as many endpoints have the same probabilities (kube-proxy writes the same rule
+/// probabilities): most exact forms of a report are copied from here.
+pub struct DyadicTexts {
+    slots: Box<[DyadicSlot]>,
+}
+
+/// A fraction `num / 2^shift` and its text (79 bytes at most: it fits).
+#[derive(Clone)]
+struct DyadicSlot {
+    num: u128,
+    shift: u64,
+    len: usize,
+    text: [u8; DyadicTexts::TEXT],
+}
+
+impl Default for DyadicTexts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DyadicTexts {
+    const SLOTS_LOG2: u32 = 10;
+    /// Room for a kept text: 39 digits, a slash and 39 digits.
+    const TEXT: usize = 96;
+
+    /// Every slot empty (its shift is never looked up).
+    pub fn new() -> Self {
+        let empty = DyadicSlot {
+            num: 0,
+            shift: u64::MAX,
+            len: 0,
+            text: [0; Self::TEXT],
+        };
+        DyadicTexts {
+            slots: vec![empty; 1 << Self::SLOTS_LOG2].into_boxed_slice(),
+        }
+    }
+}
+
+impl Prob {
+    /// [`Prob::write_text_dyadic_into`], the text copied from `kept` when it holds it
+    /// (and kept there when it is short).
+    pub fn write_text_dyadic_kept(&self, dst: &mut [u8], kept: &mut DyadicTexts) -> Option<usize> {
+        let key = (self.odd.is_one() && self.shift <= 128)
+            .then(|| small(&self.num))
+            .flatten();
+        let Some(num) = key else {
+            return self.write_text_dyadic_into(dst);
+        };
+        let mixed = (num as u64) ^ ((num >> 64) as u64).rotate_left(17) ^ self.shift;
+        // Fibonacci hashing: the top bits of the product.
+        let at =
+            (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DyadicTexts::SLOTS_LOG2)) as usize;
+        let slot = kept.slots.get_mut(at)?;
+        if slot.num == num && slot.shift == self.shift {
+            // The whole slot (a copy of known size), then the length.
+            dst.get_mut(..DyadicTexts::TEXT)?
+                .copy_from_slice(&slot.text);
+            return Some(slot.len);
+        }
+        let len = self.write_text_dyadic_into(dst)?;
+        if let Some(text) = dst.get(..len).filter(|_| len <= DyadicTexts::TEXT) {
+            slot.text[..len].copy_from_slice(text);
+            (slot.num, slot.shift, slot.len) = (num, self.shift, len);
+        }
+        Some(len)
+    }
+}
+
 /// Room for any text [`Prob::write_text_dyadic_into`] writes: a numerator of up to
 /// 1,280 bits (386 digits, written 19 at a time: at most 20 + 20 · 19 bytes), the slash
 /// and the text of `2^1280` (386 digits).
@@ -2368,6 +2441,24 @@ mod dyadic_text_tests {
     }
 
     proptest::proptest! {
+        /// Kept texts are the texts written: fractions written again and again (slots
+        /// reused and replaced), short and long, over powers of two and not.
+        #[test]
+        fn kept_dyadic_texts_are_the_texts(
+            nums in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u32>(), 0..6), 1..40),
+            picks in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), 0u64..140, 0u32..4), 0..300),
+        ) {
+            let mut kept = DyadicTexts::new();
+            for (i, shift, odd) in picks {
+                let num = BigUint::new(nums[i.index(nums.len())].clone());
+                let p = fraction(num, BigUint::from(2 * odd + 1), shift);
+                let (mut a, mut b) = ([0u8; DYADIC_TEXT_ROOM], [0u8; DYADIC_TEXT_ROOM]);
+                let got = p.write_text_dyadic_kept(&mut a, &mut kept).map(|n| a[..n].to_vec());
+                let want = p.write_text_dyadic_into(&mut b).map(|n| b[..n].to_vec());
+                proptest::prop_assert_eq!(got, want);
+            }
+        }
+
         /// [`write_u64`] and [`write_block19`] are `format!` on any number.
         #[test]
         fn integer_digits_are_formats_anywhere(n in proptest::prelude::any::<u64>(), shift in 0u32..64) {

@@ -802,7 +802,7 @@ fn render_batch(
         .sum();
     let mut out = json::Out::new(std::mem::take(buffer), 0);
     out.ensure(size);
-    FLOAT_TEXTS.with_borrow_mut(|texts| {
+    KEPT_TEXTS.with_borrow_mut(|texts| {
         for (i, b) in balancers.iter().enumerate() {
             out.put(b",\n    ");
             write_balancer(&mut out, 2, b, audits.and_then(|a| a.get(i)), texts);
@@ -821,10 +821,16 @@ fn render_batch(
     }
 }
 
+/// The texts of the numbers a thread wrote last: floats (see [`json::FloatTexts`]) and
+/// exact fractions (see [`crate::prob::DyadicTexts`]).
+#[derive(Default)]
+struct KeptTexts {
+    floats: json::FloatTexts,
+    fractions: crate::prob::DyadicTexts,
+}
+
 thread_local! {
-    /// The texts of the floats this thread wrote last (see [`json::FloatTexts`]).
-    static FLOAT_TEXTS: std::cell::RefCell<json::FloatTexts> =
-        std::cell::RefCell::new(json::FloatTexts::new());
+    static KEPT_TEXTS: std::cell::RefCell<KeptTexts> = std::cell::RefCell::default();
 }
 
 /// What [`render_batch`] wrote: the length of the text at the start of its buffer (the
@@ -851,7 +857,7 @@ pub(crate) fn write_balancer_json(
 ) {
     let start = out.len();
     let mut o = json::Out::new(std::mem::take(out), start);
-    write_balancer(&mut o, depth, b, audit, &mut json::FloatTexts::new());
+    write_balancer(&mut o, depth, b, audit, &mut KeptTexts::default());
     let len;
     (*out, len) = o.finish();
     out.truncate(len);
@@ -863,8 +869,9 @@ fn write_balancer(
     depth: usize,
     b: &Balancer,
     audit: Option<&Audit>,
-    floats: &mut json::FloatTexts,
+    kept: &mut KeptTexts,
 ) {
+    let KeptTexts { floats, fractions } = kept;
     // A local cursor, every use of it inlined (others are handed room or the cursor by
     // value): its fields stay in registers.
     let mut local = std::mem::take(dest);
@@ -960,7 +967,7 @@ fn write_balancer(
         json::u32s(out, x.depth(), &e.via);
         key!(x, out, "paths");
         json::u64(out, e.paths.into());
-        write_exact_json(out, &mut x, b"\"exact\": ", &e.prob);
+        write_exact_json(out, &mut x, b"\"exact\": ", &e.prob, fractions);
         key!(x, out, "expected");
         match audit.and_then(|a| a.expected.probs.get(i).copied()) {
             Some(p) if p.to_bits() != ideal.to_bits() => json::f64(out, p),
@@ -1001,7 +1008,13 @@ fn write_balancer(
         u if u.to_bits() == 0 => out.put(json::F64Text::ZERO),
         u => json::f64(out, u),
     }
-    write_exact_json(out, &mut o, b"\"unmatched_exact\": ", &b.unmatched);
+    write_exact_json(
+        out,
+        &mut o,
+        b"\"unmatched_exact\": ",
+        &b.unmatched,
+        fractions,
+    );
     key!(o, out, "max_relative_skew");
     skew_text.write(out);
     key!(o, out, "exact_sum_is_one");
@@ -1229,14 +1242,20 @@ fn write_entry_json(out: &mut json::Out, depth: usize, e: &Entry) {
 /// is `None` (an approximation, or a fraction too long to print). Inlined, so that the
 /// key is copied as a literal.
 #[inline(always)]
-fn write_exact_json(out: &mut json::Out, o: &mut json::Obj, key: &[u8], p: &CompactProb) {
+fn write_exact_json(
+    out: &mut json::Out,
+    o: &mut json::Obj,
+    key: &[u8],
+    p: &CompactProb,
+    kept: &mut crate::prob::DyadicTexts,
+) {
     let Some(p) = short_exact(p) else { return };
     let (mark, first) = (out.pos(), o.is_first());
     o.key(out, key);
     out.put(b"\"");
     let at = out.pos();
     // Digits and a slash: nothing to escape.
-    match p.write_text_dyadic_into(out.room(crate::prob::DYADIC_TEXT_ROOM)) {
+    match p.write_text_dyadic_kept(out.room(crate::prob::DYADIC_TEXT_ROOM), kept) {
         Some(len) => out.advance(len),
         None => {
             let mut text = Vec::new();
@@ -1664,6 +1683,12 @@ mod json {
     /// instead of converted again.
     pub struct FloatTexts {
         slots: Box<[(u64, F64Text)]>,
+    }
+
+    impl Default for FloatTexts {
+        fn default() -> Self {
+            Self::new()
+        }
     }
 
     impl FloatTexts {
