@@ -2185,6 +2185,20 @@ impl DyadicTexts {
     }
 }
 
+impl CompactProb {
+    /// `(num, shift)` for an exact `num / 2^shift` whose numerator has at most 128 bits
+    /// and `shift` at most 128: a key of the value, for tables of what was computed
+    /// from it.
+    pub fn dyadic_key(&self) -> Option<(u128, u64)> {
+        let p = self.exact()?;
+        if p.odd.is_one() && p.shift <= 128 {
+            small(&p.num).map(|num| (num, p.shift))
+        } else {
+            None
+        }
+    }
+}
+
 impl Prob {
     /// [`Prob::write_text_dyadic_into`], the text copied from `kept` when it holds it
     /// (and kept there when it is short).

@@ -827,6 +827,71 @@ fn render_batch(
 struct KeptTexts {
     floats: json::FloatTexts,
     fractions: crate::prob::DyadicTexts,
+    values: EndpointValues,
+}
+
+/// An endpoint's probability and relative deviation (see [`CompactProb::to_f64`] and
+/// [`CompactProb::relative_deviation`]) as computed last for the same exact value and
+/// endpoint count: a table of 1,024 slots by value and count, each in the slot they hash
+/// to, replacing the one there (balancers with as many endpoints have the same
+/// probabilities).
+struct EndpointValues {
+    slots: Box<[EndpointSlot]>,
+}
+
+/// `num / 2^shift` among `n` endpoints: its probability and relative deviation.
+#[derive(Clone, Copy)]
+struct EndpointSlot {
+    num: u128,
+    shift: u64,
+    n: u64,
+    probability: f64,
+    deviation: f64,
+}
+
+impl Default for EndpointValues {
+    fn default() -> Self {
+        let empty = EndpointSlot {
+            num: 0,
+            // Never a key's.
+            shift: u64::MAX,
+            n: 0,
+            probability: 0.0,
+            deviation: 0.0,
+        };
+        EndpointValues {
+            slots: vec![empty; 1 << 10].into_boxed_slice(),
+        }
+    }
+}
+
+impl EndpointValues {
+    /// `(p.to_f64(), p.relative_deviation(n))`.
+    #[inline(always)]
+    fn get(&mut self, p: &CompactProb, n: u64) -> (f64, f64) {
+        let Some((num, shift)) = p.dyadic_key() else {
+            return (p.to_f64(), p.relative_deviation(n));
+        };
+        let mixed = (num as u64) ^ ((num >> 64) as u64).rotate_left(17) ^ shift ^ n.rotate_left(40);
+        // Fibonacci hashing: the top bits of the product.
+        let at = (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 10)) as usize;
+        match self.slots.get_mut(at) {
+            Some(s) if s.num == num && s.shift == shift && s.n == n => (s.probability, s.deviation),
+            slot => {
+                let (probability, deviation) = (p.to_f64(), p.relative_deviation(n));
+                if let Some(s) = slot {
+                    *s = EndpointSlot {
+                        num,
+                        shift,
+                        n,
+                        probability,
+                        deviation,
+                    };
+                }
+                (probability, deviation)
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -871,7 +936,11 @@ fn write_balancer(
     audit: Option<&Audit>,
     kept: &mut KeptTexts,
 ) {
-    let KeptTexts { floats, fractions } = kept;
+    let KeptTexts {
+        floats,
+        fractions,
+        values,
+    } = kept;
     // A local cursor, every use of it inlined (others are handed room or the cursor by
     // value): its fields stay in registers.
     let mut local = std::mem::take(dest);
@@ -946,11 +1015,11 @@ fn write_balancer(
             Outcome::Dnat(d) | Outcome::Verdict(d) => json::str(out, d),
             other => json::str(out, &other.label()),
         }
+        let (probability, deviation) = values.get(&e.prob, n);
         key!(x, out, "probability");
-        floats.write(out, e.prob.to_f64());
+        floats.write(out, probability);
         key!(x, out, "ideal");
         ideal_text.write(out);
-        let deviation = e.prob.relative_deviation(n);
         key!(x, out, "relative_deviation");
         let at = out.pos();
         floats.write(out, deviation);
@@ -2234,6 +2303,26 @@ mod tests {
             proptest::prop_assert_eq!(written(b"x", |out| json::str(out, &s)), serde_json::to_string(&s).unwrap());
             let naive = s.bytes().any(|c| c < 0x20 || c == b'"' || c == b'\\');
             proptest::prop_assert_eq!(json::needs_escape(s.as_bytes()), naive);
+        }
+
+        #[test]
+        fn kept_endpoint_values_are_the_computed_ones(
+            picks in proptest::collection::vec((1u64..(1 << 31), 0u32..40, 1u64..12, 0u32..3), 0..300),
+        ) {
+            // Values and counts seen again and again (slots reused and replaced), over
+            // powers of two (kept) and not, exact and approximated.
+            let mut values = EndpointValues::default();
+            for (q, shift, n, kind) in picks {
+                let p = match kind {
+                    0 => CompactProb::new(crate::prob::Prob::ratio(q % 64, 1 << (shift % 8))),
+                    1 => CompactProb::new(crate::prob::Prob::ratio(q, 1 << shift)),
+                    _ => CompactProb::with_limit(crate::prob::Prob::ratio(q, 3 << shift), 8),
+                };
+                let got = values.get(&p, n);
+                let want = (p.to_f64(), p.relative_deviation(n));
+                proptest::prop_assert_eq!(got.0.to_bits(), want.0.to_bits());
+                proptest::prop_assert_eq!(got.1.to_bits(), want.1.to_bits());
+            }
         }
 
         #[test]
