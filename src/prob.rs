@@ -946,24 +946,86 @@ const DIGIT_PAIRS: &[u8; 200] = b"\
     8081828384858687888990919293949596979899";
 
 /// The decimal digits of `n` (no leading zeros; `0` for 0).
-pub(crate) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn push_u64(out: &mut Vec<u8>, n: u64) {
     let mut buf = [0u8; 20];
-    let mut at = buf.len();
-    while n >= 100 {
-        let d = (n % 100) as usize * 2;
-        n /= 100;
-        at -= 2;
-        buf[at..at + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    let len = write_u64(&mut buf, n);
+    out.extend_from_slice(&buf[..len]);
+}
+
+/// 10^8: the numbers [`digits8`] converts.
+const E8: u64 = 100_000_000;
+
+/// The eight decimal digits of `n` < 10^8 (with leading zeros) as the bytes 0 to 9, the
+/// first digit in the lowest byte: four lanes of 16 bits split into eight of 8 bits, each
+/// a division by a constant done as a multiplication and a shift (exact below 10^4 and
+/// 10^2; P.-A. Khuong's method, as Lemire describes it, "Converting integers to
+/// fix-digit representations quickly", 2021).
+#[inline(always)]
+fn digits8(n: u32) -> u64 {
+    debug_assert!(u64::from(n) < E8);
+    let merged = u64::from(n / 10_000) | (u64::from(n % 10_000) << 32);
+    let hundreds_high = ((merged * 10_486) >> 20) & ((0x7f << 32) | 0x7f);
+    let hundreds = ((merged - 100 * hundreds_high) << 16) + hundreds_high;
+    let tens = ((hundreds * 103) >> 10) & ((0xf << 48) | (0xf << 32) | (0xf << 16) | 0xf);
+    tens + ((hundreds - 10 * tens) << 8)
+}
+
+/// ASCII zeros in every byte of a word.
+const ZEROS8: u64 = u64::from_ne_bytes([b'0'; 8]);
+
+/// The eight digits of `n` < 10^8 (with leading zeros) as text, in memory order.
+#[inline(always)]
+fn ascii8(n: u32) -> [u8; 8] {
+    (digits8(n) | ZEROS8).to_le_bytes()
+}
+
+/// Writes the digits of `n` < 10^8 (no leading zeros; `0` for 0) at the start of `dst`
+/// (all eight bytes are written); returns how many there are.
+#[inline(always)]
+fn write_below_e8(dst: &mut [u8; 8], n: u32) -> usize {
+    let raw = digits8(n);
+    // Leading zeros are the low zero bytes (all but the last digit for 0).
+    let zeros = (raw.trailing_zeros() / 8).min(7);
+    *dst = ((raw | ZEROS8) >> (8 * zeros)).to_le_bytes();
+    8 - zeros as usize
+}
+
+/// Writes the decimal digits of `n` (no leading zeros; `0` for 0) at the start of `dst`;
+/// returns how many there are (bytes after them may be overwritten).
+#[inline(always)]
+pub(crate) fn write_u64(dst: &mut [u8; 20], n: u64) -> usize {
+    if n < E8 {
+        // Most numbers: line numbers, ports, counts (inlined, without a call).
+        return write_below_e8(dst.first_chunk_mut().expect("20 bytes"), n as u32);
     }
-    if n >= 10 {
-        let d = n as usize * 2;
-        at -= 2;
-        buf[at..at + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
+    write_u64_long(dst, n)
+}
+
+/// [`write_u64`] for `n` of at least 10^8.
+#[inline(never)]
+fn write_u64_long(dst: &mut [u8; 20], n: u64) -> usize {
+    let head = dst.first_chunk_mut::<8>().expect("20 bytes");
+    let (high, low) = (n / E8, (n % E8) as u32);
+    let at = if high < E8 {
+        write_below_e8(head, high as u32)
     } else {
-        at -= 1;
-        buf[at] = b'0' + n as u8;
-    }
-    out.extend_from_slice(&buf[at..]);
+        // Below 2^64 < 1845 · 10^16.
+        let k = write_below_e8(head, (high / E8) as u32);
+        dst[k..k + 8].copy_from_slice(&ascii8((high % E8) as u32));
+        k + 8
+    };
+    dst[at..at + 8].copy_from_slice(&ascii8(low));
+    at + 8
+}
+
+/// Writes the 19 decimal digits of `n` < 10^19, with leading zeros.
+#[inline]
+fn write_block19(dst: &mut [u8; 19], n: u64) {
+    let (top, rest) = (n / (E8 * E8), n % (E8 * E8));
+    // The top three digits: the last three bytes of eight moved to the front.
+    dst[..8].copy_from_slice(&((digits8(top as u32) | ZEROS8) >> 40).to_le_bytes());
+    dst[3..11].copy_from_slice(&ascii8((rest / E8) as u32));
+    dst[11..].copy_from_slice(&ascii8((rest % E8) as u32));
 }
 
 /// The decimal digits of `n` (no leading zeros; `0` for 0).
@@ -984,14 +1046,9 @@ fn push_u128(out: &mut Vec<u8>, n: u128) {
 }
 
 /// The 19 decimal digits of `n` < 10^19, with leading zeros.
-fn push_block19(out: &mut Vec<u8>, mut n: u64) {
+fn push_block19(out: &mut Vec<u8>, n: u64) {
     let mut buf = [0u8; 19];
-    for at in [17, 15, 13, 11, 9, 7, 5, 3, 1] {
-        let d = (n % 100) as usize * 2;
-        n /= 100;
-        buf[at..at + 2].copy_from_slice(&DIGIT_PAIRS[d..d + 2]);
-    }
-    buf[0] = b'0' + n as u8;
+    write_block19(&mut buf, n);
     out.extend_from_slice(&buf);
 }
 
@@ -2034,34 +2091,148 @@ mod tests {
 
 impl Prob {
     /// Appends the same text as [`Prob::write_text`], faster for the fractions reports
-    /// print most: over a power of two (every kube-proxy probability), the denominator
-    /// is copied from a table (`pow2_text`) and the numerator's digits are computed
-    /// 19 at a time in 64-bit words (`push_words_decimal`).
+    /// print most (see [`Prob::write_text_dyadic_into`]).
     pub fn write_text_dyadic_fast(&self, out: &mut Vec<u8>) {
-        if !self.odd.is_one() || self.num.is_zero() || self.is_one() {
-            return self.write_text(out);
+        let start = out.len();
+        out.resize(start + DYADIC_TEXT_ROOM, 0);
+        match self.write_text_dyadic_into(&mut out[start..]) {
+            Some(len) => out.truncate(start + len),
+            None => {
+                out.truncate(start);
+                self.write_text(out);
+            }
         }
-        let Some(den) = pow2_text(self.shift) else {
-            return self.write_text(out);
-        };
-        if let Some(n) = self.num.to_u64() {
-            push_u64(out, n);
+    }
+
+    /// Writes the text of [`Prob::write_text`] at the start of `dst` and returns its
+    /// length, for `0`, `1` and the fractions over a power of two (every kube-proxy
+    /// probability) whose numerator has at most 1,280 bits, when `dst` has room
+    /// ([`DYADIC_TEXT_ROOM`] bytes are enough); `None` for the others. The denominator
+    /// is copied from a table (`pow2_text`) and the numerator's digits are computed 19 at
+    /// a time in 64-bit words (`write_words_decimal`). Bytes after the text may be
+    /// overwritten.
+    pub fn write_text_dyadic_into(&self, dst: &mut [u8]) -> Option<usize> {
+        if self.num.is_zero() || self.is_one() {
+            *dst.first_mut()? = if self.num.is_zero() { b'0' } else { b'1' };
+            return Some(1);
+        }
+        if !self.odd.is_one() {
+            return None;
+        }
+        let den = pow2_text(self.shift)?;
+        let at = if let Some(n) = self.num.to_u64() {
+            write_u64(dst.first_chunk_mut()?, n)
         } else if self.num.bits() <= 64 * 4 {
             // Most numerators that need more than a word: small arrays, quickly cleared.
             let mut words = [0u64; 4];
             let len = fill_words(&mut words, &self.num);
-            push_words_decimal(out, &mut words[..len], &mut [0; 5]);
+            write_words_decimal(dst, &mut words[..len], &mut [0; 5])?
         } else if self.num.bits() <= 64 * WORDS_MAX as u64 {
             let mut words = [0u64; WORDS_MAX];
             let len = fill_words(&mut words, &self.num);
-            push_words_decimal(out, &mut words[..len], &mut [0; BLOCKS_MAX]);
+            write_words_decimal(dst, &mut words[..len], &mut [0; BLOCKS_MAX])?
         } else {
-            return self.write_text(out);
-        }
-        out.push(b'/');
-        out.extend_from_slice(den);
+            return None;
+        };
+        let end = at + 1 + den.len();
+        let (slash, rest) = dst.get_mut(at..end)?.split_first_mut()?;
+        *slash = b'/';
+        rest.copy_from_slice(den);
+        Some(end)
     }
 }
+
+/// The texts of recently written fractions over a power of two (numerator of at most
+/// 128 bits, denominator at most `2^128`), by numerator and shift: a table of 1,024
+/// slots, each fraction in the slot they hash to, replacing the one there. Balancers
+/// with as many endpoints have the same probabilities (kube-proxy writes the same rule
+/// probabilities): most exact forms of a report are copied from here.
+pub struct DyadicTexts {
+    slots: Box<[DyadicSlot]>,
+}
+
+/// A fraction `num / 2^shift` and its text (79 bytes at most: it fits).
+#[derive(Clone)]
+struct DyadicSlot {
+    num: u128,
+    shift: u64,
+    len: usize,
+    text: [u8; DyadicTexts::TEXT],
+}
+
+impl Default for DyadicTexts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DyadicTexts {
+    const SLOTS_LOG2: u32 = 10;
+    /// Room for a kept text: 39 digits, a slash and 39 digits.
+    const TEXT: usize = 96;
+
+    /// Every slot empty (its shift is never looked up).
+    pub fn new() -> Self {
+        let empty = DyadicSlot {
+            num: 0,
+            shift: u64::MAX,
+            len: 0,
+            text: [0; Self::TEXT],
+        };
+        DyadicTexts {
+            slots: vec![empty; 1 << Self::SLOTS_LOG2].into_boxed_slice(),
+        }
+    }
+}
+
+impl CompactProb {
+    /// `(num, shift)` for an exact `num / 2^shift` whose numerator has at most 128 bits
+    /// and `shift` at most 128: a key of the value, for tables of what was computed
+    /// from it.
+    pub fn dyadic_key(&self) -> Option<(u128, u64)> {
+        let p = self.exact()?;
+        if p.odd.is_one() && p.shift <= 128 {
+            small(&p.num).map(|num| (num, p.shift))
+        } else {
+            None
+        }
+    }
+}
+
+impl Prob {
+    /// [`Prob::write_text_dyadic_into`], the text copied from `kept` when it holds it
+    /// (and kept there when it is short).
+    pub fn write_text_dyadic_kept(&self, dst: &mut [u8], kept: &mut DyadicTexts) -> Option<usize> {
+        let key = (self.odd.is_one() && self.shift <= 128)
+            .then(|| small(&self.num))
+            .flatten();
+        let Some(num) = key else {
+            return self.write_text_dyadic_into(dst);
+        };
+        let mixed = (num as u64) ^ ((num >> 64) as u64).rotate_left(17) ^ self.shift;
+        // Fibonacci hashing: the top bits of the product.
+        let at =
+            (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DyadicTexts::SLOTS_LOG2)) as usize;
+        let slot = kept.slots.get_mut(at)?;
+        if slot.num == num && slot.shift == self.shift {
+            // The whole slot (a copy of known size), then the length.
+            dst.get_mut(..DyadicTexts::TEXT)?
+                .copy_from_slice(&slot.text);
+            return Some(slot.len);
+        }
+        let len = self.write_text_dyadic_into(dst)?;
+        if let Some(text) = dst.get(..len).filter(|_| len <= DyadicTexts::TEXT) {
+            slot.text[..len].copy_from_slice(text);
+            (slot.num, slot.shift, slot.len) = (num, self.shift, len);
+        }
+        Some(len)
+    }
+}
+
+/// Room for any text [`Prob::write_text_dyadic_into`] writes: a numerator of up to
+/// 1,280 bits (386 digits, written 19 at a time: at most 20 + 20 · 19 bytes), the slash
+/// and the text of `2^1280` (386 digits).
+pub const DYADIC_TEXT_ROOM: usize = 20 + 20 * 19 + 1 + 386;
 
 /// 64-bit words of the longest numerator [`Prob::write_text_dyadic_fast`] converts
 /// itself (1,280 bits, as [`Limbs`]).
@@ -2107,11 +2278,12 @@ fn fill_words(words: &mut [u64], n: &BigUint) -> usize {
     len
 }
 
-/// Appends the decimal digits of the number whose little-endian 64-bit words are
-/// `words` (no leading zeros, `0` for 0), with room in `blocks` for its 19-digit blocks
-/// under the top word (up to `words.len() · 64 · log10(2) / 19 + 1` of them). The words
-/// are used up.
-fn push_words_decimal(out: &mut Vec<u8>, words: &mut [u64], blocks: &mut [u64]) {
+/// Writes the decimal digits of the number whose little-endian 64-bit words are `words`
+/// (no leading zeros, `0` for 0) at the start of `dst` and returns how many there are
+/// (`None` when `dst` is too short), with room in `blocks` for its 19-digit blocks under
+/// the top word (up to `words.len() · 64 · log10(2) / 19 + 1` of them). The words are
+/// used up.
+fn write_words_decimal(dst: &mut [u8], words: &mut [u64], blocks: &mut [u64]) -> Option<usize> {
     // Blocks of 19 digits from the bottom while the value needs more than one word.
     let mut n = 0;
     let mut len = words.len();
@@ -2123,17 +2295,19 @@ fn push_words_decimal(out: &mut Vec<u8>, words: &mut [u64], blocks: &mut [u64]) 
         for w in words[..len].iter_mut().rev() {
             (*w, rem) = div_e19(rem, *w);
         }
-        blocks[n] = rem;
+        *blocks.get_mut(n)? = rem;
         n += 1;
         // At least 2^64 before: the quotient is not 0.
         while words[len - 1] == 0 {
             len -= 1;
         }
     }
-    push_u64(out, if len == 0 { 0 } else { words[0] });
+    let mut at = write_u64(dst.first_chunk_mut()?, if len == 0 { 0 } else { words[0] });
     for &b in blocks[..n].iter().rev() {
-        push_block19(out, b);
+        write_block19(dst.get_mut(at..)?.first_chunk_mut()?, b);
+        at += 19;
     }
+    Some(at)
 }
 
 /// Powers of two up to this exponent have their decimal text in [`pow2_text`]'s table
@@ -2252,7 +2426,63 @@ mod dyadic_text_tests {
         }
     }
 
+    /// [`write_u64`]'s text of `n`.
+    fn u64_text(n: u64) -> String {
+        let mut buf = [0u8; 20];
+        let len = write_u64(&mut buf, n);
+        String::from_utf8(buf[..len].to_vec()).expect("digits")
+    }
+
+    /// Every number of up to eight digits, and each power of ten and its neighbours, as
+    /// `format!` writes them; 19-digit blocks with their leading zeros.
+    #[test]
+    fn integer_digits_are_formats() {
+        for n in (0..E8).step_by(7).chain(0..100_000) {
+            assert_eq!(u64_text(n), n.to_string());
+        }
+        for k in 0..20 {
+            let p = 10u64.pow(k);
+            for n in [p - 1, p, p + 1, p.wrapping_mul(7) / 3] {
+                assert_eq!(u64_text(n), n.to_string());
+            }
+        }
+        assert_eq!(u64_text(u64::MAX), u64::MAX.to_string());
+        for n in [0, 1, 99, E19 - 1, E19 / 3, 10u64.pow(16), 10u64.pow(16) - 1] {
+            let mut buf = [0u8; 19];
+            write_block19(&mut buf, n);
+            assert_eq!(buf.to_vec(), format!("{n:019}").into_bytes());
+        }
+    }
+
     proptest::proptest! {
+        /// Kept texts are the texts written: fractions written again and again (slots
+        /// reused and replaced), short and long, over powers of two and not.
+        #[test]
+        fn kept_dyadic_texts_are_the_texts(
+            nums in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u32>(), 0..6), 1..40),
+            picks in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), 0u64..140, 0u32..4), 0..300),
+        ) {
+            let mut kept = DyadicTexts::new();
+            for (i, shift, odd) in picks {
+                let num = BigUint::new(nums[i.index(nums.len())].clone());
+                let p = fraction(num, BigUint::from(2 * odd + 1), shift);
+                let (mut a, mut b) = ([0u8; DYADIC_TEXT_ROOM], [0u8; DYADIC_TEXT_ROOM]);
+                let got = p.write_text_dyadic_kept(&mut a, &mut kept).map(|n| a[..n].to_vec());
+                let want = p.write_text_dyadic_into(&mut b).map(|n| b[..n].to_vec());
+                proptest::prop_assert_eq!(got, want);
+            }
+        }
+
+        /// [`write_u64`] and [`write_block19`] are `format!` on any number.
+        #[test]
+        fn integer_digits_are_formats_anywhere(n in proptest::prelude::any::<u64>(), shift in 0u32..64) {
+            let n = n >> shift;
+            proptest::prop_assert_eq!(u64_text(n), n.to_string());
+            let mut buf = [0u8; 19];
+            write_block19(&mut buf, n % E19);
+            proptest::prop_assert_eq!(buf.to_vec(), format!("{:019}", n % E19).into_bytes());
+        }
+
         /// The fast text is `write_text`'s for fractions over powers of two (and others)
         /// with numerators of up to 45 limbs of 32 bits and kube-proxy cascades.
         #[test]

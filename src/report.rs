@@ -697,34 +697,38 @@ impl<'w> JsonStream<'w> {
     }
 
     /// Writes what `render` puts in a buffer for each of `batches` (a batch: up to
-    /// [`BATCH`] balancers; it returns how many and their warnings), each batch made and
+    /// [`BATCH`] balancers; it returns the text's length, how many and their warnings),
+    /// each batch made and
     /// converted by one task on several threads into a buffer kept from one call to the
     /// next (the same memory again for each window, not new buffers freed by another
     /// thread than theirs), then written in order.
     fn write_batches<T: Send>(
         &mut self,
         batches: Vec<T>,
-        render: impl Fn(T, &mut Vec<u8>) -> (usize, Vec<Warning>) + Sync,
+        render: impl Fn(T, &mut Vec<u8>) -> Rendered + Sync,
     ) -> std::io::Result<()> {
         use rayon::prelude::*;
         let n = batches.len();
         if self.buffers.len() < n {
             self.buffers.resize_with(n, Vec::new);
         }
-        let written: Vec<(usize, Vec<Warning>)> = self.buffers[..n]
+        let written: Vec<Rendered> = self.buffers[..n]
             .par_iter_mut()
             .zip(batches)
-            .map(|(buffer, batch)| {
-                buffer.clear();
-                render(batch, buffer)
-            })
+            .map(|(buffer, batch)| render(batch, buffer))
             .collect();
-        for (buffer, (count, warnings)) in self.buffers.iter().zip(written) {
+        for (buffer, done) in self.buffers.iter().zip(written) {
+            let Rendered {
+                len,
+                count,
+                warnings,
+            } = done;
+            let text = buffer.get(..len).unwrap_or_default();
             // Each batch is written as if after another balancer: the comma before the
             // report's first balancer is left out here.
-            let text = match buffer.strip_prefix(b",") {
+            let text = match text.strip_prefix(b",") {
                 Some(rest) if self.written == 0 => rest,
-                _ => buffer,
+                _ => text,
             };
             self.w.write_all(text)?;
             self.written += count;
@@ -757,9 +761,10 @@ macro_rules! key {
 
 /// The fields a simulated and a counter test share: statistic, degrees of freedom,
 /// p-value (raw and adjusted), method and the Monte-Carlo replicates.
+#[inline(always)]
 fn test_fields(
     o: &mut json::Obj,
-    out: &mut Vec<u8>,
+    out: &mut json::Out,
     (statistic, df): (f64, u32),
     (p_value, p_value_adjusted): (f64, f64),
     method: &str,
@@ -786,25 +791,119 @@ fn test_fields(
 /// pretty-printed at its depth in the document. Returns how many, and their warnings.
 #[inline(never)]
 fn render_batch(
-    out: &mut Vec<u8>,
+    buffer: &mut Vec<u8>,
     balancers: &[Balancer],
     audits: Option<&[Audit]>,
-) -> (usize, Vec<Warning>) {
+) -> Rendered {
     // About 0.5 kB a balancer and 0.6 kB an endpoint (the 30k dump: 2.2 kB a balancer).
     let size: usize = balancers
         .iter()
         .map(|b| 512 + 640 * b.endpoints.len())
         .sum();
-    out.reserve(size);
-    for (i, b) in balancers.iter().enumerate() {
-        out.extend_from_slice(b",\n    ");
-        write_balancer_json(out, 2, b, audits.and_then(|a| a.get(i)));
-    }
+    let mut out = json::Out::new(std::mem::take(buffer), 0);
+    out.ensure(size);
+    KEPT_TEXTS.with_borrow_mut(|texts| {
+        for (i, b) in balancers.iter().enumerate() {
+            out.put(b",\n    ");
+            write_balancer(&mut out, 2, b, audits.and_then(|a| a.get(i)), texts);
+        }
+    });
+    let len;
+    (*buffer, len) = out.finish();
     let warnings = balancers
         .iter()
         .flat_map(|b| b.warnings.iter().cloned())
         .collect();
-    (balancers.len(), warnings)
+    Rendered {
+        len,
+        count: balancers.len(),
+        warnings,
+    }
+}
+
+/// The texts of the numbers a thread wrote last: floats (see [`json::FloatTexts`]) and
+/// exact fractions (see [`crate::prob::DyadicTexts`]).
+#[derive(Default)]
+struct KeptTexts {
+    floats: json::FloatTexts,
+    fractions: crate::prob::DyadicTexts,
+    values: EndpointValues,
+}
+
+/// An endpoint's probability and relative deviation (see [`CompactProb::to_f64`] and
+/// [`CompactProb::relative_deviation`]) as computed last for the same exact value and
+/// endpoint count: a table of 1,024 slots by value and count, each in the slot they hash
+/// to, replacing the one there (balancers with as many endpoints have the same
+/// probabilities).
+struct EndpointValues {
+    slots: Box<[EndpointSlot]>,
+}
+
+/// `num / 2^shift` among `n` endpoints: its probability and relative deviation.
+#[derive(Clone, Copy)]
+struct EndpointSlot {
+    num: u128,
+    shift: u64,
+    n: u64,
+    probability: f64,
+    deviation: f64,
+}
+
+impl Default for EndpointValues {
+    fn default() -> Self {
+        let empty = EndpointSlot {
+            num: 0,
+            // Never a key's.
+            shift: u64::MAX,
+            n: 0,
+            probability: 0.0,
+            deviation: 0.0,
+        };
+        EndpointValues {
+            slots: vec![empty; 1 << 10].into_boxed_slice(),
+        }
+    }
+}
+
+impl EndpointValues {
+    /// `(p.to_f64(), p.relative_deviation(n))`.
+    #[inline(always)]
+    fn get(&mut self, p: &CompactProb, n: u64) -> (f64, f64) {
+        let Some((num, shift)) = p.dyadic_key() else {
+            return (p.to_f64(), p.relative_deviation(n));
+        };
+        let mixed = (num as u64) ^ ((num >> 64) as u64).rotate_left(17) ^ shift ^ n.rotate_left(40);
+        // Fibonacci hashing: the top bits of the product.
+        let at = (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 10)) as usize;
+        match self.slots.get_mut(at) {
+            Some(s) if s.num == num && s.shift == shift && s.n == n => (s.probability, s.deviation),
+            slot => {
+                let (probability, deviation) = (p.to_f64(), p.relative_deviation(n));
+                if let Some(s) = slot {
+                    *s = EndpointSlot {
+                        num,
+                        shift,
+                        n,
+                        probability,
+                        deviation,
+                    };
+                }
+                (probability, deviation)
+            }
+        }
+    }
+}
+
+thread_local! {
+    static KEPT_TEXTS: std::cell::RefCell<KeptTexts> = std::cell::RefCell::default();
+}
+
+/// What [`render_batch`] wrote: the length of the text at the start of its buffer (the
+/// bytes after it are left over from before), how many balancers, and their warnings.
+struct Rendered {
+    len: usize,
+    count: usize,
+    warnings: Vec<Warning>,
 }
 
 /// Appends the JSON of [`BalancerReport::from_balancer`]`(b, audit)` to `out`: the bytes
@@ -814,12 +913,38 @@ fn render_batch(
 ///
 /// Structs of other modules are taken apart field by field without `..`, so a field added
 /// to one of them stops the build here instead of going missing from the JSON.
+#[cfg(test)]
 pub(crate) fn write_balancer_json(
     out: &mut Vec<u8>,
     depth: usize,
     b: &Balancer,
     audit: Option<&Audit>,
 ) {
+    let start = out.len();
+    let mut o = json::Out::new(std::mem::take(out), start);
+    write_balancer(&mut o, depth, b, audit, &mut KeptTexts::default());
+    let len;
+    (*out, len) = o.finish();
+    out.truncate(len);
+}
+
+/// [`write_balancer_json`] at the cursor of `out`.
+fn write_balancer(
+    dest: &mut json::Out,
+    depth: usize,
+    b: &Balancer,
+    audit: Option<&Audit>,
+    kept: &mut KeptTexts,
+) {
+    let KeptTexts {
+        floats,
+        fractions,
+        values,
+    } = kept;
+    // A local cursor, every use of it inlined (others are handed room or the cursor by
+    // value): its fields stay in registers.
+    let mut local = std::mem::take(dest);
+    let out = &mut local;
     let n = b.endpoints.len() as u64;
     let ideal = if n == 0 { 0.0 } else { 1.0 / n as f64 };
     // The same for every endpoint (and usually their `expected`): formatted once.
@@ -835,7 +960,7 @@ pub(crate) fn write_balancer_json(
     json::str(out, &b.chain);
     key!(o, out, "kind");
     // Quoted names that need no escape.
-    out.extend_from_slice(match b.kind {
+    out.put(match b.kind {
         Kind::KubeProxy => b"\"kube-proxy\"",
         Kind::Generic => b"\"generic\"",
     });
@@ -858,7 +983,7 @@ pub(crate) fn write_balancer_json(
     a.close(out);
     key!(o, out, "affinity");
     match &b.affinity {
-        None => out.extend_from_slice(b"null"),
+        None => out.put(b"null"),
         Some(Affinity {
             kind,
             seconds,
@@ -878,6 +1003,8 @@ pub(crate) fn write_balancer_json(
     // The largest |relative_deviation| as `Balancer::max_relative_skew` folds it, from
     // the deviations written (each an exact computation: once is enough).
     let mut skew = 0.0;
+    // Its text: that of the deviation it comes from, without the sign.
+    let mut skew_text = json::F64Text::new(skew);
     let mut a = json::Arr::open(out, o.depth());
     for (i, e) in b.endpoints.iter().enumerate() {
         a.item(out);
@@ -888,14 +1015,19 @@ pub(crate) fn write_balancer_json(
             Outcome::Dnat(d) | Outcome::Verdict(d) => json::str(out, d),
             other => json::str(out, &other.label()),
         }
+        let (probability, deviation) = values.get(&e.prob, n);
         key!(x, out, "probability");
-        json::f64(out, e.prob.to_f64());
+        floats.write(out, probability);
         key!(x, out, "ideal");
         ideal_text.write(out);
-        let deviation = e.prob.relative_deviation(n);
-        skew = f64::max(skew, deviation.abs());
         key!(x, out, "relative_deviation");
-        json::f64(out, deviation);
+        let at = out.pos();
+        floats.write(out, deviation);
+        // `f64::max(skew, |deviation|)` (a NaN is passed over), with its text.
+        if deviation.abs() > skew {
+            skew = deviation.abs();
+            skew_text = json::F64Text::magnitude(out.written_since(at));
+        }
         key!(x, out, "line");
         json::u64(out, e.line.into());
         key!(x, out, "chain");
@@ -904,7 +1036,7 @@ pub(crate) fn write_balancer_json(
         json::u32s(out, x.depth(), &e.via);
         key!(x, out, "paths");
         json::u64(out, e.paths.into());
-        write_exact_json(out, &mut x, b"\"exact\": ", &e.prob);
+        write_exact_json(out, &mut x, b"\"exact\": ", &e.prob, fractions);
         key!(x, out, "expected");
         match audit.and_then(|a| a.expected.probs.get(i).copied()) {
             Some(p) if p.to_bits() != ideal.to_bits() => json::f64(out, p),
@@ -940,12 +1072,22 @@ pub(crate) fn write_balancer_json(
     }
     a.close(out);
     key!(o, out, "unmatched");
-    json::f64(out, b.unmatched.to_f64());
-    write_exact_json(out, &mut o, b"\"unmatched_exact\": ", &b.unmatched);
+    match b.unmatched.to_f64() {
+        // Most balancers: the text of 0 without a conversion (not -0, which has a sign).
+        u if u.to_bits() == 0 => out.put(json::F64Text::ZERO),
+        u => json::f64(out, u),
+    }
+    write_exact_json(
+        out,
+        &mut o,
+        b"\"unmatched_exact\": ",
+        &b.unmatched,
+        fractions,
+    );
     key!(o, out, "max_relative_skew");
-    json::f64(out, skew);
+    skew_text.write(out);
     key!(o, out, "exact_sum_is_one");
-    out.extend_from_slice(if b.exact_total.is_one() {
+    out.put(if b.exact_total.is_one() {
         b"true"
     } else {
         b"false"
@@ -954,11 +1096,11 @@ pub(crate) fn write_balancer_json(
     json::str(out, audit.map_or("uniform", |a| &a.expected.source));
     if let Some(s) = sim {
         key!(o, out, "simulation");
-        write_simulation_json(out, o.depth(), s);
+        *out = write_simulation_json(std::mem::take(out), o.depth(), s);
     }
     if let Some(t) = obs {
         key!(o, out, "observed");
-        write_observed_json(out, o.depth(), t);
+        *out = write_observed_json(std::mem::take(out), o.depth(), t);
     }
     if let Some(missing) = audit.map(|a| &a.expected.missing).filter(|m| !m.is_empty()) {
         key!(o, out, "missing_endpoints");
@@ -970,11 +1112,14 @@ pub(crate) fn write_balancer_json(
         a.close(out);
     }
     o.close(out);
+    *dest = local;
 }
 
 /// A [`Simulation`] as serde writes it, as a value inside `depth` open objects and
 /// arrays (with the default cross-check every balancer has one).
-fn write_simulation_json(out: &mut Vec<u8>, depth: usize, s: &Simulation) {
+#[inline(never)]
+fn write_simulation_json(mut local: json::Out, depth: usize, s: &Simulation) -> json::Out {
+    let out = &mut local;
     let Simulation {
         connections,
         statistic,
@@ -1086,11 +1231,14 @@ fn write_simulation_json(out: &mut Vec<u8>, depth: usize, s: &Simulation) {
         json::u64(out, *c);
     }
     o.close(out);
+    local
 }
 
 /// An [`ObservedTest`] as serde writes it, as a value inside `depth` open objects and
 /// arrays.
-fn write_observed_json(out: &mut Vec<u8>, depth: usize, t: &ObservedTest) {
+#[inline(never)]
+fn write_observed_json(mut local: json::Out, depth: usize, t: &ObservedTest) -> json::Out {
+    let out = &mut local;
     let ObservedTest {
         connections,
         affinity_connections,
@@ -1117,6 +1265,7 @@ fn write_observed_json(out: &mut Vec<u8>, depth: usize, t: &ObservedTest) {
         *replicates,
     );
     o.close(out);
+    local
 }
 
 /// `k` of `of` as a share (0 of none), as the report gives it.
@@ -1124,7 +1273,8 @@ fn share(k: u64, of: u64) -> f64 {
     if of == 0 { 0.0 } else { k as f64 / of as f64 }
 }
 
-fn write_entry_json(out: &mut Vec<u8>, depth: usize, e: &Entry) {
+#[inline(always)]
+fn write_entry_json(out: &mut json::Out, depth: usize, e: &Entry) {
     let Entry {
         kind,
         text,
@@ -1161,20 +1311,33 @@ fn write_entry_json(out: &mut Vec<u8>, depth: usize, e: &Entry) {
 /// is `None` (an approximation, or a fraction too long to print). Inlined, so that the
 /// key is copied as a literal.
 #[inline(always)]
-fn write_exact_json(out: &mut Vec<u8>, o: &mut json::Obj, key: &[u8], p: &CompactProb) {
+fn write_exact_json(
+    out: &mut json::Out,
+    o: &mut json::Obj,
+    key: &[u8],
+    p: &CompactProb,
+    kept: &mut crate::prob::DyadicTexts,
+) {
     let Some(p) = short_exact(p) else { return };
-    let (mark, first) = (out.len(), o.is_first());
+    let (mark, first) = (out.pos(), o.is_first());
     o.key(out, key);
-    out.push(b'"');
-    let at = out.len();
+    out.put(b"\"");
+    let at = out.pos();
     // Digits and a slash: nothing to escape.
-    p.write_text_dyadic_fast(out);
+    match p.write_text_dyadic_kept(out.room(crate::prob::DYADIC_TEXT_ROOM), kept) {
+        Some(len) => out.advance(len),
+        None => {
+            let mut text = Vec::new();
+            p.write_text(&mut text);
+            out.put(&text);
+        }
+    }
     // `exact_text`'s second limit. (With at most 1,200 bits a fraction has at most 364
     // characters: kept as the definition, never taken back today.)
-    if out.len() - at <= EXACT_MAX_CHARS {
-        out.push(b'"');
+    if out.pos() - at <= EXACT_MAX_CHARS {
+        out.put(b"\"");
     } else {
-        out.truncate(mark);
+        out.set_pos(mark);
         o.reset_first(first);
     }
 }
@@ -1184,6 +1347,100 @@ fn write_exact_json(out: &mut Vec<u8>, o: &mut json::Obj, key: &[u8], p: &Compac
 mod json {
     use serde_json::ser::{CompactFormatter, Formatter};
     use std::io;
+
+    /// A text being written into a buffer at a cursor: the bytes before `pos` are the
+    /// text; the buffer's whole length is initialized room (bytes left from earlier
+    /// texts, overwritten), grown (rarely) when a piece does not fit. Each piece is a
+    /// check of the room and a copy, without a vector's length kept in memory; the
+    /// buffer and its room are kept across batches, so it is filled once.
+    #[derive(Default)]
+    pub struct Out {
+        buf: Vec<u8>,
+        pos: usize,
+    }
+
+    impl Out {
+        /// Writing into `buf` from `pos` (at most its length).
+        pub fn new(buf: Vec<u8>, pos: usize) -> Self {
+            let pos = pos.min(buf.len());
+            Out { buf, pos }
+        }
+
+        /// The buffer and the length of the text at its start.
+        pub fn finish(self) -> (Vec<u8>, usize) {
+            (self.buf, self.pos)
+        }
+
+        /// The length of the text.
+        #[inline(always)]
+        pub fn pos(&self) -> usize {
+            self.pos
+        }
+
+        /// The text written since it was `at` long.
+        pub fn written_since(&self, at: usize) -> &[u8] {
+            &self.buf[at.min(self.pos)..self.pos]
+        }
+
+        /// Takes the text back to its first `pos` bytes.
+        pub fn set_pos(&mut self, pos: usize) {
+            self.pos = pos.min(self.pos);
+        }
+
+        /// Makes sure `n` bytes of room follow the text.
+        #[inline(always)]
+        pub fn ensure(&mut self, n: usize) {
+            if n > self.buf.len() - self.pos {
+                self.buf = grown(std::mem::take(&mut self.buf), self.pos + n);
+            }
+        }
+
+        /// The `n` bytes of room after the text (to be written, then [`Out::advance`]d).
+        #[inline(always)]
+        pub fn room(&mut self, n: usize) -> &mut [u8] {
+            self.ensure(n);
+            &mut self.buf[self.pos..self.pos + n]
+        }
+
+        /// [`Out::room`] of a known size.
+        #[inline(always)]
+        pub fn room_array<const N: usize>(&mut self) -> &mut [u8; N] {
+            self.ensure(N);
+            let at = self.pos;
+            (&mut self.buf[at..at + N]).try_into().expect("N bytes")
+        }
+
+        /// Adds the next `n` bytes of room (written through [`Out::room`]) to the text.
+        #[inline(always)]
+        pub fn advance(&mut self, n: usize) {
+            self.pos = (self.pos + n).min(self.buf.len());
+        }
+
+        /// Appends `bytes`.
+        #[inline(always)]
+        pub fn put(&mut self, bytes: &[u8]) {
+            let n = bytes.len();
+            self.room(n).copy_from_slice(bytes);
+            self.pos += n;
+        }
+
+        /// Appends the first `len` bytes of `bytes` (all copied, a copy of known size).
+        #[inline(always)]
+        pub fn put_prefix<const N: usize>(&mut self, bytes: &[u8; N], len: usize) {
+            *self.room_array::<N>() = *bytes;
+            self.advance(len.min(N));
+        }
+    }
+
+    /// `buf` grown to at least `len` bytes (and at least twice as long), the new bytes 0.
+    /// (By value: the cursor's address is never taken, so that it stays in registers.)
+    #[cold]
+    #[inline(never)]
+    fn grown(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
+        let want = len.max(2 * buf.len()).max(4096);
+        buf.resize(want, 0);
+        buf
+    }
 
     /// Deepest level indented with one fixed-size copy (deeper ones are padded after it).
     const MAX_DEPTH: usize = 15;
@@ -1205,16 +1462,25 @@ mod json {
 
     /// A line break (after a comma unless `first`) and the indentation of `depth` levels.
     #[inline(always)]
-    fn newline(out: &mut Vec<u8>, first: bool, depth: usize) {
-        let len = out.len();
-        // Always the whole array (a copy of known size, no call), then the part needed.
-        out.extend_from_slice(if first { &NEWLINE } else { &BREAK });
+    fn newline(out: &mut Out, first: bool, depth: usize) {
         let want = 2 + 2 * depth - usize::from(first);
         if depth <= MAX_DEPTH {
-            out.truncate(len + want);
+            // Always the whole array (a copy of known size, no call), then the part needed.
+            out.put_prefix(if first { &NEWLINE } else { &BREAK }, want);
         } else {
-            out.resize(len + want, b' ');
+            *out = deep_newline(std::mem::take(out), first, depth);
         }
+    }
+
+    /// [`newline`] deeper than [`MAX_DEPTH`].
+    #[cold]
+    #[inline(never)]
+    fn deep_newline(mut out: Out, first: bool, depth: usize) -> Out {
+        out.put(if first { b"\n" } else { b",\n" });
+        for _ in 0..depth {
+            out.put(b"  ");
+        }
+        out
     }
 
     /// An object being written; its members are at `depth`.
@@ -1225,9 +1491,9 @@ mod json {
 
     impl Obj {
         /// Opens an object that is a value inside `depth` open objects and arrays.
-        #[inline]
-        pub fn open(out: &mut Vec<u8>, depth: usize) -> Self {
-            out.push(b'{');
+        #[inline(always)]
+        pub fn open(out: &mut Out, depth: usize) -> Self {
+            out.put(b"{");
             Obj {
                 depth: depth + 1,
                 first: true,
@@ -1242,10 +1508,22 @@ mod json {
         /// Starts a member: `key` is its name quoted, a colon and a space (see `key!`);
         /// its value follows.
         #[inline(always)]
-        pub fn key(&mut self, out: &mut Vec<u8>, key: &[u8]) {
-            newline(out, self.first, self.depth);
+        pub fn key(&mut self, out: &mut Out, key: &[u8]) {
+            let (first, depth) = (self.first, self.depth);
             self.first = false;
-            out.extend_from_slice(key);
+            if depth <= MAX_DEPTH {
+                // The line break, the indentation and the key with one check of the room:
+                // the whole break (a copy of known size), the key after the part needed.
+                let want = 2 + 2 * depth - usize::from(first);
+                let room = out.room(BREAK.len() + key.len());
+                room[..BREAK.len()].copy_from_slice(if first { &NEWLINE } else { &BREAK });
+                // `want` is at most the break's length: the key fits in the room.
+                room[want..want + key.len()].copy_from_slice(key);
+                out.advance(want + key.len());
+            } else {
+                newline(out, first, depth);
+                out.put(key);
+            }
         }
 
         pub fn is_first(&self) -> bool {
@@ -1258,12 +1536,12 @@ mod json {
         }
 
         /// `{}` when empty, else the closing brace on its own line.
-        #[inline]
-        pub fn close(self, out: &mut Vec<u8>) {
+        #[inline(always)]
+        pub fn close(self, out: &mut Out) {
             if !self.first {
                 newline(out, true, self.depth - 1);
             }
-            out.push(b'}');
+            out.put(b"}");
         }
     }
 
@@ -1275,9 +1553,9 @@ mod json {
 
     impl Arr {
         /// Opens an array that is a value inside `depth` open objects and arrays.
-        #[inline]
-        pub fn open(out: &mut Vec<u8>, depth: usize) -> Self {
-            out.push(b'[');
+        #[inline(always)]
+        pub fn open(out: &mut Out, depth: usize) -> Self {
+            out.put(b"[");
             Arr {
                 depth: depth + 1,
                 first: true,
@@ -1289,19 +1567,19 @@ mod json {
         }
 
         /// Starts the next element; it follows.
-        #[inline]
-        pub fn item(&mut self, out: &mut Vec<u8>) {
+        #[inline(always)]
+        pub fn item(&mut self, out: &mut Out) {
             newline(out, self.first, self.depth);
             self.first = false;
         }
 
         /// `[]` when empty, else the closing bracket on its own line.
-        #[inline]
-        pub fn close(self, out: &mut Vec<u8>) {
+        #[inline(always)]
+        pub fn close(self, out: &mut Out) {
             if !self.first {
                 newline(out, true, self.depth - 1);
             }
-            out.push(b']');
+            out.put(b"]");
         }
     }
 
@@ -1327,16 +1605,45 @@ mod json {
     /// A string, quoted and escaped as `serde_json` does. (Inlined: a call saved and
     /// restored six registers around a few dozen instructions.)
     #[inline(always)]
-    pub fn str(out: &mut Vec<u8>, s: &str) {
+    pub fn str(out: &mut Out, s: &str) {
         let bytes = s.as_bytes();
-        out.reserve(bytes.len() + 2);
-        out.push(b'"');
-        if needs_escape(bytes) {
-            escaped(out, bytes);
-        } else {
-            out.extend_from_slice(bytes);
+        let n = bytes.len();
+        // 8 to 32 bytes (most names): checked and copied as two overlapping pieces of
+        // fixed size, without a call.
+        if let (Some(first), Some(last)) = (bytes.first_chunk::<16>(), bytes.last_chunk::<16>()) {
+            if n <= 32 && !flagged_block(first) && !flagged_block(last) {
+                let room = out.room_array::<34>();
+                room[0] = b'"';
+                room[1..17].copy_from_slice(first);
+                room[n - 15..=n].copy_from_slice(last);
+                room[n + 1] = b'"';
+                out.advance(n + 2);
+                return;
+            }
+        } else if let (Some(first), Some(last)) =
+            (bytes.first_chunk::<8>(), bytes.last_chunk::<8>())
+        {
+            let word = |w: &[u8; 8]| u64::from_ne_bytes(*w);
+            if !flagged_word(word(first)) && !flagged_word(word(last)) {
+                let room = out.room_array::<18>();
+                room[0] = b'"';
+                room[1..9].copy_from_slice(first);
+                room[n - 7..=n].copy_from_slice(last);
+                room[n + 1] = b'"';
+                out.advance(n + 2);
+                return;
+            }
         }
-        out.push(b'"');
+        if needs_escape(bytes) {
+            *out = escaped(std::mem::take(out), bytes);
+        } else {
+            let n = bytes.len();
+            let room = out.room(n + 2);
+            room[0] = b'"';
+            room[1..=n].copy_from_slice(bytes);
+            room[n + 1] = b'"';
+            out.advance(n + 2);
+        }
     }
 
     /// Does a byte of the word need an escape (a control character, `"` or `\\`)? Eight
@@ -1384,8 +1691,11 @@ mod json {
         bytes.iter().any(|&c| ESCAPE[c as usize] != 0)
     }
 
+    /// `bytes` quoted and escaped.
     #[cold]
-    fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    #[inline(never)]
+    fn escaped(mut out: Out, bytes: &[u8]) -> Out {
+        out.put(b"\"");
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut start = 0;
         for (i, &c) in bytes.iter().enumerate() {
@@ -1393,10 +1703,10 @@ mod json {
             if e == 0 {
                 continue;
             }
-            out.extend_from_slice(&bytes[start..i]);
+            out.put(&bytes[start..i]);
             start = i + 1;
             if e == b'u' {
-                out.extend_from_slice(&[
+                out.put(&[
                     b'\\',
                     b'u',
                     b'0',
@@ -1405,32 +1715,88 @@ mod json {
                     HEX[usize::from(c & 0xf)],
                 ]);
             } else {
-                out.extend_from_slice(&[b'\\', e]);
+                out.put(&[b'\\', e]);
             }
         }
-        out.extend_from_slice(&bytes[start..]);
+        out.put(&bytes[start..]);
+        out.put(b"\"");
+        out
     }
 
     #[inline(always)]
-    pub fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    pub fn opt_str(out: &mut Out, s: Option<&str>) {
         match s {
             Some(s) => str(out, s),
-            None => out.extend_from_slice(b"null"),
+            None => out.put(b"null"),
         }
     }
 
     /// A float as `serde_json` writes it: its own shortest form, `null` when not finite.
-    #[inline]
-    pub fn f64(out: &mut Vec<u8>, v: f64) {
+    #[inline(always)]
+    pub fn f64(out: &mut Out, v: f64) {
         if v.is_finite() {
-            // Writing to a Vec cannot fail.
-            let _ = CompactFormatter.write_f64(out, v);
+            // At most 24 bytes (`-1.2345678901234567e-308`): it fits.
+            let mut rest: &mut [u8] = out.room(32);
+            let _ = CompactFormatter.write_f64(&mut rest, v);
+            let len = 32 - rest.len();
+            out.advance(len);
         } else {
-            out.extend_from_slice(b"null");
+            out.put(b"null");
+        }
+    }
+
+    /// The texts of recently written floats, by their bits: a table of 1,024 slots,
+    /// each float in the slot its bits hash to, replacing the one there. Balancers with
+    /// as many endpoints have the same probabilities (kube-proxy writes the same rule
+    /// probabilities) and deviations: most floats of a report are copied from here
+    /// instead of converted again.
+    pub struct FloatTexts {
+        slots: Box<[(u64, F64Text)]>,
+    }
+
+    impl Default for FloatTexts {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl FloatTexts {
+        const SLOTS_LOG2: u32 = 10;
+
+        /// Every slot holds 0 (its bits are 0), whose text is `0.0`.
+        pub fn new() -> Self {
+            let zero = (0.0f64.to_bits(), F64Text::new(0.0));
+            FloatTexts {
+                slots: vec![zero; 1 << Self::SLOTS_LOG2].into_boxed_slice(),
+            }
+        }
+
+        /// Writes `v` as [`f64`] does.
+        #[inline(always)]
+        pub fn write(&mut self, out: &mut Out, v: f64) {
+            let bits = v.to_bits();
+            // Fibonacci hashing: the top bits of the product.
+            let at = (bits.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - Self::SLOTS_LOG2)) as usize;
+            match self.slots.get(at) {
+                Some((held, text)) if *held == bits => text.write(out),
+                _ => self.convert(at, v).write(out),
+            }
+        }
+
+        /// The text of `v`, kept in slot `at`. (Handed back, not written: the cursor is
+        /// never handed to a call.)
+        #[inline(never)]
+        fn convert(&mut self, at: usize, v: f64) -> F64Text {
+            let text = F64Text::new(v);
+            if let Some(slot) = self.slots.get_mut(at) {
+                *slot = (v.to_bits(), text.clone());
+            }
+            text
         }
     }
 
     /// A float's text as [`f64`] writes it, kept to be written several times.
+    #[derive(Clone)]
     pub struct F64Text {
         bytes: [u8; 32],
         len: usize,
@@ -1452,6 +1818,19 @@ mod json {
             Self { bytes, len }
         }
 
+        /// The text of 0 (and of -0 without its sign).
+        pub const ZERO: &[u8] = b"0.0";
+
+        /// The text of `|v|` from the text of `v` as [`f64`] wrote it (its sign dropped:
+        /// the digits of a float do not depend on its sign).
+        pub fn magnitude(text: &[u8]) -> Self {
+            let text = text.strip_prefix(b"-").unwrap_or(text);
+            let mut bytes = [0u8; 32];
+            let len = text.len().min(32);
+            bytes[..len].copy_from_slice(&text[..len]);
+            Self { bytes, len }
+        }
+
         #[cfg(test)]
         pub fn as_bytes(&self) -> &[u8] {
             &self.bytes[..self.len]
@@ -1459,28 +1838,28 @@ mod json {
 
         /// Appends the text: all 32 bytes (a copy of fixed size), then the length set.
         #[inline(always)]
-        pub fn write(&self, out: &mut Vec<u8>) {
-            let end = out.len() + self.len;
-            out.extend_from_slice(&self.bytes);
-            out.truncate(end);
+        pub fn write(&self, out: &mut Out) {
+            out.put_prefix(&self.bytes, self.len);
         }
     }
 
-    #[inline]
-    pub fn u64(out: &mut Vec<u8>, v: u64) {
-        let _ = CompactFormatter.write_u64(out, v);
+    #[inline(always)]
+    pub fn u64(out: &mut Out, v: u64) {
+        let len = crate::prob::write_u64(out.room_array(), v);
+        out.advance(len);
     }
 
-    pub fn opt_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    #[inline(always)]
+    pub fn opt_u64(out: &mut Out, v: Option<u64>) {
         match v {
             Some(v) => u64(out, v),
-            None => out.extend_from_slice(b"null"),
+            None => out.put(b"null"),
         }
     }
 
     /// An array of integers, as a value inside `depth` open objects and arrays.
     #[inline(always)]
-    pub fn u32s(out: &mut Vec<u8>, depth: usize, values: &[u32]) {
+    pub fn u32s(out: &mut Out, depth: usize, values: &[u32]) {
         let mut a = Arr::open(out, depth);
         for &v in values {
             a.item(out);
@@ -1490,7 +1869,8 @@ mod json {
     }
 
     /// `[lo, hi]`, as a value inside `depth` open objects and arrays.
-    pub fn f64_pair(out: &mut Vec<u8>, depth: usize, (lo, hi): (f64, f64)) {
+    #[inline(always)]
+    pub fn f64_pair(out: &mut Out, depth: usize, (lo, hi): (f64, f64)) {
         let mut a = Arr::open(out, depth);
         a.item(out);
         f64(out, lo);
@@ -1586,6 +1966,15 @@ mod tests {
     fn serde_balancer_json(b: &Balancer, audit: Option<&Audit>, depth: usize) -> String {
         let one = serde_json::to_string_pretty(&BalancerReport::from_balancer(b, audit)).unwrap();
         one.replace('\n', &format!("\n{}", "  ".repeat(depth)))
+    }
+
+    /// What `write` puts after `prefix` (written first) through a cursor.
+    fn written(prefix: &[u8], write: impl FnOnce(&mut json::Out)) -> String {
+        let mut out = json::Out::new(prefix.to_vec(), prefix.len());
+        write(&mut out);
+        let (mut buf, len) = out.finish();
+        buf.truncate(len);
+        String::from_utf8(buf.split_off(prefix.len())).expect("UTF-8")
     }
 
     /// [`write_balancer_json`]'s bytes (appended to a non-empty buffer).
@@ -1873,10 +2262,8 @@ mod tests {
             all.push(char::from_u32(c).unwrap());
         }
         for s in [all.as_str(), "", "\"", "\\", "\u{0}", "abc\u{7f}"] {
-            let mut out = Vec::new();
-            json::str(&mut out, s);
             assert_eq!(
-                String::from_utf8(out).unwrap(),
+                written(b"", |out| json::str(out, s)),
                 serde_json::to_string(s).unwrap()
             );
         }
@@ -1887,9 +2274,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_string_is_escaped_as_serde_escapes_it(s in ".*", bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
-            let mut out = Vec::new();
-            json::str(&mut out, &s);
-            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+            proptest::prop_assert_eq!(written(b"", |out| json::str(out, &s)), serde_json::to_string(&s).unwrap());
             let naive = bytes.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
             proptest::prop_assert_eq!(json::needs_escape(&bytes), naive);
         }
@@ -1915,21 +2300,64 @@ mod tests {
             ),
         ) {
             let s: String = pieces.concat();
-            let mut out = b"x".to_vec();
-            json::str(&mut out, &s);
-            proptest::prop_assert_eq!(String::from_utf8(out.split_off(1)).unwrap(), serde_json::to_string(&s).unwrap());
+            proptest::prop_assert_eq!(written(b"x", |out| json::str(out, &s)), serde_json::to_string(&s).unwrap());
             let naive = s.bytes().any(|c| c < 0x20 || c == b'"' || c == b'\\');
             proptest::prop_assert_eq!(json::needs_escape(s.as_bytes()), naive);
         }
 
         #[test]
+        fn kept_endpoint_values_are_the_computed_ones(
+            picks in proptest::collection::vec((1u64..(1 << 31), 0u32..40, 1u64..12, 0u32..3), 0..300),
+        ) {
+            // Values and counts seen again and again (slots reused and replaced), over
+            // powers of two (kept) and not, exact and approximated.
+            let mut values = EndpointValues::default();
+            for (q, shift, n, kind) in picks {
+                let p = match kind {
+                    0 => CompactProb::new(crate::prob::Prob::ratio(q % 64, 1 << (shift % 8))),
+                    1 => CompactProb::new(crate::prob::Prob::ratio(q, 1 << shift)),
+                    _ => CompactProb::with_limit(crate::prob::Prob::ratio(q, 3 << shift), 8),
+                };
+                let got = values.get(&p, n);
+                let want = (p.to_f64(), p.relative_deviation(n));
+                proptest::prop_assert_eq!(got.0.to_bits(), want.0.to_bits());
+                proptest::prop_assert_eq!(got.1.to_bits(), want.1.to_bits());
+            }
+        }
+
+        #[test]
+        fn kept_float_texts_are_the_floats_texts(
+            values in proptest::collection::vec(proptest::prelude::any::<f64>(), 0..200),
+            picks in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..400),
+        ) {
+            // Floats written again and again (slots reused and replaced): each time the
+            // text `json::f64` writes.
+            let mut texts = json::FloatTexts::new();
+            for i in &picks {
+                let x = if values.is_empty() { 0.0 } else { values[i.index(values.len())] };
+                let kept = written(b"x", |out| texts.write(out, x));
+                proptest::prop_assert_eq!(kept, written(b"x", |out| json::f64(out, x)));
+            }
+            for &x in &values {
+                let kept = written(b"", |out| texts.write(out, x));
+                proptest::prop_assert_eq!(kept, written(b"", |out| json::f64(out, x)));
+            }
+        }
+
+        #[test]
         fn any_float_is_written_as_serde_writes_it(bits in proptest::prelude::any::<u64>(), v in proptest::prelude::any::<f64>()) {
             for x in [f64::from_bits(bits), v] {
-                let mut out = Vec::new();
-                json::f64(&mut out, x);
+                let out = written(b"x", |out| json::f64(out, x));
                 let kept = json::F64Text::new(x);
-                proptest::prop_assert_eq!(out.as_slice(), kept.as_bytes());
-                proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&x).unwrap());
+                proptest::prop_assert_eq!(out.as_bytes(), kept.as_bytes());
+                proptest::prop_assert_eq!(&out, &serde_json::to_string(&x).unwrap());
+                // The magnitude's text is the text without its sign.
+                let abs = json::F64Text::magnitude(out.as_bytes());
+                let want = json::F64Text::new(x.abs());
+                proptest::prop_assert_eq!(abs.as_bytes(), want.as_bytes());
+                if x == 0.0 {
+                    proptest::prop_assert_eq!(json::F64Text::ZERO, abs.as_bytes());
+                }
             }
         }
     }
