@@ -498,7 +498,9 @@ pub fn emit(s: &str) -> Result<()> {
 
 /// Writes to stdout through a buffer; a closed pipe is not an error.
 pub fn emit_with(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    // A small buffer: what is written in large pieces (a JSON report's batches, tens
+    // of kilobytes each) then goes to stdout directly rather than through it.
+    let mut out = std::io::BufWriter::with_capacity(1 << 13, std::io::stdout().lock());
     match f(&mut out).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
