@@ -624,6 +624,19 @@ pub struct Chain<'a> {
     pub rules: Vec<RuleLine<'a>>,
 }
 
+impl<'a> Chain<'a> {
+    /// A chain of that name with no rules, not declared (yet).
+    pub fn named(name: &'a str) -> Self {
+        Chain {
+            name,
+            policy: None,
+            policy_counters: None,
+            declared_line: None,
+            rules: Vec::new(),
+        }
+    }
+}
+
 impl Chain<'_> {
     /// Is this one of the kernel's built-in chains (of any table)?
     pub fn is_builtin_name(name: &str) -> bool {

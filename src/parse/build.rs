@@ -159,13 +159,7 @@ impl<'a> TableB<'a> {
         let i = match self.index.find_or_add(name, chains) {
             Some(i) => i,
             None => {
-                chains.push(Chain {
-                    name,
-                    policy: None,
-                    policy_counters: None,
-                    declared_line: None,
-                    rules: Vec::new(),
-                });
+                chains.push(Chain::named(name));
                 chains.len() - 1
             }
         };
@@ -567,13 +561,7 @@ mod tests {
         let mut chains: Vec<Chain<'_>> = Vec::new();
         for (i, name) in names.iter().enumerate() {
             assert_eq!(index.find_or_add(name, &chains), None, "{name} is new");
-            chains.push(Chain {
-                name,
-                policy: None,
-                policy_counters: None,
-                declared_line: None,
-                rules: Vec::new(),
-            });
+            chains.push(Chain::named(name));
             // Every name so far is found where it was put.
             if i % 499 == 0 {
                 for (j, n) in names[..=i].iter().enumerate() {
