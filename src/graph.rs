@@ -283,23 +283,21 @@ impl<'r, 'a> Graph<'r, 'a> {
                 prefetch_text(line.text);
             }
         }
+        // The calling rules, then the rules that call their chains.
         let mut next: Vec<(usize, usize, usize)> = Vec::with_capacity(above.len());
-        for _ in 0..2 {
+        for level in 0..2 {
             for &(t, c, r) in &above {
                 let chain = &self.rs.tables[t].chains[c];
                 prefetch(chain.name.as_ptr());
                 if let Some(line) = chain.rules.get(r) {
                     prefetch_text(line.text);
                 }
-                next.extend(
-                    self.tables[t]
-                        .callers(c)
-                        .take(WARM_RULES)
-                        .map(|(pc, pr)| (t, pc, pr)),
-                );
+                if level == 0 {
+                    let callers = self.tables[t].callers(c).take(WARM_RULES);
+                    next.extend(callers.map(|(pc, pr)| (t, pc, pr)));
+                }
             }
             std::mem::swap(&mut above, &mut next);
-            next.clear();
         }
     }
 
