@@ -8,7 +8,8 @@ use super::line::{DeclHow, HINT_EMPTY, Item};
 
 /// Chain names to their places in a table's chain list: open addressing with linear
 /// probing over 8-byte slots, each a 32-bit tag of the name's hash and the chain's place
-/// plus one (0: empty), at most half full, on huge pages where the system gives them.
+/// plus one (0: empty; so at most 2^32 − 2 chains, an input of tens of gigabytes), at
+/// most half full, on huge pages where the system gives them.
 /// Declarations are filed one by one, each looked up at a random place: for 135,000
 /// chains the table is 4 MiB (a `HashMap<&str, usize>`'s buckets take 6 MiB), and with
 /// 4 KiB pages nearly every lookup missed the TLB as well as the cache (perf: a tenth
