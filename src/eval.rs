@@ -20,7 +20,7 @@
 //! to match: it cannot change where a connection is sent.
 
 use crate::graph::{Graph, TargetRef};
-use crate::model::{LightRule, Match, Opt, Rule, RuleLine, Warning};
+use crate::model::{LightOpt, LightRule, Match, Opt, Rule, RuleLine, Warning};
 use crate::prob::{Approx, CompactProb, KEEP_EXACT_BITS, Prob, Weight};
 use crate::statistic::{self, SCALE, Statistic};
 use rustc_hash::FxHashMap as HashMap;
@@ -95,20 +95,20 @@ impl Packet {
     /// `-o` and destination/source port, where they name one value.
     pub fn from_rule(rule: &Rule<'_>) -> Packet {
         Packet::from_options(
-            rule.core.iter().map(|o| (o.name, o.negated, o.value())),
+            rule.core.iter().map(Opt::parts),
             (rule.matches.iter())
                 .flat_map(|m| &m.options)
-                .map(|o| (o.name, o.negated, o.value())),
+                .map(Opt::parts),
         )
     }
 
     /// [`Packet::from_rule`] of a rule of a [`LightRule`]'s shape.
     pub fn from_light(rule: &LightRule<'_>) -> Packet {
         Packet::from_options(
-            rule.core().iter().map(|o| (o.name, o.negated, o.value())),
+            rule.core().iter().map(LightOpt::parts),
             (rule.matches())
                 .flat_map(|(_, opts)| opts)
-                .map(|o| (o.name, o.negated, o.value())),
+                .map(LightOpt::parts),
         )
     }
 
@@ -1257,12 +1257,8 @@ fn decide_on(
     warned: &mut BTreeSet<(u32, String)>,
 ) -> Decision {
     let mut undecided: Vec<String> = Vec::new();
-    for o in &rule.core {
-        match core_test(o, packet) {
-            Some(true) => {}
-            Some(false) => return Decision::No,
-            None => undecided.push(describe(o)),
-        }
+    if !core_tests(rule.core.iter().map(Opt::parts), packet, &mut undecided) {
+        return Decision::No;
     }
     let mut share: Option<(u64, u64)> = None;
     for m in &rule.matches {
@@ -1322,14 +1318,32 @@ fn decide_light(
     warned: &mut BTreeSet<(u32, String)>,
 ) -> Decision {
     let mut undecided: Vec<String> = Vec::new();
-    for o in rule.core() {
-        match core_test_parts(o.name, o.negated, o.value(), packet) {
-            Some(true) => {}
-            Some(false) => return Decision::No,
-            None => undecided.push(describe_parts(o.name, o.negated, o.value())),
-        }
+    if !core_tests(
+        rule.core().iter().map(LightOpt::parts),
+        packet,
+        &mut undecided,
+    ) {
+        return Decision::No;
     }
     conclude(rule.line, None, t, mark_only, packet, undecided, warned)
+}
+
+/// Tests the core options `opts` (name, `!` before it, first value) on `packet`:
+/// `false` as soon as one cannot match; those it cannot decide are described in
+/// `undecided`.
+fn core_tests<'x>(
+    opts: impl Iterator<Item = (&'x str, bool, &'x str)>,
+    packet: &mut Packet,
+    undecided: &mut Vec<String>,
+) -> bool {
+    for (name, negated, v) in opts {
+        match core_test_parts(name, negated, v, packet) {
+            Some(true) => {}
+            Some(false) => return false,
+            None => undecided.push(describe(name, negated, v)),
+        }
+    }
+    true
 }
 
 /// Whether every match of `rule` matches whatever the connection, as [`match_test`]
@@ -1447,12 +1461,8 @@ pub(crate) fn static_test(module: &str, o: &Opt<'_>, packet: &mut Packet) -> Opt
     }
 }
 
-fn describe(o: &Opt<'_>) -> String {
-    describe_parts(o.name, o.negated, o.value())
-}
-
-/// [`describe`] of the option `name` (`!` before it: `negated`) with first value `v`.
-fn describe_parts(name: &str, negated: bool, v: &str) -> String {
+/// The option `name` (`!` before it: `negated`) with first value `v`, as written.
+fn describe(name: &str, negated: bool, v: &str) -> String {
     format!("{}-{name} {v}", if negated { "! " } else { "" })
 }
 
@@ -1475,7 +1485,8 @@ fn proto_name_ref(v: &str) -> Cow<'_, str> {
 }
 
 pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
-    core_test_parts(o.name, o.negated, o.value(), p)
+    let (name, negated, v) = o.parts();
+    core_test_parts(name, negated, v, p)
 }
 
 /// [`core_test`] of the core option `name` (`!` before it: `negated`) with first value `v`.

@@ -76,6 +76,11 @@ impl<'a> Opt<'a> {
     pub fn value(&self) -> &str {
         self.values.first().map_or("", |v| v.as_ref())
     }
+
+    /// (name, `!` before it, first value): what tests of a connection look at.
+    pub fn parts(&self) -> (&str, bool, &str) {
+        (self.name, self.negated, self.value())
+    }
 }
 
 /// One `-m module [options]` of a rule.
@@ -446,6 +451,11 @@ impl LightOpt<'_> {
     /// The value, or "" when the option has none (as [`Opt::value`]).
     pub fn value(&self) -> &str {
         self.value.unwrap_or("")
+    }
+
+    /// As [`Opt::parts`].
+    pub fn parts(&self) -> (&str, bool, &str) {
+        (self.name, self.negated, self.value())
     }
 }
 
