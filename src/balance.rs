@@ -481,11 +481,8 @@ fn kube_name(chain: &Chain<'_>, entry_comment: impl FnOnce() -> Option<String>) 
     chain
         .rules
         .iter()
-        .find_map(|r| match r.light() {
-            // (Read without allocating when the rule is of the simplest shape.)
-            Some(light) => light.comment().map(strip),
-            None => r.comment().map(|c| strip(&c)),
-        })
+        // (`RuleLine::comment` reads the comment without building the rule.)
+        .find_map(|r| r.comment().map(|c| strip(&c)))
         .or_else(|| entry_comment().as_deref().map(strip))
         .filter(|n| !n.is_empty())
 }
