@@ -1612,26 +1612,14 @@ mod json {
         // fixed size, without a call.
         if let (Some(first), Some(last)) = (bytes.first_chunk::<16>(), bytes.last_chunk::<16>()) {
             if n <= 32 && !flagged_block(first) && !flagged_block(last) {
-                let room = out.room_array::<34>();
-                room[0] = b'"';
-                room[1..17].copy_from_slice(first);
-                room[n - 15..=n].copy_from_slice(last);
-                room[n + 1] = b'"';
-                out.advance(n + 2);
-                return;
+                return quoted_ends::<16, 34>(out, first, last, n);
             }
         } else if let (Some(first), Some(last)) =
             (bytes.first_chunk::<8>(), bytes.last_chunk::<8>())
         {
             let word = |w: &[u8; 8]| u64::from_ne_bytes(*w);
             if !flagged_word(word(first)) && !flagged_word(word(last)) {
-                let room = out.room_array::<18>();
-                room[0] = b'"';
-                room[1..9].copy_from_slice(first);
-                room[n - 7..=n].copy_from_slice(last);
-                room[n + 1] = b'"';
-                out.advance(n + 2);
-                return;
+                return quoted_ends::<8, 18>(out, first, last, n);
             }
         }
         if needs_escape(bytes) {
@@ -1644,6 +1632,24 @@ mod json {
             room[n + 1] = b'"';
             out.advance(n + 2);
         }
+    }
+
+    /// A plain string of `n` bytes (`N <= n <= 2N`) quoted, from its first and last `N`
+    /// bytes (overlapping when `n < 2N`): two copies of fixed size. `R` is `2N + 2`.
+    #[inline(always)]
+    fn quoted_ends<const N: usize, const R: usize>(
+        out: &mut Out,
+        first: &[u8; N],
+        last: &[u8; N],
+        n: usize,
+    ) {
+        const { assert!(R == 2 * N + 2) };
+        let room = out.room_array::<R>();
+        room[0] = b'"';
+        room[1..=N].copy_from_slice(first);
+        room[n + 1 - N..=n].copy_from_slice(last);
+        room[n + 1] = b'"';
+        out.advance(n + 2);
     }
 
     /// Does a byte of the word need an escape (a control character, `"` or `\\`)? Eight
