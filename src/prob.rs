@@ -2166,8 +2166,24 @@ impl Default for DyadicTexts {
     }
 }
 
+/// Slots of the tables of recently computed values (1,024): [`DyadicTexts`] and the
+/// report's tables of float texts and endpoint values.
+pub(crate) const KEPT_SLOTS_LOG2: u32 = 10;
+
+/// The slot of a table of [`KEPT_SLOTS_LOG2`] bits for a key that hashes to `hash`
+/// (Fibonacci hashing: the top bits of the product).
+#[inline(always)]
+pub(crate) fn kept_slot(hash: u64) -> usize {
+    (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - KEPT_SLOTS_LOG2)) as usize
+}
+
+/// A hash of the [`Prob::dyadic_key`] `(num, shift)`, for [`kept_slot`].
+#[inline(always)]
+pub(crate) fn dyadic_hash(num: u128, shift: u64) -> u64 {
+    (num as u64) ^ ((num >> 64) as u64).rotate_left(17) ^ shift
+}
+
 impl DyadicTexts {
-    const SLOTS_LOG2: u32 = 10;
     /// Room for a kept text: 39 digits, a slash and 39 digits.
     const TEXT: usize = 96;
 
@@ -2180,7 +2196,7 @@ impl DyadicTexts {
             text: [0; Self::TEXT],
         };
         DyadicTexts {
-            slots: vec![empty; 1 << Self::SLOTS_LOG2].into_boxed_slice(),
+            slots: vec![empty; 1 << KEPT_SLOTS_LOG2].into_boxed_slice(),
         }
     }
 }
@@ -2190,30 +2206,31 @@ impl CompactProb {
     /// and `shift` at most 128: a key of the value, for tables of what was computed
     /// from it.
     pub fn dyadic_key(&self) -> Option<(u128, u64)> {
-        let p = self.exact()?;
-        if p.odd.is_one() && p.shift <= 128 {
-            small(&p.num).map(|num| (num, p.shift))
-        } else {
-            None
-        }
+        self.exact()?.dyadic_key()
     }
 }
 
 impl Prob {
+    /// `(num, shift)` when the value is `num / 2^shift` with a numerator of at most 128
+    /// bits and `shift` at most 128: a key of the value, for tables of what was
+    /// computed from it.
+    pub fn dyadic_key(&self) -> Option<(u128, u64)> {
+        if self.odd.is_one() && self.shift <= 128 {
+            small(&self.num).map(|num| (num, self.shift))
+        } else {
+            None
+        }
+    }
+
     /// [`Prob::write_text_dyadic_into`], the text copied from `kept` when it holds it
     /// (and kept there when it is short).
     pub fn write_text_dyadic_kept(&self, dst: &mut [u8], kept: &mut DyadicTexts) -> Option<usize> {
-        let key = (self.odd.is_one() && self.shift <= 128)
-            .then(|| small(&self.num))
-            .flatten();
-        let Some(num) = key else {
+        let Some((num, _)) = self.dyadic_key() else {
             return self.write_text_dyadic_into(dst);
         };
-        let mixed = (num as u64) ^ ((num >> 64) as u64).rotate_left(17) ^ self.shift;
-        // Fibonacci hashing: the top bits of the product.
-        let at =
-            (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DyadicTexts::SLOTS_LOG2)) as usize;
-        let slot = kept.slots.get_mut(at)?;
+        let slot = kept
+            .slots
+            .get_mut(kept_slot(dyadic_hash(num, self.shift)))?;
         if slot.num == num && slot.shift == self.shift {
             // The whole slot (a copy of known size), then the length.
             dst.get_mut(..DyadicTexts::TEXT)?

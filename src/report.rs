@@ -860,7 +860,7 @@ impl Default for EndpointValues {
             deviation: 0.0,
         };
         EndpointValues {
-            slots: vec![empty; 1 << 10].into_boxed_slice(),
+            slots: vec![empty; 1 << crate::prob::KEPT_SLOTS_LOG2].into_boxed_slice(),
         }
     }
 }
@@ -872,9 +872,7 @@ impl EndpointValues {
         let Some((num, shift)) = p.dyadic_key() else {
             return (p.to_f64(), p.relative_deviation(n));
         };
-        let mixed = (num as u64) ^ ((num >> 64) as u64).rotate_left(17) ^ shift ^ n.rotate_left(40);
-        // Fibonacci hashing: the top bits of the product.
-        let at = (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 10)) as usize;
+        let at = crate::prob::kept_slot(crate::prob::dyadic_hash(num, shift) ^ n.rotate_left(40));
         match self.slots.get_mut(at) {
             Some(s) if s.num == num && s.shift == shift && s.n == n => (s.probability, s.deviation),
             slot => {
@@ -1767,13 +1765,11 @@ mod json {
     }
 
     impl FloatTexts {
-        const SLOTS_LOG2: u32 = 10;
-
         /// Every slot holds 0 (its bits are 0), whose text is `0.0`.
         pub fn new() -> Self {
             let zero = (0.0f64.to_bits(), F64Text::new(0.0));
             FloatTexts {
-                slots: vec![zero; 1 << Self::SLOTS_LOG2].into_boxed_slice(),
+                slots: vec![zero; 1 << crate::prob::KEPT_SLOTS_LOG2].into_boxed_slice(),
             }
         }
 
@@ -1781,8 +1777,7 @@ mod json {
         #[inline(always)]
         pub fn write(&mut self, out: &mut Out, v: f64) {
             let bits = v.to_bits();
-            // Fibonacci hashing: the top bits of the product.
-            let at = (bits.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - Self::SLOTS_LOG2)) as usize;
+            let at = crate::prob::kept_slot(bits);
             match self.slots.get(at) {
                 Some((held, text)) if *held == bits => text.write(out),
                 _ => self.convert(at, v).write(out),
