@@ -8,9 +8,10 @@
 //! again when an analysis needs them. Consecutive rules of one chain are gathered into
 //! one vector. A small state machine (`build`) then files these, in input order, into
 //! tables and chains. Lines are independent, so large inputs are read by several
-//! threads, a wave of pieces at a time; the filing is sequential and the result the
-//! same for any number of threads. Strings borrow from the input; only quoted strings
-//! with escapes are copied.
+//! threads, each taking the next piece; the filing is sequential (in order, by the
+//! thread that brings the piece due next) and the result the same for any number of
+//! threads. Strings borrow from the input; only quoted strings with escapes are
+//! copied.
 //!
 //! Forms recognised:
 //! - `*table` … `COMMIT` blocks with `:CHAIN POLICY [p:b]` declarations ([`Format::Save`](crate::model::Format::Save));
@@ -366,44 +367,120 @@ fn parse_in<'a>(
         sizes.extend_from_slice(&o.decls[1..]);
     }
     let lines = next - 1;
-    let mut b = Builder::new(lenient, sizes);
-    // The pieces are read in waves, a piece per thread at a time, and filed in order:
-    // what was read but not filed stays small. The filing of one wave (on one thread)
-    // runs while the next wave is read. Without `lenient` a piece stops at its first
-    // bad line, which is all the filing can get to; a wave read beyond a fatal error
-    // is dropped unfiled.
+    let b = Builder::new(lenient, sizes);
+    // Each thread reads the next unread piece, in order, and leaves what it read for
+    // the filing, which is sequential: the thread that brings the piece due next files
+    // it and any read after it, while the other threads go on reading. Without
+    // `lenient` a piece stops at its first bad line, which is all the filing can get
+    // to; pieces read beyond a fatal error are dropped unfiled.
     let threads = rayon::current_num_threads().max(1);
-    let read_wave = |wave: &[&'a str], wave_firsts: &[u32]| -> Vec<Vec<Entry<'a>>> {
-        wave.par_iter()
-            .zip(wave_firsts.par_iter())
-            .map(|(p, &first)| {
-                let mut out = Vec::new();
-                let _ = read_lines(p, first, &mut |e| {
-                    let fatal = !lenient && matches!(e, Entry::Error(_));
-                    out.push(e);
-                    if fatal { Err(()) } else { Ok(()) }
-                });
-                out
-            })
-            .collect()
+    let read = |i: usize| -> Vec<Entry<'a>> {
+        // About as many entries as lines (runs of one chain's rules are one entry).
+        let mut out = Vec::with_capacity(outlines[i].lines as usize / 2);
+        let _ = read_lines(pieces[i], firsts[i], &mut |e| {
+            let fatal = !lenient && matches!(e, Entry::Error(_));
+            out.push(e);
+            if fatal { Err(()) } else { Ok(()) }
+        });
+        out
     };
-    let file = |b: &mut Builder<'a>, read: Vec<Vec<Entry<'a>>>| -> Result<(), InputError> {
-        for e in read.into_iter().flatten() {
-            apply(b, e)?;
+    let filing = Filing::new(b, pieces.len());
+    let work = || {
+        while let Some(i) = filing.take_piece() {
+            filing.deposit(i, read(i));
         }
-        Ok(())
     };
-    let mut read: Vec<Vec<Entry<'a>>> = Vec::new();
-    for (wave, wave_firsts) in pieces.chunks(threads).zip(firsts.chunks(threads)) {
-        let (filed, next) = rayon::join(
-            || file(&mut b, std::mem::take(&mut read)),
-            || read_wave(wave, wave_firsts),
-        );
-        filed?;
-        read = next;
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+    filing.finish(lines)
+}
+
+/// The sequential filing of [`parse_in`]'s pieces, fed by the threads that read them
+/// (in any order) and done in order.
+struct Filing<'a> {
+    /// The next piece to be read.
+    next_read: std::sync::atomic::AtomicUsize,
+    /// Set when the filing failed: no more pieces are read.
+    failed: std::sync::atomic::AtomicBool,
+    /// What was read and not filed yet, by piece.
+    read: std::sync::Mutex<Vec<Option<Vec<Entry<'a>>>>>,
+    /// The builder, the next piece to file and the filing's error; held by the thread
+    /// that files.
+    filer: std::sync::Mutex<(Builder<'a>, usize, Result<(), InputError>)>,
+}
+
+impl<'a> Filing<'a> {
+    fn new(b: Builder<'a>, pieces: usize) -> Self {
+        Filing {
+            next_read: 0.into(),
+            failed: false.into(),
+            read: std::sync::Mutex::new((0..pieces).map(|_| None).collect()),
+            filer: std::sync::Mutex::new((b, 0, Ok(()))),
+        }
     }
-    file(&mut b, read)?;
-    b.finish(lines)
+
+    /// The next piece to read, if any is left and the filing has not failed.
+    fn take_piece(&self) -> Option<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.failed.load(Relaxed) {
+            return None;
+        }
+        let i = self.next_read.fetch_add(1, Relaxed);
+        (i < lock(&self.read).len()).then_some(i)
+    }
+
+    /// Leaves piece `i`'s entries, then files every piece that is due, unless another
+    /// thread is filing (it will file them).
+    fn deposit(&self, i: usize, entries: Vec<Entry<'a>>) {
+        lock(&self.read)[i] = Some(entries);
+        loop {
+            let Ok(mut filer) = self.filer.try_lock() else {
+                return;
+            };
+            let (b, next, result) = &mut *filer;
+            while result.is_ok() {
+                let Some(entries) = lock(&self.read).get_mut(*next).and_then(Option::take) else {
+                    break;
+                };
+                *next += 1;
+                *result = entries.into_iter().try_for_each(|e| apply(b, e));
+            }
+            if result.is_err() {
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            let due = *next;
+            drop(filer);
+            // A piece left while this thread held the filer found it busy: file it.
+            if !lock(&self.read).get(due).is_some_and(Option::is_some) {
+                return;
+            }
+        }
+    }
+
+    /// The ruleset, once every piece is read and filed (or the filing's error).
+    fn finish(self, lines: u32) -> Result<Ruleset<'a>, InputError> {
+        let read = self.read.into_inner().unwrap_or_else(|e| e.into_inner());
+        let (mut b, next, result) = self.filer.into_inner().unwrap_or_else(|e| e.into_inner());
+        result?;
+        // (Every piece is filed by the thread that brought it or the filer then.)
+        for entries in read.into_iter().skip(next).flatten() {
+            for e in entries {
+                apply(&mut b, e)?;
+            }
+        }
+        b.finish(lines)
+    }
+}
+
+/// Locks `m`, whether or not another thread panicked holding it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Do two rulesets have the same tables, chains and rules, ignoring line and column
