@@ -253,7 +253,7 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
                 .flat_map_iter(|(c, chain)| per_chain(t, c, chain)),
         );
     }
-    let mut out: Vec<Candidate> = found
+    let out: Vec<Candidate> = found
         .into_par_iter()
         .map(|f| {
             let chain = graph.chain(f.table, f.chain);
@@ -288,9 +288,43 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
             }
         })
         .collect();
-    // (A stable sort, as `sort_by`: equal keys keep the order found.)
-    out.par_sort_by(|a, b| (&a.name, &a.chain_name, a.line).cmp(&(&b.name, &b.chain_name, b.line)));
-    out
+    sort_candidates(out)
+}
+
+/// `found` sorted by (name, chain, line), equal keys in the order found (a stable sort).
+/// The names of a namespace's services share long beginnings, and comparing strings
+/// on the heap misses the caches: the sort compares the names' first 32 bytes as two
+/// numbers first, and the whole keys only where those agree.
+fn sort_candidates(found: Vec<Candidate>) -> Vec<Candidate> {
+    let mut order: Vec<((u128, u128), u32)> = found
+        .par_iter()
+        .enumerate()
+        .map(|(i, c)| (name_prefix(&c.name), i as u32))
+        .collect();
+    order.par_sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| {
+                let (x, y) = (&found[a.1 as usize], &found[b.1 as usize]);
+                (&x.name, &x.chain_name, x.line).cmp(&(&y.name, &y.chain_name, y.line))
+            })
+            .then(a.1.cmp(&b.1))
+    });
+    let mut slots: Vec<Option<Candidate>> = found.into_iter().map(Some).collect();
+    order
+        .iter()
+        .filter_map(|&(_, i)| slots.get_mut(i as usize)?.take())
+        .collect()
+}
+
+/// The first 32 bytes of `name` as two big-endian numbers, zeros after a shorter
+/// name: when two names' prefixes differ, the names compare as their prefixes do.
+fn name_prefix(name: &str) -> (u128, u128) {
+    let mut b = [0u8; 32];
+    let n = name.len().min(32);
+    b[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let (hi, lo) = b.split_at(16);
+    let word = |h: &[u8]| h.try_into().map_or(0, u128::from_be_bytes);
+    (word(hi), word(lo))
 }
 
 /// Analyses one candidate: its entries, exact endpoint probabilities and affinity.
@@ -657,6 +691,42 @@ fn ip_text(a: std::net::IpAddr) -> String {
 mod tests {
     use super::*;
     use crate::parse::{ParseOptions, parse};
+
+    proptest::proptest! {
+        /// The prefix-first sort gives what a stable sort on the whole keys gives,
+        /// for names that share long beginnings, are short, or hold NUL and non-ASCII
+        /// characters, with repeated keys.
+        #[test]
+        fn candidates_sort_as_their_whole_keys(
+            keys in proptest::collection::vec(
+                ("(team-01[0-9]/app-0[0-9]{2}|a|ab|a\\x00|é|team-0148/app-024076-api:https|team-0148/app-024076-api:https-long-port-name)[a-z:]{0,3}",
+                 "KUBE-SVC-[AB]{1,2}", 0u32..3),
+                0..60,
+            )
+        ) {
+            let found: Vec<Candidate> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, (name, chain, line))| Candidate {
+                    table: 0,
+                    chain: i,
+                    kind: Kind::KubeProxy,
+                    selector: None,
+                    first_rule: None,
+                    name: name.clone(),
+                    chain_name: chain.clone(),
+                    line: *line,
+                })
+                .collect();
+            let mut expected: Vec<usize> = (0..found.len()).collect();
+            expected.sort_by(|&a, &b| {
+                let (x, y) = (&found[a], &found[b]);
+                (&x.name, &x.chain_name, x.line).cmp(&(&y.name, &y.chain_name, y.line))
+            });
+            let sorted: Vec<usize> = sort_candidates(found).iter().map(|c| c.chain).collect();
+            proptest::prop_assert_eq!(sorted, expected);
+        }
+    }
 
     #[test]
     fn addresses_read_as_display_writes_them() {
