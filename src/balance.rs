@@ -309,11 +309,23 @@ fn sort_candidates(found: Vec<Candidate>) -> Vec<Candidate> {
             })
             .then(a.1.cmp(&b.1))
     });
-    let mut slots: Vec<Option<Candidate>> = found.into_iter().map(Some).collect();
-    order
-        .iter()
-        .filter_map(|&(_, i)| slots.get_mut(i as usize)?.take())
-        .collect()
+    // Put in place, a cycle of the permutation at a time (no second list: the sort
+    // happens at the run's peak of memory): place k takes the candidate at `order[k]`.
+    let mut found = found;
+    let mut perm: Vec<u32> = order.into_iter().map(|(_, i)| i).collect();
+    for start in 0..perm.len() {
+        let mut cur = start;
+        while perm[cur] != u32::MAX {
+            let next = perm[cur] as usize;
+            perm[cur] = u32::MAX;
+            if next == start {
+                break;
+            }
+            found.swap(cur, next);
+            cur = next;
+        }
+    }
+    found
 }
 
 /// The first 32 bytes of `name` as two big-endian numbers, zeros after a shorter
