@@ -384,7 +384,7 @@ fn parse_in<'a>(
         });
         out
     };
-    let filing = Filing::new(b, pieces.len());
+    let filing = Filing::new(b, pieces.len(), threads);
     let work = || {
         while let Some(i) = filing.take_piece() {
             filing.deposit(i, read(i));
@@ -406,58 +406,75 @@ struct Filing<'a> {
     next_read: std::sync::atomic::AtomicUsize,
     /// Set when the filing failed: no more pieces are read.
     failed: std::sync::atomic::AtomicBool,
-    /// What was read and not filed yet, by piece.
-    read: std::sync::Mutex<Vec<Option<Vec<Entry<'a>>>>>,
+    /// What was read and not filed yet, by piece, and the next piece to file.
+    read: std::sync::Mutex<(Vec<Option<Vec<Entry<'a>>>>, usize)>,
+    /// Signalled when the filing takes a piece or fails.
+    progress: std::sync::Condvar,
+    /// How many pieces may be read beyond the next to file: a bound on what waits.
+    ahead: usize,
     /// The builder, the next piece to file and the filing's error; held by the thread
     /// that files.
     filer: std::sync::Mutex<(Builder<'a>, usize, Result<(), InputError>)>,
 }
 
 impl<'a> Filing<'a> {
-    fn new(b: Builder<'a>, pieces: usize) -> Self {
+    fn new(b: Builder<'a>, pieces: usize, threads: usize) -> Self {
         Filing {
             next_read: 0.into(),
             failed: false.into(),
-            read: std::sync::Mutex::new((0..pieces).map(|_| None).collect()),
+            read: std::sync::Mutex::new(((0..pieces).map(|_| None).collect(), 0)),
+            progress: std::sync::Condvar::new(),
+            ahead: 2 * threads,
             filer: std::sync::Mutex::new((b, 0, Ok(()))),
         }
     }
 
-    /// The next piece to read, if any is left and the filing has not failed.
+    /// The next piece to read, if any is left and the filing has not failed; waits
+    /// while it is too far ahead of the filing (the reader of every piece before it
+    /// goes on, so the filing does).
     fn take_piece(&self) -> Option<usize> {
         use std::sync::atomic::Ordering::Relaxed;
-        if self.failed.load(Relaxed) {
-            return None;
-        }
         let i = self.next_read.fetch_add(1, Relaxed);
-        (i < lock(&self.read).len()).then_some(i)
+        let mut read = lock(&self.read);
+        while !self.failed.load(Relaxed) && i < read.0.len() && i >= read.1 + self.ahead {
+            read = (self.progress.wait(read)).unwrap_or_else(|e| e.into_inner());
+        }
+        (!self.failed.load(Relaxed) && i < read.0.len()).then_some(i)
     }
 
     /// Leaves piece `i`'s entries, then files every piece that is due, unless another
     /// thread is filing (it will file them).
     fn deposit(&self, i: usize, entries: Vec<Entry<'a>>) {
-        lock(&self.read)[i] = Some(entries);
+        lock(&self.read).0[i] = Some(entries);
         loop {
             let Ok(mut filer) = self.filer.try_lock() else {
                 return;
             };
             let (b, next, result) = &mut *filer;
             while result.is_ok() {
-                let Some(entries) = lock(&self.read).get_mut(*next).and_then(Option::take) else {
-                    break;
+                let entries = {
+                    let mut read = lock(&self.read);
+                    let Some(entries) = read.0.get_mut(*next).and_then(Option::take) else {
+                        break;
+                    };
+                    *next += 1;
+                    read.1 = *next;
+                    entries
                 };
-                *next += 1;
+                self.progress.notify_all();
                 *result = file_entries(b, entries);
             }
             if result.is_err() {
+                let _read = lock(&self.read);
                 self.failed
                     .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.progress.notify_all();
                 return;
             }
             let due = *next;
             drop(filer);
             // A piece left while this thread held the filer found it busy: file it.
-            if !lock(&self.read).get(due).is_some_and(Option::is_some) {
+            if !lock(&self.read).0.get(due).is_some_and(Option::is_some) {
                 return;
             }
         }
@@ -465,7 +482,7 @@ impl<'a> Filing<'a> {
 
     /// The ruleset, once every piece is read and filed (or the filing's error).
     fn finish(self, lines: u32) -> Result<Ruleset<'a>, InputError> {
-        let read = self.read.into_inner().unwrap_or_else(|e| e.into_inner());
+        let (read, _) = self.read.into_inner().unwrap_or_else(|e| e.into_inner());
         let (mut b, next, result) = self.filer.into_inner().unwrap_or_else(|e| e.into_inner());
         result?;
         // (Every piece is filed by the thread that brought it or the filer then.)
