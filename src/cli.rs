@@ -331,6 +331,14 @@ impl Mapped {
         if ptr == libc::MAP_FAILED {
             return None;
         }
+        // Pages the kernel reads in for the mapping then come in 2 MiB folios, which it
+        // maps as huge pages (a file already cached keeps the folios it has: a freshly
+        // written one mostly has large ones). Only a hint: its result does not matter.
+        // SAFETY: advice on the mapping just made, of `len` bytes.
+        #[cfg(target_os = "linux")]
+        unsafe {
+            libc::madvise(ptr, len, libc::MADV_HUGEPAGE);
+        }
         Some(Mapped { ptr, len })
     }
 
