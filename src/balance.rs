@@ -193,7 +193,8 @@ const WARM_CANDIDATES: usize = 16;
 /// Every place that may be a balancer: each group of statistic rules of a chain (rules
 /// with the same selector), and every kube-proxy service chain. Sorted by (name, chain,
 /// line), the order of [`find`]'s balancers. (A generic candidate whose statistic rules
-/// no traffic reaches is no balancer: [`analyse`] gives `None` for it.)
+/// no traffic reaches is no balancer: [`analyse`] gives `None` for it.) Walks nothing:
+/// [`Graph::build_with`] runs it before the graph's walk flags are set.
 pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
     struct Found {
         table: usize,

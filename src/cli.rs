@@ -433,9 +433,10 @@ pub fn candidates<'r, 'a>(
     lenient: bool,
     warnings: &mut Vec<Warning>,
 ) -> Result<(Graph<'r, 'a>, Vec<Candidate>)> {
-    let graph = Graph::build(rs, lenient).map_err(|e| with_source(e, input, Some(text)))?;
+    // The balancers are listed while the graph's loops are looked for.
+    let (graph, found) = Graph::build_with(rs, lenient, balance::candidates)
+        .map_err(|e| with_source(e, input, Some(text)))?;
     warnings.extend(graph.warnings.iter().cloned());
-    let found = balance::candidates(&graph);
     Ok((graph, found))
 }
 

@@ -98,6 +98,8 @@ pub struct TableGraph {
     pub may_terminate: Vec<bool>,
     /// Per chain: does it (or anything below it) change marks?
     pub may_mark: Vec<bool>,
+    /// Per chain: has it a policy (a built-in chain)?
+    policies: Vec<bool>,
 }
 
 impl TableGraph {
@@ -175,7 +177,7 @@ const CHAIN_BITS: u32 = 29;
 const RESOLVE_RUN: usize = 2048;
 
 /// A run of chains' resolved targets, and the (chain, rule) places that need a word.
-type Resolved = (Vec<Packed>, Vec<(usize, usize)>);
+type Resolved = (Vec<Packed>, Vec<(usize, usize)>, Vec<bool>);
 
 impl Packed {
     fn pack(t: TargetRef) -> Packed {
@@ -222,31 +224,49 @@ impl<'r, 'a> Graph<'r, 'a> {
     /// chain is an error unless `lenient`; in fragments and `-S` output it is assumed to
     /// return, with a warning. A loop is always an error.
     pub fn build(rs: &'r Ruleset<'a>, lenient: bool) -> Result<Self, InputError> {
+        Self::build_with(rs, lenient, |_| ()).map(|(graph, ())| graph)
+    }
+
+    /// [`Self::build`], and `f` run on the graph at the same time as the search for
+    /// loops and the flags: `f` sees every target and caller, but not yet
+    /// [`TableGraph::may_terminate`] and [`TableGraph::may_mark`] (empty until then: a
+    /// walk would fail on them), so it must not walk the graph. (What lists the balancers, which
+    /// only looks at chains, rules and callers, runs so.) Its result is dropped when the
+    /// graph has a loop.
+    pub fn build_with<T: Send>(
+        rs: &'r Ruleset<'a>,
+        lenient: bool,
+        f: impl FnOnce(&Self) -> T + Send,
+    ) -> Result<(Self, T), InputError> {
         let mut warnings = Vec::new();
         let mut tables = Vec::with_capacity(rs.tables.len());
         for table in &rs.tables {
             tables.push(build_table(rs.format, table, lenient, &mut warnings)?);
+        }
+        for tg in &mut tables {
+            (tg.caller_start, tg.caller_list) = tg.file_callers();
         }
         let mut graph = Graph {
             rs,
             tables,
             warnings,
         };
-        for (t, table) in rs.tables.iter().enumerate() {
-            // The callers are filed while the loops are looked for and the flags set.
-            let g = &graph;
-            let (callers, flags) = rayon::join(
-                || g.tables[t].file_callers(),
-                || {
-                    g.checked_order(t, table)
-                        .map(|order| g.compute_flags(t, order))
-                },
-            );
-            let tg = &mut graph.tables[t];
-            (tg.caller_start, tg.caller_list) = callers;
-            (tg.may_terminate, tg.may_mark) = flags?;
+        let g = &graph;
+        let (flags, out) = rayon::join(
+            || {
+                (rs.tables.iter().enumerate())
+                    .map(|(t, table)| {
+                        g.checked_order(t, table)
+                            .map(|order| g.compute_flags(t, order))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            },
+            || f(g),
+        );
+        for (tg, (may_terminate, may_mark)) in graph.tables.iter_mut().zip(flags?) {
+            (tg.may_terminate, tg.may_mark) = (may_terminate, may_mark);
         }
-        Ok(graph)
+        Ok((graph, out))
     }
 
     /// Asks the processor to bring into its caches what walks from `roots` (table,
@@ -326,12 +346,13 @@ impl<'r, 'a> Graph<'r, 'a> {
     /// with a verdict inside it, may it change marks ([`TableGraph::may_terminate`],
     /// [`TableGraph::may_mark`]).
     fn compute_flags(&self, t: usize, order: Vec<usize>) -> (Vec<bool>, Vec<bool>) {
-        let table = &self.rs.tables[t];
         let tg = &self.tables[t];
         let n = tg.chains();
-        let (mut may_terminate, mut may_mark) = (vec![false; n], vec![false; n]);
+        // (A built-in chain's policy is a verdict too: `policies`, read in order while
+        // resolving, rather than each chain looked up here in callee-first order.)
+        let (mut may_terminate, mut may_mark) = (tg.policies.clone(), vec![false; n]);
         for c in order {
-            let mut term = false;
+            let mut term = may_terminate[c];
             let mut mark = false;
             for i in tg.target_start[c]..tg.target_start[c + 1] {
                 match tg.target_list[i as usize].unpack() {
@@ -344,8 +365,6 @@ impl<'r, 'a> Graph<'r, 'a> {
                     _ => {}
                 }
             }
-            // A built-in chain's policy is a verdict too.
-            term |= table.chains[c].policy.is_some();
             may_terminate[c] = term;
             may_mark[c] = mark;
         }
@@ -453,6 +472,7 @@ fn build_table<'a>(
         .map(|(k, run)| {
             let mut targets = Vec::with_capacity(run.iter().map(|c| c.rules.len()).sum());
             let mut noted = Vec::new();
+            let policies = run.iter().map(|c| c.policy.is_some()).collect();
             for (i, chain) in run.iter().enumerate() {
                 for (r, rule) in chain.rules.iter().enumerate() {
                     let t = match &rule.target() {
@@ -465,12 +485,12 @@ fn build_table<'a>(
                     targets.push(Packed::pack(t));
                 }
             }
-            (targets, noted)
+            (targets, noted, policies)
         })
         .collect();
     let mut target_start = Vec::with_capacity(n + 1);
     let mut target_list = Vec::with_capacity(rules);
-    for (targets, _) in &resolved {
+    for (targets, _, _) in &resolved {
         target_list.extend_from_slice(targets);
     }
     let mut at = 0u32;
@@ -479,7 +499,7 @@ fn build_table<'a>(
         at += chain.rules.len() as u32;
     }
     let mut missing_warned: HashMap<&str, ()> = HashMap::default();
-    for &(c, r) in resolved.iter().flat_map(|(_, noted)| noted) {
+    for &(c, r) in resolved.iter().flat_map(|(_, noted, _)| noted) {
         let rule = &table.chains[c].rules[r];
         let target = rule.target().expect("noted rules have a target");
         if target_list[target_start[c] as usize + r].unpack() == TargetRef::Missing {
@@ -529,6 +549,7 @@ fn build_table<'a>(
         caller_list: Vec::new(),
         may_terminate: Vec::new(),
         may_mark: Vec::new(),
+        policies: resolved.into_iter().flat_map(|(_, _, p)| p).collect(),
     })
 }
 
