@@ -273,6 +273,9 @@ pub(crate) struct Summary<'a> {
     pub fixed: Option<Option<crate::statistic::Statistic>>,
     /// A `-s` option.
     pub tests_source: bool,
+    /// What decides a `-j DNAT` rule of the simplest shape and what it gives (only the
+    /// fast path reads lines of that shape).
+    pub dnat: Option<crate::model::DnatFacts>,
 }
 
 impl<'a> Summary<'a> {
@@ -286,6 +289,7 @@ impl<'a> Summary<'a> {
             v6: false,
             fixed: Some(None),
             tests_source: false,
+            dnat: None,
         }
     }
 
@@ -328,7 +332,7 @@ impl<'a> Summary<'a> {
             self.counted,
             self.plain,
         )
-        .with_facts(self.fixed, self.tests_source)
+        .with_facts(self.fixed, self.tests_source, self.dnat)
     }
 }
 
