@@ -239,11 +239,11 @@ impl DnatFacts {
         }
         let proto = match rule.core() {
             [] => None,
-            [o] if o.name == "p" && !o.negated => Some(o.value()),
+            [o] if o.name == "p" && !o.negated => Some(o.value().as_bytes()),
             _ => return None,
         };
         let value = (options.iter())
-            .find(|o| Self::is_destination(o.name))
+            .find(|o| Self::is_destination(o.name.as_bytes()))
             .map_or("", LightOpt::value);
         if value.is_empty() {
             return Self::new(proto, (0, 0));
@@ -260,18 +260,18 @@ impl DnatFacts {
     /// Is a DNAT option of that name one whose value is the destination (the first such
     /// option's, as `eval::target_outcome` finds it)?
     #[inline]
-    pub(crate) fn is_destination(name: &str) -> bool {
-        name == "to-destination" || name == "to"
+    pub(crate) fn is_destination(name: &[u8]) -> bool {
+        name == b"to-destination" || name == b"to"
     }
 
     /// The facts of a rule of the shape whose `-p` names `proto` (`None`: none) and whose
     /// destination is the byte range `value` of its line; `None` for a protocol not in
     /// [`DNAT_PROTOCOLS`].
-    pub(crate) fn new(proto: Option<&str>, value: (u32, u32)) -> Option<DnatFacts> {
+    pub(crate) fn new(proto: Option<&[u8]>, value: (u32, u32)) -> Option<DnatFacts> {
         let proto = match proto {
             None => 0,
             Some(name) => {
-                let p = DNAT_PROTOCOLS.iter().position(|&p| p == name)?;
+                let p = DNAT_PROTOCOLS.iter().position(|p| p.as_bytes() == name)?;
                 u8::try_from(p + 1).ok()?
             }
         };

@@ -577,6 +577,9 @@ pub(super) fn line_dnat_facts(line: &str, body: &str, bufs: &mut FastBufs) -> Op
 /// of the walk.)
 fn dnat_facts(line: &str, steps: &[FStep], vals: &[(u32, u32)]) -> Option<DnatFacts> {
     use crate::model::{LIGHT_MATCHES, LIGHT_OPTS};
+    // (Names compared as bytes: a fifth of the cost.)
+    let b = line.as_bytes();
+    let bytes = |r: (u32, u32)| b.get(r.0 as usize..r.1 as usize).unwrap_or(&[]);
     let mut proto = None;
     let mut value = None;
     let (mut n_matches, mut n_opts) = (0, 0);
@@ -590,21 +593,21 @@ fn dnat_facts(line: &str, steps: &[FStep], vals: &[(u32, u32)]) -> Option<DnatFa
         }
         match st.kind {
             StepKind::Core if st.core == 3 && st.nv == 1 && !st.negated && proto.is_none() => {
-                proto = Some(st.first(line, vals));
+                proto = Some(bytes(vals[st.v0 as usize]));
             }
             StepKind::MatchStart if !target => {
-                let module = st.name(line);
-                if module == "statistic" {
+                let module = bytes(st.name);
+                if module == b"statistic" {
                     return None;
                 }
-                comment = module == "comment";
+                comment = module == b"comment";
                 n_matches += 1;
             }
             StepKind::Opt(Sec::Match) if comment => n_opts += 1,
-            StepKind::Target(Jump::Jump) if st.name(line) == "DNAT" => target = true,
+            StepKind::Target(Jump::Jump) if bytes(st.name) == b"DNAT" => target = true,
             StepKind::Opt(Sec::Target) => {
                 n_opts += 1;
-                if value.is_none() && DnatFacts::is_destination(st.name(line)) {
+                if value.is_none() && DnatFacts::is_destination(bytes(st.name)) {
                     value = Some(if st.nv == 0 {
                         (0, 0)
                     } else {

@@ -323,6 +323,7 @@ impl<'a> Summary<'a> {
 
     /// The ruleset's record of line `no`, whose text is `text` and whose summary this is
     /// (the one place that turns a summary into a [`RuleLine`]).
+    #[inline]
     pub(crate) fn rule_line(&self, no: u32, text: &'a str) -> crate::model::RuleLine<'a> {
         crate::model::RuleLine::from_parts(
             no,
