@@ -1078,28 +1078,41 @@ impl Walker<'_, '_, '_, '_> {
             };
             // Nor a mark-only rule known not to apply.
             let skipped = mark_only && mark_rule_never_applies(line, &t.packet);
-            // Nor a rule of the simplest shape whose matches always match (kube-proxy's
-            // DNAT rules): its core options and target are read without building the rule.
-            // (A MARK rule's options are the whole rule's.)
+            // Nor a DNAT rule whose first reading kept what decides it and its destination
+            // (kube-proxy's: see `RuleLine::dnat`).
+            let dnat = match (fixed, target) {
+                (None, TargetRef::Terminal) if !skipped => line.dnat(),
+                _ => None,
+            };
+            // Nor a rule of the simplest shape whose matches always match: its core
+            // options and target are read without building the rule. (A MARK rule's
+            // options are the whole rule's.)
             let light = match (fixed, target) {
                 (None, TargetRef::Mark) => false,
-                (None, _) if !skipped => {
-                    line.light_into(&mut self.light) && light_matches_always(&self.light)
+                (None, _) if !skipped && dnat.is_none() => {
+                    line.light_into(&mut self.light) && self.light.matches_always()
                 }
                 _ => false,
             };
             let (rule, decision) = match fixed {
                 _ if skipped => (None, Decision::No),
                 Some(share) => (None, Decision::Yes(share)),
-                None => match light.then_some(&self.light) {
-                    Some(l) => {
+                None => match (dnat, light.then_some(&self.light)) {
+                    (Some((proto, _)), _) => {
+                        let warned = &mut self.warned;
+                        let decision = decide(&mut t, &mut self.bufs.scratch, |t, p| {
+                            decide_dnat(line.line, proto, t, mark_only, p, warned)
+                        });
+                        (None, decision)
+                    }
+                    (None, Some(l)) => {
                         let warned = &mut self.warned;
                         let decision = decide(&mut t, &mut self.bufs.scratch, |t, p| {
                             decide_light(l, t, mark_only, p, warned)
                         });
                         (None, decision)
                     }
-                    None => {
+                    (None, None) => {
                         let i = self.read(t.chain, t.rule);
                         let (rules, warned) = (&self.rules, &mut self.warned);
                         let decision = decide(&mut t, &mut self.bufs.scratch, |t, p| {
@@ -1185,9 +1198,12 @@ impl Walker<'_, '_, '_, '_> {
                             line: line_no,
                         });
                     }
-                    let outcome = match light.then_some(&self.light) {
-                        Some(l) => light_outcome(l),
-                        None => terminal_outcome(&self.rules[rule.expect("read: not fixed")]),
+                    let outcome = match (dnat, light.then_some(&self.light)) {
+                        (Some((_, to)), _) => dnat_outcome(to),
+                        (None, Some(l)) => light_outcome(l),
+                        (None, None) => {
+                            terminal_outcome(&self.rules[rule.expect("read: not fixed")])
+                        }
                     };
                     self.finish(&mut t, outcome, line_no);
                     return Ok(());
@@ -1309,7 +1325,7 @@ fn decide_on(
 }
 
 /// [`decide_on`] for a rule of a [`LightRule`]'s shape whose matches always match
-/// ([`light_matches_always`]).
+/// ([`LightRule::matches_always`]).
 fn decide_light(
     rule: &LightRule<'_>,
     t: &Thread,
@@ -1317,15 +1333,45 @@ fn decide_light(
     packet: &mut Packet,
     warned: &mut BTreeSet<(u32, String)>,
 ) -> Decision {
-    let mut undecided: Vec<String> = Vec::new();
-    if !core_tests(
+    decide_core(
+        rule.line,
         rule.core().iter().map(LightOpt::parts),
+        t,
+        mark_only,
         packet,
-        &mut undecided,
-    ) {
+        warned,
+    )
+}
+
+/// [`decide_light`] for the DNAT rule of line `line` as its first reading kept it
+/// ([`RuleLine::dnat`]): its one core option is `-p proto`, if any.
+fn decide_dnat(
+    line: u32,
+    proto: Option<&str>,
+    t: &Thread,
+    mark_only: bool,
+    packet: &mut Packet,
+    warned: &mut BTreeSet<(u32, String)>,
+) -> Decision {
+    let core = proto.map(|p| ("p", false, p));
+    decide_core(line, core.into_iter(), t, mark_only, packet, warned)
+}
+
+/// [`decide_on`] for the rule of line `line` whose matches always match and whose core
+/// options are `core` (name, `!` before it, first value).
+fn decide_core<'x>(
+    line: u32,
+    core: impl Iterator<Item = (&'x str, bool, &'x str)>,
+    t: &Thread,
+    mark_only: bool,
+    packet: &mut Packet,
+    warned: &mut BTreeSet<(u32, String)>,
+) -> Decision {
+    let mut undecided: Vec<String> = Vec::new();
+    if !core_tests(core, packet, &mut undecided) {
         return Decision::No;
     }
-    conclude(rule.line, None, t, mark_only, packet, undecided, warned)
+    conclude(line, None, t, mark_only, packet, undecided, warned)
 }
 
 /// Tests the core options `opts` (name, `!` before it, first value) on `packet`:
@@ -1344,13 +1390,6 @@ fn core_tests<'x>(
         }
     }
     true
-}
-
-/// Whether every match of `rule` matches whatever the connection, as [`match_test`]
-/// finds: comments, and modules without options other than `statistic`.
-fn light_matches_always(rule: &LightRule<'_>) -> bool {
-    rule.matches()
-        .all(|(m, opts)| m == "comment" || (opts.is_empty() && m != "statistic"))
 }
 
 /// The end of [`decide_on`] for the rule of line `line`, once its conditions are tested:
@@ -1797,6 +1836,12 @@ fn light_outcome(rule: &LightRule<'_>) -> Outcome {
     })
 }
 
+/// [`terminal_outcome`] of a DNAT rule whose first `--to-destination` or `--to` has
+/// the first value `to` (`""` for none).
+fn dnat_outcome(to: &str) -> Outcome {
+    target_outcome("DNAT", |_| Some(to))
+}
+
 /// The outcome of the terminal target `name` whose first option of the names given has
 /// the first value `find(names)`.
 fn target_outcome<'x>(name: &str, find: impl Fn(&[&str]) -> Option<&'x str>) -> Outcome {
@@ -2188,5 +2233,243 @@ mod tests {
             e.to_string().contains("outcomes and waiting branches"),
             "{e}"
         );
+    }
+
+    /// The rule lines of a one-chain fragment, read as `parse` reads them (leniently:
+    /// lines with errors are left out).
+    fn rule_lines(text: &str) -> Vec<RuleLine<'_>> {
+        let Ok(rs) = parse(text, &ParseOptions { lenient: true }) else {
+            return Vec::new();
+        };
+        (rs.tables.into_iter())
+            .flat_map(|t| t.chains)
+            .flat_map(|c| c.rules)
+            .collect()
+    }
+
+    /// A thread at the start of a walk, for `packet`.
+    fn thread(packet: Packet) -> Thread {
+        Thread {
+            chain: 0,
+            rule: 0,
+            stack: Small::default(),
+            weight: Weight::one(),
+            nfmark: 0,
+            ctmark: 0,
+            mark_mask: 0,
+            packet: Rc::new(packet),
+            path: Vec::new(),
+            via: 0,
+            paths: 1,
+            choices: Choices::default(),
+        }
+    }
+
+    /// What a decision gives: whether the rule applies (and with what share), the
+    /// thread's packet afterwards and the warnings.
+    type Decided = (Option<Option<(u64, u64)>>, Packet, BTreeSet<(u32, String)>);
+
+    /// Decides a rule for `packet` (mark-only or not) with `decide_on` as the walk does.
+    fn decided(
+        packet: &Packet,
+        decide_on: impl FnOnce(&Thread, &mut Packet, &mut BTreeSet<(u32, String)>) -> Decision,
+    ) -> Decided {
+        let mut t = thread(packet.clone());
+        let mut warned = BTreeSet::new();
+        let d = decide(&mut t, &mut Scratch::default(), |t, p| {
+            decide_on(t, p, &mut warned)
+        });
+        let d = match d {
+            Decision::No => None,
+            Decision::Yes(share) => Some(share),
+        };
+        (d, (*t.packet).clone(), warned)
+    }
+
+    /// Packets of several kinds: protocol open, tcp, udp, another; addresses open or not.
+    fn packets() -> Vec<Packet> {
+        let mut out = Vec::new();
+        for proto in [None, Some("tcp"), Some("udp"), Some("gre")] {
+            for dst in [None, Some("10.96.0.1")] {
+                out.push(Packet {
+                    proto: proto.map(str::to_string),
+                    dst: dst.map(|d| d.parse().unwrap()),
+                    dport: dst.map(|_| 443),
+                    ..Packet::default()
+                });
+            }
+        }
+        out
+    }
+
+    /// For each rule of `text` whose first reading kept [`RuleLine::dnat`] facts: the
+    /// rule is of the light shape the walk would read otherwise, and the facts decide it
+    /// and give its outcome exactly as that light reading does, for packets of every
+    /// kind; what the facts say of chance is what the rule's options say. The number of
+    /// rules with facts.
+    fn check_dnat_facts(text: &str) -> usize {
+        let mut n = 0;
+        for line in rule_lines(text) {
+            let rule = line.parse();
+            // The first reading's facts (fast path) are those read from the whole rule.
+            assert_eq!(line, RuleLine::new(line.line, line.text, &rule));
+            let plain = RuleLine::from_parts(line.line, line.text, None, false, false, false)
+                .with_facts(crate::model::fixed_decision(&rule), false, None);
+            assert_eq!(line.fixed_share(), plain.fixed_share(), "{}", line.text);
+            assert_eq!(line.fixed_random(), plain.fixed_random(), "{}", line.text);
+            let Some((proto, to)) = line.dnat() else {
+                continue;
+            };
+            n += 1;
+            let light = line.light().expect("a light rule");
+            assert!(light.matches_always(), "{}", line.text);
+            assert_eq!(
+                light.target().map(|(name, _)| name),
+                Some("DNAT"),
+                "{}",
+                line.text
+            );
+            assert_eq!(dnat_outcome(to), light_outcome(&light), "{}", line.text);
+            assert_eq!(dnat_outcome(to), terminal_outcome(&rule), "{}", line.text);
+            for packet in packets() {
+                for mark_only in [false, true] {
+                    let a = decided(&packet, |t, p, w| {
+                        decide_dnat(line.line, proto, t, mark_only, p, w)
+                    });
+                    let b = decided(&packet, |t, p, w| decide_light(&light, t, mark_only, p, w));
+                    let c = decided(&packet, |t, p, w| decide_on(&rule, t, mark_only, p, w));
+                    assert_eq!(a, b, "{} {packet:?}", line.text);
+                    assert_eq!(a, c, "{} {packet:?}", line.text);
+                }
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn dnat_facts_are_kept_for_kube_proxy_dnat_rules_only() {
+        let kept = |r: &str| {
+            let text = format!("-A X {r}\n");
+            let n = check_dnat_facts(&text);
+            rule_lines(&text)[0]
+                .dnat()
+                .map(|(p, to)| (p, to.to_string()))
+                .filter(|_| n == 1)
+        };
+        let to = |p: Option<&'static str>, v: &str| Some((p, v.to_string()));
+        let kube = "-p tcp -m comment --comment \"team-0148/app-024076-api:https\" -m tcp \
+                    -j DNAT --to-destination 10.129.64.196:8443";
+        assert_eq!(kept(kube), to(Some("tcp"), "10.129.64.196:8443"));
+        assert_eq!(
+            kept(&format!("  {kube}  ")),
+            to(Some("tcp"), "10.129.64.196:8443")
+        );
+        assert_eq!(
+            kept("-p udp -m udp -j DNAT --to [fd00::5]:8080 --to-destination 1.2.3.4"),
+            to(Some("udp"), "[fd00::5]:8080")
+        );
+        assert_eq!(
+            kept("--protocol sctp -j DNAT --random --to-destination \"1.2.3.4:80\""),
+            to(Some("sctp"), "1.2.3.4:80")
+        );
+        assert_eq!(
+            kept("-m comment --comment x -j DNAT --to-destination 1.2.3.4"),
+            to(None, "1.2.3.4")
+        );
+        assert_eq!(kept("-p tcp -j DNAT"), to(Some("tcp"), ""));
+        assert_eq!(kept("-p tcp -j DNAT --to-destination"), to(Some("tcp"), ""));
+        assert_eq!(kept("-p tcp -j DNAT --to \"\""), to(Some("tcp"), ""));
+        // As much as a light reading holds: four matches, eight options.
+        assert_eq!(
+            kept(
+                "-m comment --comment a --comment b -m tcp -m udp -m comment --comment c \
+                 -j DNAT --random --to 1.2.3.4 --to 5.6.7.8 --random --persistent"
+            ),
+            to(None, "1.2.3.4")
+        );
+        // Anything else: the rule is read again.
+        for r in [
+            "! -p tcp -j DNAT --to-destination 1.2.3.4",
+            "-p 6 -j DNAT --to-destination 1.2.3.4",
+            "-p TCP -j DNAT --to-destination 1.2.3.4",
+            "-p icmp -j DNAT --to-destination 1.2.3.4",
+            "-p tcp -d 10.0.0.1 -j DNAT --to-destination 1.2.3.4",
+            "-s 10.0.0.1 -j DNAT --to-destination 1.2.3.4",
+            "-p tcp -m tcp --dport 80 -j DNAT --to-destination 1.2.3.4",
+            "-p tcp --dport 80 -j DNAT --to-destination 1.2.3.4",
+            "-m statistic --mode random --probability 0.5 -j DNAT --to-destination 1.2.3.4",
+            "-p tcp -j SNAT --to-source 1.2.3.4",
+            "-p tcp -g DNAT",
+            "-p tcp -j DNAT --to-destination 1.2.3.4 5.6.7.8",
+            "-p tcp -m comment --comment \"a\\\"b\" -j DNAT --to-destination 1.2.3.4",
+            "-p tcp -j DNAT --to-destination 1.2.3.4 -c 1 2",
+            "-p tcp -m comment --comment x -m comment --comment y -m tcp -m udp -m sctp \
+             -j DNAT --to-destination 1.2.3.4",
+            "-m comment --comment a --comment b -m tcp -m udp -m comment --comment c \
+             -j DNAT --random --to 1.2.3.4 --to 5.6.7.8 --random --persistent --random",
+        ] {
+            assert_eq!(kept(r), None, "{r}");
+        }
+        let counted = format!("[1:2] -A X {kube}\n");
+        assert_eq!(check_dnat_facts(&counted), 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// On rule lines of and near kube-proxy's DNAT shape, the facts the first reading
+        /// keeps decide the rule as its light (and whole) reading does.
+        #[test]
+        fn dnat_facts_decide_as_the_light_reading(
+            // (Pieces of the shape come up more often than others, so that about one
+            // line in five is of it.)
+            core in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "-p tcp", "-p tcp", "-p tcp", "-p udp", "-p udp", "-p sctp",
+                    "--protocol udp", "-p \"tcp\"", "! -p tcp", "-p TCP", "-p 6", "-p icmp",
+                    "-p all", "-p", "-s 10.0.0.1/32", "-d 10.96.0.1/32", "! -s 10.0.0.0/8",
+                    "-i eth0", "-f", "! -d 10.96.0.1",
+                ]),
+                0..2,
+            ),
+            matches in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "-m comment --comment \"team-0148/app-024076-api:https\"",
+                    "-m comment --comment \"team-0148/app-024076-api:https\"",
+                    "-m comment --comment \"team-0148/app-024076-api:https\"",
+                    "-m tcp", "-m tcp", "-m tcp", "-m comment --comment x", "-m comment --comment \"\"", "-m comment",
+                    "-m tcp", "-m tcp", "-m udp", "-m comment --comment \"a\\\"b\"",
+                    "-m tcp --dport 80", "-m udp ! --dport 53",
+                    "-m statistic --mode random --probability 0.5", "-m mark --mark 0x1",
+                    "-m statistic", "--dport 80", "-m addrtype",
+                ]),
+                0..4,
+            ),
+            target in proptest::sample::select(vec![
+                "-j DNAT", "-j DNAT", "-j DNAT", "-j DNAT", "-j DNAT", "-j DNAT", "-j DNAT",
+                "-j DNAT", "-j SNAT", "-j ACCEPT", "-g DNAT", "-j REDIRECT", "",
+            ]),
+            options in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "--to-destination 10.129.64.196:8443", "--to-destination 10.129.64.196:8443",
+                    "--to 10.0.0.1", "--to-destination [fd00::5]:8080", "--to [fd00::5]:8080",
+                    "--to-destination \"1.2.3.4:80\"", "--to-destination", "--to \"\"",
+                    "--to-source 1.1.1.1", "--random", "--persistent", "--to-ports 80",
+                    "--to-destination 1.2.3.4 5.6.7.8", "! --to-destination 1.2.3.4",
+                    "-m tcp",
+                ]),
+                0..3,
+            ),
+            counters in proptest::bool::weighted(0.05),
+        ) {
+            let text = format!(
+                "{}-A X {} {} {target} {}\n",
+                if counters { "[1:2] " } else { "" },
+                core.join(" "),
+                matches.join(" "),
+                options.join(" "),
+            );
+            check_dnat_facts(&text);
+        }
     }
 }

@@ -188,7 +188,8 @@ pub struct RuleLine<'a> {
     target_len: u16,
     flags: u8,
     /// What decides whether the rule applies, when its first reading could tell (see
-    /// [`RuleLine::fixed_share`]): `FIXED_*` and the statistic's value.
+    /// [`RuleLine::fixed_share`] and [`RuleLine::dnat`]): `FIXED_*` and the statistic's
+    /// value, or a [`DnatFacts`] packed.
     fixed: u8,
     fixed_value: u32,
 }
@@ -203,6 +204,100 @@ const FIXED_RANDOM_INVERTED: u8 = 3;
 /// `-m statistic --mode nth --every fixed_value` (or inverted).
 const FIXED_NTH: u8 = 4;
 const FIXED_NTH_INVERTED: u8 = 5;
+/// A `-j DNAT` rule of the simplest shape ([`DnatFacts`]); `fixed_value` is its facts
+/// packed: the value's offset in the bits from [`DNAT_LEN_SHIFT`] down, its length
+/// above, the protocol's code (0: none) from [`DNAT_PROTO_SHIFT`] up.
+const FIXED_DNAT: u8 = 6;
+const DNAT_LEN_SHIFT: u32 = 20;
+const DNAT_PROTO_SHIFT: u32 = 28;
+
+/// The protocols a [`DnatFacts`] rule may test, as written in its `-p` (code: index + 1).
+const DNAT_PROTOCOLS: [&str; 3] = ["tcp", "udp", "sctp"];
+
+/// What decides a `-j DNAT` rule of the simplest shape and what it gives, as its first
+/// reading found it, so that a walk need not read it again (kube-proxy's
+/// `-p tcp -m comment --comment "…" -m tcp -j DNAT --to-destination 10.1.2.3:8443`).
+/// The shape: a [`LightRule`] whose matches always match
+/// ([`LightRule::matches_always`]), whose core options are none or one `-p` without
+/// `!` naming one of [`DNAT_PROTOCOLS`] as written, and whose target is `DNAT`. Such a
+/// rule applies exactly when that `-p` does, and ends in the first value of its first
+/// `--to-destination` or `--to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DnatFacts {
+    /// An index in [`DNAT_PROTOCOLS`] plus one; 0 when there is no `-p`.
+    proto: u8,
+    /// Byte range of the destination in the line (`(0, 0)` for none or an empty one).
+    value: (u32, u32),
+}
+
+impl DnatFacts {
+    /// The facts of `rule`, read from the line `text`, when it is of the shape.
+    pub(crate) fn of(rule: &LightRule<'_>, text: &str) -> Option<DnatFacts> {
+        let (target, options) = rule.target()?;
+        if target != "DNAT" || !rule.matches_always() {
+            return None;
+        }
+        let proto = match rule.core() {
+            [] => None,
+            [o] if o.name == "p" && !o.negated => Some(o.value().as_bytes()),
+            _ => return None,
+        };
+        let value = (options.iter())
+            .find(|o| Self::is_destination(o.name.as_bytes()))
+            .map_or("", LightOpt::value);
+        if value.is_empty() {
+            return Self::new(proto, (0, 0));
+        }
+        // The light reading's values are slices of the line.
+        let off = (value.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+        if off > text.len() || value.len() > text.len() - off {
+            return None;
+        }
+        let end = off + value.len();
+        Self::new(proto, (u32::try_from(off).ok()?, u32::try_from(end).ok()?))
+    }
+
+    /// Is a DNAT option of that name one whose value is the destination (the first such
+    /// option's, as `eval::target_outcome` finds it)?
+    #[inline]
+    pub(crate) fn is_destination(name: &[u8]) -> bool {
+        name == b"to-destination" || name == b"to"
+    }
+
+    /// The facts of a rule of the shape whose `-p` names `proto` (`None`: none) and whose
+    /// destination is the byte range `value` of its line; `None` for a protocol not in
+    /// [`DNAT_PROTOCOLS`].
+    pub(crate) fn new(proto: Option<&[u8]>, value: (u32, u32)) -> Option<DnatFacts> {
+        let proto = match proto {
+            None => 0,
+            Some(name) => {
+                let p = DNAT_PROTOCOLS.iter().position(|p| p.as_bytes() == name)?;
+                u8::try_from(p + 1).ok()?
+            }
+        };
+        // An empty destination is `""` wherever it is.
+        let value = if value.0 >= value.1 { (0, 0) } else { value };
+        Some(DnatFacts { proto, value })
+    }
+
+    /// The facts packed in a `fixed_value` (see [`FIXED_DNAT`]), when they fit.
+    fn pack(self) -> Option<u32> {
+        let (off, end) = self.value;
+        let len = end - off;
+        (off < 1 << DNAT_LEN_SHIFT && len < 1 << (DNAT_PROTO_SHIFT - DNAT_LEN_SHIFT))
+            .then_some(off | len << DNAT_LEN_SHIFT | u32::from(self.proto) << DNAT_PROTO_SHIFT)
+    }
+
+    /// [`Self::pack`] undone.
+    fn unpack(v: u32) -> DnatFacts {
+        let off = v & ((1 << DNAT_LEN_SHIFT) - 1);
+        let len = (v >> DNAT_LEN_SHIFT) & ((1 << (DNAT_PROTO_SHIFT - DNAT_LEN_SHIFT)) - 1);
+        DnatFacts {
+            proto: (v >> DNAT_PROTO_SHIFT) as u8,
+            value: (off, off + len),
+        }
+    }
+}
 
 const HAS_TARGET: u8 = 1;
 const GOTO: u8 = 2;
@@ -242,15 +337,26 @@ impl<'a> RuleLine<'a> {
         .with_facts(
             fixed_decision(rule),
             rule.core.iter().any(|o| o.name == "s"),
+            // (Read again lightly: the facts are of the light reading.)
+            match &rule.target {
+                Some(t) if t.name == "DNAT" => {
+                    let mut light = LightRule::empty(line);
+                    crate::parse::light_into(text, line, &mut light)
+                        .then(|| DnatFacts::of(&light, text))
+                        .flatten()
+                }
+                _ => None,
+            },
         )
     }
 
-    /// Records what decides whether the rule applies, as [`fixed_decision`] found it, and
-    /// whether it has a `-s` option.
+    /// Records what decides whether the rule applies, as [`fixed_decision`] found it,
+    /// whether it has a `-s` option, and its [`DnatFacts`] if it has them.
     pub(crate) fn with_facts(
         mut self,
         fixed: Option<Option<Statistic>>,
         tests_source: bool,
+        dnat: Option<DnatFacts>,
     ) -> Self {
         if tests_source {
             self.flags |= TESTS_SOURCE;
@@ -280,7 +386,45 @@ impl<'a> RuleLine<'a> {
                 every,
             ),
         };
+        // A DNAT rule of the shape is decided by chance alone exactly when it has no
+        // `-p` (and then always applies); the facts replace that record.
+        if let Some((facts, packed)) = dnat.and_then(|d| Some((d, d.pack()?))) {
+            let agrees = match self.fixed {
+                FIXED_ALWAYS => facts.proto == 0,
+                FIXED_NO => facts.proto != 0,
+                _ => false,
+            };
+            if agrees {
+                (self.fixed, self.fixed_value) = (FIXED_DNAT, packed);
+            }
+        }
         self
+    }
+
+    /// The rule's [`DnatFacts`], when its first reading found it of that shape: the
+    /// protocol its one `-p` names (`None`: it has no core option) and its destination
+    /// (`""` for none).
+    pub fn dnat(&self) -> Option<(Option<&'static str>, &'a str)> {
+        if self.fixed != FIXED_DNAT {
+            return None;
+        }
+        let facts = DnatFacts::unpack(self.fixed_value);
+        let proto = match facts.proto {
+            0 => None,
+            p => Some(*DNAT_PROTOCOLS.get(usize::from(p) - 1)?),
+        };
+        let (from, to) = facts.value;
+        Some((proto, self.text.get(from as usize..to as usize)?))
+    }
+
+    /// Whether the rule applies to every connection that reaches it, as its first
+    /// reading found.
+    fn fixed_always(&self) -> bool {
+        match self.fixed {
+            FIXED_ALWAYS => true,
+            FIXED_DNAT => self.fixed_value >> DNAT_PROTO_SHIFT == 0,
+            _ => false,
+        }
     }
 
     /// [`RuleLine::fixed_share`] for the simulator, which needs the match itself:
@@ -289,7 +433,7 @@ impl<'a> RuleLine<'a> {
     /// for nth mode (its `--packet` is not kept).
     pub fn fixed_random(&self) -> Option<Option<(u32, bool)>> {
         match self.fixed {
-            FIXED_ALWAYS => Some(None),
+            _ if self.fixed_always() => Some(None),
             FIXED_RANDOM => Some(Some((self.fixed_value, false))),
             FIXED_RANDOM_INVERTED => Some(Some((self.fixed_value, true))),
             _ => None,
@@ -306,7 +450,7 @@ impl<'a> RuleLine<'a> {
         let v = u64::from(self.fixed_value);
         let scale = crate::statistic::SCALE;
         match self.fixed {
-            FIXED_ALWAYS => Some(None),
+            _ if self.fixed_always() => Some(None),
             FIXED_RANDOM => Some(Some((v, scale))),
             FIXED_RANDOM_INVERTED => Some(Some((scale - v, scale))),
             FIXED_NTH => Some(Some((1, v))),
@@ -460,9 +604,9 @@ impl LightOpt<'_> {
 }
 
 /// Room in a [`LightRule`]: core options, matches, options of matches and target.
-const LIGHT_CORE: usize = 4;
-const LIGHT_MATCHES: usize = 4;
-const LIGHT_OPTS: usize = 8;
+pub(crate) const LIGHT_CORE: usize = 4;
+pub(crate) const LIGHT_MATCHES: usize = 4;
+pub(crate) const LIGHT_OPTS: usize = 8;
 
 /// A rule of the simplest shape, read from its line without allocating ([`RuleLine::light`]):
 /// what [`RuleLine::parse`] gives for it, borrowed. The shape: `-A CHAIN`, then core
@@ -513,6 +657,13 @@ impl<'a> LightRule<'a> {
             .filter(|(m, _)| *m == "comment")
             .find_map(|(_, opts)| opts.iter().find(|o| o.name == "comment"))
             .map(|o| o.value.unwrap_or(""))
+    }
+
+    /// Whether every match matches whatever the connection, as the walk's match tests
+    /// find: comments, and modules without options other than `statistic`.
+    pub fn matches_always(&self) -> bool {
+        self.matches()
+            .all(|(m, opts)| m == "comment" || (opts.is_empty() && m != "statistic"))
     }
 
     /// Empties the rule, to be filled again as line `line`.
@@ -703,6 +854,8 @@ impl<'a> Ruleset<'a> {
 
 // A rule costs 32 bytes besides its text (see `RuleLine`).
 const _: () = assert!(std::mem::size_of::<RuleLine<'static>>() <= 32);
+// The protocol's code fits above the DNAT destination's offset and length.
+const _: () = assert!(DNAT_PROTOCOLS.len() < 1 << (32 - DNAT_PROTO_SHIFT));
 
 #[cfg(test)]
 mod tests {

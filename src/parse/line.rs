@@ -7,7 +7,7 @@ use nom::combinator::eof;
 use nom::error::context;
 
 use crate::error::{InputError, InputErrorKind};
-use crate::model::{Counters, Policy, Rule};
+use crate::model::{Counters, Jump, Policy, Rule};
 
 use super::fast::{self, FastBufs};
 use super::lex::{
@@ -310,6 +310,7 @@ fn command<'a>(
 ) -> Result<Line<'a>, InputError> {
     let syntax = |e: nom::Err<PErr<'a>>, hint: &str| ctx.nom_err(e, hint);
     let hint_rule = "write a rule as `[packets:bytes] -A CHAIN options`";
+    let whole = body;
     let (rest, counters) = if body.starts_with('[') {
         let (rest, (c, _)) = (
             context("counters `[packets:bytes]`", counters),
@@ -334,7 +335,12 @@ fn command<'a>(
                 let rule = rule::rule(ctx, body, counters, sc)?;
                 Ok(Line::Rule { chain, rule })
             } else {
-                let summary = rule::summary(ctx, body, counters, sc)?;
+                let mut summary = rule::summary(ctx, body, counters, sc)?;
+                // The facts of a DNAT rule are those of the fast path's reading (which
+                // has them for the lines it reads).
+                if matches!(summary.target, Some((Jump::Jump, "DNAT", _))) {
+                    summary.dnat = fast::line_dnat_facts(ctx.text, whole, &mut sc.fast);
+                }
                 Ok(Line::Summary { chain, summary })
             }
         }

@@ -273,6 +273,9 @@ pub(crate) struct Summary<'a> {
     pub fixed: Option<Option<crate::statistic::Statistic>>,
     /// A `-s` option.
     pub tests_source: bool,
+    /// What decides a `-j DNAT` rule of the simplest shape and what it gives (only the
+    /// fast path reads lines of that shape).
+    pub dnat: Option<crate::model::DnatFacts>,
 }
 
 impl<'a> Summary<'a> {
@@ -286,6 +289,7 @@ impl<'a> Summary<'a> {
             v6: false,
             fixed: Some(None),
             tests_source: false,
+            dnat: None,
         }
     }
 
@@ -319,6 +323,7 @@ impl<'a> Summary<'a> {
 
     /// The ruleset's record of line `no`, whose text is `text` and whose summary this is
     /// (the one place that turns a summary into a [`RuleLine`]).
+    #[inline]
     pub(crate) fn rule_line(&self, no: u32, text: &'a str) -> crate::model::RuleLine<'a> {
         crate::model::RuleLine::from_parts(
             no,
@@ -328,7 +333,7 @@ impl<'a> Summary<'a> {
             self.counted,
             self.plain,
         )
-        .with_facts(self.fixed, self.tests_source)
+        .with_facts(self.fixed, self.tests_source, self.dnat)
     }
 }
 
