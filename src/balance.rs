@@ -206,19 +206,26 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
     // service chain without any is still one).
     let per_chain = |t: usize, c: usize, chain: &Chain<'_>| -> Vec<Found> {
         let mut groups: Vec<(String, usize)> = Vec::new();
-        for (r, line) in chain.rules.iter().enumerate() {
-            if !line.statistic() {
-                continue;
+        match graph.tables[t].statistic_rules(c) {
+            // Plain rules' selectors are empty: one group, from the first.
+            Some((first, true)) => groups.push((String::new(), first)),
+            Some((first, false)) => {
+                for (r, line) in chain.rules.iter().enumerate().skip(first) {
+                    if !line.statistic() {
+                        continue;
+                    }
+                    // A plain rule's selector is empty: no need to read it again.
+                    let key = if line.plain() {
+                        String::new()
+                    } else {
+                        selector(&line.parse())
+                    };
+                    if !groups.iter().any(|(k, _)| *k == key) {
+                        groups.push((key, r));
+                    }
+                }
             }
-            // A plain rule's selector is empty: no need to read it again.
-            let key = if line.plain() {
-                String::new()
-            } else {
-                selector(&line.parse())
-            };
-            if !groups.iter().any(|(k, _)| *k == key) {
-                groups.push((key, r));
-            }
+            None => {}
         }
         if groups.is_empty() {
             return if is_kube_balancer_chain(chain.name) {
@@ -245,48 +252,66 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
     };
     let mut found: Vec<Found> = Vec::new();
     for (t, table) in graph.rs.tables.iter().enumerate() {
-        // (In order: rayon's extend keeps it.)
+        // (In order: rayon's extend keeps it.) Only the rules of chains with statistic
+        // rules are looked at; the others may still be kube service chains.
+        let tg = &graph.tables[t];
         found.par_extend(
             table
                 .chains
                 .par_iter()
                 .enumerate()
+                .filter(|&(c, chain)| {
+                    tg.statistic_rules(c).is_some() || is_kube_balancer_chain(chain.name)
+                })
                 .flat_map_iter(|(c, chain)| per_chain(t, c, chain)),
         );
     }
+    // A candidate, its selector taken from `f`.
+    let candidate = |f: &mut Found| -> Candidate {
+        let chain = graph.chain(f.table, f.chain);
+        let kind = if is_kube_balancer_chain(chain.name) {
+            Kind::KubeProxy
+        } else {
+            Kind::Generic
+        };
+        let name = match kind {
+            Kind::KubeProxy => kube_name(chain, || {
+                entries(graph, f.table, f.chain, f.first_rule)
+                    .into_iter()
+                    .find_map(|e| e.comment)
+            })
+            .unwrap_or_else(|| chain.name.to_string()),
+            Kind::Generic => match &f.selector {
+                Some(s) => format!("{} {s}", chain.name),
+                None => chain.name.to_string(),
+            },
+        };
+        Candidate {
+            table: f.table,
+            chain: f.chain,
+            kind,
+            selector: f.selector.take(),
+            first_rule: f.first_rule,
+            name,
+            chain_name: chain.name.to_string(),
+            line: f
+                .first_rule
+                .map_or_else(|| first_line(chain), |r| chain.rules[r].line),
+        }
+    };
     let out: Vec<Candidate> = found
-        .into_par_iter()
-        .map(|f| {
-            let chain = graph.chain(f.table, f.chain);
-            let kind = if is_kube_balancer_chain(chain.name) {
-                Kind::KubeProxy
-            } else {
-                Kind::Generic
-            };
-            let name = match kind {
-                Kind::KubeProxy => kube_name(chain, || {
-                    entries(graph, f.table, f.chain, f.first_rule)
-                        .into_iter()
-                        .find_map(|e| e.comment)
-                })
-                .unwrap_or_else(|| chain.name.to_string()),
-                Kind::Generic => match &f.selector {
-                    Some(s) => format!("{} {s}", chain.name),
-                    None => chain.name.to_string(),
-                },
-            };
-            Candidate {
-                table: f.table,
-                chain: f.chain,
-                kind,
-                selector: f.selector,
-                first_rule: f.first_rule,
-                name,
-                chain_name: chain.name.to_string(),
-                line: f
-                    .first_rule
-                    .map_or_else(|| first_line(chain), |r| chain.rules[r].line),
+        .par_chunks_mut(WARM_CANDIDATES)
+        .flat_map_iter(|part| {
+            // A kube service's name is in its chain's first rule: those lines are asked
+            // for all at once, so that their cache misses overlap.
+            for f in part.iter() {
+                if let Some(line) = graph.chain(f.table, f.chain).rules.first() {
+                    let text = line.text.as_ptr();
+                    crate::memory::prefetch(text);
+                    crate::memory::prefetch(text.wrapping_add(64));
+                }
             }
+            part.iter_mut().map(candidate)
         })
         .collect();
     sort_candidates(out)

@@ -100,7 +100,13 @@ pub struct TableGraph {
     pub may_mark: Vec<bool>,
     /// Per chain: has it a policy (a built-in chain)?
     policies: Vec<bool>,
+    /// Per chain: its first rule with a `statistic` match ([`NO_STATISTIC`]: none),
+    /// and whether every such rule is plain ([`crate::model::RuleLine::plain`]).
+    statistic: Vec<(u32, bool)>,
 }
+
+/// [`TableGraph::statistic`] of a chain without statistic rules.
+const NO_STATISTIC: u32 = u32::MAX;
 
 impl TableGraph {
     /// Number of chains.
@@ -147,6 +153,17 @@ impl TableGraph {
         (caller_start, caller_list)
     }
 
+    /// Chain `c`'s first rule with a `statistic` match, if any, and whether every such
+    /// rule of the chain is plain (no core option, only options about state). Found
+    /// while resolving, so that what looks for balancers need not read every chain's
+    /// rules again.
+    pub fn statistic_rules(&self, c: usize) -> Option<(usize, bool)> {
+        match self.statistic.get(c) {
+            Some(&(first, plain)) if first != NO_STATISTIC => Some((first as usize, plain)),
+            _ => None,
+        }
+    }
+
     /// The `(chain, rule)` positions that jump or go to chain `c`, in input order.
     pub fn callers(&self, c: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.caller_list[self.caller_start[c] as usize..self.caller_start[c + 1] as usize]
@@ -177,7 +194,12 @@ const CHAIN_BITS: u32 = 29;
 const RESOLVE_RUN: usize = 2048;
 
 /// A run of chains' resolved targets, and the (chain, rule) places that need a word.
-type Resolved = (Vec<Packed>, Vec<(usize, usize)>, Vec<bool>);
+type Resolved = (
+    Vec<Packed>,
+    Vec<(usize, usize)>,
+    Vec<bool>,
+    Vec<(u32, bool)>,
+);
 
 impl Packed {
     fn pack(t: TargetRef) -> Packed {
@@ -299,6 +321,8 @@ impl<'r, 'a> Graph<'r, 'a> {
             prefetch(&tg.may_terminate[c]);
             prefetch(&tg.may_mark[c]);
             let chain = &self.rs.tables[t].chains[c];
+            // (Its name: an endpoint keeps the name of the chain that holds it.)
+            prefetch(chain.name.as_ptr());
             for line in chain.rules.iter().take(WARM_RULES) {
                 prefetch_text(line.text);
             }
@@ -473,8 +497,16 @@ fn build_table<'a>(
             let mut targets = Vec::with_capacity(run.iter().map(|c| c.rules.len()).sum());
             let mut noted = Vec::new();
             let policies = run.iter().map(|c| c.policy.is_some()).collect();
+            let mut statistic = Vec::with_capacity(run.len());
             for (i, chain) in run.iter().enumerate() {
+                let (mut first_statistic, mut plain) = (NO_STATISTIC, true);
                 for (r, rule) in chain.rules.iter().enumerate() {
+                    if rule.statistic() {
+                        if first_statistic == NO_STATISTIC {
+                            first_statistic = r as u32;
+                        }
+                        plain &= rule.plain();
+                    }
                     let t = match &rule.target() {
                         None => TargetRef::None,
                         Some(target) => resolve(target, &index),
@@ -484,13 +516,14 @@ fn build_table<'a>(
                     }
                     targets.push(Packed::pack(t));
                 }
+                statistic.push((first_statistic, plain));
             }
-            (targets, noted, policies)
+            (targets, noted, policies, statistic)
         })
         .collect();
     let mut target_start = Vec::with_capacity(n + 1);
     let mut target_list = Vec::with_capacity(rules);
-    for (targets, _, _) in &resolved {
+    for (targets, ..) in &resolved {
         target_list.extend_from_slice(targets);
     }
     let mut at = 0u32;
@@ -499,7 +532,7 @@ fn build_table<'a>(
         at += chain.rules.len() as u32;
     }
     let mut missing_warned: HashMap<&str, ()> = HashMap::default();
-    for &(c, r) in resolved.iter().flat_map(|(_, noted, _)| noted) {
+    for &(c, r) in resolved.iter().flat_map(|(_, noted, ..)| noted) {
         let rule = &table.chains[c].rules[r];
         let target = rule.target().expect("noted rules have a target");
         if target_list[target_start[c] as usize + r].unpack() == TargetRef::Missing {
@@ -549,7 +582,12 @@ fn build_table<'a>(
         caller_list: Vec::new(),
         may_terminate: Vec::new(),
         may_mark: Vec::new(),
-        policies: resolved.into_iter().flat_map(|(_, _, p)| p).collect(),
+        policies: resolved
+            .iter()
+            .flat_map(|(_, _, p, _)| p)
+            .copied()
+            .collect(),
+        statistic: resolved.into_iter().flat_map(|(.., s)| s).collect(),
     })
 }
 
