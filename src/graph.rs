@@ -327,6 +327,13 @@ impl<'r, 'a> Graph<'r, 'a> {
                 prefetch_text(line.text);
             }
         }
+        // Their targets, now that where they start is on its way.
+        for &(t, c) in &below {
+            let tg = &self.tables[t];
+            if let Some(p) = tg.target_list.get(tg.target_start[c] as usize) {
+                prefetch(p);
+            }
+        }
         // The calling rules, then the rules that call their chains.
         let mut next: Vec<(usize, usize, usize)> = Vec::with_capacity(above.len());
         for level in 0..2 {
