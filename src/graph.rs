@@ -101,12 +101,15 @@ pub struct TableGraph {
     /// Per chain: has it a policy (a built-in chain)?
     policies: Vec<bool>,
     /// Per chain: its first rule with a `statistic` match ([`NO_STATISTIC`]: none),
-    /// and whether every such rule is plain ([`crate::model::RuleLine::plain`]).
-    statistic: Vec<(u32, bool)>,
+    /// with [`NOT_PLAIN`] set unless every such rule is plain
+    /// ([`crate::model::RuleLine::plain`]).
+    statistic: Vec<u32>,
 }
 
 /// [`TableGraph::statistic`] of a chain without statistic rules.
-const NO_STATISTIC: u32 = u32::MAX;
+const NO_STATISTIC: u32 = u32::MAX >> 1;
+/// The bit of [`TableGraph::statistic`] set when a statistic rule is not plain.
+const NOT_PLAIN: u32 = 1 << 31;
 
 impl TableGraph {
     /// Number of chains.
@@ -158,10 +161,9 @@ impl TableGraph {
     /// while resolving, so that what looks for balancers need not read every chain's
     /// rules again.
     pub fn statistic_rules(&self, c: usize) -> Option<(usize, bool)> {
-        match self.statistic.get(c) {
-            Some(&(first, plain)) if first != NO_STATISTIC => Some((first as usize, plain)),
-            _ => None,
-        }
+        let s = *self.statistic.get(c)?;
+        let first = s & !NOT_PLAIN;
+        (first != NO_STATISTIC).then_some((first as usize, s & NOT_PLAIN == 0))
     }
 
     /// The `(chain, rule)` positions that jump or go to chain `c`, in input order.
@@ -193,13 +195,9 @@ const CHAIN_BITS: u32 = 29;
 /// Chains per thread's run when resolving targets.
 const RESOLVE_RUN: usize = 2048;
 
-/// A run of chains' resolved targets, and the (chain, rule) places that need a word.
-type Resolved = (
-    Vec<Packed>,
-    Vec<(usize, usize)>,
-    Vec<bool>,
-    Vec<(u32, bool)>,
-);
+/// A run of chains' resolved targets, the (chain, rule) places that need a word, and
+/// its chains' [`TableGraph::policies`] and [`TableGraph::statistic`].
+type Resolved = (Vec<Packed>, Vec<(usize, usize)>, Vec<bool>, Vec<u32>);
 
 impl Packed {
     fn pack(t: TargetRef) -> Packed {
@@ -510,7 +508,8 @@ fn build_table<'a>(
                 for (r, rule) in chain.rules.iter().enumerate() {
                     if rule.statistic() {
                         if first_statistic == NO_STATISTIC {
-                            first_statistic = r as u32;
+                            // (A chain of 2^31 rules would be 64 GiB of them.)
+                            first_statistic = (r as u32).min(NO_STATISTIC - 1);
                         }
                         plain &= rule.plain();
                     }
@@ -523,7 +522,7 @@ fn build_table<'a>(
                     }
                     targets.push(Packed::pack(t));
                 }
-                statistic.push((first_statistic, plain));
+                statistic.push(first_statistic | if plain { 0 } else { NOT_PLAIN });
             }
             (targets, noted, policies, statistic)
         })
