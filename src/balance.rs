@@ -1,6 +1,8 @@
 //! Balancer discovery: every place where traffic is split by statistic rules, and every
 //! kube-proxy service chain, with names, entries, endpoints and exact probabilities.
 
+use std::borrow::Cow;
+
 use crate::eval::{self, Distribution, Mode, Outcome, OutcomeInfo, Packet};
 use crate::graph::Graph;
 use crate::model::{Chain, Rule, RuleLine, Warning, is_state_module};
@@ -139,22 +141,23 @@ fn selector(rule: &Rule<'_>) -> String {
 
 /// A place that may be a balancer, with the name and line it will be listed under.
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub struct Candidate<'a> {
     pub table: usize,
     pub chain: usize,
     pub kind: Kind,
     /// The selector that tells this group of statistic rules from others in the chain.
     pub selector: Option<String>,
     first_rule: Option<usize>,
-    /// The balancer's name: the kube-proxy service, or the chain (and selector).
-    pub name: String,
+    /// The balancer's name: the kube-proxy service, or the chain (and selector). (Text
+    /// of the input when it is a comment or chain name as written.)
+    pub name: Cow<'a, str>,
     /// The chain's name.
-    pub chain_name: String,
+    pub chain_name: &'a str,
     /// Line of the first statistic rule of the group, or of the chain.
     pub line: u32,
 }
 
-impl Candidate {
+impl Candidate<'_> {
     /// The namespace of a kube-proxy service (`ns` of `ns/name:port`).
     pub fn namespace(&self) -> Option<&str> {
         namespace_of(self.kind, &self.name)
@@ -195,7 +198,7 @@ const WARM_CANDIDATES: usize = 16;
 /// line), the order of [`find`]'s balancers. (A generic candidate whose statistic rules
 /// no traffic reaches is no balancer: [`analyse`] gives `None` for it.) Walks nothing:
 /// [`Graph::build_with`] runs it before the graph's walk flags are set.
-pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
+pub fn candidates<'a>(graph: &Graph<'_, 'a>) -> Vec<Candidate<'a>> {
     struct Found {
         table: usize,
         chain: usize,
@@ -267,7 +270,7 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
         );
     }
     // A candidate, its selector taken from `f`.
-    let candidate = |f: &mut Found| -> Candidate {
+    let candidate = |f: &mut Found| -> Candidate<'a> {
         let chain = graph.chain(f.table, f.chain);
         let kind = if is_kube_balancer_chain(chain.name) {
             Kind::KubeProxy
@@ -280,10 +283,10 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
                     .into_iter()
                     .find_map(|e| e.comment)
             })
-            .unwrap_or_else(|| chain.name.to_string()),
+            .unwrap_or(Cow::Borrowed(chain.name)),
             Kind::Generic => match &f.selector {
-                Some(s) => format!("{} {s}", chain.name),
-                None => chain.name.to_string(),
+                Some(s) => Cow::Owned(format!("{} {s}", chain.name)),
+                None => Cow::Borrowed(chain.name),
             },
         };
         Candidate {
@@ -293,7 +296,7 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
             selector: f.selector.take(),
             first_rule: f.first_rule,
             name,
-            chain_name: chain.name.to_string(),
+            chain_name: chain.name,
             line: f
                 .first_rule
                 .map_or_else(|| first_line(chain), |r| chain.rules[r].line),
@@ -321,7 +324,7 @@ pub fn candidates(graph: &Graph<'_, '_>) -> Vec<Candidate> {
 /// The names of a namespace's services share long beginnings, and comparing strings
 /// on the heap misses the caches: the sort compares the names' first 32 bytes as two
 /// numbers first, and the whole keys only where those agree.
-fn sort_candidates(found: Vec<Candidate>) -> Vec<Candidate> {
+fn sort_candidates(found: Vec<Candidate<'_>>) -> Vec<Candidate<'_>> {
     let mut order: Vec<((u128, u128), u32)> = found
         .par_iter()
         .enumerate()
@@ -403,7 +406,7 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
                 format!("{}: {e}", chain.name),
             ));
             return Some(Balancer {
-                name: cand.name.clone(),
+                name: cand.name.as_ref().to_owned(),
                 table: table.name.to_string(),
                 table_index: cand.table,
                 chain: chain.name.to_string(),
@@ -460,7 +463,7 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
             paths,
         });
     }
-    let name = cand.name.clone();
+    let name = cand.name.as_ref().to_owned();
     if kind == Kind::KubeProxy
         && let Some(last) = chain.rules.last()
         && last.statistic()
@@ -537,8 +540,11 @@ fn entry_packet(e: &Entry) -> Packet {
 /// The kube-proxy service name `ns/name:port` from the comments.
 /// `entry_comment` gives the first comment of the entries, asked only when no rule of
 /// the chain has one.
-fn kube_name(chain: &Chain<'_>, entry_comment: impl FnOnce() -> Option<String>) -> Option<String> {
-    let strip = |c: &str| -> String {
+fn kube_name<'a>(
+    chain: &Chain<'a>,
+    entry_comment: impl FnOnce() -> Option<String>,
+) -> Option<Cow<'a, str>> {
+    fn strip(c: &str) -> &str {
         let c = c.split(" -> ").next().unwrap_or(c);
         let c = [
             " cluster IP",
@@ -548,14 +554,18 @@ fn kube_name(chain: &Chain<'_>, entry_comment: impl FnOnce() -> Option<String>) 
         ]
         .iter()
         .fold(c, |acc, s| acc.strip_suffix(s).unwrap_or(acc));
-        c.trim().to_string()
+        c.trim()
+    }
+    let stripped = |c: Cow<'a, str>| match c {
+        Cow::Borrowed(c) => Cow::Borrowed(strip(c)),
+        Cow::Owned(c) => Cow::Owned(strip(&c).to_string()),
     };
     chain
         .rules
         .iter()
         // (`RuleLine::comment` reads the comment without building the rule.)
-        .find_map(|r| r.comment().map(|c| strip(&c)))
-        .or_else(|| entry_comment().as_deref().map(strip))
+        .find_map(|r| r.comment().map(stripped))
+        .or_else(|| entry_comment().map(|c| stripped(Cow::Owned(c))))
         .filter(|n| !n.is_empty())
 }
 
@@ -751,8 +761,8 @@ mod tests {
                     kind: Kind::KubeProxy,
                     selector: None,
                     first_rule: None,
-                    name: name.clone(),
-                    chain_name: chain.clone(),
+                    name: Cow::Borrowed(name.as_str()),
+                    chain_name: chain.as_str(),
                     line: *line,
                 })
                 .collect();

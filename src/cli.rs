@@ -432,7 +432,7 @@ pub fn candidates<'r, 'a>(
     input: &Input,
     lenient: bool,
     warnings: &mut Vec<Warning>,
-) -> Result<(Graph<'r, 'a>, Vec<Candidate>)> {
+) -> Result<(Graph<'r, 'a>, Vec<Candidate<'a>>)> {
     // The balancers are listed while the graph's loops are looked for.
     let (graph, found) = Graph::build_with(rs, lenient, balance::candidates)
         .map_err(|e| with_source(e, input, Some(text)))?;

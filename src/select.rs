@@ -57,7 +57,7 @@ impl Selection {
 
     /// [`Selection::matches`] for the balancer a candidate would be.
     pub fn matches_candidate(&self, c: &Candidate) -> bool {
-        self.matches_parts(&c.name, &c.chain_name, c.namespace())
+        self.matches_parts(&c.name, c.chain_name, c.namespace())
     }
 
     fn matches_parts(&self, name: &str, chain: &str, namespace: Option<&str>) -> bool {
