@@ -424,7 +424,7 @@ impl<'a> Filing<'a> {
             failed: false.into(),
             read: std::sync::Mutex::new(((0..pieces).map(|_| None).collect(), 0)),
             progress: std::sync::Condvar::new(),
-            ahead: 2 * threads,
+            ahead: threads,
             filer: std::sync::Mutex::new((b, 0, Ok(()))),
         }
     }
