@@ -1529,7 +1529,7 @@ pub(crate) fn core_test(o: &Opt<'_>, p: &mut Packet) -> Option<bool> {
 }
 
 /// [`core_test`] of the core option `name` (`!` before it: `negated`) with first value `v`.
-fn core_test_parts(name: &str, negated: bool, v: &str, p: &mut Packet) -> Option<bool> {
+pub(crate) fn core_test_parts(name: &str, negated: bool, v: &str, p: &mut Packet) -> Option<bool> {
     let r = match name {
         "p" => {
             let want = proto_name_ref(v);
@@ -1838,7 +1838,7 @@ fn light_outcome(rule: &LightRule<'_>) -> Outcome {
 
 /// [`terminal_outcome`] of a DNAT rule whose first `--to-destination` or `--to` has
 /// the first value `to` (`""` for none).
-fn dnat_outcome(to: &str) -> Outcome {
+pub(crate) fn dnat_outcome(to: &str) -> Outcome {
     target_outcome("DNAT", |_| Some(to))
 }
 

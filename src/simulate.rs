@@ -989,6 +989,9 @@ enum Cond {
     Undecided,
     /// Decided per connection.
     Runtime(Rt),
+    /// `-p P` of a rule whose first reading kept it with the DNAT destination (see
+    /// [`crate::model::RuleLine::dnat`]): the rule is not read again.
+    Proto(&'static str),
 }
 
 /// A rule's decisions, one per packet state that reaches it, by state. Most rules are
@@ -1458,13 +1461,19 @@ impl<'g, 'r, 'a, 'w> Compiler<'g, 'r, 'a, 'w> {
         let start = self.w.conds.len();
         // A rule that only chance decides, as its first reading found: no need to read
         // it again (its comments are conditions that always hold).
-        if let Some(fixed) = self.graph.chain(self.table, c).rules[r].fixed_random() {
+        let line = &self.graph.chain(self.table, c).rules[r];
+        if let Some(fixed) = line.fixed_random() {
             if let Some((threshold, inverted)) = fixed {
                 self.w.conds.push(Cond::Runtime(Rt::Random {
                     threshold,
                     inverted,
                 }));
             }
+        } else if let Some((proto, _)) = line.dnat() {
+            // Nor a DNAT rule whose matches always match (comments, which are conditions
+            // that always hold, and modules without options) and whose only core option
+            // is `-p`, as its first reading found.
+            self.w.conds.extend(proto.map(Cond::Proto));
         } else {
             let i = self.read(slot, c, r);
             rule_conds(
@@ -1507,26 +1516,33 @@ impl<'g, 'r, 'a, 'w> Compiler<'g, 'r, 'a, 'w> {
                 next: x,
             };
         }
-        // Any other condition came from reading the rule.
-        let rule = &self.rules[s.rule as usize];
+        // Any other condition but `Proto` came from reading the rule.
+        let rule = self.rules.get(s.rule as usize);
         let packet = &mut w.scratch;
         packet.clone_from(&w.states[x as usize]);
         let mut reach: u16 = 0;
         for cond in conds {
             let r = match *cond {
                 Cond::Core(i) => {
-                    let o = &rule.core[i as usize];
+                    let o = rule.and_then(|rule| rule.core.get(i as usize));
                     if mark_only {
                         w.before.clone_from(packet);
                     }
-                    core_test(o, packet)
+                    o.and_then(|o| core_test(o, packet))
                 }
                 Cond::Static(m, i) => {
-                    let m = &rule.matches[m as usize];
+                    let m = rule.and_then(|rule| rule.matches.get(m as usize));
+                    let o = m.and_then(|m| Some((m.module, m.options.get(i as usize)?)));
                     if mark_only {
                         w.before.clone_from(packet);
                     }
-                    static_test(m.module, &m.options[i as usize], packet)
+                    o.and_then(|(module, o)| static_test(module, o, packet))
+                }
+                Cond::Proto(proto) => {
+                    if mark_only {
+                        w.before.clone_from(packet);
+                    }
+                    eval::core_test_parts("p", false, proto, packet)
                 }
                 Cond::Pass => Some(true),
                 Cond::Undecided => None,
@@ -1538,7 +1554,9 @@ impl<'g, 'r, 'a, 'w> Compiler<'g, 'r, 'a, 'w> {
             // The evaluator: a rule that only sets marks never binds an open field
             // (kube-proxy's `-s <endpoint>/32 -j KUBE-MARK-MASQ` says nothing about who
             // connects); it does not apply.
-            if mark_only && matches!(cond, Cond::Core(_) | Cond::Static(..)) && w.before != *packet
+            if mark_only
+                && matches!(cond, Cond::Core(_) | Cond::Static(..) | Cond::Proto(_))
+                && w.before != *packet
             {
                 return fail(reach);
             }
@@ -1838,8 +1856,14 @@ impl<'g, 'r, 'a, 'w> Compiler<'g, 'r, 'a, 'w> {
                     }
                     TargetRef::Return => Tgt::Return,
                     TargetRef::Terminal => {
-                        let i = self.read(slot, c, r);
-                        let o = terminal_outcome(&self.rules[i]);
+                        let line = &self.graph.chain(self.table, c).rules[r];
+                        let o = match line.dnat() {
+                            Some((_, to)) => eval::dnat_outcome(to),
+                            None => {
+                                let i = self.read(slot, c, r);
+                                terminal_outcome(&self.rules[i])
+                            }
+                        };
                         Tgt::Terminal(self.endpoint_index(&o, other))
                     }
                     TargetRef::Mark => {
