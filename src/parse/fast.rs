@@ -70,7 +70,7 @@ impl FastBufs {
 
 /// Where [`Reader`] gives the options of a line, each as soon as it is read whole.
 trait Steps<'a> {
-    /// A value of the option being read (given before the option itself).
+    /// A value of the option being read (given before the option itself, in order).
     fn value(&mut self, v: (u32, u32));
     /// An option (its values counted in `vals` from `st.v0`), with its first value
     /// (`(0, 0)`, the empty text, when it has none). `None` ends the reading.
@@ -86,7 +86,9 @@ impl<'a> Steps<'a> for FastBufs {
 
     #[inline(always)]
     fn step(&mut self, _: &'a str, st: &FStep, _: (u32, u32)) -> Option<()> {
-        self.steps.push(*st);
+        // Its values are the last `nv` given.
+        let v0 = u32::try_from(self.vals.len()).ok()?.checked_sub(st.nv)?;
+        self.steps.push(FStep { v0, ..*st });
         Some(())
     }
 }
@@ -177,23 +179,31 @@ impl FStep {
     }
 }
 
-/// The byte range of a token of [`split`].
-#[inline(always)]
-fn range_of(t: u64) -> (usize, usize) {
-    (t as u32 as usize, (t >> 32) as usize & 0x3fff_ffff)
+/// A token of [`scan_tokens`]: its byte range (quotes included) and kind (`T_…`).
+#[derive(Clone, Copy)]
+struct Tok {
+    s: u32,
+    e: u32,
+    kind: u64,
 }
 
-/// The text range of a value token of [`split`]: without its quotes when it is quoted.
+/// The byte range of a token.
 #[inline(always)]
-fn text_of(t: u64) -> (u32, u32) {
-    let q = u32::from(t >> 62 == T_QUOTED);
-    (t as u32 + q, ((t >> 32) as u32 & 0x3fff_ffff) - q)
+fn range_of(t: Tok) -> (usize, usize) {
+    (t.s as usize, t.e as usize)
 }
 
-/// Is a token of [`split`] a value (bare or quoted)?
+/// The text range of a value token: without its quotes when it is quoted.
 #[inline(always)]
-fn is_value(t: u64) -> bool {
-    t >> 62 <= T_QUOTED
+fn text_of(t: Tok) -> (u32, u32) {
+    let q = u32::from(t.kind == T_QUOTED);
+    (t.s + q, t.e - q)
+}
+
+/// Is a token a value (bare or quoted)?
+#[inline(always)]
+fn is_value(t: Tok) -> bool {
+    t.kind <= T_QUOTED
 }
 
 /// What [`Reader`] expects next.
@@ -236,10 +246,9 @@ struct Reader<'a, 's, S> {
     sec: Sec,
     has_target: bool,
     /// The option whose values are being read (in [`Want::Values`]) and its first value.
+    /// (The [`Steps`] sets `v0`.)
     cur: FStep,
     first: (u32, u32),
-    /// The values read so far.
-    n_vals: u32,
 }
 
 impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
@@ -261,7 +270,6 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
             has_target: false,
             cur: FStep::EMPTY,
             first: (0, 0),
-            n_vals: 0,
         };
         scan_tokens(b, from, &mut r)?;
         match r.want {
@@ -277,7 +285,7 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
 
     /// The next token.
     #[inline(always)]
-    fn next(&mut self, t: u64) -> Option<()> {
+    fn next(&mut self, t: Tok) -> Option<()> {
         match self.want {
             Want::Values => {
                 if is_value(t) {
@@ -286,11 +294,10 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
                         self.first = v;
                     }
                     self.cur.nv += 1;
-                    self.n_vals += 1;
                     self.sink.value(v);
                     return Some(());
                 }
-                if self.cur.nv == 0 && t >> 62 == T_BANG {
+                if self.cur.nv == 0 && t.kind == T_BANG {
                     // `-s ! 1.2.3.4`, or a `!` for the next option.
                     return None;
                 }
@@ -310,7 +317,7 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
                     negated: false,
                     name: r,
                     off,
-                    v0: self.n_vals,
+                    v0: 0,
                     nv: 0,
                 };
                 self.sink.step(self.line, &st, (0, 0))
@@ -344,7 +351,7 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
             Want::Command => self.command(t),
             Want::Chain => {
                 // The chain is a word: a quoted one is the slow path's.
-                if t >> 62 == T_QUOTED {
+                if t.kind == T_QUOTED {
                     return None;
                 }
                 self.chain = range_of(t);
@@ -356,7 +363,7 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
 
     /// `-A` or `--append`.
     #[inline(always)]
-    fn command(&mut self, t: u64) -> Option<()> {
+    fn command(&mut self, t: Tok) -> Option<()> {
         let (s, e) = range_of(t);
         let cmd = self.line.as_bytes().get(s..e)?;
         if cmd != b"-A" && cmd != b"--append" {
@@ -368,9 +375,9 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
 
     /// A token where an option (or `!`) should be.
     #[inline(always)]
-    fn option(&mut self, t: u64) -> Option<()> {
-        if t >> 62 != T_OPT {
-            if t >> 62 != T_BANG || self.pending {
+    fn option(&mut self, t: Tok) -> Option<()> {
+        if t.kind != T_OPT {
+            if t.kind != T_BANG || self.pending {
                 // A value where an option should be, or `!` twice.
                 return None;
             }
@@ -397,8 +404,8 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
                     core,
                     negated: self.pending,
                     name: (ns as u32, e as u32),
-                    off: t as u32,
-                    v0: self.n_vals,
+                    off: t.s,
+                    v0: 0,
                     nv: 0,
                 };
                 self.first = (0, 0);
@@ -408,7 +415,7 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
             _ if self.pending => return None,
             OptClass::Match => {
                 self.sec = Sec::Match;
-                self.want = Want::Name(StepKind::MatchStart, t as u32);
+                self.want = Want::Name(StepKind::MatchStart, t.s);
             }
             OptClass::Jump(jump) => {
                 if self.has_target {
@@ -416,7 +423,7 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
                 }
                 self.has_target = true;
                 self.sec = Sec::Target;
-                self.want = Want::Name(StepKind::Target(jump), t as u32);
+                self.want = Want::Name(StepKind::Target(jump), t.s);
             }
             OptClass::Counters => self.want = Want::Packets,
         }
@@ -432,7 +439,7 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
 
     /// A number of `-c`.
     #[inline(always)]
-    fn number(&self, t: u64) -> Option<u64> {
+    fn number(&self, t: Tok) -> Option<u64> {
         if !is_value(t) {
             return None;
         }
@@ -443,8 +450,13 @@ impl<'a, 's, S: Steps<'a>> Reader<'a, 's, S> {
 
 impl<'a, S: Steps<'a>> Tokens for Reader<'a, '_, S> {
     #[inline(always)]
-    fn token(&mut self, t: u64) -> Option<()> {
-        self.next(t)
+    fn token(&mut self, s: usize, e: usize, kind: u64) -> Option<()> {
+        // (The scanner's tokens end before 1 GiB.)
+        self.next(Tok {
+            s: s as u32,
+            e: e as u32,
+            kind,
+        })
     }
 }
 
@@ -468,7 +480,8 @@ fn read_into<'a>(
 pub(super) fn summary_line<'a>(line: &'a str, body: &str) -> Option<(&'a str, Summary<'a>)> {
     let mut acc = SummaryAcc::new();
     let (counters, chain) = Reader::read(line, body, &mut acc)?;
-    Some((chain, acc.finish(line, counters)?))
+    acc.finish(line, counters)?;
+    Some((chain, acc.out))
 }
 
 /// A rule line (`body`: the line without blanks at either end, a slice of the line)
@@ -659,6 +672,9 @@ struct SummaryAcc<'a> {
     out: Summary<'a>,
     /// The module of the last `-m`.
     module: &'a str,
+    /// An option of that match was seen (what [`Summary::match_option`] does for
+    /// one option it does for all).
+    module_opts: bool,
     /// The `-m statistic` match being read.
     stat: Option<StatAcc>,
     /// The target is `DNAT`.
@@ -672,6 +688,7 @@ impl<'a> SummaryAcc<'a> {
         SummaryAcc {
             out: Summary::empty(false),
             module: "",
+            module_opts: false,
             stat: None,
             dnat: false,
             facts: DnatAcc::new(),
@@ -689,16 +706,17 @@ impl<'a> SummaryAcc<'a> {
         Some(())
     }
 
-    /// The summary of a rule with the counters `counters`, or `None` (see the module).
-    #[inline]
-    fn finish(mut self, line: &str, counters: Option<Counters>) -> Option<Summary<'a>> {
+    /// The end of a rule with the counters `counters`: `out` is its summary, or `None`
+    /// (see the module).
+    #[inline(always)]
+    fn finish(&mut self, line: &str, counters: Option<Counters>) -> Option<()> {
         self.end_match(line)?;
         self.out.counted = counters.is_some();
         // (Only a DNAT rule has them: the others are not looked at again.)
         if self.dnat && counters.is_none() {
             self.out.dnat = self.facts.finish();
         }
-        Some(self.out)
+        Some(())
     }
 }
 
@@ -721,12 +739,16 @@ impl<'a> Steps<'a> for SummaryAcc<'a> {
             StepKind::MatchStart => {
                 self.end_match(line)?;
                 self.module = st.name(line);
+                self.module_opts = false;
                 if self.module == "statistic" {
                     self.stat = Some(StatAcc::default());
                 }
             }
             StepKind::Opt(Sec::Match) => {
-                out.match_option(self.module);
+                if !self.module_opts {
+                    self.module_opts = true;
+                    out.match_option(self.module);
+                }
                 if let Some(acc) = self.stat.as_mut() {
                     acc.option(line, st, first);
                 }

@@ -508,15 +508,16 @@ pub(crate) fn scan_tokens(b: &[u8], from: usize, sink: &mut impl Tokens) -> Opti
 
 /// What takes the tokens of [`scan_tokens`], one by one.
 pub(crate) trait Tokens {
-    /// The next token; `None` stops the scan.
-    fn token(&mut self, t: u64) -> Option<()>;
+    /// The next token: its byte range `s..e` (quotes included) and kind (`T_…`);
+    /// `None` stops the scan.
+    fn token(&mut self, s: usize, e: usize, kind: u64) -> Option<()>;
 }
 
 /// A vector keeps them all.
 #[cfg(test)]
 impl Tokens for Vec<u64> {
-    fn token(&mut self, t: u64) -> Option<()> {
-        self.push(t);
+    fn token(&mut self, s: usize, e: usize, kind: u64) -> Option<()> {
+        self.push(s as u64 | (e as u64) << 32 | kind << 62);
         Some(())
     }
 }
@@ -576,7 +577,7 @@ fn scan_tokens_swar(b: &[u8], from: usize, sink: &mut impl Tokens) -> Option<()>
             let p = at + (bit / 8) as usize;
             if is_blank_byte(c) {
                 if s < p {
-                    sink.token(bare_token(b, s, p))?;
+                    sink.token(s, p, bare_kind(b, s, p))?;
                 }
                 s = p + 1;
             } else if c == b'"' {
@@ -585,7 +586,7 @@ fn scan_tokens_swar(b: &[u8], from: usize, sink: &mut impl Tokens) -> Option<()>
                     return None;
                 }
                 let q = closing_quote(b, p)?;
-                sink.token(p as u64 | ((q + 1) as u64) << 32 | T_QUOTED << 62)?;
+                sink.token(p, q + 1, T_QUOTED)?;
                 // Go on after the quoted token (and the blank after it).
                 s = q + 2;
                 next = q + 2;
@@ -596,7 +597,7 @@ fn scan_tokens_swar(b: &[u8], from: usize, sink: &mut impl Tokens) -> Option<()>
         base = next;
     }
     if s < end {
-        sink.token(bare_token(b, s, end))?;
+        sink.token(s, end, bare_kind(b, s, end))?;
     }
     Some(())
 }
@@ -613,16 +614,15 @@ fn closing_quote(b: &[u8], p: usize) -> Option<usize> {
     Some(q)
 }
 
-/// The bare token `b[s..e]`, packed as [`scan_tokens`] gives it.
+/// The kind of the bare token `b[s..e]`, as [`scan_tokens`] gives it.
 #[inline(always)]
-fn bare_token(b: &[u8], s: usize, e: usize) -> u64 {
-    let kind = match b.get(s..e) {
+fn bare_kind(b: &[u8], s: usize, e: usize) -> u64 {
+    match b.get(s..e) {
         // `-` and a letter (either case: `| 0x20` lowers it) or a dash.
         Some(&[b'-', c, ..]) if (c | 0x20).wrapping_sub(b'a') < 26 || c == b'-' => T_OPT,
         Some(b"!") => T_BANG,
         _ => T_VALUE,
-    };
-    s as u64 | (e as u64) << 32 | kind << 62
+    }
 }
 
 /// The SSE2 scanner of [`scan_tokens`] (SSE2 is part of every x86_64 processor).
@@ -633,7 +633,7 @@ mod sse2 {
         _mm_or_si128, _mm_set1_epi8, _mm_setzero_si128, _mm_subs_epu8,
     };
 
-    use super::{T_QUOTED, bare_token};
+    use super::{T_QUOTED, bare_kind};
 
     /// Bytes of a block of (up to) 64 bytes by class: bit `i` of a mask for the block's
     /// byte `i`.
@@ -784,7 +784,7 @@ mod sse2 {
                 while m != 0 {
                     let p = base + m.trailing_zeros() as usize;
                     if s < p {
-                        sink.token(bare_token(b, s, p))?;
+                        sink.token(s, p, bare_kind(b, s, p))?;
                     }
                     s = p + 1;
                     m &= m - 1;
@@ -811,7 +811,7 @@ mod sse2 {
                 {
                     return None;
                 }
-                sink.token(p as u64 | ((q + 1) as u64) << 32 | T_QUOTED << 62)?;
+                sink.token(p, q + 1, T_QUOTED)?;
                 // Go on after the quoted token (and the blank after it).
                 s = q + 2;
                 let skip = s - base;
@@ -825,7 +825,7 @@ mod sse2 {
             base = next;
         }
         if s < end {
-            sink.token(bare_token(b, s, end))?;
+            sink.token(s, end, bare_kind(b, s, end))?;
         }
         Some(())
     }
