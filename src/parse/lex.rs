@@ -488,9 +488,9 @@ pub(crate) const T_BANG: u64 = 3;
 
 /// The fast scanner: splits the bytes of a line from `i` on into tokens as [`tokens`]
 /// does, when every token is a plain word or a whole quoted string without
-/// backslashes, and gives each token, in order, to `sink`, packed in a `u64`: its
-/// start in bits 0–31, its end in bits 32–61 (quotes included), its kind (`T_…`, as
-/// [`classify_bare`] tells it) in bits 62–63. Anything else (a quote glued to a word,
+/// backslashes, and gives each token, in order, to `sink` ([`Tokens::token`]): its
+/// byte range (quotes included, ending before 1 GiB) and its kind (`T_…`, as
+/// [`classify_bare`] tells it). Anything else (a quote glued to a word,
 /// an escape, an unterminated quote, a line of 1 GiB or more) gives `None` (tokens
 /// before the fault may have been given): [`tokens`] reads such lines (and makes their
 /// errors). It stops at once, with `None`, when `sink` gives `None`.
@@ -516,6 +516,7 @@ pub(crate) trait Tokens {
 /// A vector keeps them all.
 #[cfg(test)]
 impl Tokens for Vec<u64> {
+    /// Packed: the start in bits 0–31, the end in bits 32–61, the kind in bits 62–63.
     fn token(&mut self, s: usize, e: usize, kind: u64) -> Option<()> {
         self.push(s as u64 | (e as u64) << 32 | kind << 62);
         Some(())
