@@ -535,40 +535,72 @@ pub(super) fn light<'a>(
 }
 
 /// The comment of a rule line (as [`Rule::comment`] of [`rule_line`]'s rule), read
-/// without building the rule: `None` when the fast path does not read the line,
-/// `Some(None)` for a rule without a comment.
+/// without building the rule, option by option as the [`Reader`] gives them: `None`
+/// when the fast path does not read the line, `Some(None)` for a rule without a
+/// comment. (`bufs` is not used.)
 pub(super) fn comment_of<'a>(
     line: &'a str,
     body: &str,
-    bufs: &mut FastBufs,
+    _bufs: &mut FastBufs,
 ) -> Option<Option<&'a str>> {
-    read_into(line, body, bufs)?;
-    let (steps, vals) = bufs.steps();
-    let mut in_comment = false;
-    let mut found = None;
-    for (i, st) in steps.iter().enumerate() {
+    let mut acc = CommentAcc::default();
+    Reader::read(line, body, &mut acc)?;
+    acc.end_match(line)?;
+    Some(acc.found)
+}
+
+/// The comment of a rule, read option by option (see [`comment_of`]).
+#[derive(Default)]
+struct CommentAcc<'a> {
+    /// The last `-m` is a comment match.
+    in_comment: bool,
+    /// The `-m statistic` match being read.
+    stat: Option<StatAcc>,
+    found: Option<&'a str>,
+}
+
+impl CommentAcc<'_> {
+    /// The end of a match: as `rule` does, a statistic match it does not read leaves
+    /// the line to the slow path.
+    #[inline]
+    fn end_match(&mut self, line: &str) -> Option<()> {
+        if let Some(acc) = self.stat.take() {
+            acc.finish(line)?;
+        }
+        Some(())
+    }
+}
+
+impl<'a> Steps<'a> for CommentAcc<'a> {
+    #[inline(always)]
+    fn value(&mut self, _: (u32, u32)) {}
+
+    #[inline(always)]
+    fn step(&mut self, line: &'a str, st: &FStep, first: (u32, u32)) -> Option<()> {
         match st.kind {
             // Options before any `-m` go to a match named after the protocol, which
             // could be called `comment`: left to the whole rule.
             StepKind::Opt(Sec::Implicit) => return None,
             StepKind::MatchStart => {
-                let name = st.name(line);
-                // As `rule` does: a statistic match it does not read leaves the
-                // line to the slow path.
-                if name == "statistic" && plain_statistic(line, vals, steps, i).is_none() {
-                    return None;
+                self.end_match(line)?;
+                let name = bytes(line, st.name);
+                if name == b"statistic" {
+                    self.stat = Some(StatAcc::default());
                 }
-                in_comment = name == "comment";
+                self.in_comment = name == b"comment";
             }
-            StepKind::Opt(Sec::Match)
-                if in_comment && found.is_none() && st.name(line) == "comment" =>
-            {
-                found = Some(st.first(line, vals));
+            StepKind::Opt(Sec::Match) => {
+                if let Some(acc) = self.stat.as_mut() {
+                    acc.option(line, st, first);
+                }
+                if self.in_comment && self.found.is_none() && bytes(line, st.name) == b"comment" {
+                    self.found = Some(text(line, first));
+                }
             }
             _ => {}
         }
+        Some(())
     }
-    Some(found)
 }
 
 /// `b.is_ascii()`, eight bytes at a time.
