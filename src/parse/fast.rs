@@ -158,16 +158,6 @@ impl FStep {
         }
     }
 
-    /// The first value, or "".
-    #[inline]
-    fn first<'a>(&self, line: &'a str, vals: &[(u32, u32)]) -> &'a str {
-        if self.nv == 0 {
-            ""
-        } else {
-            text(line, vals[self.v0 as usize])
-        }
-    }
-
     #[inline]
     fn values<'a>(&self, line: &'a str, vals: &[(u32, u32)]) -> Vec<Cow<'a, str>> {
         let vs = &vals[self.v0 as usize..(self.v0 + self.nv) as usize];
@@ -504,34 +494,51 @@ pub(super) fn light<'a>(
     line: &'a str,
     body: &str,
     no: u32,
-    bufs: &mut FastBufs,
+    _bufs: &mut FastBufs,
     rule: &mut LightRule<'a>,
 ) -> Option<()> {
-    if read_into(line, body, bufs)?.0.is_some() {
+    // (Filled option by option as the `Reader` gives them; on `None` it is left part
+    // filled, which callers do not look at.)
+    rule.clear(no);
+    if Reader::read(line, body, &mut LightAcc { rule })?
+        .0
+        .is_some()
+    {
         return None;
     }
-    let (steps, vals) = bufs.steps();
-    rule.clear(no);
-    for st in steps {
+    Some(())
+}
+
+/// A [`LightRule`] filled option by option (see [`light`]).
+struct LightAcc<'r, 'a> {
+    rule: &'r mut LightRule<'a>,
+}
+
+impl<'a> Steps<'a> for LightAcc<'_, 'a> {
+    #[inline(always)]
+    fn value(&mut self, _: (u32, u32)) {}
+
+    #[inline(always)]
+    fn step(&mut self, line: &'a str, st: &FStep, first: (u32, u32)) -> Option<()> {
         if st.nv > 1 {
             return None;
         }
+        let rule = &mut *self.rule;
         let opt = LightOpt {
             name: st.name(line),
             negated: st.negated,
-            value: (st.nv == 1).then(|| st.first(line, vals)),
+            value: (st.nv == 1).then(|| text(line, first)),
         };
         match st.kind {
             // `-s`, `-d`, `-p`, `-i`, `-o` (not `-f`) with a value.
-            StepKind::Core if (1..=5).contains(&st.core) && st.nv == 1 => rule.push_core(opt)?,
-            StepKind::MatchStart => rule.push_match(opt.name)?,
-            StepKind::Opt(Sec::Match | Sec::Target) => rule.push_opt(opt)?,
-            StepKind::Target(Jump::Jump) => rule.set_target(opt.name)?,
+            StepKind::Core if (1..=5).contains(&st.core) && st.nv == 1 => rule.push_core(opt),
+            StepKind::MatchStart => rule.push_match(opt.name),
+            StepKind::Opt(Sec::Match | Sec::Target) => rule.push_opt(opt),
+            StepKind::Target(Jump::Jump) => rule.set_target(opt.name),
             // `-f`, a core option without one value, options before any `-m`, `-g`.
-            _ => return None,
+            _ => None,
         }
     }
-    Some(())
 }
 
 /// The comment of a rule line (as [`Rule::comment`] of [`rule_line`]'s rule), read
