@@ -400,7 +400,7 @@ fn classify_bare_bytes(bytes: &[u8]) -> TokKind {
 
 // ---- The fast scanner: the common case in one pass over the bytes. ----
 
-/// A token of [`split`] as tests see it: its byte range in the line, quotes included.
+/// A token of [`scan_tokens`] as tests see it: its byte range in the line, quotes included.
 /// Its text is the range itself, or the range without its first and last byte when
 /// `quoted`.
 #[cfg(test)]
@@ -477,42 +477,75 @@ pub(crate) fn word_end(b: &[u8], i: usize) -> usize {
     find(b, i, below_0x23, is_blank_byte)
 }
 
-/// A token of [`split`]: a bare value.
+/// A token of [`scan_tokens`]: a bare value.
 pub(crate) const T_VALUE: u64 = 0;
-/// A token of [`split`]: a quoted value (its range includes the quotes).
+/// A token of [`scan_tokens`]: a quoted value (its range includes the quotes).
 pub(crate) const T_QUOTED: u64 = 1;
-/// A token of [`split`]: an option (`-x…`, `--…`).
+/// A token of [`scan_tokens`]: an option (`-x…`, `--…`).
 pub(crate) const T_OPT: u64 = 2;
-/// A token of [`split`]: `!`.
+/// A token of [`scan_tokens`]: `!`.
 pub(crate) const T_BANG: u64 = 3;
 
 /// The fast scanner: splits the bytes of a line from `i` on into tokens as [`tokens`]
 /// does, when every token is a plain word or a whole quoted string without
-/// backslashes: the number of tokens `n`, written to `out[..n]` packed in a `u64` each:
-/// its start in bits 0–31, its end in bits 32–61 (quotes included), its kind (`T_…`,
-/// as [`classify_bare`] tells it) in bits 62–63 (`out` may be left longer than `n`).
-/// Anything else (a quote glued to a word, an escape, an unterminated quote, a line of
-/// 1 GiB or more) gives `None`: [`tokens`] reads such lines (and makes their errors).
+/// backslashes, and gives each token, in order, to `sink` ([`Tokens::token`]): its
+/// byte range (quotes included, ending before 1 GiB) and its kind (`T_…`, as
+/// [`classify_bare`] tells it). Anything else (a quote glued to a word,
+/// an escape, an unterminated quote, a line of 1 GiB or more) gives `None` (tokens
+/// before the fault may have been given): [`tokens`] reads such lines (and makes their
+/// errors). It stops at once, with `None`, when `sink` gives `None`.
 ///
-/// On x86_64 it scans 64 bytes a step with SSE2 ([`sse2::split`]), elsewhere eight
-/// bytes a step in a `u64` ([`split_swar`]); the two give the same (a property test
+/// On x86_64 it scans 64 bytes a step with SSE2 ([`sse2::scan_tokens`]), elsewhere eight
+/// bytes a step in a `u64` ([`scan_tokens_swar`]); the two give the same (a property test
 /// holds them to each other).
-#[inline]
-pub(crate) fn split(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
+#[inline(always)]
+pub(crate) fn scan_tokens(b: &[u8], from: usize, sink: &mut impl Tokens) -> Option<()> {
     #[cfg(target_arch = "x86_64")]
-    return sse2::split(b, from, out);
+    return sse2::scan_tokens(b, from, sink);
     #[cfg(not(target_arch = "x86_64"))]
-    split_swar(b, from, out)
+    scan_tokens_swar(b, from, sink)
 }
 
-/// [`split`], eight bytes a step in a `u64` (SWAR): the portable scanner.
-#[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
+/// What takes the tokens of [`scan_tokens`], one by one.
+pub(crate) trait Tokens {
+    /// The next token: its byte range `s..e` (quotes included) and kind (`T_…`);
+    /// `None` stops the scan.
+    fn token(&mut self, s: usize, e: usize, kind: u64) -> Option<()>;
+}
+
+/// A vector keeps them all.
+#[cfg(test)]
+impl Tokens for Vec<u64> {
+    /// Packed: the start in bits 0–31, the end in bits 32–61, the kind in bits 62–63.
+    fn token(&mut self, s: usize, e: usize, kind: u64) -> Option<()> {
+        self.push(s as u64 | (e as u64) << 32 | kind << 62);
+        Some(())
+    }
+}
+
+/// The tokens of [`scan_tokens`] written to `out` (cleared first): their number.
+#[cfg(test)]
+pub(crate) fn split(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
+    out.clear();
+    scan_tokens(b, from, out)?;
+    Some(out.len())
+}
+
+/// [`split`] with the portable scanner.
+#[cfg(test)]
 fn split_swar(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
+    out.clear();
+    scan_tokens_swar(b, from, out)?;
+    Some(out.len())
+}
+
+/// [`scan_tokens`], eight bytes a step in a `u64` (SWAR): the portable scanner.
+#[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
+fn scan_tokens_swar(b: &[u8], from: usize, sink: &mut impl Tokens) -> Option<()> {
     let end = b.len();
     if end >= 1 << 30 {
         return None;
     }
-    out.clear();
     // One pass over the bytes, a word of eight at a time: every blank ends the token
     // that started after the blank before it (`s`); a quote that starts a token starts
     // a quoted one, read to its closing quote.
@@ -545,7 +578,7 @@ fn split_swar(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
             let p = at + (bit / 8) as usize;
             if is_blank_byte(c) {
                 if s < p {
-                    out.push(bare_token(b, s, p));
+                    sink.token(s, p, bare_kind(b, s, p))?;
                 }
                 s = p + 1;
             } else if c == b'"' {
@@ -554,7 +587,7 @@ fn split_swar(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
                     return None;
                 }
                 let q = closing_quote(b, p)?;
-                out.push(p as u64 | ((q + 1) as u64) << 32 | T_QUOTED << 62);
+                sink.token(p, q + 1, T_QUOTED)?;
                 // Go on after the quoted token (and the blank after it).
                 s = q + 2;
                 next = q + 2;
@@ -565,9 +598,9 @@ fn split_swar(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
         base = next;
     }
     if s < end {
-        out.push(bare_token(b, s, end));
+        sink.token(s, end, bare_kind(b, s, end))?;
     }
-    Some(out.len())
+    Some(())
 }
 
 /// The closing quote of the quoted token that starts at `p`, when there is one with no
@@ -582,21 +615,18 @@ fn closing_quote(b: &[u8], p: usize) -> Option<usize> {
     Some(q)
 }
 
-/// The bare token `b[s..e]`, packed as [`split`] gives it.
+/// The kind of the bare token `b[s..e]`, as [`scan_tokens`] gives it.
 #[inline(always)]
-fn bare_token(b: &[u8], s: usize, e: usize) -> u64 {
-    let kind = match b[s] {
+fn bare_kind(b: &[u8], s: usize, e: usize) -> u64 {
+    match b.get(s..e) {
         // `-` and a letter (either case: `| 0x20` lowers it) or a dash.
-        b'-' if e - s >= 2 && ((b[s + 1] | 0x20).wrapping_sub(b'a') < 26 || b[s + 1] == b'-') => {
-            T_OPT
-        }
-        b'!' if e - s == 1 => T_BANG,
+        Some(&[b'-', c, ..]) if (c | 0x20).wrapping_sub(b'a') < 26 || c == b'-' => T_OPT,
+        Some(b"!") => T_BANG,
         _ => T_VALUE,
-    };
-    s as u64 | (e as u64) << 32 | kind << 62
+    }
 }
 
-/// The SSE2 scanner of [`split`] (SSE2 is part of every x86_64 processor).
+/// The SSE2 scanner of [`scan_tokens`] (SSE2 is part of every x86_64 processor).
 #[cfg(target_arch = "x86_64")]
 mod sse2 {
     use std::arch::x86_64::{
@@ -604,7 +634,7 @@ mod sse2 {
         _mm_or_si128, _mm_set1_epi8, _mm_setzero_si128, _mm_subs_epu8,
     };
 
-    use super::{T_QUOTED, bare_token};
+    use super::{T_QUOTED, bare_kind};
 
     /// Bytes of a block of (up to) 64 bytes by class: bit `i` of a mask for the block's
     /// byte `i`.
@@ -733,23 +763,16 @@ mod sse2 {
         b.len()
     }
 
-    /// [`super::split`] with SSE2: the blanks and quotes of 64 bytes a step as bit
+    /// [`super::scan_tokens`] with SSE2: the blanks and quotes of 64 bytes a step as bit
     /// masks, walked a bit at a time: a blank ends the token that started after the
     /// blank before it (`s`); a quote that starts a token starts a quoted one, read to
     /// its closing quote (found in the masks, or past them by [`quote_or_backslash`]).
-    pub(super) fn split(b: &[u8], from: usize, out: &mut Vec<u64>) -> Option<usize> {
+    #[inline(always)]
+    pub(super) fn scan_tokens(b: &[u8], from: usize, sink: &mut impl super::Tokens) -> Option<()> {
         let end = b.len();
         if end >= 1 << 30 {
             return None;
         }
-        // Each token has a byte and all but the last a blank after it: at most
-        // `len / 2 + 1` tokens, written in place (no pushes).
-        let cap = end.saturating_sub(from) / 2 + 1;
-        if out.len() < cap {
-            out.resize(cap, 0);
-        }
-        let o = &mut out[..cap];
-        let mut n = 0;
         let mut s = from;
         let mut base = from;
         while base < end {
@@ -762,8 +785,7 @@ mod sse2 {
                 while m != 0 {
                     let p = base + m.trailing_zeros() as usize;
                     if s < p {
-                        o[n] = bare_token(b, s, p);
-                        n += 1;
+                        sink.token(s, p, bare_kind(b, s, p))?;
                     }
                     s = p + 1;
                     m &= m - 1;
@@ -790,8 +812,7 @@ mod sse2 {
                 {
                     return None;
                 }
-                o[n] = p as u64 | ((q + 1) as u64) << 32 | T_QUOTED << 62;
-                n += 1;
+                sink.token(p, q + 1, T_QUOTED)?;
                 // Go on after the quoted token (and the blank after it).
                 s = q + 2;
                 let skip = s - base;
@@ -805,14 +826,13 @@ mod sse2 {
             base = next;
         }
         if s < end {
-            o[n] = bare_token(b, s, end);
-            n += 1;
+            sink.token(s, end, bare_kind(b, s, end))?;
         }
-        Some(n)
+        Some(())
     }
 }
 
-/// [`split`] as spans with their kinds (for tests).
+/// [`scan_tokens`] as spans with their kinds (for tests).
 #[cfg(test)]
 pub(crate) fn fast_tokens(b: &[u8], i: usize, out: &mut Vec<Span>) -> bool {
     let mut toks = Vec::new();

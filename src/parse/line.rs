@@ -88,8 +88,7 @@ pub(super) fn parse_line<'a>(
                 if let Some((chain, rule)) = fast::rule_line(ctx, body, &mut sc.fast) {
                     return Ok(Line::Rule { chain, rule });
                 }
-            } else if let Some((chain, summary)) = fast::summary_line(ctx.text, body, &mut sc.fast)
-            {
+            } else if let Some((chain, summary)) = fast::summary_line(ctx.text, body) {
                 return Ok(Line::Summary { chain, summary });
             }
             command(ctx, body, sc, full)
@@ -114,11 +113,14 @@ pub(super) enum Fast<'a> {
 /// Reads a line as [`parse_line`] does without `full`, by the fast path alone: `None`
 /// when the fast path does not read it (see [`fast`]); [`parse_line_nom`] does then.
 #[inline]
-pub(super) fn fast_line<'a>(text: &'a str, bufs: &mut FastBufs) -> Option<Fast<'a>> {
+///
+/// (The summary of a rule is made as its tokens are found: `_bufs` is not used.)
+pub(super) fn fast_line<'a>(text: &'a str, _bufs: &mut FastBufs) -> Option<Fast<'a>> {
     let body = trim_blanks(text);
     match body.as_bytes().first()? {
-        b'[' | b'-' => fast::summary_line(text, body, bufs)
-            .map(|(chain, summary)| Fast::Rule { chain, summary }),
+        b'[' | b'-' => {
+            fast::summary_line(text, body).map(|(chain, summary)| Fast::Rule { chain, summary })
+        }
         b':' => fast_decl(body).map(Fast::Item),
         _ => None,
     }

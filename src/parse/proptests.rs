@@ -624,6 +624,13 @@ proptest! {
         check_fast_lines(&line)?;
     }
 
+    /// The summary made token by token as the line is scanned (`fast::summary_line`)
+    /// says what the whole rule says, on rule lines of every shape.
+    #[test]
+    fn fast_summaries_agree_with_whole_rules(line in rule_soup()) {
+        check_summaries(&line)?;
+    }
+
     #[test]
     fn fast_rules_agree_on_statistic_matches(
         mode in prop::sample::select(&["random", "nth", "\"random\"", "rand", ""][..]),
