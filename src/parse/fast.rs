@@ -494,7 +494,6 @@ pub(super) fn light<'a>(
     line: &'a str,
     body: &str,
     no: u32,
-    _bufs: &mut FastBufs,
     rule: &mut LightRule<'a>,
 ) -> Option<()> {
     // (Filled option by option as the `Reader` gives them; on `None` it is left part
@@ -544,12 +543,8 @@ impl<'a> Steps<'a> for LightAcc<'_, 'a> {
 /// The comment of a rule line (as [`Rule::comment`] of [`rule_line`]'s rule), read
 /// without building the rule, option by option as the [`Reader`] gives them: `None`
 /// when the fast path does not read the line, `Some(None)` for a rule without a
-/// comment. (`bufs` is not used.)
-pub(super) fn comment_of<'a>(
-    line: &'a str,
-    body: &str,
-    _bufs: &mut FastBufs,
-) -> Option<Option<&'a str>> {
+/// comment.
+pub(super) fn comment_of<'a>(line: &'a str, body: &str) -> Option<Option<&'a str>> {
     let mut acc = CommentAcc::default();
     Reader::read(line, body, &mut acc)?;
     acc.end_match(line)?;

@@ -114,8 +114,8 @@ pub(super) enum Fast<'a> {
 /// when the fast path does not read it (see [`fast`]); [`parse_line_nom`] does then.
 #[inline]
 ///
-/// (The summary of a rule is made as its tokens are found: `_bufs` is not used.)
-pub(super) fn fast_line<'a>(text: &'a str, _bufs: &mut FastBufs) -> Option<Fast<'a>> {
+/// (The summary of a rule is made as its tokens are found.)
+pub(super) fn fast_line(text: &str) -> Option<Fast<'_>> {
     let body = trim_blanks(text);
     match body.as_bytes().first()? {
         b'[' | b'-' => {
@@ -163,15 +163,14 @@ pub(super) fn fast_rule_line<'a>(ctx: &LineCtx<'a>, bufs: &mut FastBufs) -> Opti
 pub(super) fn fast_light<'a>(
     text: &'a str,
     no: u32,
-    bufs: &mut FastBufs,
     rule: &mut crate::model::LightRule<'a>,
 ) -> Option<()> {
-    fast::light(text, trim_blanks(text), no, bufs, rule)
+    fast::light(text, trim_blanks(text), no, rule)
 }
 
 /// The comment of a rule line by the fast path only (see [`fast::comment_of`]).
-pub(super) fn fast_comment<'a>(text: &'a str, bufs: &mut FastBufs) -> Option<Option<&'a str>> {
-    fast::comment_of(text, trim_blanks(text), bufs)
+pub(super) fn fast_comment(text: &str) -> Option<Option<&str>> {
+    fast::comment_of(text, trim_blanks(text))
 }
 
 /// `s` without blanks at either end (blanks are ASCII: bytes and characters agree).

@@ -118,7 +118,7 @@ fn read_lines<'a, E>(
     let mut v6 = false;
     let mut no = first;
     for line in lines(text) {
-        let read = match line::fast_line(line, &mut sc.fast) {
+        let read = match line::fast_line(line) {
             Some(line::Fast::Rule { chain, summary }) => {
                 if chain_of_run != chain {
                     flush_run(sink, &mut run, chain_of_run, &mut v6)?;
@@ -235,13 +235,13 @@ pub fn reparse(text: &str, no: u32) -> Rule<'_> {
 /// a [`LightRule`](crate::model::LightRule) when it is of that shape (what [`reparse`]
 /// gives for it, read without allocating); `false` otherwise.
 pub fn light_into<'a>(text: &'a str, no: u32, rule: &mut crate::model::LightRule<'a>) -> bool {
-    with_fast_bufs(|bufs| line::fast_light(text, no, bufs, rule)).is_some()
+    line::fast_light(text, no, rule).is_some()
 }
 
 /// The comment of line `no`, the text of a rule line read before without error: what
 /// `reparse(text, no).comment()` gives, mostly without building the rule.
 pub fn rule_comment(text: &str, no: u32) -> Option<std::borrow::Cow<'_, str>> {
-    let fast = with_fast_bufs(|bufs| line::fast_comment(text, bufs));
+    let fast = line::fast_comment(text);
     match fast {
         Some(c) => c.map(std::borrow::Cow::Borrowed),
         None => reparse(text, no)
