@@ -16,12 +16,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// shape arenas must be set earlier, from a constructor of priority 100.
 ///
 /// Peak memory is one of lbaudit's promises (at most twice the input): commit arena
-/// memory as it is used, and hand freed pages back after 10 ms. On the 60 MB
-/// benchmark dump (2 cores, `--connections 0`, KiB of peak RSS over 5 runs) that peaks
-/// at 107–109 MB; 25 ms gives 110–119 MB, 50 ms 116–122 MB and 100 ms 119–124 MB (the
-/// run got shorter, so more of what it frees is still waiting). Purging at once (0 ms,
-/// 105–106 MB) costs two to three times the system time in TLB shootdowns between the
-/// threads when the cross-check runs.
+/// memory as it is used, and hand freed pages back after 2 ms. On the 60 MB benchmark
+/// dump (2 cores, `--connections 0`, 11 interleaved runs each: median wall, median and
+/// largest peak RSS in KiB) 2 ms gives 0.175 s, 111,000 and 113,000; 10 ms 0.173 s,
+/// 114,000 and 120,000 (the budget is 117,441: the faster the run, the more of what it
+/// frees is still waiting); 1 ms 0.179 s and 110,000 / 111,000; purging at once 0.187 s
+/// and 108,000 / 109,000. With the cross-check, 2 ms and 10 ms take the same time
+/// (0.328 s) at 110,000 / 114,000 KiB.
 extern "C" fn set_allocator_options() {
     // mimalloc's own environment variables still win.
     for (option, var, value) in [
@@ -30,7 +31,7 @@ extern "C" fn set_allocator_options() {
             "MIMALLOC_ARENA_EAGER_COMMIT",
             0,
         ),
-        (MI_OPTION_PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 10),
+        (MI_OPTION_PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 2),
     ] {
         if std::env::var_os(var).is_none() {
             // SAFETY: runs before any other code of the process, on its only thread.
