@@ -430,6 +430,24 @@ impl PartialOrd for Choices {
 }
 
 impl Thread {
+    /// A thread at the start of chain `chain`, for `packet`, with all the weight.
+    fn start(chain: usize, packet: Packet) -> Self {
+        Thread {
+            chain,
+            rule: 0,
+            stack: Small::default(),
+            weight: Weight::one(),
+            nfmark: 0,
+            ctmark: 0,
+            mark_mask: 0,
+            packet: Rc::new(packet),
+            path: Vec::new(),
+            via: 0,
+            paths: 1,
+            choices: Choices::default(),
+        }
+    }
+
     /// Compares the thread's place in the program with a [`Queue`] position: the rule
     /// indices of its return points, then its own rule.
     fn cmp_position(&self, pos: &[u32]) -> Ordering {
@@ -851,21 +869,7 @@ enum Decision {
 impl Walker<'_, '_, '_, '_> {
     /// The walk from the start of `chain` for `packet`.
     fn walk(mut self, chain: usize, packet: Packet) -> Result<Distribution, TooComplex> {
-        let start = Thread {
-            chain,
-            rule: 0,
-            stack: Small::default(),
-            weight: Weight::one(),
-            nfmark: 0,
-            ctmark: 0,
-            mark_mask: 0,
-            packet: Rc::new(packet),
-            path: Vec::new(),
-            via: 0,
-            paths: 1,
-            choices: Choices::default(),
-        };
-        self.bufs.queue.push(start);
+        self.bufs.queue.push(Thread::start(chain, packet));
         while let Some(t) = self.bufs.queue.pop() {
             self.run(t)?;
             self.check_size()?;
@@ -2249,20 +2253,7 @@ mod tests {
 
     /// A thread at the start of a walk, for `packet`.
     fn thread(packet: Packet) -> Thread {
-        Thread {
-            chain: 0,
-            rule: 0,
-            stack: Small::default(),
-            weight: Weight::one(),
-            nfmark: 0,
-            ctmark: 0,
-            mark_mask: 0,
-            packet: Rc::new(packet),
-            path: Vec::new(),
-            via: 0,
-            paths: 1,
-            choices: Choices::default(),
-        }
+        Thread::start(0, packet)
     }
 
     /// What a decision gives: whether the rule applies (and with what share), the
