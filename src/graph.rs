@@ -250,9 +250,9 @@ impl<'r, 'a> Graph<'r, 'a> {
     /// [`Self::build`], and `f` run on the graph at the same time as the search for
     /// loops and the flags: `f` sees every target and caller, but not yet
     /// [`TableGraph::may_terminate`] and [`TableGraph::may_mark`] (empty until then: a
-    /// walk would fail on them), so it must not walk the graph. (What lists the balancers, which
-    /// only looks at chains, rules and callers, runs so.) Its result is dropped when the
-    /// graph has a loop.
+    /// walk would fail on them), so it must not walk the graph. (What lists the
+    /// balancers, which only looks at chains, rules and callers, runs so.) Its result is
+    /// dropped when the graph has a loop.
     pub fn build_with<T: Send>(
         rs: &'r Ruleset<'a>,
         lenient: bool,
