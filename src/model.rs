@@ -401,7 +401,7 @@ impl<'a> RuleLine<'a> {
         self
     }
 
-    /// The rule's [`DnatFacts`], when its first reading found it of that shape: the
+    /// The rule's `DnatFacts`, when its first reading found it of that shape: the
     /// protocol its one `-p` names (`None`: it has no core option) and its destination
     /// (`""` for none).
     pub fn dnat(&self) -> Option<(Option<&'static str>, &'a str)> {

@@ -1,8 +1,11 @@
-//! The fast path of a rule line: the line split once into tokens by a byte scanner
-//! (`lex::split`: packed byte ranges, eight bytes a step), the `[p:b] -A CHAIN` head
-//! read from them, then the options found by their bytes and written, with the ranges
-//! of their values, into buffers reused from line to line ([`FastBufs`]); no text is
-//! copied and nothing allocated but the [`Rule`]'s own vectors.
+//! The fast path of a rule line: one pass of a byte scanner (`lex::scan_tokens`, SSE2,
+//! 64 bytes a step) hands each token to a [`Reader`], a state machine that reads the
+//! `[p:b] -A CHAIN` head and then the options, each given whole to a [`Steps`] sink as
+//! it is read: the first reading's summary, the light rule and the comment are made as
+//! the line is scanned ([`summary_line`], [`light`], [`comment_of`]); the whole rule
+//! ([`rule_line`]) is built from the options and value ranges kept in buffers reused
+//! from line to line ([`FastBufs`]). No text is copied and nothing allocated but the
+//! [`Rule`]'s own vectors.
 //!
 //! It reads the common case only: lines whose tokens are plain words and whole quoted
 //! strings without escapes, that have no error, and whose `-m statistic` matches are
