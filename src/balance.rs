@@ -309,9 +309,7 @@ pub fn candidates<'a>(graph: &Graph<'_, 'a>) -> Vec<Candidate<'a>> {
             // for all at once, so that their cache misses overlap.
             for f in part.iter() {
                 if let Some(line) = graph.chain(f.table, f.chain).rules.first() {
-                    let text = line.text.as_ptr();
-                    crate::memory::prefetch(text);
-                    crate::memory::prefetch(text.wrapping_add(64));
+                    crate::memory::prefetch_text(line.text);
                 }
             }
             part.iter_mut().map(candidate)

@@ -2,7 +2,7 @@
 //! extension; loops and jumps to undeclared chains found here.
 
 use crate::error::{InputError, InputErrorKind};
-use crate::memory::prefetch;
+use crate::memory::{prefetch, prefetch_text};
 use crate::model::{Chain, Format, Jump, Ruleset, Table, TargetHead, Warning};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
@@ -176,15 +176,6 @@ impl TableGraph {
 
 /// The rules of a chain that [`Graph::warm`] looks at.
 const WARM_RULES: usize = 64;
-
-/// [`prefetch`] for the first three cache lines of a rule's text.
-#[inline(always)]
-fn prefetch_text(text: &str) {
-    let p = text.as_ptr();
-    prefetch(p);
-    prefetch(p.wrapping_add(64));
-    prefetch(p.wrapping_add(128));
-}
 
 /// A [`TargetRef`] in 4 bytes: the kind in the top 3 bits, a chain index below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,3 +38,12 @@ pub(crate) fn prefetch<T>(p: *const T) {
         _mm_prefetch::<_MM_HINT_T0>(p.cast());
     }
 }
+
+/// [`prefetch`] for the first three cache lines of a rule's text.
+#[inline(always)]
+pub(crate) fn prefetch_text(text: &str) {
+    let p = text.as_ptr();
+    prefetch(p);
+    prefetch(p.wrapping_add(64));
+    prefetch(p.wrapping_add(128));
+}
