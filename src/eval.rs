@@ -1851,7 +1851,7 @@ pub(crate) fn dnat_outcome(to: &str) -> Outcome {
 fn target_outcome<'x>(name: &str, find: impl Fn(&[&str]) -> Option<&'x str>) -> Outcome {
     let arg = |names: &[&str]| find(names).map(str::to_string);
     match name {
-        "DNAT" => Outcome::Dnat(arg(&["to-destination", "to"]).unwrap_or_default()),
+        "DNAT" => Outcome::Dnat(arg(&crate::model::DNAT_DESTINATION).unwrap_or_default()),
         "SNAT" => Outcome::Verdict(match arg(&["to-source", "to"]) {
             Some(a) => format!("SNAT {a}"),
             None => "SNAT".into(),

@@ -211,6 +211,10 @@ const FIXED_DNAT: u8 = 6;
 const DNAT_LEN_SHIFT: u32 = 20;
 const DNAT_PROTO_SHIFT: u32 = 28;
 
+/// The options of `-j DNAT` whose value is the destination: the first of them gives
+/// the outcome.
+pub(crate) const DNAT_DESTINATION: [&str; 2] = ["to-destination", "to"];
+
 /// The protocols a [`DnatFacts`] rule may test, as written in its `-p` (code: index + 1).
 const DNAT_PROTOCOLS: [&str; 3] = ["tcp", "udp", "sctp"];
 
@@ -261,7 +265,7 @@ impl DnatFacts {
     /// option's, as `eval::target_outcome` finds it)?
     #[inline]
     pub(crate) fn is_destination(name: &[u8]) -> bool {
-        name == b"to-destination" || name == b"to"
+        DNAT_DESTINATION.iter().any(|d| d.as_bytes() == name)
     }
 
     /// The facts of a rule of the shape whose `-p` names `proto` (`None`: none) and whose
