@@ -98,8 +98,6 @@ pub struct TableGraph {
     pub may_terminate: Vec<bool>,
     /// Per chain: does it (or anything below it) change marks?
     pub may_mark: Vec<bool>,
-    /// Per chain: has it a policy (a built-in chain)?
-    policies: Vec<bool>,
     /// Per chain: its first rule with a `statistic` match ([`NO_STATISTIC`]: none),
     /// with [`NOT_PLAIN`] set unless every such rule is plain
     /// ([`crate::model::RuleLine::plain`]).
@@ -187,7 +185,7 @@ const CHAIN_BITS: u32 = 29;
 const RESOLVE_RUN: usize = 2048;
 
 /// A run of chains' resolved targets, the (chain, rule) places that need a word, and
-/// its chains' [`TableGraph::policies`] and [`TableGraph::statistic`].
+/// whether each of its chains has a policy, and their [`TableGraph::statistic`].
 type Resolved = (Vec<Packed>, Vec<(usize, usize)>, Vec<bool>, Vec<u32>);
 
 impl Packed {
@@ -251,8 +249,12 @@ impl<'r, 'a> Graph<'r, 'a> {
     ) -> Result<(Self, T), InputError> {
         let mut warnings = Vec::new();
         let mut tables = Vec::with_capacity(rs.tables.len());
+        // Per table, whether each chain has a policy (for the flags).
+        let mut policies = Vec::with_capacity(rs.tables.len());
         for table in &rs.tables {
-            tables.push(build_table(rs.format, table, lenient, &mut warnings)?);
+            let (tg, p) = build_table(rs.format, table, lenient, &mut warnings)?;
+            tables.push(tg);
+            policies.push(p);
         }
         for tg in &mut tables {
             (tg.caller_start, tg.caller_list) = tg.file_callers();
@@ -265,10 +267,10 @@ impl<'r, 'a> Graph<'r, 'a> {
         let g = &graph;
         let (flags, out) = rayon::join(
             || {
-                (rs.tables.iter().enumerate())
-                    .map(|(t, table)| {
+                (rs.tables.iter().zip(policies).enumerate())
+                    .map(|(t, (table, policies))| {
                         g.checked_order(t, table)
-                            .map(|order| g.compute_flags(t, order))
+                            .map(|order| g.compute_flags(t, order, policies))
                     })
                     .collect::<Result<Vec<_>, _>>()
             },
@@ -364,13 +366,18 @@ impl<'r, 'a> Graph<'r, 'a> {
 
     /// Per chain of table `t` (visited in `order`, callee first): may traversal end
     /// with a verdict inside it, may it change marks ([`TableGraph::may_terminate`],
-    /// [`TableGraph::may_mark`]).
-    fn compute_flags(&self, t: usize, order: Vec<usize>) -> (Vec<bool>, Vec<bool>) {
+    /// [`TableGraph::may_mark`]). `policies`: whether each chain has a policy, which is
+    /// a verdict too (read in order while resolving, rather than each chain looked up
+    /// here in callee-first order).
+    fn compute_flags(
+        &self,
+        t: usize,
+        order: Vec<usize>,
+        policies: Vec<bool>,
+    ) -> (Vec<bool>, Vec<bool>) {
         let tg = &self.tables[t];
         let n = tg.chains();
-        // (A built-in chain's policy is a verdict too: `policies`, read in order while
-        // resolving, rather than each chain looked up here in callee-first order.)
-        let (mut may_terminate, mut may_mark) = (tg.policies.clone(), vec![false; n]);
+        let (mut may_terminate, mut may_mark) = (policies, vec![false; n]);
         for c in order {
             let mut term = may_terminate[c];
             let mut mark = false;
@@ -463,7 +470,7 @@ fn build_table<'a>(
     table: &Table<'a>,
     lenient: bool,
     warnings: &mut Vec<Warning>,
-) -> Result<TableGraph, InputError> {
+) -> Result<(TableGraph, Vec<bool>), InputError> {
     let index = NameIndex::new(&table.chains);
     let n = table.chains.len();
     if n >= 1 << CHAIN_BITS {
@@ -569,20 +576,21 @@ fn build_table<'a>(
     }
     target_start.push(target_list.len() as u32);
     // Callers and flags are filled in by `Graph::build`.
-    Ok(TableGraph {
+    let policies = resolved
+        .iter()
+        .flat_map(|(_, _, p, _)| p)
+        .copied()
+        .collect();
+    let tg = TableGraph {
         target_start,
         target_list,
         caller_start: Vec::new(),
         caller_list: Vec::new(),
         may_terminate: Vec::new(),
         may_mark: Vec::new(),
-        policies: resolved
-            .iter()
-            .flat_map(|(_, _, p, _)| p)
-            .copied()
-            .collect(),
         statistic: resolved.into_iter().flat_map(|(.., s)| s).collect(),
-    })
+    };
+    Ok((tg, policies))
 }
 
 /// Chain names to their places in the table, in two halves (by [`NameIndex::half`])
