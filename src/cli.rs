@@ -333,12 +333,9 @@ impl Mapped {
         }
         // Pages the kernel reads in for the mapping then come in 2 MiB folios, which it
         // maps as huge pages (a file already cached keeps the folios it has: a freshly
-        // written one mostly has large ones). Only a hint: its result does not matter.
-        // SAFETY: advice on the mapping just made, of `len` bytes.
-        #[cfg(target_os = "linux")]
-        unsafe {
-            libc::madvise(ptr, len, libc::MADV_HUGEPAGE);
-        }
+        // written one mostly has large ones).
+        // SAFETY: the mapping just made, of `len` bytes.
+        unsafe { crate::memory::advise_huge_pages(ptr.cast(), len) };
         Some(Mapped { ptr, len })
     }
 

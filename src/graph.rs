@@ -285,9 +285,10 @@ impl<'r, 'a> Graph<'r, 'a> {
     /// Asks the processor to bring into its caches what walks from `roots` (table,
     /// chain) and their entry searches read first, all at once, so that the memory
     /// latencies overlap instead of adding up one dependent load after another: the
-    /// roots' rules and their text, the chains they jump to with their rules and text,
-    /// and the rules that jump to the roots or to the chains that jump to those, with
-    /// their chains' names. Only a hint: nothing computed depends on it.
+    /// roots' rules and their text, the chains they jump to with their flags, names,
+    /// rules, text and first targets, and the rules that jump to the roots or to the
+    /// chains that jump to those, with their chains' names. Only a hint: nothing
+    /// computed depends on it.
     pub fn warm(&self, roots: &[(usize, usize)]) {
         let mut below: Vec<(usize, usize)> = Vec::with_capacity(roots.len() * 8);
         let mut above: Vec<(usize, usize, usize)> = Vec::with_capacity(roots.len() * 4);

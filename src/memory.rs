@@ -4,7 +4,6 @@
 /// allocation: a large buffer filled once then faults a page per 2 MiB instead of one
 /// per 4 KiB. Where the kernel offers them only on request (`madvise` mode), this is the
 /// request; elsewhere it does nothing. Only a hint: the contents are unaffected.
-#[cfg(target_os = "linux")]
 pub(crate) fn advise_huge<T>(v: &mut Vec<T>) {
     const HUGE: usize = 2 << 20;
     let start = v.as_mut_ptr() as usize;
@@ -12,19 +11,25 @@ pub(crate) fn advise_huge<T>(v: &mut Vec<T>) {
     let first = start.next_multiple_of(HUGE);
     let last = end / HUGE * HUGE;
     if last > first {
-        // SAFETY: a hint about pages inside the vector's own allocation.
-        unsafe {
-            libc::madvise(
-                first as *mut libc::c_void,
-                last - first,
-                libc::MADV_HUGEPAGE,
-            );
-        }
+        // SAFETY: the pages are inside the vector's own allocation.
+        unsafe { advise_huge_pages(first as *mut u8, last - first) };
     }
 }
 
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn advise_huge<T>(_: &mut Vec<T>) {}
+/// Asks for transparent huge pages for the `len` bytes from `start` (`madvise`
+/// `MADV_HUGEPAGE`; nothing elsewhere than Linux). Only a hint: the result is ignored.
+///
+/// # Safety
+/// `start` and `len` must describe pages of one mapping the caller owns.
+pub(crate) unsafe fn advise_huge_pages(start: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: advice about pages the caller owns (this function's contract).
+    unsafe {
+        libc::madvise(start.cast(), len, libc::MADV_HUGEPAGE);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, len);
+}
 
 /// A hint to the processor to load the cache line of `p` (nothing on other
 /// architectures).
