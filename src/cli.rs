@@ -643,14 +643,21 @@ pub fn with_candidates<T>(
     let (rs, mut warnings) = analyse(&text, &input, input_args.lenient, warnings)?;
     let (graph, found) = candidates(&rs, &text, &input, input_args.lenient, &mut warnings)?;
     let selection = Selection::new(select)?;
-    let chosen: Vec<Candidate> = found
-        .into_iter()
-        .filter(|c| selection.matches_candidate(c))
-        .collect();
+    // (Without a selection every candidate is kept: none of their names is read again.)
+    let chosen: Vec<Candidate> = if selection.is_filtered() {
+        found
+            .into_iter()
+            .filter(|c| selection.matches_candidate(c))
+            .collect()
+    } else {
+        found
+    };
     let out = f(&input, &rs, &graph, &chosen, warnings);
     // Large inputs: leave the parsed rules to the OS at exit.
     std::mem::forget(graph);
     std::mem::forget(rs);
+    drop(text);
+    std::mem::forget(input);
     out
 }
 

@@ -132,7 +132,8 @@ impl TableGraph {
     /// callee).
     fn file_callers(&self) -> (Vec<u32>, Vec<(u32, u32)>) {
         let n = self.chains();
-        let mut caller_start = vec![0u32; n + 1];
+        // (Written: counted up, so read before it is written.)
+        let mut caller_start = crate::memory::written(n + 1, 0u32);
         for p in &self.target_list {
             if let TargetRef::Chain { chain: callee, .. } = p.unpack() {
                 caller_start[callee + 1] += 1;
@@ -405,7 +406,8 @@ impl<'r, 'a> Graph<'r, 'a> {
         let tg = &self.tables[t];
         let n = table.chains.len();
         let mut order = Vec::with_capacity(n);
-        let mut state = vec![0u8; n]; // 0 new, 1 on stack, 2 done
+        // 0 new, 1 on stack, 2 done. (Written: read before it is written.)
+        let mut state = crate::memory::written(n, 0u8);
         // (chain, next rule index)
         let mut stack: Vec<(usize, usize)> = Vec::new();
         for root in 0..n {

@@ -49,11 +49,33 @@ fn main() -> std::process::ExitCode {
     // Elsewhere (no ELF constructors), set them as early as Rust can.
     #[cfg(not(target_os = "linux"))]
     set_allocator_options();
-    match lbaudit::cli::run(std::env::args_os()) {
-        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(2)),
+    let code = match lbaudit::cli::run(std::env::args_os()) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lbaudit: error: {e}");
-            std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+            e.exit_code()
         }
+    };
+    let code = u8::try_from(code).unwrap_or(2);
+    exit_now(code);
+    std::process::ExitCode::from(code)
+}
+
+/// Ends the process at once with `code`, once stdout is flushed (stderr is not
+/// buffered), without the allocator's clean-up at exit: mimalloc, linked statically,
+/// collects and hands back every page it holds when the process ends (on the 60 MB
+/// benchmark dump, 13 to 20 `madvise` calls and 2 to 3.5 ms after the report is
+/// written), work the kernel does anyway as it takes the process's memory back.
+#[cfg(unix)]
+fn exit_now(code: u8) {
+    use std::io::Write as _;
+    if std::io::stdout().flush().is_ok() {
+        // SAFETY: `_exit` ends the process; everything lbaudit wrote is flushed and
+        // nothing else waits to run at exit (no files are left half-written: reports
+        // and charts are written whole, then renamed into place).
+        unsafe { libc::_exit(i32::from(code)) }
     }
 }
+
+#[cfg(not(unix))]
+fn exit_now(_code: u8) {}

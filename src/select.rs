@@ -52,19 +52,25 @@ impl Selection {
     }
 
     pub fn matches(&self, b: &Balancer) -> bool {
-        self.matches_parts(&b.name, &b.chain, b.namespace())
+        self.matches_parts(&b.name, &b.chain, || b.namespace())
     }
 
     /// [`Selection::matches`] for the balancer a candidate would be.
     pub fn matches_candidate(&self, c: &Candidate) -> bool {
-        self.matches_parts(&c.name, c.chain_name, c.namespace())
+        self.matches_parts(&c.name, c.chain_name, || c.namespace())
     }
 
-    fn matches_parts(&self, name: &str, chain: &str, namespace: Option<&str>) -> bool {
+    /// (The namespace is looked for only when namespaces are asked for.)
+    fn matches_parts<'n>(
+        &self,
+        name: &str,
+        chain: &str,
+        namespace: impl FnOnce() -> Option<&'n str>,
+    ) -> bool {
         let hit = |g: &String| glob(g, name) || glob(g, chain);
         (self.include.is_empty() || self.include.iter().any(hit))
             && (self.namespaces.is_empty()
-                || namespace.is_some_and(|ns| self.namespaces.iter().any(|n| n == ns)))
+                || namespace().is_some_and(|ns| self.namespaces.iter().any(|n| n == ns)))
             && !self.exclude.iter().any(hit)
     }
 }

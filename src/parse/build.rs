@@ -25,8 +25,8 @@ struct ChainIndex {
 impl ChainIndex {
     /// An index with room for about `chains` chains before it grows.
     fn with_capacity(chains: usize) -> Self {
-        let mut slots = vec![0; (chains.max(4) * 2).next_power_of_two()];
-        crate::memory::advise_huge(&mut slots);
+        // (Written: the index is read before it is written.)
+        let slots = crate::memory::written((chains.max(4) * 2).next_power_of_two(), 0);
         ChainIndex { slots, len: 0 }
     }
 
@@ -93,7 +93,7 @@ impl ChainIndex {
     /// Twice the slots, every chain placed again.
     fn grow(&mut self, chains: &[Chain<'_>]) {
         let mut bigger = ChainIndex {
-            slots: vec![0; self.slots.len() * 2],
+            slots: crate::memory::written(self.slots.len() * 2, 0),
             len: 0,
         };
         let mask = bigger.slots.len() - 1;

@@ -375,8 +375,11 @@ fn parse_in<'a>(
     // to; pieces read beyond a fatal error are dropped unfiled.
     let threads = rayon::current_num_threads().max(1);
     let read = |i: usize| -> Vec<Entry<'a>> {
-        // About as many entries as lines (runs of one chain's rules are one entry).
-        let mut out = Vec::with_capacity(outlines[i].lines as usize / 2);
+        // About one entry per two lines where rules are (runs of one chain's rules are
+        // one entry), and one per declaration: pieces of declarations would otherwise
+        // grow their vector, copying it.
+        let decls: usize = outlines[i].decls.iter().sum();
+        let mut out = Vec::with_capacity(outlines[i].lines as usize / 2 + decls);
         let _ = read_lines(pieces[i], firsts[i], &mut |e| {
             let fatal = !lenient && matches!(e, Entry::Error(_));
             out.push(e);
