@@ -57,12 +57,14 @@ impl ChainIndex {
     }
 
     /// The place in `chains` (every chain of the table, each in the index) of the chain
-    /// named `name`; `None` after noting that it is `chains.len()` (the caller adds it).
-    fn find_or_add(&mut self, name: &str, chains: &[Chain<'_>]) -> Option<usize> {
+    /// named `name`, whose [`ChainIndex::hash`] is `hash`; `None` after noting that it
+    /// is `chains.len()` (the caller adds it).
+    fn find_or_add(&mut self, name: &str, hash: u64, chains: &[Chain<'_>]) -> Option<usize> {
+        debug_assert_eq!(hash, Self::hash(name));
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow(chains);
         }
-        let (mut i, tag) = self.start(Self::hash(name));
+        let (mut i, tag) = self.start(hash);
         let mask = self.slots.len() - 1;
         loop {
             let s = self.slots[i];
@@ -81,10 +83,10 @@ impl ChainIndex {
         }
     }
 
-    /// Asks for the slot where the lookup of `name` starts (a hint: see
-    /// [`Builder::prefetch_decl`]).
-    fn prefetch(&self, name: &str) {
-        let (i, _) = self.start(Self::hash(name));
+    /// Asks for the slot where the lookup of a name of [`ChainIndex::hash`] `hash`
+    /// starts (a hint: see [`Builder::prefetch_decl`]).
+    fn prefetch(&self, hash: u64) {
+        let (i, _) = self.start(hash);
         if let Some(slot) = self.slots.get(i) {
             crate::memory::prefetch(slot);
         }
@@ -159,14 +161,14 @@ impl<'a> TableB<'a> {
             }
             return &mut self.table.chains[i];
         }
-        self.chain_by_index(name)
+        self.chain_by_index(name, ChainIndex::hash(name))
     }
 
     /// [`Self::chain_mut`] without first looking near the last chain: for declarations,
     /// which mostly name new chains.
-    fn chain_by_index(&mut self, name: &'a str) -> &mut Chain<'a> {
+    fn chain_by_index(&mut self, name: &'a str, hash: u64) -> &mut Chain<'a> {
         let chains = &mut self.table.chains;
-        let i = match self.index.find_or_add(name, chains) {
+        let i = match self.index.find_or_add(name, hash, chains) {
             Some(i) => i,
             None => {
                 chains.push(Chain::named(name));
@@ -303,7 +305,9 @@ impl<'a> Builder<'a> {
         Ok(Some(&mut self.loose))
     }
 
-    pub(super) fn apply(&mut self, item: Item<'a>, line: u32) -> Result<(), InputError> {
+    /// Files one line that is not a rule; `hash` is [`Builder::name_hash`] of a
+    /// declaration's name (unused for other lines).
+    pub(super) fn apply(&mut self, item: Item<'a>, line: u32, hash: u64) -> Result<(), InputError> {
         match item {
             Item::Blank => {}
             Item::Comment { v6, legacy_tables } => {
@@ -364,7 +368,7 @@ impl<'a> Builder<'a> {
                 let Some(t) = self.target_table(line, "chain declaration")? else {
                     return Ok(());
                 };
-                let c = t.chain_by_index(name);
+                let c = t.chain_by_index(name, hash);
                 if let Some(first) = c.declared_line {
                     let table = t.table.name;
                     let message = if table.is_empty() {
@@ -389,12 +393,18 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    /// Asks the processor for the place in the chain index where a declaration of
-    /// `name` will be filed, ahead of filing it: declarations mostly name new chains,
-    /// each at a random place of a table of megabytes. Only a hint.
-    pub(super) fn prefetch_decl(&self, name: &str) {
+    /// Asks the processor for the place in the chain index where a declaration whose
+    /// name has [`Builder::name_hash`] `hash` will be filed, ahead of filing it:
+    /// declarations mostly name new chains, each at a random place of a table of
+    /// megabytes. Only a hint.
+    pub(super) fn prefetch_decl(&self, hash: u64) {
         let t = self.open.and_then(|t| self.tables.get(t));
-        t.unwrap_or(&self.loose).index.prefetch(name);
+        t.unwrap_or(&self.loose).index.prefetch(hash);
+    }
+
+    /// The hash a chain declaration of `name` is filed by (see [`Builder::apply`]).
+    pub(super) fn name_hash(name: &str) -> u64 {
+        ChainIndex::hash(name)
     }
 
     /// Files consecutive rules of one chain (each knows its line); `v6` when one of
@@ -578,19 +588,26 @@ mod tests {
         let mut index = ChainIndex::with_capacity(4);
         let mut chains: Vec<Chain<'_>> = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            assert_eq!(index.find_or_add(name, &chains), None, "{name} is new");
+            assert_eq!(
+                index.find_or_add(name, ChainIndex::hash(name), &chains),
+                None,
+                "{name} is new"
+            );
             chains.push(Chain::named(name));
             // Every name so far is found where it was put.
             if i % 499 == 0 {
                 for (j, n) in names[..=i].iter().enumerate() {
-                    assert_eq!(index.find_or_add(n, &chains), Some(j));
+                    assert_eq!(index.find_or_add(n, ChainIndex::hash(n), &chains), Some(j));
                 }
             }
         }
         assert!(index.slots.len() >= 2 * names.len());
         assert_eq!(index.len, names.len());
         // An unknown name is not found (and noted as the next chain).
-        assert_eq!(index.find_or_add("KUBE-SEP-", &chains), None);
+        assert_eq!(
+            index.find_or_add("KUBE-SEP-", ChainIndex::hash("KUBE-SEP-"), &chains),
+            None
+        );
         assert_eq!(index.len, names.len() + 1);
     }
 }

@@ -78,8 +78,14 @@ enum Entry<'a> {
         rules: Vec<RuleLine<'a>>,
         v6: bool,
     },
-    /// Any other line, except blanks.
-    Line { line: u32, item: Item<'a> },
+    /// Any other line, except blanks. For a chain declaration, `hash` is its name's
+    /// place in the chain index ([`Builder::name_hash`]), worked out by the reading
+    /// thread rather than by the sequential filing; 0 otherwise.
+    Line {
+        line: u32,
+        item: Item<'a>,
+        hash: u64,
+    },
     /// A line that could not be read.
     Error(Box<InputError>),
 }
@@ -153,7 +159,15 @@ fn read_lines<'a, E>(
             }
             Ok(Line::Other(item)) => {
                 flush_run(sink, &mut run, chain_of_run, &mut v6)?;
-                sink(Entry::Line { line: no, item })?;
+                let hash = match &item {
+                    Item::Decl { name, .. } => Builder::name_hash(name),
+                    _ => 0,
+                };
+                sink(Entry::Line {
+                    line: no,
+                    item,
+                    hash,
+                })?;
             }
             Err(e) => {
                 flush_run(sink, &mut run, chain_of_run, &mut v6)?;
@@ -254,7 +268,7 @@ pub fn rule_comment(text: &str, no: u32) -> Option<std::borrow::Cow<'_, str>> {
 fn apply<'a>(b: &mut Builder<'a>, e: Entry<'a>) -> Result<(), InputError> {
     match e {
         Entry::Rules { chain, rules, v6 } => b.rules(chain, rules, v6),
-        Entry::Line { line, item } => b.apply(item, line),
+        Entry::Line { line, item, hash } => b.apply(item, line, hash),
         Entry::Error(e) => b.fail(*e),
     }
 }
@@ -502,21 +516,22 @@ impl<'a> Filing<'a> {
 fn file_entries<'a>(b: &mut Builder<'a>, entries: Vec<Entry<'a>>) -> Result<(), InputError> {
     let decl = |e: &Entry<'a>| match e {
         Entry::Line {
-            item: Item::Decl { name, .. },
+            item: Item::Decl { .. },
+            hash,
             ..
-        } => Some(*name),
+        } => Some(*hash),
         _ => None,
     };
-    let names: Vec<&'a str> = entries.iter().filter_map(decl).collect();
-    for name in names.iter().take(DECLS_AHEAD) {
-        b.prefetch_decl(name);
+    let hashes: Vec<u64> = entries.iter().filter_map(decl).collect();
+    for &hash in hashes.iter().take(DECLS_AHEAD) {
+        b.prefetch_decl(hash);
     }
-    let mut ahead = names.iter().skip(DECLS_AHEAD);
+    let mut ahead = hashes.iter().skip(DECLS_AHEAD);
     for e in entries {
         if decl(&e).is_some()
-            && let Some(name) = ahead.next()
+            && let Some(&hash) = ahead.next()
         {
-            b.prefetch_decl(name);
+            b.prefetch_decl(hash);
         }
         apply(b, e)?;
     }
