@@ -543,13 +543,19 @@ impl<'a> Steps<'a> for LightAcc<'_, 'a> {
     }
 }
 
-/// The comment of a rule line (as [`Rule::comment`] of [`rule_line`]'s rule), read
-/// without building the rule, option by option as the [`Reader`] gives them: `None`
-/// when the fast path does not read the line, `Some(None)` for a rule without a
-/// comment.
+/// The comment of a rule line read before without error (as [`Rule::comment`] of
+/// [`rule_line`]'s rule), read without building the rule, option by option as the
+/// [`Reader`] gives them: `None` when the fast path does not read the line, `Some(None)`
+/// for a rule without a comment. The reading stops at the comment: what follows cannot
+/// change the first comment of a line that reads without error (kube-proxy puts it
+/// first, before the statistic match and the target).
 pub(super) fn comment_of<'a>(line: &'a str, body: &str) -> Option<Option<&'a str>> {
     let mut acc = CommentAcc::default();
-    Reader::read(line, body, &mut acc)?;
+    let read = Reader::read(line, body, &mut acc);
+    if acc.found.is_some() {
+        return Some(acc.found);
+    }
+    read?;
     acc.end_match(line)?;
     Some(acc.found)
 }
@@ -600,6 +606,8 @@ impl<'a> Steps<'a> for CommentAcc<'a> {
                 }
                 if self.in_comment && self.found.is_none() && bytes(line, st.name) == b"comment" {
                     self.found = Some(text(line, first));
+                    // Found: the rest of the line is not read (see `comment_of`).
+                    return None;
                 }
             }
             _ => {}
