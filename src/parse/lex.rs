@@ -506,6 +506,64 @@ pub(crate) fn scan_tokens(b: &[u8], from: usize, sink: &mut impl Tokens) -> Opti
     scan_tokens_swar(b, from, sink)
 }
 
+/// The line feeds of the 64 bytes `c`, bit `i` for byte `i` (SSE2 on x86_64).
+#[inline(always)]
+fn newline_mask(c: &[u8; 64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    return sse2::newline_mask(c);
+    #[cfg(not(target_arch = "x86_64"))]
+    c.iter()
+        .enumerate()
+        .fold(0, |m, (i, &b)| m | (u64::from(b == b'\n') << i))
+}
+
+/// The places of the line feeds of a text, in order, found 64 bytes a step as a bit
+/// mask: a dump's lines are short (a hundred bytes), and a search per line (memchr)
+/// pays its setting up for each.
+pub(super) struct Newlines<'a> {
+    bytes: &'a [u8],
+    /// The block whose line feeds are `mask`, and the next block's start.
+    base: usize,
+    next: usize,
+    mask: u64,
+}
+
+impl<'a> Newlines<'a> {
+    pub(super) fn new(bytes: &'a [u8]) -> Self {
+        Newlines {
+            bytes,
+            base: 0,
+            next: 0,
+            mask: 0,
+        }
+    }
+}
+
+impl Iterator for Newlines<'_> {
+    type Item = usize;
+
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        while self.mask == 0 {
+            let rest = self.bytes.get(self.next..).filter(|r| !r.is_empty())?;
+            self.mask = match rest.first_chunk::<64>() {
+                Some(c) => newline_mask(c),
+                None => {
+                    // The last bytes, padded with zeros (no line feed).
+                    let mut c = [0u8; 64];
+                    c[..rest.len()].copy_from_slice(rest);
+                    newline_mask(&c)
+                }
+            };
+            self.base = self.next;
+            self.next += 64;
+        }
+        let i = self.mask.trailing_zeros() as usize;
+        self.mask &= self.mask - 1;
+        Some(self.base + i)
+    }
+}
+
 /// What takes the tokens of [`scan_tokens`], one by one.
 pub(crate) trait Tokens {
     /// The next token: its byte range `s..e` (quotes included) and kind (`T_…`);
@@ -690,6 +748,15 @@ mod sse2 {
                 _mm_cmpeq_epi8(_mm_subs_epu8(low, _mm_set1_epi8(0x1f)), _mm_setzero_si128());
             _mm_movemask_epi8(controls) != 0
         }
+    }
+
+    /// The line feeds of the 64 bytes `c`, bit `i` for byte `i`.
+    #[inline(always)]
+    pub(super) fn newline_mask(c: &[u8; 64]) -> u64 {
+        eq(load(c, 0), b'\n')
+            | eq(load(c, 16), b'\n') << 16
+            | eq(load(c, 32), b'\n') << 32
+            | eq(load(c, 48), b'\n') << 48
     }
 
     /// The masks of the 64 bytes `c`; the backslashes when there is a quote, or

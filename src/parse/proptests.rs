@@ -606,8 +606,63 @@ fn rule_soup() -> impl Strategy<Value = String> {
     (head, body).prop_map(|(h, b)| format!("{h}{b}"))
 }
 
+/// The lines of a text, and each line's decl-counting first byte, as `str::lines` and
+/// the first byte after blanks give them (what [`lines`] and [`outline`] must give).
+fn check_lines(text: &str) -> Result<(), TestCaseError> {
+    let got: Vec<&str> = lines(text).collect();
+    let want: Vec<&str> = text.lines().collect();
+    prop_assert_eq!(&got, &want);
+    let feeds: Vec<usize> = lex::Newlines::new(text.as_bytes()).collect();
+    let want_feeds: Vec<usize> = memchr::memchr_iter(b'\n', text.as_bytes()).collect();
+    prop_assert_eq!(feeds, want_feeds);
+    let o = outline(text);
+    prop_assert_eq!(o.lines as usize, want.len());
+    let mut decls = vec![0usize];
+    for line in &want {
+        let body = line.as_bytes().trim_ascii_start();
+        match body.first() {
+            Some(b':') => *decls.last_mut().expect("non-empty") += 1,
+            Some(b'*') => decls.push(0),
+            Some(b'-') if body.starts_with(b"-N") || body.starts_with(b"-P") => {
+                *decls.last_mut().expect("non-empty") += 1;
+            }
+            _ => {}
+        }
+    }
+    prop_assert_eq!(o.decls, decls);
+    Ok(())
+}
+
+#[test]
+fn lines_cut_at_every_place_of_a_block() {
+    // Line feeds (and CRLFs) at each offset around the 64-byte blocks, and texts that
+    // end with and without one.
+    for n in 0..200 {
+        for feed in ["\n", "\r\n"] {
+            let mut text = "x".repeat(n);
+            text.push_str(feed);
+            text.push_str(&":C - [0:0]\n".repeat(n % 7));
+            text.push_str(&"é".repeat(n % 5));
+            check_lines(&text).unwrap();
+            text.push('\n');
+            check_lines(&text).unwrap();
+        }
+    }
+    check_lines("").unwrap();
+    check_lines("\n\n\n").unwrap();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::default())]
+
+    /// Lines and outlines are those of `str::lines`, for texts of short and long lines,
+    /// carriage returns, blanks and declarations.
+    #[test]
+    fn lines_are_those_of_str_lines(
+        text in r"([ \t]?(:C|\*nat|-N X|-P Y|-A Z|x{0,90}|é)\r?\n?){0,40}",
+    ) {
+        check_lines(&text)?;
+    }
 
     #[test]
     fn fast_tokens_agree_with_nom(line in lex_soup()) {
