@@ -129,30 +129,51 @@ impl TableGraph {
 
     /// The `(chain, rule)` positions that jump or go to each chain, in input order:
     /// [`TableGraph::caller_start`] and [`TableGraph::caller_list`] (a counting sort by
-    /// callee).
+    /// callee). The callees are filed in two halves, each by a thread that reads every
+    /// target and files the callers of its half (the random writes are what takes the
+    /// time: 3 ms on one thread for the 30k dump's 375,000 targets).
     fn file_callers(&self) -> (Vec<u32>, Vec<(u32, u32)>) {
         let n = self.chains();
+        let mid = n / 2;
+        let (lo, hi) = rayon::join(|| self.callers_of(0..mid), || self.callers_of(mid..n));
+        let lo_total = lo.0[mid];
+        let mut caller_start = lo.0;
+        caller_start.pop();
+        caller_start.extend(hi.0.iter().map(|&s| s + lo_total));
+        let mut caller_list = lo.1;
+        caller_list.extend_from_slice(&hi.1);
+        (caller_start, caller_list)
+    }
+
+    /// [`TableGraph::file_callers`] for the callees in `callees` only: where each one's
+    /// callers start (from 0, one more for the end) and the callers.
+    fn callers_of(&self, callees: std::ops::Range<usize>) -> (Vec<u32>, Vec<(u32, u32)>) {
+        let base = callees.start;
+        let mine = |p: &Packed| match p.unpack() {
+            TargetRef::Chain { chain, .. } if callees.contains(&chain) => Some(chain - base),
+            _ => None,
+        };
         // (Written: counted up, so read before it is written.)
-        let mut caller_start = crate::memory::written(n + 1, 0u32);
-        for p in &self.target_list {
-            if let TargetRef::Chain { chain: callee, .. } = p.unpack() {
-                caller_start[callee + 1] += 1;
-            }
+        let mut start = crate::memory::written(callees.len() + 1, 0u32);
+        for callee in self.target_list.iter().filter_map(mine) {
+            start[callee + 1] += 1;
         }
-        for c in 0..n {
-            caller_start[c + 1] += caller_start[c];
+        for c in 0..callees.len() {
+            start[c + 1] += start[c];
         }
-        let mut next = caller_start.clone();
-        let mut caller_list = vec![(0u32, 0u32); caller_start[n] as usize];
-        for c in 0..n {
-            for r in 0..self.rules(c) {
-                if let TargetRef::Chain { chain: callee, .. } = self.target(c, r) {
-                    caller_list[next[callee] as usize] = (c as u32, r as u32);
+        let mut next = start.clone();
+        let mut list = vec![(0u32, 0u32); start[callees.len()] as usize];
+        for c in 0..self.chains() {
+            let from = self.target_start[c] as usize;
+            let to = self.target_start[c + 1] as usize;
+            for (r, p) in self.target_list[from..to].iter().enumerate() {
+                if let Some(callee) = mine(p) {
+                    list[next[callee] as usize] = (c as u32, r as u32);
                     next[callee] += 1;
                 }
             }
         }
-        (caller_start, caller_list)
+        (start, list)
     }
 
     /// Chain `c`'s first rule with a `statistic` match, if any, and whether every such
@@ -186,8 +207,15 @@ const CHAIN_BITS: u32 = 29;
 const RESOLVE_RUN: usize = 2048;
 
 /// A run of chains' resolved targets, the (chain, rule) places that need a word, and
-/// whether each of its chains has a policy, and their [`TableGraph::statistic`].
-type Resolved = (Vec<Packed>, Vec<(usize, usize)>, Vec<bool>, Vec<u32>);
+/// whether each of its chains has a policy, their [`TableGraph::statistic`] and their
+/// numbers of rules.
+type Resolved = (
+    Vec<Packed>,
+    Vec<(usize, usize)>,
+    Vec<bool>,
+    Vec<u32>,
+    Vec<u32>,
+);
 
 impl Packed {
     fn pack(t: TargetRef) -> Packed {
@@ -489,7 +517,6 @@ fn build_table<'a>(
             format!("analyse fewer than {} chains at a time", 1u32 << CHAIN_BITS),
         ));
     }
-    let rules: usize = table.chains.iter().map(|c| c.rules.len()).sum();
     // Targets are resolved on several threads, a run of chains each; what needs a word
     // (a missing chain, an unknown target) is noted and handled in order afterwards.
     let runs: Vec<&[Chain<'a>]> = table.chains.chunks(RESOLVE_RUN).collect();
@@ -501,7 +528,9 @@ fn build_table<'a>(
             let mut noted = Vec::new();
             let policies = run.iter().map(|c| c.policy.is_some()).collect();
             let mut statistic = Vec::with_capacity(run.len());
+            let mut counts = Vec::with_capacity(run.len());
             for (i, chain) in run.iter().enumerate() {
+                counts.push(chain.rules.len() as u32);
                 let (mut first_statistic, mut plain) = (NO_STATISTIC, true);
                 for (r, rule) in chain.rules.iter().enumerate() {
                     if rule.statistic() {
@@ -522,18 +551,21 @@ fn build_table<'a>(
                 }
                 statistic.push(first_statistic | if plain { 0 } else { NOT_PLAIN });
             }
-            (targets, noted, policies, statistic)
+            (targets, noted, policies, statistic, counts)
         })
         .collect();
+    // (From the runs' rule counts: the chains themselves, 96 bytes each, are not read
+    // again.)
+    let rules: usize = resolved.iter().map(|(targets, ..)| targets.len()).sum();
     let mut target_start = Vec::with_capacity(n + 1);
     let mut target_list = Vec::with_capacity(rules);
     for (targets, ..) in &resolved {
         target_list.extend_from_slice(targets);
     }
     let mut at = 0u32;
-    for chain in &table.chains {
+    for &count in resolved.iter().flat_map(|(.., counts)| counts) {
         target_start.push(at);
-        at += chain.rules.len() as u32;
+        at += count;
     }
     let mut missing_warned: HashMap<&str, ()> = HashMap::default();
     for &(c, r) in resolved.iter().flat_map(|(_, noted, ..)| noted) {
@@ -581,7 +613,7 @@ fn build_table<'a>(
     // Callers and flags are filled in by `Graph::build`.
     let policies = resolved
         .iter()
-        .flat_map(|(_, _, p, _)| p)
+        .flat_map(|(_, _, p, ..)| p)
         .copied()
         .collect();
     let tg = TableGraph {
@@ -591,7 +623,7 @@ fn build_table<'a>(
         caller_list: Vec::new(),
         may_terminate: Vec::new(),
         may_mark: Vec::new(),
-        statistic: resolved.into_iter().flat_map(|(.., s)| s).collect(),
+        statistic: resolved.into_iter().flat_map(|(_, _, _, s, _)| s).collect(),
     };
     Ok((tg, policies))
 }
@@ -770,5 +802,41 @@ mod tests {
             Graph::build(&rs, false).unwrap_err().kind,
             InputErrorKind::Loop
         );
+    }
+
+    #[test]
+    fn callers_are_every_jump_to_a_chain_in_input_order() {
+        // 40 chains, each jumping to a few later ones (so that both halves of the
+        // filing have callers and callees), some twice.
+        let n = 40;
+        let mut text = String::from("*filter\n");
+        for c in 0..n {
+            text.push_str(&format!(":C{c} - [0:0]\n"));
+        }
+        for c in 0..n {
+            for k in [1, 3, 7, 3] {
+                if c + k < n {
+                    text.push_str(&format!("-A C{c} -p tcp -j C{}\n", c + k));
+                }
+            }
+            text.push_str(&format!("-A C{c} -j ACCEPT\n"));
+        }
+        text.push_str("COMMIT\n");
+        let rs = parse(&text, &ParseOptions::default()).unwrap();
+        let g = Graph::build(&rs, false).unwrap();
+        let tg = &g.tables[0];
+        for callee in 0..tg.chains() {
+            let want: Vec<(usize, usize)> = (0..tg.chains())
+                .flat_map(|c| (0..tg.rules(c)).map(move |r| (c, r)))
+                .filter(|&(c, r)| {
+                    matches!(tg.target(c, r), TargetRef::Chain { chain, .. } if chain == callee)
+                })
+                .collect();
+            assert_eq!(
+                tg.callers(callee).collect::<Vec<_>>(),
+                want,
+                "callers of {callee}"
+            );
+        }
     }
 }
