@@ -78,9 +78,9 @@ enum Entry<'a> {
         rules: Vec<RuleLine<'a>>,
         v6: bool,
     },
-    /// Any other line, except blanks. For a chain declaration, `hash` is its name's
-    /// place in the chain index ([`Builder::name_hash`]), worked out by the reading
-    /// thread rather than by the sequential filing; 0 otherwise.
+    /// Any other line, except blanks. For a chain declaration, `hash` is what the
+    /// chain index files its name by ([`Builder::name_hash`]), worked out by the
+    /// reading thread rather than by the sequential filing; 0 otherwise.
     Line {
         line: u32,
         item: Item<'a>,
