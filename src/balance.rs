@@ -253,24 +253,29 @@ pub fn candidates<'a>(graph: &Graph<'_, 'a>) -> Vec<Candidate<'a>> {
             })
             .collect()
     };
+    // (Collected at their exact sizes: rayon collects what a filter or a flat map gives
+    // into a vector a thread, grown as it goes, then copies those together; on the 30k
+    // dump that faulted in about 2,000 pages.)
     let mut found: Vec<Found> = Vec::new();
     for (t, table) in graph.rs.tables.iter().enumerate() {
-        // (In order: rayon's extend keeps it.) Only the rules of chains with statistic
-        // rules are looked at; the others may still be kube service chains.
+        // Only the rules of chains with statistic rules are looked at; the others may
+        // still be kube service chains.
         let tg = &graph.tables[t];
-        found.par_extend(
-            table
-                .chains
-                .par_iter()
-                .enumerate()
-                .filter(|&(c, chain)| {
-                    tg.statistic_rules(c).is_some() || is_kube_balancer_chain(chain.name)
-                })
-                .flat_map_iter(|(c, chain)| per_chain(t, c, chain)),
-        );
+        let chains: Vec<usize> = (0..table.chains.len())
+            .into_par_iter()
+            .filter(|&c| {
+                tg.statistic_rules(c).is_some() || is_kube_balancer_chain(table.chains[c].name)
+            })
+            .collect();
+        let per: Vec<Vec<Found>> = chains
+            .par_iter()
+            .map(|&c| per_chain(t, c, &table.chains[c]))
+            .collect();
+        found.reserve(per.iter().map(Vec::len).sum());
+        found.extend(per.into_iter().flatten());
     }
-    // A candidate, its selector taken from `f`.
-    let candidate = |f: &mut Found| -> Candidate<'a> {
+    // A candidate.
+    let candidate = |f: &Found| -> Candidate<'a> {
         let chain = graph.chain(f.table, f.chain);
         let kind = if is_kube_balancer_chain(chain.name) {
             Kind::KubeProxy
@@ -293,7 +298,7 @@ pub fn candidates<'a>(graph: &Graph<'_, 'a>) -> Vec<Candidate<'a>> {
             table: f.table,
             chain: f.chain,
             kind,
-            selector: f.selector.take(),
+            selector: f.selector.clone(),
             first_rule: f.first_rule,
             name,
             chain_name: chain.name,
@@ -302,17 +307,19 @@ pub fn candidates<'a>(graph: &Graph<'_, 'a>) -> Vec<Candidate<'a>> {
                 .map_or_else(|| first_line(chain), |r| chain.rules[r].line),
         }
     };
-    let out: Vec<Candidate> = found
-        .par_chunks_mut(WARM_CANDIDATES)
-        .flat_map_iter(|part| {
+    let out: Vec<Candidate> = (0..found.len())
+        .into_par_iter()
+        .map(|i| {
             // A kube service's name is in its chain's first rule: those lines are asked
-            // for all at once, so that their cache misses overlap.
-            for f in part.iter() {
-                if let Some(line) = graph.chain(f.table, f.chain).rules.first() {
-                    crate::memory::prefetch_text(line.text);
+            // for a group at a time, so that their cache misses overlap.
+            if i % WARM_CANDIDATES == 0 {
+                for f in found.iter().skip(i).take(WARM_CANDIDATES) {
+                    if let Some(line) = graph.chain(f.table, f.chain).rules.first() {
+                        crate::memory::prefetch_text(line.text);
+                    }
                 }
             }
-            part.iter_mut().map(candidate)
+            candidate(&found[i])
         })
         .collect();
     sort_candidates(out)
