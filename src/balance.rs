@@ -550,7 +550,7 @@ fn kube_name<'a>(
     entry_comment: impl FnOnce() -> Option<String>,
 ) -> Option<Cow<'a, str>> {
     fn strip(c: &str) -> &str {
-        let c = c.split(" -> ").next().unwrap_or(c);
+        let c = before_arrow(c);
         let c = [
             " cluster IP",
             " external IP",
@@ -572,6 +572,24 @@ fn kube_name<'a>(
         .find_map(|r| r.comment().map(stripped))
         .or_else(|| entry_comment().map(|c| stripped(Cow::Owned(c))))
         .filter(|n| !n.is_empty())
+}
+
+/// `c` up to its first ` -> ` (all of it when it has none): what
+/// `c.split(" -> ").next()` gives, found from the `>`s (memchr) rather than by a
+/// substring search, whose setting up cost more than the search on a short comment
+/// (kube_name reads 30,000 of them on the 30k dump).
+fn before_arrow(c: &str) -> &str {
+    let b = c.as_bytes();
+    let mut from = 0;
+    while let Some(p) = memchr::memchr(b'>', &b[from..]) {
+        let i = from + p;
+        if i >= 2 && &b[i - 2..i] == b" -" && b.get(i + 1) == Some(&b' ') {
+            // (Cut before an ASCII space: a character boundary.)
+            return &c[..i - 2];
+        }
+        from = i + 1;
+    }
+    c
 }
 
 fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
@@ -744,6 +762,14 @@ fn ip_text(a: std::net::IpAddr) -> String {
 mod tests {
     use super::*;
     use crate::parse::{ParseOptions, parse};
+
+    proptest::proptest! {
+        /// `before_arrow` is `split(" -> ").next()`.
+        #[test]
+        fn before_arrow_is_the_first_split(c in "( -> | ->|-> |[a/ >é:-]){0,12}") {
+            proptest::prop_assert_eq!(before_arrow(&c), c.split(" -> ").next().unwrap_or(&c));
+        }
+    }
 
     proptest::proptest! {
         /// The prefix-first sort gives what a stable sort on the whole keys gives,
