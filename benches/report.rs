@@ -16,8 +16,10 @@
 //! (wall time; peak memory is the child's maximum resident set from `/usr/bin/time`),
 //! except the 5,000-endpoint analysis, which is also timed inside this process
 //! (parse, graph, balancers, report JSON: the work without process start and file
-//! reading). `iptables-restore --test` runs inside a network namespace of its own when
-//! `ip` is present, so that nothing can touch the host's rules.
+//! reading). lbaudit's report and `grep -c statistic` run by turns, so that their ratio
+//! is not skewed by a change in the machine's load between them.
+//! `iptables-restore --test` runs inside a network namespace of its own when `ip` is
+//! present, so that nothing can touch the host's rules.
 
 use lbaudit::graph::Graph;
 use lbaudit::parse::{ParseOptions, parse};
@@ -386,6 +388,26 @@ fn measure(
     let samples: Vec<Sample> = (0..runs)
         .map(|_| run_once(argv, stdin, ok_codes, dir))
         .collect();
+    medians(&samples)
+}
+
+/// Medians of `runs` runs each of two commands (exit code 0), run by turns after a
+/// warm-up run of each: a change in the machine's load while they are measured (this
+/// VM's wall times move by 10-20% from minute to minute) falls on both alike, so that
+/// their ratio is not skewed one way or the other.
+fn measure_pair(a: &[&str], b: &[&str], runs: usize, dir: &Path) -> (Measured, Measured) {
+    run_once(a, None, &[0], dir);
+    run_once(b, None, &[0], dir);
+    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        sa.push(run_once(a, None, &[0], dir));
+        sb.push(run_once(b, None, &[0], dir));
+    }
+    (medians(&sa), medians(&sb))
+}
+
+/// The medians of some runs' wall times, peak memory and CPU times.
+fn medians(samples: &[Sample]) -> Measured {
     let rss: Vec<f64> = samples
         .iter()
         .filter_map(|s| s.max_rss_kb)
@@ -614,7 +636,8 @@ fn main() {
     let mut argv: Vec<&str> = vec![LBAUDIT];
     argv.extend(report0);
     argv.push(big_s);
-    let lb = measure(&argv, None, &[0], runs, true, &dir);
+    // lbaudit and grep by turns (see `measure_pair`).
+    let (lb, grep) = measure_pair(&argv, &["grep", "-c", "statistic", big_s], runs, &dir);
     let t_lb = lb.secs;
     row(
         &mut rows,
@@ -624,15 +647,7 @@ fn main() {
         None,
     );
 
-    let t_grep = measure(
-        &["grep", "-c", "statistic", big_s],
-        None,
-        &[0],
-        runs,
-        true,
-        &dir,
-    )
-    .secs;
+    let t_grep = grep.secs;
     let r = t_lb / t_grep;
     row(
         &mut rows,
