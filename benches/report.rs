@@ -16,8 +16,9 @@
 //! (wall time; peak memory is the child's maximum resident set from `/usr/bin/time`),
 //! except the 5,000-endpoint analysis, which is also timed inside this process
 //! (parse, graph, balancers, report JSON: the work without process start and file
-//! reading). lbaudit's report and `grep -c statistic` run by turns, so that their ratio
-//! is not skewed by a change in the machine's load between them.
+//! reading). lbaudit's report without and with the cross-check and `grep -c statistic`
+//! run by turns, so that their ratios are not skewed by a change in the machine's load
+//! between them.
 //! `iptables-restore --test` runs inside a network namespace of its own when `ip` is
 //! present, so that nothing can touch the host's rules.
 
@@ -391,19 +392,21 @@ fn measure(
     medians(&samples)
 }
 
-/// Medians of `runs` runs each of two commands (exit code 0), run by turns after a
+/// Medians of `runs` runs each of some commands (exit code 0), run by turns after a
 /// warm-up run of each: a change in the machine's load while they are measured (this
-/// VM's wall times move by 10-20% from minute to minute) falls on both alike, so that
-/// their ratio is not skewed one way or the other.
-fn measure_pair(a: &[&str], b: &[&str], runs: usize, dir: &Path) -> (Measured, Measured) {
-    run_once(a, None, &[0], dir);
-    run_once(b, None, &[0], dir);
-    let (mut sa, mut sb) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        sa.push(run_once(a, None, &[0], dir));
-        sb.push(run_once(b, None, &[0], dir));
+/// VM's wall times move by 10-20% from minute to minute) falls on all alike, so that
+/// their ratios are not skewed one way or the other.
+fn measure_turns(cmds: &[&[&str]], runs: usize, dir: &Path) -> Vec<Measured> {
+    for c in cmds {
+        run_once(c, None, &[0], dir);
     }
-    (medians(&sa), medians(&sb))
+    let mut samples: Vec<Vec<Sample>> = cmds.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (c, s) in cmds.iter().zip(&mut samples) {
+            s.push(run_once(c, None, &[0], dir));
+        }
+    }
+    samples.iter().map(|s| medians(s)).collect()
 }
 
 /// The medians of some runs' wall times, peak memory and CPU times.
@@ -636,8 +639,13 @@ fn main() {
     let mut argv: Vec<&str> = vec![LBAUDIT];
     argv.extend(report0);
     argv.push(big_s);
-    // lbaudit and grep by turns (see `measure_pair`).
-    let (lb, grep) = measure_pair(&argv, &["grep", "-c", "statistic", big_s], runs, &dir);
+    // lbaudit without and with the cross-check, and grep, by turns (see
+    // `measure_turns`).
+    let mut argv_mc: Vec<&str> = vec![LBAUDIT, "report", "--format", "json"];
+    argv_mc.push(big_s);
+    let grep_argv = ["grep", "-c", "statistic", big_s];
+    let measured = measure_turns(&[&argv, &argv_mc, &grep_argv], runs, &dir);
+    let [lb, mc, grep]: [Measured; 3] = measured.try_into().ok().expect("three commands");
     let t_lb = lb.secs;
     row(
         &mut rows,
@@ -708,9 +716,7 @@ fn main() {
     }
     drop(ns);
 
-    let mut argv_mc: Vec<&str> = vec![LBAUDIT, "report", "--format", "json"];
-    argv_mc.push(big_s);
-    let mc = measure(&argv_mc, None, &[0], runs, false, &dir);
+    // (Measured with the report without it and grep, by turns.)
     let r = mc.secs / t_lb;
     row(
         &mut rows,
