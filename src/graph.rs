@@ -129,72 +129,30 @@ impl TableGraph {
 
     /// The `(chain, rule)` positions that jump or go to each chain, in input order:
     /// [`TableGraph::caller_start`] and [`TableGraph::caller_list`] (a counting sort by
-    /// callee). The callees are counted and filed in two halves, each by a thread that
-    /// reads every target and files the callers of its half into its part of the list
-    /// (the random writes are what takes the time: 3 ms on one thread for the 30k
-    /// dump's 375,000 targets).
+    /// callee).
     fn file_callers(&self) -> (Vec<u32>, Vec<(u32, u32)>) {
         let n = self.chains();
-        let mid = n / 2;
-        let (lo, hi) = rayon::join(|| self.count_callers(0..mid), || self.count_callers(mid..n));
-        let lo_total = lo[mid];
-        let mut caller_list = vec![(0u32, 0u32); (lo_total + hi[n - mid]) as usize];
-        let (a, b) = caller_list.split_at_mut(lo_total as usize);
-        rayon::join(
-            || self.file_callers_of(0..mid, &lo, a),
-            || self.file_callers_of(mid..n, &hi, b),
-        );
-        let mut caller_start = Vec::with_capacity(n + 1);
-        caller_start.extend_from_slice(&lo[..mid]);
-        caller_start.extend(hi.iter().map(|&s| s + lo_total));
-        (caller_start, caller_list)
-    }
-
-    /// Whether target `p` jumps or goes to a chain of `callees`: its place among them.
-    fn callee_in(p: &Packed, callees: &std::ops::Range<usize>) -> Option<usize> {
-        match p.unpack() {
-            TargetRef::Chain { chain, .. } if callees.contains(&chain) => {
-                Some(chain - callees.start)
-            }
-            _ => None,
-        }
-    }
-
-    /// Where the callers of each chain of `callees` start in their part of the list
-    /// (from 0; one more for the end).
-    fn count_callers(&self, callees: std::ops::Range<usize>) -> Vec<u32> {
         // (Written: counted up, so read before it is written.)
-        let mut start = crate::memory::written(callees.len() + 1, 0u32);
+        let mut caller_start = crate::memory::written(n + 1, 0u32);
         for p in &self.target_list {
-            if let Some(callee) = Self::callee_in(p, &callees) {
-                start[callee + 1] += 1;
+            if let TargetRef::Chain { chain: callee, .. } = p.unpack() {
+                caller_start[callee + 1] += 1;
             }
         }
-        for c in 0..callees.len() {
-            start[c + 1] += start[c];
+        for c in 0..n {
+            caller_start[c + 1] += caller_start[c];
         }
-        start
-    }
-
-    /// Files the callers of `callees` into `list`, their part of the caller list, in
-    /// input order, from where [`TableGraph::count_callers`] says each one's start.
-    fn file_callers_of(
-        &self,
-        callees: std::ops::Range<usize>,
-        start: &[u32],
-        list: &mut [(u32, u32)],
-    ) {
-        let mut next = start.to_vec();
-        for c in 0..self.chains() {
-            let from = self.target_start[c] as usize;
-            let to = self.target_start[c + 1] as usize;
-            for (r, p) in self.target_list[from..to].iter().enumerate() {
-                if let Some(callee) = Self::callee_in(p, &callees) {
-                    list[next[callee] as usize] = (c as u32, r as u32);
+        let mut next = caller_start.clone();
+        let mut caller_list = vec![(0u32, 0u32); caller_start[n] as usize];
+        for c in 0..n {
+            for r in 0..self.rules(c) {
+                if let TargetRef::Chain { chain: callee, .. } = self.target(c, r) {
+                    caller_list[next[callee] as usize] = (c as u32, r as u32);
                     next[callee] += 1;
                 }
             }
         }
+        (caller_start, caller_list)
     }
 
     /// Chain `c`'s first rule with a `statistic` match, if any, and whether every such
