@@ -185,16 +185,19 @@ const CHAIN_BITS: u32 = 29;
 /// Chains per thread's run when resolving targets.
 const RESOLVE_RUN: usize = 2048;
 
-/// A run of chains' resolved targets, the (chain, rule) places that need a word, and
-/// whether each of its chains has a policy, their [`TableGraph::statistic`] and their
-/// numbers of rules.
-type Resolved = (
-    Vec<Packed>,
-    Vec<(usize, usize)>,
-    Vec<bool>,
-    Vec<u32>,
-    Vec<u32>,
-);
+/// What resolving a run of chains gives (see `build_table`).
+struct Resolved {
+    /// The targets of the run's rules, chain after chain.
+    targets: Vec<Packed>,
+    /// The (chain, rule) places that need a word.
+    noted: Vec<(usize, usize)>,
+    /// Per chain: has it a policy?
+    policies: Vec<bool>,
+    /// Per chain: its [`TableGraph::statistic`].
+    statistic: Vec<u32>,
+    /// Per chain: its number of rules.
+    rules: Vec<u32>,
+}
 
 impl Packed {
     fn pack(t: TargetRef) -> Packed {
@@ -507,9 +510,9 @@ fn build_table<'a>(
             let mut noted = Vec::new();
             let policies = run.iter().map(|c| c.policy.is_some()).collect();
             let mut statistic = Vec::with_capacity(run.len());
-            let mut counts = Vec::with_capacity(run.len());
+            let mut rules = Vec::with_capacity(run.len());
             for (i, chain) in run.iter().enumerate() {
-                counts.push(chain.rules.len() as u32);
+                rules.push(chain.rules.len() as u32);
                 let (mut first_statistic, mut plain) = (NO_STATISTIC, true);
                 for (r, rule) in chain.rules.iter().enumerate() {
                     if rule.statistic() {
@@ -530,24 +533,30 @@ fn build_table<'a>(
                 }
                 statistic.push(first_statistic | if plain { 0 } else { NOT_PLAIN });
             }
-            (targets, noted, policies, statistic, counts)
+            Resolved {
+                targets,
+                noted,
+                policies,
+                statistic,
+                rules,
+            }
         })
         .collect();
     // (From the runs' rule counts: the chains themselves, 96 bytes each, are not read
     // again.)
-    let rules: usize = resolved.iter().map(|(targets, ..)| targets.len()).sum();
+    let rules: usize = resolved.iter().map(|r| r.targets.len()).sum();
     let mut target_start = Vec::with_capacity(n + 1);
     let mut target_list = Vec::with_capacity(rules);
-    for (targets, ..) in &resolved {
-        target_list.extend_from_slice(targets);
+    for r in &resolved {
+        target_list.extend_from_slice(&r.targets);
     }
     let mut at = 0u32;
-    for &count in resolved.iter().flat_map(|(.., counts)| counts) {
+    for &count in resolved.iter().flat_map(|r| &r.rules) {
         target_start.push(at);
         at += count;
     }
     let mut missing_warned: HashMap<&str, ()> = HashMap::default();
-    for &(c, r) in resolved.iter().flat_map(|(_, noted, ..)| noted) {
+    for &(c, r) in resolved.iter().flat_map(|r| &r.noted) {
         let rule = &table.chains[c].rules[r];
         let target = rule.target().expect("noted rules have a target");
         if target_list[target_start[c] as usize + r].unpack() == TargetRef::Missing {
@@ -590,11 +599,7 @@ fn build_table<'a>(
     }
     target_start.push(target_list.len() as u32);
     // Callers and flags are filled in by `Graph::build`.
-    let policies = resolved
-        .iter()
-        .flat_map(|(_, _, p, ..)| p)
-        .copied()
-        .collect();
+    let policies = resolved.iter().flat_map(|r| &r.policies).copied().collect();
     let tg = TableGraph {
         target_start,
         target_list,
@@ -602,7 +607,7 @@ fn build_table<'a>(
         caller_list: Vec::new(),
         may_terminate: Vec::new(),
         may_mark: Vec::new(),
-        statistic: resolved.into_iter().flat_map(|(_, _, _, s, _)| s).collect(),
+        statistic: resolved.into_iter().flat_map(|r| r.statistic).collect(),
     };
     Ok((tg, policies))
 }
