@@ -284,16 +284,11 @@ struct Outline {
 }
 
 fn outline(text: &str) -> Outline {
-    let bytes = text.as_bytes();
     let mut decls = vec![0usize];
-    let mut lines = 0usize;
-    let mut start = 0;
-    let mut feeds = lex::Newlines::new(bytes);
-    while start < bytes.len() {
-        let end = feeds.next().unwrap_or(bytes.len());
-        lines += 1;
-        let line = &bytes[start..end];
-        let body = line.trim_ascii_start();
+    let mut count = 0usize;
+    for line in lines(text) {
+        count += 1;
+        let body = line.as_bytes().trim_ascii_start();
         match body.first() {
             Some(b':') => *decls.last_mut().expect("non-empty") += 1,
             Some(b'*') => decls.push(0),
@@ -302,10 +297,9 @@ fn outline(text: &str) -> Outline {
             }
             _ => {}
         }
-        start = end + 1;
     }
     Outline {
-        lines: u32::try_from(lines).unwrap_or(u32::MAX),
+        lines: u32::try_from(count).unwrap_or(u32::MAX),
         decls,
     }
 }
