@@ -479,7 +479,7 @@ impl<'a> Filing<'a> {
             };
             let (b, next, result) = &mut *filer;
             while result.is_ok() {
-                let entries = {
+                let mut entries = {
                     let mut read = lock(&self.read);
                     let Some(entries) = read.0.get_mut(*next).and_then(Option::take) else {
                         break;
@@ -489,7 +489,6 @@ impl<'a> Filing<'a> {
                     entries
                 };
                 self.progress.notify_all();
-                let mut entries = entries;
                 *result = file_entries(b, &mut entries);
                 lock(&self.spare).push(entries);
             }
