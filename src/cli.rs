@@ -653,7 +653,9 @@ pub fn with_candidates<T>(
         found
     };
     let out = f(&input, &rs, &graph, &chosen, warnings);
-    // Large inputs: leave the parsed rules to the OS at exit.
+    // Large inputs: leave the parsed rules and the input (its mapping: unmapped by the
+    // process's exit, without the TLB shootdowns `munmap` needs while other threads
+    // run) to the OS at exit.
     std::mem::forget(graph);
     std::mem::forget(rs);
     drop(text);
