@@ -606,8 +606,9 @@ fn rule_soup() -> impl Strategy<Value = String> {
     (head, body).prop_map(|(h, b)| format!("{h}{b}"))
 }
 
-/// The lines of a text, and each line's decl-counting first byte, as `str::lines` and
-/// the first byte after blanks give them (what [`lines`] and [`outline`] must give).
+/// The lines of a text as `str::lines` gives them (what [`lines`] must give), and its
+/// [`outline`] that of those lines each outlined alone, put together as `parse_in` puts
+/// pieces' outlines together.
 fn check_lines(text: &str) -> Result<(), TestCaseError> {
     let got: Vec<&str> = lines(text).collect();
     let want: Vec<&str> = text.lines().collect();
@@ -619,15 +620,9 @@ fn check_lines(text: &str) -> Result<(), TestCaseError> {
     prop_assert_eq!(o.lines as usize, want.len());
     let mut decls = vec![0usize];
     for line in &want {
-        let body = line.as_bytes().trim_ascii_start();
-        match body.first() {
-            Some(b':') => *decls.last_mut().expect("non-empty") += 1,
-            Some(b'*') => decls.push(0),
-            Some(b'-') if body.starts_with(b"-N") || body.starts_with(b"-P") => {
-                *decls.last_mut().expect("non-empty") += 1;
-            }
-            _ => {}
-        }
+        let one = outline(line);
+        *decls.last_mut().expect("non-empty") += one.decls[0];
+        decls.extend_from_slice(&one.decls[1..]);
     }
     prop_assert_eq!(o.decls, decls);
     Ok(())
