@@ -176,8 +176,30 @@ pub fn find(graph: &Graph<'_, '_>) -> Vec<Balancer> {
     analyse_all(graph, &candidates(graph))
 }
 
+/// How much of a balancer [`analyse_to`] builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Everything a report prints.
+    Full,
+    /// What an audit reads (`audit::audit_window`): the names of the table and chain,
+    /// the packet walked and what the walk gave (each endpoint's outcome, probability,
+    /// line, `via` and paths, and `unmatched`). No entries, no endpoint chain names, no
+    /// affinity and no warnings: the first pass of a cross-checked report, whose
+    /// balancers are analysed again to be printed.
+    Audit,
+}
+
 /// [`analyse`] of each candidate, on several threads, in the candidates' order.
 pub fn analyse_all(graph: &Graph<'_, '_>, candidates: &[Candidate]) -> Vec<Balancer> {
+    analyse_all_to(graph, candidates, Depth::Full)
+}
+
+/// [`analyse_to`] of each candidate, on several threads, in the candidates' order.
+pub fn analyse_all_to(
+    graph: &Graph<'_, '_>,
+    candidates: &[Candidate],
+    depth: Depth,
+) -> Vec<Balancer> {
     // A few candidates a task: what their walks read is asked for first, all at once
     // (`Graph::warm`), so that its memory latencies overlap.
     candidates
@@ -185,7 +207,8 @@ pub fn analyse_all(graph: &Graph<'_, '_>, candidates: &[Candidate]) -> Vec<Balan
         .flat_map_iter(|part| {
             let roots: Vec<(usize, usize)> = part.iter().map(|c| (c.table, c.chain)).collect();
             graph.warm(&roots);
-            part.iter().filter_map(|cand| analyse(graph, cand))
+            part.iter()
+                .filter_map(move |cand| analyse_to(graph, cand, depth))
         })
         .collect()
 }
@@ -376,10 +399,20 @@ fn name_prefix(name: &str) -> (u128, u128) {
 /// Analyses one candidate: its entries, exact endpoint probabilities and affinity.
 /// `None` for a generic candidate whose statistic rules no traffic reaches.
 pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
+    analyse_to(graph, cand, Depth::Full)
+}
+
+/// [`analyse`], building what `depth` asks for.
+pub fn analyse_to(graph: &Graph<'_, '_>, cand: &Candidate, depth: Depth) -> Option<Balancer> {
     let table = graph.table(cand.table);
     let chain = &table.chains[cand.chain];
     let kind = cand.kind;
-    let entries = entries(graph, cand.table, cand.chain, cand.first_rule);
+    let full = depth == Depth::Full;
+    let entries = if full {
+        entries(graph, cand.table, cand.chain, cand.first_rule)
+    } else {
+        Vec::new()
+    };
     let packet = match (cand.first_rule, kind) {
         (Some(r), Kind::Generic) => {
             let line = &chain.rules[r];
@@ -388,12 +421,13 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
                 None => Packet::from_rule(&line.parse()),
             }
         }
-        _ => entries
+        _ if full => entries
             .iter()
             .find(|e| e.kind == "cluster-ip")
             .or(entries.first())
             .map(entry_packet)
             .unwrap_or_default(),
+        _ => entries_packet(graph, cand.table, cand.chain, cand.first_rule),
     };
     let mut warnings = Vec::new();
     let dist = match eval::evaluate(
@@ -463,12 +497,36 @@ pub fn analyse(graph: &Graph<'_, '_>, cand: &Candidate) -> Option<Balancer> {
             outcome,
             prob,
             line,
-            chain: table.chains[holder].name.to_string(),
+            chain: if full {
+                table.chains[holder].name.to_string()
+            } else {
+                String::new()
+            },
             via,
             paths,
         });
     }
     let name = cand.name.as_ref().to_owned();
+    if !full {
+        return Some(Balancer {
+            name,
+            table: table.name.to_string(),
+            table_index: cand.table,
+            chain: chain.name.to_string(),
+            chain_index: cand.chain,
+            kind,
+            selector: None,
+            line: cand.line,
+            entries,
+            affinity: None,
+            endpoints,
+            unmatched,
+            exact_total,
+            packet,
+            warnings: Vec::new(),
+            steps,
+        });
+    }
     if kind == Kind::KubeProxy
         && let Some(last) = chain.rules.last()
         && last.statistic()
@@ -622,10 +680,73 @@ fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
 /// KUBE-SERVICES / KUBE-NODEPORTS rules (through KUBE-EXT-/KUBE-FW- chains); otherwise
 /// the jumps into the chain, or for a part of a chain its own first rule.
 fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>) -> Vec<Entry> {
-    let table = graph.table(t);
-    let tg = &graph.tables[t];
     // (A kube-proxy service has one to four entries.)
     let mut out = Vec::with_capacity(4);
+    visit_entries(graph, t, c, |parent, p, comment, line| {
+        out.push(entry_from(parent, p, comment, line));
+    });
+    let table = graph.table(t);
+    if out.is_empty()
+        && let Some(r) = first_rule
+    {
+        let chain = &table.chains[c];
+        if chain.policy.is_some() {
+            let rule = chain.rules[r].parse();
+            let mut e = entry_from_rule(chain, &rule);
+            e.kind = "rule";
+            e.text = selector(&rule);
+            out.push(e);
+        }
+    }
+    out.sort_by_key(|e| e.line);
+    out.dedup();
+    out
+}
+
+/// The packet [`analyse`] walks for a balancer with these [`entries`] (that of its
+/// first cluster-IP entry, or else of its first), found without building them.
+fn entries_packet(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>) -> Packet {
+    // What `entry_packet` keeps of an entry's packet.
+    let kept = |p: Packet| Packet {
+        dst: p.dst,
+        dport: p.dport,
+        proto: p.proto,
+        ..Packet::default()
+    };
+    // (Is it a cluster-IP entry, its line, its packet.) Each entry rule is visited once.
+    let mut best: Option<(bool, u32, Packet)> = None;
+    visit_entries(graph, t, c, |parent, p, comment, line| {
+        let cluster = entry_kind(parent, &p, comment) == "cluster-ip";
+        let better = best.as_ref().is_none_or(|&(c, l, _)| {
+            (cluster, std::cmp::Reverse(line)) > (c, std::cmp::Reverse(l))
+        });
+        if better {
+            best = Some((cluster, line, p));
+        }
+    });
+    if let Some((_, _, p)) = best {
+        return kept(p);
+    }
+    let chain = &graph.table(t).chains[c];
+    match first_rule {
+        Some(r) if chain.policy.is_some() => kept(Packet::from_rule(&chain.rules[r].parse())),
+        _ => Packet::default(),
+    }
+}
+
+/// Calls `visit` with each entry rule of chain `c` of table `t` (the chain holding it,
+/// the packet its conditions describe, its comment and its line): the rules of the
+/// dispatching chains (`KUBE-SERVICES`, `KUBE-NODEPORTS`, built-in chains) that jump
+/// to `c` or to a kube-proxy chain that passes traffic on to it.
+fn visit_entries(
+    graph: &Graph<'_, '_>,
+    t: usize,
+    c: usize,
+    mut visit: impl FnMut(&Chain<'_>, Packet, Option<&str>, u32),
+) {
+    let table = graph.table(t);
+    let tg = &graph.tables[t];
+    let mut visited = 0usize;
     // The pass-through chains found besides `c`, and those whose callers are still to see.
     let mut seen = HashSet::default();
     let mut stack = Vec::new();
@@ -644,7 +765,7 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
                 || parent.name.starts_with("KUBE-XLB-")
                 || parent.name.starts_with("KUBE-SVL-")
                 || parent.name.starts_with("KUBE-SVC-");
-            if !dispatch && pass_through && out.len() < 1000 {
+            if !dispatch && pass_through && visited < 1000 {
                 if pc != c && seen.insert(pc) {
                     stack.push(pc);
                 }
@@ -654,33 +775,20 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
             // simplest shape, as kube-proxy's are): a pass-through jump needs no more
             // than its chain's name.
             let line = &parent.rules[pr];
-            out.push(if line.light_into(&mut light) {
-                entry_from(
+            visited += 1;
+            if line.light_into(&mut light) {
+                visit(
                     parent,
                     Packet::from_light(&light),
                     light.comment(),
                     light.line,
-                )
+                );
             } else {
-                entry_from_rule(parent, &line.parse())
-            });
+                let rule = line.parse();
+                visit(parent, Packet::from_rule(&rule), rule.comment(), rule.line);
+            }
         }
     }
-    if out.is_empty()
-        && let Some(r) = first_rule
-    {
-        let chain = &table.chains[c];
-        if chain.policy.is_some() {
-            let rule = chain.rules[r].parse();
-            let mut e = entry_from_rule(chain, &rule);
-            e.kind = "rule";
-            e.text = selector(&rule);
-            out.push(e);
-        }
-    }
-    out.sort_by_key(|e| e.line);
-    out.dedup();
-    out
 }
 
 fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
@@ -690,17 +798,7 @@ fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
 /// The entry of the rule of line `line` in `chain`, with the packet its conditions
 /// describe and its comment.
 fn entry_from(chain: &Chain<'_>, p: Packet, comment: Option<&str>, line: u32) -> Entry {
-    let kind = if chain.name == "KUBE-NODEPORTS" {
-        "node-port"
-    } else if comment.is_some_and(|c| c.ends_with("external IP")) {
-        "external-ip"
-    } else if comment.is_some_and(|c| c.ends_with("loadbalancer IP")) {
-        "load-balancer"
-    } else if chain.name == "KUBE-SERVICES" && p.dst.is_some() {
-        "cluster-ip"
-    } else {
-        "jump"
-    };
+    let kind = entry_kind(chain, &p, comment);
     let proto = p.proto;
     let address = p.dst.map(ip_text);
     let text = match (kind, &address, p.dst, p.dport, &proto) {
@@ -737,6 +835,21 @@ fn entry_from(chain: &Chain<'_>, p: Packet, comment: Option<&str>, line: u32) ->
         chain: chain.name.to_string(),
         line,
         comment: comment.map(str::to_string),
+    }
+}
+
+/// The kind of an entry rule of `chain` with packet `p` and that comment (see [`Entry::kind`]).
+fn entry_kind(chain: &Chain<'_>, p: &Packet, comment: Option<&str>) -> &'static str {
+    if chain.name == "KUBE-NODEPORTS" {
+        "node-port"
+    } else if comment.is_some_and(|c| c.ends_with("external IP")) {
+        "external-ip"
+    } else if comment.is_some_and(|c| c.ends_with("loadbalancer IP")) {
+        "load-balancer"
+    } else if chain.name == "KUBE-SERVICES" && p.dst.is_some() {
+        "cluster-ip"
+    } else {
+        "jump"
     }
 }
 
@@ -830,6 +943,76 @@ mod tests {
             .collect();
         texts.push(extra.to_string());
         texts
+    }
+
+    /// An audit's analysis ([`Depth::Audit`]) walks the same packet as the full one and
+    /// keeps everything an audit reads, on every balancer of every fixture and of a few
+    /// entry layouts made for it: several entries of each kind, in either order, an
+    /// entry that is not kube-proxy's shape, and a chain entered from its policy only.
+    #[test]
+    fn an_audits_analysis_keeps_what_audits_read() {
+        let texts = fixtures_and(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
+             :KUBE-SVC-A - [0:0]\n:KUBE-EXT-A - [0:0]\n:KUBE-SVC-B - [0:0]\n:LB - [0:0]\n\
+             -A PREROUTING -j KUBE-SERVICES\n\
+             -A PREROUTING -p udp -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.9.0.1:53\n\
+             -A PREROUTING -p udp -j DNAT --to-destination 10.9.0.2:53\n\
+             -A KUBE-NODEPORTS -p tcp -m comment --comment \"a/a:x\" -m tcp --dport 30001 -j KUBE-EXT-A\n\
+             -A KUBE-SERVICES -d 1.2.3.4/32 -p tcp -m comment --comment \"a/a:x external IP\" -m tcp --dport 80 -j KUBE-EXT-A\n\
+             -A KUBE-SERVICES -d 10.0.0.2/32 -p tcp -m comment --comment \"a/a:x cluster IP\" -m tcp --dport 81 -j KUBE-SVC-A\n\
+             -A KUBE-SERVICES -d 10.0.0.1/32 -p tcp -m comment --comment \"a/a:x cluster IP\" -m tcp --dport 80 -j KUBE-SVC-A\n\
+             -A KUBE-SERVICES -m comment --comment \"b/b:y\" -d 10.0.0.3/32 -p udp --dport 53 -m addrtype --dst-type LOCAL -j KUBE-SVC-B\n\
+             -A KUBE-SERVICES -d 10.0.0.4/32 -p udp -j KUBE-SVC-B\n\
+             -A KUBE-EXT-A -j KUBE-SVC-A\n\
+             -A KUBE-SVC-A -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.1.0.1:80\n\
+             -A KUBE-SVC-A -p tcp -j DNAT --to-destination 10.1.0.2:80\n\
+             -A KUBE-SVC-B -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.2.0.1:53\n\
+             -A KUBE-SVC-B -p udp -j DNAT --to-destination 10.2.0.2:53\n\
+             -A LB -m statistic --mode random --probability 0.25 -j DNAT --to-destination 10.3.0.1:1\n\
+             COMMIT\n",
+        );
+        let mut compared = 0;
+        for text in &texts {
+            let rs = parse(text, &ParseOptions { lenient: true }).unwrap();
+            let graph = Graph::build(&rs, true).unwrap();
+            let candidates = candidates(&graph);
+            let full = analyse_all_to(&graph, &candidates, Depth::Full);
+            let light = analyse_all_to(&graph, &candidates, Depth::Audit);
+            assert_eq!(full.len(), light.len());
+            for (f, l) in full.iter().zip(&light) {
+                let key = |b: &Balancer| {
+                    let endpoints: Vec<_> = (b.endpoints.iter())
+                        .map(|e| (&e.outcome, &e.prob, e.line, &e.via, e.paths))
+                        .collect();
+                    format!(
+                        "{} {} {} {} {} {} {:?} {:?} {:?} {:?} {}",
+                        b.name,
+                        b.table,
+                        b.table_index,
+                        b.chain,
+                        b.chain_index,
+                        b.line,
+                        b.packet,
+                        endpoints,
+                        b.unmatched,
+                        b.exact_total,
+                        b.steps
+                    )
+                };
+                assert_eq!(key(l), key(f));
+                compared += 1;
+            }
+        }
+        assert!(compared > 60, "{compared} balancers");
+        // The layout made for it: its balancers, and the first cluster-IP entry's packet.
+        let rs = parse(texts.last().unwrap(), &ParseOptions::default()).unwrap();
+        let graph = Graph::build(&rs, false).unwrap();
+        let light = analyse_all_to(&graph, &candidates(&graph), Depth::Audit);
+        let chains: Vec<&str> = light.iter().map(|b| b.chain.as_str()).collect();
+        assert_eq!(chains, ["LB", "KUBE-SVC-A", "KUBE-SVC-B"]);
+        assert_eq!(light[1].packet.dst, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(light[1].packet.dport, Some(81));
+        assert_eq!(light[2].packet.dst, Some("10.0.0.3".parse().unwrap()));
     }
 
     /// `RuleLine::plain` (from the first reading) says exactly when a rule's selector

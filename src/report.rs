@@ -556,7 +556,12 @@ pub fn write_json_windowed(
                 let audits: Vec<Vec<Audit>> = part
                     .par_chunks(BATCH)
                     .map(|some| {
-                        let balancers = crate::balance::analyse_all(graph, some);
+                        // (Only what the audits read: printed, they are analysed again.)
+                        let balancers = crate::balance::analyse_all_to(
+                            graph,
+                            some,
+                            crate::balance::Depth::Audit,
+                        );
                         audit::audit_window(graph, &balancers, &opts, done)
                     })
                     .collect();
