@@ -507,26 +507,40 @@ pub fn analyse_to(graph: &Graph<'_, '_>, cand: &Candidate, depth: Depth) -> Opti
         });
     }
     let name = cand.name.as_ref().to_owned();
-    if !full {
-        return Some(Balancer {
-            name,
-            table: table.name.to_string(),
-            table_index: cand.table,
-            chain: chain.name.to_string(),
-            chain_index: cand.chain,
-            kind,
-            selector: None,
-            line: cand.line,
-            entries,
-            affinity: None,
-            endpoints,
-            unmatched,
-            exact_total,
-            packet,
-            warnings: Vec::new(),
-            steps,
-        });
+    if full {
+        balancer_warnings(chain, kind, &name, &endpoints, &unmatched, &mut warnings);
     }
+    Some(Balancer {
+        name,
+        table: table.name.to_string(),
+        table_index: cand.table,
+        chain: chain.name.to_string(),
+        chain_index: cand.chain,
+        kind,
+        selector: if full { cand.selector.clone() } else { None },
+        line: cand.line,
+        entries,
+        affinity: if full { affinity(chain) } else { None },
+        endpoints,
+        unmatched,
+        exact_total,
+        packet,
+        warnings,
+        steps,
+    })
+}
+
+/// The warnings of a balancer's analysis about its chain and its result: a kube-proxy
+/// cascade without a fallback rule, probabilities kept as approximations whose printed
+/// last bit is uncertain, and traffic that reaches no endpoint.
+fn balancer_warnings(
+    chain: &Chain<'_>,
+    kind: Kind,
+    name: &str,
+    endpoints: &[Endpoint],
+    unmatched: &CompactProb,
+    warnings: &mut Vec<Warning>,
+) {
     if kind == Kind::KubeProxy
         && let Some(last) = chain.rules.last()
         && last.statistic()
@@ -542,7 +556,7 @@ pub fn analyse_to(graph: &Graph<'_, '_>, cand: &Candidate, depth: Depth) -> Opti
     // Approximated probabilities: say where the proven bound cannot decide the last bit of
     // a printed double (about one value in 2^70, so practically never).
     let n = endpoints.len() as u64;
-    for e in &endpoints {
+    for e in endpoints {
         if let CompactProb::Approx(a) = &e.prob
             && !(a.to_f64_checked().1 && a.relative_deviation_checked(n).1)
         {
@@ -564,24 +578,6 @@ pub fn analyse_to(graph: &Graph<'_, '_>, cand: &Candidate, depth: Depth) -> Opti
             ),
         ));
     }
-    Some(Balancer {
-        name,
-        table: table.name.to_string(),
-        table_index: cand.table,
-        chain: chain.name.to_string(),
-        chain_index: cand.chain,
-        kind,
-        selector: cand.selector.clone(),
-        line: cand.line,
-        entries,
-        affinity: affinity(chain),
-        endpoints,
-        unmatched,
-        exact_total,
-        packet,
-        warnings,
-        steps,
-    })
 }
 
 fn first_line(chain: &Chain<'_>) -> u32 {
