@@ -942,14 +942,15 @@ mod tests {
     }
 
     /// An audit's analysis ([`Depth::Audit`]) walks the same packet as the full one and
-    /// keeps everything an audit reads, on every balancer of every fixture and of a few
-    /// entry layouts made for it: several entries of each kind, in either order, an
-    /// entry that is not kube-proxy's shape, and a chain entered from its policy only.
+    /// keeps everything an audit reads, on every balancer of every fixture and of an
+    /// entry layout made for it: several entries of each kind, cluster IPs out of line
+    /// order, an entry that is not of kube-proxy's shape, and a service without a
+    /// cluster-IP entry.
     #[test]
     fn an_audits_analysis_keeps_what_audits_read() {
         let texts = fixtures_and(
             "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
-             :KUBE-SVC-A - [0:0]\n:KUBE-EXT-A - [0:0]\n:KUBE-SVC-B - [0:0]\n:LB - [0:0]\n\
+             :KUBE-SVC-A - [0:0]\n:KUBE-EXT-A - [0:0]\n:KUBE-SVC-B - [0:0]\n:KUBE-SVC-C - [0:0]\n:LB - [0:0]\n\
              -A PREROUTING -j KUBE-SERVICES\n\
              -A PREROUTING -p udp -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.9.0.1:53\n\
              -A PREROUTING -p udp -j DNAT --to-destination 10.9.0.2:53\n\
@@ -964,6 +965,9 @@ mod tests {
              -A KUBE-SVC-A -p tcp -j DNAT --to-destination 10.1.0.2:80\n\
              -A KUBE-SVC-B -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.2.0.1:53\n\
              -A KUBE-SVC-B -p udp -j DNAT --to-destination 10.2.0.2:53\n\
+             -A KUBE-NODEPORTS -p udp -m comment --comment \"c/c:z\" -m udp --dport 30002 -j KUBE-SVC-C\n\
+             -A KUBE-SVC-C -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.4.0.1:5\n\
+             -A KUBE-SVC-C -j DNAT --to-destination 10.4.0.2:5\n\
              -A LB -m statistic --mode random --probability 0.25 -j DNAT --to-destination 10.3.0.1:1\n\
              COMMIT\n",
         );
@@ -1005,10 +1009,15 @@ mod tests {
         let graph = Graph::build(&rs, false).unwrap();
         let light = analyse_all_to(&graph, &candidates(&graph), Depth::Audit);
         let chains: Vec<&str> = light.iter().map(|b| b.chain.as_str()).collect();
-        assert_eq!(chains, ["LB", "KUBE-SVC-A", "KUBE-SVC-B"]);
+        assert_eq!(chains, ["LB", "KUBE-SVC-A", "KUBE-SVC-B", "KUBE-SVC-C"]);
         assert_eq!(light[1].packet.dst, Some("10.0.0.2".parse().unwrap()));
         assert_eq!(light[1].packet.dport, Some(81));
         assert_eq!(light[2].packet.dst, Some("10.0.0.3".parse().unwrap()));
+        let c = &light[3].packet;
+        assert_eq!(
+            (c.dst, c.dport, c.proto.as_deref()),
+            (None, Some(30002), Some("udp"))
+        );
     }
 
     /// `RuleLine::plain` (from the first reading) says exactly when a rule's selector
