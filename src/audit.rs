@@ -54,6 +54,10 @@ pub struct AuditOptions {
     /// default budget and the small-count tests' budget are spread over them); `None`:
     /// the balancers given.
     pub balancers: Option<usize>,
+    /// The level the corrected p-values will be judged at (`check --alpha`): the
+    /// small-count Monte-Carlo tests draw enough replicates to reach it (see
+    /// [`stats::Budget::for_tests_at`]).
+    pub alpha: f64,
 }
 
 impl Default for AuditOptions {
@@ -67,6 +71,7 @@ impl Default for AuditOptions {
             expectations: None,
             progress: false,
             balancers: None,
+            alpha: stats::MC_DESIGN_ALPHA,
         }
     }
 }
@@ -320,7 +325,7 @@ pub fn audit_window(
         })
         .collect();
     // Each family of tests corrected together has at most one test per balancer.
-    let budget = stats::Budget::for_tests(n);
+    let budget = stats::Budget::for_tests_at(n, opts.alpha);
     audit_all(graph, balancers, &per, opts, &budget, done)
 }
 

@@ -138,6 +138,7 @@ impl AuditArgs {
             expectations,
             progress: std::io::stderr().is_terminal(),
             balancers: None,
+            alpha: crate::stats::MC_DESIGN_ALPHA,
         })
     }
 }
@@ -554,8 +555,24 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
             "--max-skew must be >= 0 and --alpha between 0 and 1".into(),
         ));
     }
-    let opts = a.audit.options(Some(0))?;
+    let opts = AuditOptions {
+        alpha: a.alpha,
+        ..a.audit.options(Some(0))?
+    };
     let report = build_report(&a.input, &a.select, &opts)?;
+    let tests = report.balancers.len();
+    let monte_carlo = report.balancers.iter().any(|b| {
+        b.observed.as_ref().is_some_and(|o| o.replicates.is_some())
+            || (b.simulation.as_ref())
+                .is_some_and(|s| s.replicates.is_some() || s.expected.replicates.is_some())
+    });
+    if monte_carlo && !crate::stats::Budget::for_tests_at(tests, a.alpha).reaches(tests, a.alpha) {
+        eprintln!(
+            "lbaudit: warning: --alpha {} over {tests} balancers: a small-count test's Monte-Carlo p-value stops at 1/({} + 1) replicates, above the correction's threshold alpha/{tests}, so those tests cannot fail; use a larger --alpha or check fewer balancers (--balancer, --namespace)",
+            a.alpha,
+            crate::stats::MC_MAX_REPLICATES
+        );
+    }
     if report.balancers.is_empty() && Selection::new(&a.select)?.is_filtered() {
         return Err(Error::Usage(
             "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into(),

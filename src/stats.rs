@@ -102,6 +102,11 @@ pub const EXACT_MIN_OUTCOMES: f64 = 1.0e4;
 /// `α/2`.
 pub const MC_DESIGN_ALPHA: f64 = 1.0e-3;
 
+/// Most replicates a level below [`MC_DESIGN_ALPHA`] may ask of the sequential
+/// Monte-Carlo test ([`Budget::for_tests_at`]), however small: a test of a wrong split
+/// draws them all (about 25 s for 40 connections a replicate, 0.23 µs each).
+pub const MC_MAX_REPLICATES: u64 = 100_000_000;
+
 /// Replicates per batch in [`multinomial_monte_carlo`]; batch `b` has its own
 /// generator, so results do not depend on the number of threads.
 pub const MC_BATCH: u64 = 1024;
@@ -1102,13 +1107,36 @@ impl Budget {
     /// `SEQUENTIAL_HITS / max_replicates`) the sequential test decides as the fixed
     /// test with `max_replicates` replicates would.
     pub fn for_tests(tests: usize) -> Budget {
+        Budget::for_tests_at(tests, MC_DESIGN_ALPHA)
+    }
+
+    /// [`Budget::for_tests`] for p-values that will be judged at level `alpha` (`check
+    /// --alpha`): below [`MC_DESIGN_ALPHA`], the sequential Monte-Carlo test may draw up
+    /// to `⌈2·tests/alpha⌉` replicates, as many as that level needs, but no more than
+    /// [`MC_MAX_REPLICATES`] unless [`Budget::for_tests`] gives more
+    /// ([`Budget::reaches`] says whether that is enough); at or above it, as
+    /// [`Budget::for_tests`].
+    pub fn for_tests_at(tests: usize, alpha: f64) -> Budget {
         let m = tests.max(1) as f64;
+        // (Float-to-integer casts saturate: a tiny level gives u64::MAX, then the cap.)
+        let replicates = |level: f64| (2.0 * m / level).ceil() as u64;
+        let mut max_replicates = DEFAULT_REPLICATES.max(replicates(MC_DESIGN_ALPHA));
+        if alpha > 0.0 && alpha < MC_DESIGN_ALPHA {
+            max_replicates = max_replicates.max(replicates(alpha).min(MC_MAX_REPLICATES));
+        }
         Budget {
             exact_max_outcomes: (EXACT_TOTAL_OUTCOMES / m)
                 .clamp(EXACT_MIN_OUTCOMES, EXACT_MAX_OUTCOMES),
             hits: SEQUENTIAL_HITS,
-            max_replicates: DEFAULT_REPLICATES.max((2.0 * m / MC_DESIGN_ALPHA).ceil() as u64),
+            max_replicates,
         }
+    }
+
+    /// Can a Monte-Carlo test of this budget, one of `tests` corrected together, reach
+    /// level `alpha`: is its smallest p-value, `1/(max_replicates + 1)`, below the
+    /// smallest threshold of the correction, `alpha/tests`?
+    pub fn reaches(&self, tests: usize, alpha: f64) -> bool {
+        1.0 / (self.max_replicates as f64 + 1.0) < alpha / tests.max(1) as f64
     }
 }
 
@@ -1682,6 +1710,41 @@ mod tests {
             EXACT_MIN_OUTCOMES
         );
         assert_eq!(Budget::for_tests(30_000).max_replicates, 60_000_000);
+    }
+
+    /// A level below the design's asks for more replicates, enough to reach it, up to
+    /// the cap; a larger one changes nothing.
+    #[test]
+    fn budget_follows_a_smaller_level() {
+        for m in [1usize, 60, 30_000] {
+            for alpha in [0.05, MC_DESIGN_ALPHA, 1.0, 0.0, f64::NAN] {
+                assert_eq!(
+                    Budget::for_tests_at(m, alpha),
+                    Budget::for_tests(m),
+                    "{alpha}"
+                );
+            }
+            assert!(Budget::for_tests(m).reaches(m, MC_DESIGN_ALPHA));
+        }
+        // 60 tests at 1e-4: 2·60/1e-4 replicates, whose smallest p-value passes Holm's
+        // smallest threshold (1e-4/60) with a factor 2 to spare; the default's do not.
+        let b = Budget::for_tests_at(60, 1e-4);
+        assert_eq!(b.max_replicates, 1_200_000);
+        assert_eq!(
+            b.exact_max_outcomes,
+            Budget::for_tests(60).exact_max_outcomes
+        );
+        assert!(b.reaches(60, 1e-4));
+        assert!(!Budget::for_tests(60).reaches(60, 1e-4));
+        // Beyond the cap: said, not reached.
+        let b = Budget::for_tests_at(1000, 1e-12);
+        assert_eq!(b.max_replicates, MC_MAX_REPLICATES);
+        assert!(!b.reaches(1000, 1e-12));
+        // The design's own budget is never lowered by the cap.
+        assert_eq!(
+            Budget::for_tests_at(10_000_000, 1e-4).max_replicates,
+            Budget::for_tests(10_000_000).max_replicates
+        );
     }
 
     /// Bounds on `p̂ / p` for a sequential p-value stopped early with `h` hits: `p·L` is

@@ -23,6 +23,11 @@ fn saved_probability(k: usize) -> String {
 /// counters: spread evenly at random (a small LCG) for all but service 0, where one
 /// endpoint took 31 (exact Pearson-ordered tail 1.1e-22, fixtures/stats/vectors.json).
 fn dump(services: usize) -> String {
+    dump_with(services, true)
+}
+
+/// [`dump`], with service 0 spread at random too unless `skewed`.
+fn dump_with(services: usize, skewed: bool) -> String {
     let mut state: u64 = 12345;
     let mut next = move || {
         state = state
@@ -35,7 +40,7 @@ fn dump(services: usize) -> String {
     for i in 0..services {
         let svc = format!("KUBE-SVC-TEST{i:012}");
         writeln!(s, ":{svc} - [0:0]").unwrap();
-        let counts: Vec<u64> = if i == 0 {
+        let counts: Vec<u64> = if i == 0 && skewed {
             std::iter::once(31).chain([1; 9]).collect()
         } else {
             let mut c = vec![0u64; 10];
@@ -162,6 +167,54 @@ fn small_counters_are_tested_cheaply_and_a_real_skew_is_still_found() {
     assert_eq!(b["name"], "ns/svc-0:http");
     assert_eq!(b["verdict"]["pass"], false);
     assert_eq!(b["verdict"]["failures"][0]["reason"], "observed");
+}
+
+/// `check --alpha` below the default: the Monte-Carlo tests draw enough replicates to
+/// reach the smaller level. At 1e-4 over 60 balancers Holm's smallest threshold is
+/// 1.7e-6; the default budget's 120,000 replicates stop at p = 8.3e-6 (adjusted 5e-4,
+/// a pass), 2·60/1e-4 = 1,200,000 replicates reach 8.3e-7 (adjusted 5.0e-5, a failure).
+#[test]
+fn check_at_a_smaller_alpha_still_finds_a_real_skew() {
+    let path = write_dump("small-counters-alpha.txt", 60);
+    let out = lbaudit()
+        .args(["check", "--format", "json", "--alpha", "1e-4"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"]["failed"], 1);
+    let b = &v["balancers"][0];
+    assert_eq!(b["name"], "ns/svc-0:http");
+    assert_eq!(b["verdict"]["failures"][0]["reason"], "observed");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A level the capped budget cannot reach is said, not passed over in silence (on
+    // splits that fit: their tests stop early, so the run stays short).
+    let fair = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("small-counters-fair.txt");
+    std::fs::write(&fair, dump_with(60, false)).unwrap();
+    let out = lbaudit()
+        .args(["check", "--format", "json", "--alpha", "1e-12"])
+        .arg(&fair)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("so those tests cannot fail"), "{err}");
+    // Nor said where no test is a Monte-Carlo one.
+    let out = lbaudit()
+        .args(["check", "--alpha", "1e-12", "--no-observed"])
+        .arg(&fair)
+        .output()
+        .unwrap();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
