@@ -567,10 +567,11 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
                 .is_some_and(|s| s.replicates.is_some() || s.expected.replicates.is_some())
     });
     if monte_carlo && !crate::stats::Budget::for_tests_at(tests, a.alpha).reaches(tests, a.alpha) {
+        let most = crate::stats::MC_MAX_REPLICATES;
         eprintln!(
-            "lbaudit: warning: --alpha {} over {tests} balancers: a small-count test's Monte-Carlo p-value stops at 1/({} + 1) replicates, above the correction's threshold alpha/{tests}, so those tests cannot fail; use a larger --alpha or check fewer balancers (--balancer, --namespace)",
+            "lbaudit: warning: --alpha {:e} over {tests} balancers: the small-count tests' Monte-Carlo p-values cannot go below 1/({most} + 1) ({most} samples at most), above the correction's smallest threshold alpha/{tests} = {:.3e}, so those tests cannot fail; use a larger --alpha or check fewer balancers (--balancer, --namespace)",
             a.alpha,
-            crate::stats::MC_MAX_REPLICATES
+            a.alpha / tests as f64
         );
     }
     if report.balancers.is_empty() && Selection::new(&a.select)?.is_filtered() {

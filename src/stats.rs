@@ -104,7 +104,7 @@ pub const MC_DESIGN_ALPHA: f64 = 1.0e-3;
 
 /// Most replicates a level below [`MC_DESIGN_ALPHA`] may ask of the sequential
 /// Monte-Carlo test ([`Budget::for_tests_at`]), however small: a test of a wrong split
-/// draws them all (about 25 s for 40 connections a replicate, 0.23 µs each).
+/// draws them all (15–25 s for 40 connections a replicate, at 0.15–0.25 µs each).
 pub const MC_MAX_REPLICATES: u64 = 100_000_000;
 
 /// Replicates per batch in [`multinomial_monte_carlo`]; batch `b` has its own
