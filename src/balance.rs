@@ -941,6 +941,111 @@ mod tests {
         texts
     }
 
+    /// What an audit reads of a balancer (see [`Depth::Audit`]), as text.
+    fn audit_key(b: &Balancer) -> String {
+        let endpoints: Vec<_> = (b.endpoints.iter())
+            .map(|e| (&e.outcome, &e.prob, e.line, &e.via, e.paths))
+            .collect();
+        format!(
+            "{} {} {} {} {} {} {:?} {:?} {:?} {:?} {}",
+            b.name,
+            b.table,
+            b.table_index,
+            b.chain,
+            b.chain_index,
+            b.line,
+            b.packet,
+            endpoints,
+            b.unmatched,
+            b.exact_total,
+            b.steps
+        )
+    }
+
+    /// A kube-proxy-like dump: per service, `endpoints` endpoints and the entries `entries`
+    /// lists as (service, kind, address byte), written in that order. Kinds: a cluster IP,
+    /// an external IP and a load-balancer IP (through `KUBE-EXT-`), a node port through
+    /// `KUBE-EXT-` or straight to the service, a `KUBE-SERVICES` rule not of kube-proxy's
+    /// shape (its comment has escaped quotes), and a jump from `PREROUTING`.
+    fn entries_dump(endpoints: &[usize], entries: &[(usize, u8, u8)]) -> String {
+        let mut decls = String::from(
+            "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n",
+        );
+        let mut rules = String::new();
+        for (&(s, kind, k), i) in entries.iter().zip(0u32..) {
+            let (svc, ext) = (format!("KUBE-SVC-S{s}"), format!("KUBE-EXT-S{s}"));
+            rules.push_str(&match kind % 7 {
+                0 => format!(
+                    "-A KUBE-SERVICES -d 10.0.{s}.{k}/32 -p tcp -m comment --comment \"ns/s{s}:p cluster IP\" -m tcp --dport {i} -j {svc}\n"
+                ),
+                1 => format!(
+                    "-A KUBE-SERVICES -d 1.2.{s}.{k}/32 -p tcp -m comment --comment \"ns/s{s}:p external IP\" -m tcp --dport 80 -j {ext}\n"
+                ),
+                2 => format!(
+                    "-A KUBE-SERVICES -d 5.6.{s}.{k}/32 -p tcp -m comment --comment \"ns/s{s}:p loadbalancer IP\" -m tcp --dport 80 -j {ext}\n"
+                ),
+                3 => format!(
+                    "-A KUBE-NODEPORTS -p udp -m comment --comment \"ns/s{s}:p\" -m udp --dport {} -j {ext}\n",
+                    30000 + u32::from(k)
+                ),
+                4 => format!(
+                    "-A KUBE-NODEPORTS -p tcp -m tcp --dport {} -j {svc}\n",
+                    31000 + u32::from(k)
+                ),
+                5 => format!(
+                    "-A KUBE-SERVICES -m comment --comment \"a \\\"b\\\" c\" -d 10.9.{s}.{k}/32 -p udp --dport 53 -j {svc}\n"
+                ),
+                _ => format!("-A PREROUTING -d 10.8.{s}.{k}/32 -j {svc}\n"),
+            });
+        }
+        for (s, &n) in endpoints.iter().enumerate() {
+            decls.push_str(&format!(":KUBE-SVC-S{s} - [0:0]\n:KUBE-EXT-S{s} - [0:0]\n"));
+            rules.push_str(&format!("-A KUBE-EXT-S{s} -j KUBE-SVC-S{s}\n"));
+            for e in 0..n {
+                let sep = format!("KUBE-SEP-S{s}E{e}");
+                decls.push_str(&format!(":{sep} - [0:0]\n"));
+                let share = if e + 1 < n {
+                    format!(
+                        "-m statistic --mode random --probability {:.11} ",
+                        1.0 / (n - e) as f64
+                    )
+                } else {
+                    String::new()
+                };
+                rules.push_str(&format!("-A KUBE-SVC-S{s} {share}-j {sep}\n"));
+                rules.push_str(&format!(
+                    "-A {sep} -p tcp -j DNAT --to-destination 10.1.{s}.{e}:80\n"
+                ));
+            }
+        }
+        decls + &rules + "COMMIT\n"
+    }
+
+    proptest::proptest! {
+        /// [`an_audits_analysis_keeps_what_audits_read`] on random entry layouts.
+        #[test]
+        fn an_audits_analysis_keeps_what_audits_read_anywhere(
+            endpoints in proptest::collection::vec(1usize..4, 1..5),
+            entries in proptest::collection::vec((0usize..4, 0u8..7, 1u8..250), 0..16),
+        ) {
+            let entries: Vec<_> = entries
+                .into_iter()
+                .map(|(s, kind, k)| (s % endpoints.len(), kind, k))
+                .collect();
+            let text = entries_dump(&endpoints, &entries);
+            let rs = parse(&text, &ParseOptions::default()).unwrap();
+            let graph = Graph::build(&rs, false).unwrap();
+            let candidates = candidates(&graph);
+            let full = analyse_all_to(&graph, &candidates, Depth::Full);
+            let light = analyse_all_to(&graph, &candidates, Depth::Audit);
+            proptest::prop_assert_eq!(full.len(), endpoints.len());
+            proptest::prop_assert_eq!(light.len(), endpoints.len());
+            for (f, l) in full.iter().zip(&light) {
+                proptest::prop_assert_eq!(audit_key(l), audit_key(f));
+            }
+        }
+    }
+
     /// An audit's analysis ([`Depth::Audit`]) walks the same packet as the full one and
     /// keeps everything an audit reads, on every balancer of every fixture and of an
     /// entry layout made for it: several entries of each kind, cluster IPs out of line
@@ -980,26 +1085,7 @@ mod tests {
             let light = analyse_all_to(&graph, &candidates, Depth::Audit);
             assert_eq!(full.len(), light.len());
             for (f, l) in full.iter().zip(&light) {
-                let key = |b: &Balancer| {
-                    let endpoints: Vec<_> = (b.endpoints.iter())
-                        .map(|e| (&e.outcome, &e.prob, e.line, &e.via, e.paths))
-                        .collect();
-                    format!(
-                        "{} {} {} {} {} {} {:?} {:?} {:?} {:?} {}",
-                        b.name,
-                        b.table,
-                        b.table_index,
-                        b.chain,
-                        b.chain_index,
-                        b.line,
-                        b.packet,
-                        endpoints,
-                        b.unmatched,
-                        b.exact_total,
-                        b.steps
-                    )
-                };
-                assert_eq!(key(l), key(f));
+                assert_eq!(audit_key(l), audit_key(f));
                 compared += 1;
             }
         }
