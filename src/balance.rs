@@ -307,7 +307,8 @@ pub fn candidates<'a>(graph: &Graph<'_, 'a>) -> Vec<Candidate<'a>> {
         };
         let name = match kind {
             Kind::KubeProxy => kube_name(chain, || {
-                entries(graph, f.table, f.chain, f.first_rule)
+                entries_and_packet(graph, f.table, f.chain, f.first_rule, true)
+                    .0
                     .into_iter()
                     .find_map(|e| e.comment)
             })
@@ -408,26 +409,23 @@ pub fn analyse_to(graph: &Graph<'_, '_>, cand: &Candidate, depth: Depth) -> Opti
     let chain = &table.chains[cand.chain];
     let kind = cand.kind;
     let full = depth == Depth::Full;
-    let entries = if full {
-        entries(graph, cand.table, cand.chain, cand.first_rule)
-    } else {
-        Vec::new()
+    // A generic candidate's walk is made for its first statistic rule's conditions;
+    // the others' for their entries'.
+    let own_rule = match (cand.first_rule, kind) {
+        (Some(r), Kind::Generic) => Some(&chain.rules[r]),
+        _ => None,
     };
-    let packet = match (cand.first_rule, kind) {
-        (Some(r), Kind::Generic) => {
-            let line = &chain.rules[r];
-            match line.light() {
-                Some(rule) => Packet::from_light(&rule),
-                None => Packet::from_rule(&line.parse()),
-            }
-        }
-        _ if full => entries
-            .iter()
-            .find(|e| e.kind == "cluster-ip")
-            .or(entries.first())
-            .map(entry_packet)
-            .unwrap_or_default(),
-        _ => entries_packet(graph, cand.table, cand.chain, cand.first_rule),
+    let (entries, entry_packet) = if full || own_rule.is_none() {
+        entries_and_packet(graph, cand.table, cand.chain, cand.first_rule, full)
+    } else {
+        (Vec::new(), Packet::default())
+    };
+    let packet = match own_rule {
+        Some(line) => match line.light() {
+            Some(rule) => Packet::from_light(&rule),
+            None => Packet::from_rule(&line.parse()),
+        },
+        None => entry_packet,
     };
     let mut warnings = Vec::new();
     let dist = match eval::evaluate(
@@ -587,15 +585,6 @@ fn first_line(chain: &Chain<'_>) -> u32 {
         .unwrap_or(0)
 }
 
-fn entry_packet(e: &Entry) -> Packet {
-    Packet {
-        dst: e.address.as_deref().and_then(|a| a.parse().ok()),
-        dport: e.port,
-        proto: e.protocol.clone(),
-        ..Packet::default()
-    }
-}
-
 /// The kube-proxy service name `ns/name:port` from the comments.
 /// `entry_comment` gives the first comment of the entries, asked only when no rule of
 /// the chain has one.
@@ -674,21 +663,37 @@ fn affinity(chain: &Chain<'_>) -> Option<Affinity> {
 
 /// Rules from which traffic reaches the chain: for kube-proxy chains, the
 /// KUBE-SERVICES / KUBE-NODEPORTS rules (through KUBE-EXT-/KUBE-FW- chains); otherwise
-/// the jumps into the chain, or for a part of a chain its own first rule.
-fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>) -> Vec<Entry> {
+/// the jumps into the chain, or for a part of a chain its own first rule. Built only
+/// when `build`; with the packet a balancer's walk from the chain is made for (see
+/// [`WalkPacket`]), found either way.
+fn entries_and_packet(
+    graph: &Graph<'_, '_>,
+    t: usize,
+    c: usize,
+    first_rule: Option<usize>,
+    build: bool,
+) -> (Vec<Entry>, Packet) {
     // (A kube-proxy service has one to four entries.)
-    let mut out = Vec::with_capacity(4);
+    let mut out = Vec::with_capacity(if build { 4 } else { 0 });
+    let mut packet = WalkPacket::default();
     visit_entries(graph, t, c, |parent, p, comment, line| {
-        out.push(entry_from(parent, p, comment, line));
+        let kind = entry_kind(parent, &p, comment);
+        packet.offer(kind, line, &p);
+        if build {
+            out.push(entry_from(parent, kind, p, comment, line));
+        }
     });
-    let table = graph.table(t);
-    if out.is_empty()
+    let chain = &graph.table(t).chains[c];
+    if packet.is_none()
         && let Some(r) = first_rule
+        && chain.policy.is_some()
     {
-        let chain = &table.chains[c];
-        if chain.policy.is_some() {
-            let rule = chain.rules[r].parse();
-            let mut e = entry_from_rule(chain, &rule);
+        let rule = chain.rules[r].parse();
+        let (p, comment) = (Packet::from_rule(&rule), rule.comment());
+        packet.offer("rule", rule.line, &p);
+        if build {
+            let kind = entry_kind(chain, &p, comment);
+            let mut e = entry_from(chain, kind, p, comment, rule.line);
             e.kind = "rule";
             e.text = selector(&rule);
             out.push(e);
@@ -696,37 +701,40 @@ fn entries(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>)
     }
     out.sort_by_key(|e| e.line);
     out.dedup();
-    out
+    (out, packet.packet())
 }
 
-/// The packet [`analyse`] walks for a balancer with these [`entries`] (that of its
-/// first cluster-IP entry, or else of its first), found without building them.
-fn entries_packet(graph: &Graph<'_, '_>, t: usize, c: usize, first_rule: Option<usize>) -> Packet {
-    // What `entry_packet` keeps of an entry's packet.
-    let kept = |p: Packet| Packet {
-        dst: p.dst,
-        dport: p.dport,
-        proto: p.proto,
-        ..Packet::default()
-    };
-    // (Is it a cluster-IP entry, its line, its packet.) Each entry rule is visited once.
-    let mut best: Option<(bool, u32, Packet)> = None;
-    visit_entries(graph, t, c, |parent, p, comment, line| {
-        let cluster = entry_kind(parent, &p, comment) == "cluster-ip";
-        let better = best.as_ref().is_none_or(|&(c, l, _)| {
+/// The packet a balancer's walk is made for, picked among its entry rules as they are
+/// visited: that of its first cluster-IP entry (by line), or else of its first entry;
+/// only its destination, port and protocol.
+#[derive(Default)]
+struct WalkPacket(Option<(bool, u32, Packet)>);
+
+impl WalkPacket {
+    /// An entry of kind `kind` (see [`Entry::kind`]) on line `line`, with packet `p`.
+    /// (Each entry rule is offered once: lines do not tie.)
+    fn offer(&mut self, kind: &str, line: u32, p: &Packet) {
+        let cluster = kind == "cluster-ip";
+        let better = self.0.as_ref().is_none_or(|&(c, l, _)| {
             (cluster, std::cmp::Reverse(line)) > (c, std::cmp::Reverse(l))
         });
         if better {
-            best = Some((cluster, line, p));
+            let kept = Packet {
+                dst: p.dst,
+                dport: p.dport,
+                proto: p.proto.clone(),
+                ..Packet::default()
+            };
+            self.0 = Some((cluster, line, kept));
         }
-    });
-    if let Some((_, _, p)) = best {
-        return kept(p);
     }
-    let chain = &graph.table(t).chains[c];
-    match first_rule {
-        Some(r) if chain.policy.is_some() => kept(Packet::from_rule(&chain.rules[r].parse())),
-        _ => Packet::default(),
+
+    fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn packet(self) -> Packet {
+        self.0.map(|(.., p)| p).unwrap_or_default()
     }
 }
 
@@ -787,14 +795,15 @@ fn visit_entries(
     }
 }
 
-fn entry_from_rule(chain: &Chain<'_>, rule: &Rule<'_>) -> Entry {
-    entry_from(chain, Packet::from_rule(rule), rule.comment(), rule.line)
-}
-
-/// The entry of the rule of line `line` in `chain`, with the packet its conditions
-/// describe and its comment.
-fn entry_from(chain: &Chain<'_>, p: Packet, comment: Option<&str>, line: u32) -> Entry {
-    let kind = entry_kind(chain, &p, comment);
+/// The entry of kind `kind` ([`entry_kind`]) of the rule of line `line` in `chain`,
+/// with the packet its conditions describe and its comment.
+fn entry_from(
+    chain: &Chain<'_>,
+    kind: &'static str,
+    p: Packet,
+    comment: Option<&str>,
+    line: u32,
+) -> Entry {
     let proto = p.proto;
     let address = p.dst.map(ip_text);
     let text = match (kind, &address, p.dst, p.dport, &proto) {
@@ -1042,6 +1051,33 @@ mod tests {
             proptest::prop_assert_eq!(light.len(), endpoints.len());
             for (f, l) in full.iter().zip(&light) {
                 proptest::prop_assert_eq!(audit_key(l), audit_key(f));
+                // The packet, worked out from the layout: the first cluster IP (a
+                // `KUBE-SERVICES` rule with a destination and no external or load-balancer
+                // comment), or else the first entry, in the order written.
+                let s: usize = l.chain["KUBE-SVC-S".len()..].parse().unwrap();
+                let mine = entries.iter().zip(0u16..).filter(|((e, ..), _)| *e == s);
+                let pick = mine
+                    .clone()
+                    .find(|((_, kind, _), _)| matches!(kind, 0 | 5))
+                    .or(mine.clone().next());
+                let want = pick.map(|(&(_, kind, k), i)| {
+                    let ip = |a: u8, b: u8| std::net::IpAddr::from([a, b, s as u8, k]);
+                    match kind {
+                        0 => (Some(ip(10, 0)), Some(i), Some("tcp")),
+                        1 => (Some(ip(1, 2)), Some(80), Some("tcp")),
+                        2 => (Some(ip(5, 6)), Some(80), Some("tcp")),
+                        3 => (None, Some(30000 + u16::from(k)), Some("udp")),
+                        4 => (None, Some(31000 + u16::from(k)), Some("tcp")),
+                        5 => (Some(ip(10, 9)), Some(53), Some("udp")),
+                        _ => (Some(ip(10, 8)), None, None),
+                    }
+                });
+                let p = &l.packet;
+                proptest::prop_assert_eq!(
+                    want.unwrap_or((None, None, None)),
+                    (p.dst, p.dport, p.proto.as_deref()),
+                    "{}", l.chain
+                );
             }
         }
     }

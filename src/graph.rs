@@ -790,8 +790,7 @@ mod tests {
 
     #[test]
     fn callers_are_every_jump_to_a_chain_in_input_order() {
-        // 40 chains, each jumping to a few later ones (so that both halves of the
-        // filing have callers and callees), some twice.
+        // 40 chains, each jumping to a few later ones, some twice.
         let n = 40;
         let mut text = String::from("*filter\n");
         for c in 0..n {
