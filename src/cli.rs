@@ -90,7 +90,7 @@ pub const MAX_CLIENTS: u64 = 100_000_000;
 #[derive(Debug, Args, Clone)]
 pub struct AuditArgs {
     /// Simulated connections per balancer (`0` turns the simulation off). Default for
-    /// `report`: a budget of 20,000,000 rule evaluations spread over the balancers.
+    /// `report`: a budget of 15,000,000 rule evaluations spread over the balancers.
     #[arg(long, value_name = "N")]
     pub connections: Option<u64>,
     /// Seed of the simulation (the same seed gives the same counts on any machine).
