@@ -16,11 +16,13 @@
 //! (wall time; peak memory is the child's maximum resident set from `/usr/bin/time`),
 //! except the 5,000-endpoint analysis, which is also timed inside this process
 //! (parse, graph, balancers, report JSON: the work without process start and file
-//! reading). lbaudit's report without and with the cross-check and `grep -c statistic`
-//! run by turns, so that their ratios are not skewed by a change in the machine's load
-//! between them.
+//! reading). lbaudit's report without and with the cross-check, `grep -c statistic`, and
+//! the report with no balancer selected (what reading the dump, building the chain graph
+//! and listing the balancers take, before any analysis) run by turns, so that their
+//! ratios are not skewed by a change in the machine's load between them.
 //! `iptables-restore --test` runs inside a network namespace of its own when `ip` is
-//! present, so that nothing can touch the host's rules.
+//! present, so that nothing can touch the host's rules; its row shows its runs' spread
+//! and the report time that 50x asks for.
 
 use lbaudit::graph::Graph;
 use lbaudit::parse::{ParseOptions, parse};
