@@ -647,8 +647,8 @@ fn main() {
     let mut argv: Vec<&str> = vec![LBAUDIT];
     argv.extend(report0);
     argv.push(big_s);
-    // lbaudit without and with the cross-check, and grep, by turns (see
-    // `measure_turns`).
+    // lbaudit without and with the cross-check, grep, and the reading alone, by turns
+    // (see `measure_turns`).
     let mut argv_mc: Vec<&str> = vec![LBAUDIT, "report", "--format", "json"];
     argv_mc.push(big_s);
     let grep_argv = ["grep", "-c", "statistic", big_s];

@@ -692,9 +692,8 @@ fn entries_and_packet(
         let (p, comment) = (Packet::from_rule(&rule), rule.comment());
         packet.offer("rule", rule.line, &p);
         if build {
-            let kind = entry_kind(chain, &p, comment);
-            let mut e = entry_from(chain, kind, p, comment, rule.line);
-            e.kind = "rule";
+            // (Its text is its conditions, not what `entry_from` writes for a kind.)
+            let mut e = entry_from(chain, "rule", p, comment, rule.line);
             e.text = selector(&rule);
             out.push(e);
         }
