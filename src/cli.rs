@@ -559,14 +559,97 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
         alpha: a.alpha,
         ..a.audit.options(Some(0))?
     };
-    let report = build_report(&a.input, &a.select, &opts)?;
-    let tests = report.balancers.len();
-    let monte_carlo = report.balancers.iter().any(|b| {
-        b.observed.as_ref().is_some_and(|o| o.replicates.is_some())
-            || (b.simulation.as_ref())
-                .is_some_and(|s| s.replicates.is_some() || s.expected.replicates.is_some())
-    });
-    if monte_carlo && !crate::stats::Budget::for_tests_at(tests, a.alpha).reaches(tests, a.alpha) {
+    let check = CheckOptions {
+        max_skew: a.max_skew,
+        allow_unmatched: a.allow_unmatched,
+        alpha: a.alpha,
+        min_endpoints: a.min_endpoints,
+    };
+    let filtered = Selection::new(&a.select)?.is_filtered();
+    let format = match a.format {
+        CheckFormat::Text => check::Format::Text,
+        CheckFormat::Junit => check::Format::Junit,
+        CheckFormat::Markdown => check::Format::Markdown,
+        CheckFormat::Json => check::Format::Json,
+    };
+    let color = color_stdout();
+    // Balancers are checked and printed a window at a time (see `check::Stream`).
+    let done = with_candidates(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
+        let opts = AuditOptions {
+            balancers: Some(chosen.len()),
+            ..opts
+        };
+        let window = 256 * rayon::current_num_threads().max(1);
+        let run = |json: Option<&mut dyn Write>| {
+            crate::report::audited_windows(
+                graph,
+                chosen,
+                &opts,
+                window,
+                "checking",
+                |info| Ok(check::Stream::new(check.clone(), format, color, json, info)),
+                |stream, batches| stream.window(batches),
+            )?
+            .finish(&input.name, rs, warnings)
+        };
+        let none_selected = || {
+            Error::Usage(
+                "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into(),
+            )
+        };
+        let stdout_error = |source| Error::Io {
+            path: "<stdout>".into(),
+            source,
+        };
+        if format == check::Format::Json {
+            // The JSON is written as it is made, to the file or to stdout.
+            let done = match &a.output {
+                Some(path) => {
+                    let mut file = AtomicFile::create(path)?;
+                    let done = run(Some(&mut file)).map_err(|e| file.error(e))?;
+                    if done.checked == 0 && filtered {
+                        return Err(none_selected());
+                    }
+                    if let Some(f) = &done.formatted {
+                        file.write_all(f.as_bytes()).map_err(|e| file.error(e))?;
+                    }
+                    file.commit()?;
+                    emit(&done.text)?;
+                    done
+                }
+                None => {
+                    let mut out = Stdout::new();
+                    let done = run(Some(&mut out)).map_err(stdout_error)?;
+                    if done.checked == 0 && filtered {
+                        return Err(none_selected());
+                    }
+                    if let Some(f) = &done.formatted {
+                        out.write_all(f.as_bytes()).map_err(stdout_error)?;
+                    }
+                    out.flush().map_err(stdout_error)?;
+                    done
+                }
+            };
+            return Ok(done);
+        }
+        let done = run(None).map_err(stdout_error)?;
+        if done.checked == 0 && filtered {
+            return Err(none_selected());
+        }
+        let formatted = done.formatted.as_deref().unwrap_or(&done.text);
+        match &a.output {
+            Some(path) => {
+                write_atomic(path, formatted.as_bytes())?;
+                emit(&done.text)?;
+            }
+            None => emit(formatted)?,
+        }
+        Ok(done)
+    })?;
+    let tests = done.checked;
+    if done.monte_carlo
+        && !crate::stats::Budget::for_tests_at(tests, a.alpha).reaches(tests, a.alpha)
+    {
         let most = crate::stats::MC_MAX_REPLICATES;
         eprintln!(
             "lbaudit: warning: --alpha {:e} over {tests} balancers: the small-count tests' Monte-Carlo p-values cannot go below 1/({most} + 1) ({most} samples at most), above the correction's smallest threshold alpha/{tests} = {:.3e}, so those tests cannot fail; use a larger --alpha or check fewer balancers (--balancer, --namespace)",
@@ -574,57 +657,137 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
             a.alpha / tests as f64
         );
     }
-    if report.balancers.is_empty() && Selection::new(&a.select)?.is_filtered() {
-        return Err(Error::Usage(
-            "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into(),
-        ));
-    }
-    let check = CheckOptions {
-        max_skew: a.max_skew,
-        allow_unmatched: a.allow_unmatched,
-        alpha: a.alpha,
-        min_endpoints: a.min_endpoints,
-    };
-    let outcome = check::Outcome::new(&report, &check);
-    let text = outcome.to_text(&report, color_stdout());
-    let formatted = match a.format {
-        CheckFormat::Text => text.clone(),
-        CheckFormat::Junit => outcome.to_junit(&report),
-        CheckFormat::Markdown => outcome.to_markdown(&report),
-        CheckFormat::Json => outcome.to_json(&report, &check),
-    };
-    match &a.output {
-        Some(path) => {
-            write_atomic(path, formatted.as_bytes())?;
-            emit(&text)?;
-        }
-        None => emit(&formatted)?,
-    }
-    if report.balancers.is_empty() {
+    if done.checked == 0 {
         eprintln!("lbaudit: warning: no load balancers found in the input");
     }
-    Ok(if outcome.pass() { 0 } else { 1 })
+    Ok(if done.failed == 0 { 0 } else { 1 })
+}
+
+/// Standard output through a buffer, for output written as it is made: once the
+/// reader has gone (a closed pipe: `lbaudit check --format json | head`), the rest is
+/// dropped without an error, so that the work and its exit code still complete.
+struct Stdout {
+    out: std::io::BufWriter<std::io::StdoutLock<'static>>,
+    closed: bool,
+}
+
+impl Stdout {
+    fn new() -> Self {
+        Stdout {
+            out: std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock()),
+            closed: false,
+        }
+    }
+
+    /// `r`, or nothing written when the pipe closed.
+    fn unless_closed<T>(&mut self, r: std::io::Result<T>, nothing: T) -> std::io::Result<T> {
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(nothing)
+            }
+            r => r,
+        }
+    }
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.closed {
+            return Ok(buf.len());
+        }
+        let r = self.out.write(buf);
+        self.unless_closed(r, buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let r = self.out.flush();
+        self.unless_closed(r, ())
+    }
+}
+
+/// A file written through a temporary file in the same folder, renamed over it once
+/// complete ([`AtomicFile::commit`]), so that an error never leaves a half-written file
+/// behind: dropped before that, the temporary file is removed.
+pub struct AtomicFile {
+    path: String,
+    tmp: std::path::PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl AtomicFile {
+    /// Starts writing `path`.
+    pub fn create(path: &str) -> Result<AtomicFile> {
+        let p = std::path::Path::new(path);
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let tmp = dir.join(format!(".{name}.lbaudit-{}.tmp", std::process::id()));
+        let file = std::fs::File::create(&tmp).map_err(|source| Error::Io {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok(AtomicFile {
+            path: path.to_string(),
+            tmp,
+            file: Some(std::io::BufWriter::with_capacity(1 << 16, file)),
+        })
+    }
+
+    /// An error in writing the file, as the CLI reports it.
+    pub fn error(&self, source: std::io::Error) -> Error {
+        Error::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Puts the file in place.
+    pub fn commit(mut self) -> Result<()> {
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        // (Written out and closed before the rename.)
+        let closed = file.into_inner().map_err(|e| e.into_error()).map(drop);
+        closed
+            .and_then(|()| std::fs::rename(&self.tmp, &self.path))
+            .map_err(|e| self.error(e))
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.file {
+            Some(f) => f.write(buf),
+            None => Err(std::io::Error::other("file already committed")),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        // Not committed, or the rename failed: an error on the way.
+        if self.file.take().is_some() || self.tmp.exists() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Writes a file through a temporary file in the same folder and a rename, so that an
 /// error never leaves a half-written file behind.
 pub fn write_atomic(path: &str, bytes: &[u8]) -> Result<()> {
-    let p = std::path::Path::new(path);
-    let dir = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = dir.join(format!(".{name}.lbaudit-{}.tmp", std::process::id()));
-    let io = |source| Error::Io {
-        path: path.to_string(),
-        source,
-    };
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, p).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(bytes).map_err(|e| file.error(e))?;
+    file.commit()
 }
 
 /// Renders a report in the asked format.

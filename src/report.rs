@@ -222,7 +222,7 @@ impl Report {
     }
 
     /// The report without its balancers (their warnings are in).
-    fn header(
+    pub(crate) fn header(
         source: &str,
         rs: &Ruleset<'_>,
         balancers: &[Balancer],
@@ -515,14 +515,10 @@ pub fn fmt_dev(d: f64) -> String {
 /// the report built from all of them, with `opts.balancers` set to their number.
 ///
 /// p-values are corrected across all balancers, so when there are any (a simulation,
-/// or counters to test) the report is made in two passes: the first analyses and
-/// audits a window at a time and keeps only the audits, compactly
-/// ([`audit::CompactAudits`]); once they are corrected, the second analyses each
-/// window again and prints it with its audits. (Analysing twice costs about a seventh
-/// more instructions on the 30k-service dump, and holds about 70 bytes a balancer
-/// instead of every balancer and its audit: its peak is that of the run without
-/// p-values, 1.9x the input, instead of 3.2x.) A report without p-values is analysed,
-/// audited and printed in one pass.
+/// or counters to test) the report is made in the two passes of [`audited_windows`]
+/// (its peak is that of the run without p-values, 1.9x the input, instead of 3.2x for
+/// every balancer and its audit held). A report without p-values is analysed, audited
+/// and printed in one pass, each batch by one task from analysis to text.
 #[allow(clippy::too_many_arguments)]
 pub fn write_json_windowed(
     w: &mut dyn std::io::Write,
@@ -538,64 +534,22 @@ pub fn write_json_windowed(
         balancers: Some(candidates.len()),
         ..opts.clone()
     };
-    use rayon::prelude::*;
     let window = window.max(1);
-    let counters = rs
-        .tables
-        .iter()
-        .flat_map(|t| &t.chains)
-        .any(|c| c.rules.iter().any(|r| r.counted()));
-    if opts.connections != Some(0) || (opts.observed && counters) {
-        let n = candidates.len();
-        return audit::with_progress_in_passes(&opts, n, &["simulating", "writing"], |done| {
-            // Pass 1: the audits, a window of balancers at a time (a balancer's audit
-            // does not depend on its window).
-            let mut kept = audit::CompactAudits::new(n);
-            for part in candidates.chunks(window) {
-                // Each batch analysed and audited by one task.
-                let audits: Vec<Vec<Audit>> = part
-                    .par_chunks(BATCH)
-                    .map(|some| {
-                        // (Only what the audits read: printed, they are analysed again.)
-                        let balancers = crate::balance::analyse_all_to(
-                            graph,
-                            some,
-                            crate::balance::Depth::Audit,
-                        );
-                        audit::audit_window(graph, &balancers, &opts, done)
-                    })
-                    .collect();
-                for a in audits.iter().flatten() {
-                    kept.push(a);
-                }
-                kept.seal();
-            }
-            let info = kept.finish(&opts);
-            // Pass 2: the same balancers again, printed with their audits.
-            done.store(n, Ordering::Relaxed);
-            let mut audits = kept.reader();
-            let mut out = JsonStream::begin(w, source, rs, info, warnings)?;
-            for part in candidates.chunks(window) {
-                let balancers: Vec<Vec<Balancer>> = part
-                    .par_chunks(BATCH)
-                    .map(|some| crate::balance::analyse_all(graph, some))
-                    .collect();
-                // Their audits read back in order, then each batch printed by one task.
-                let batches: Vec<(Vec<Balancer>, Vec<Audit>)> = balancers
-                    .into_iter()
-                    .map(|some| {
-                        let some_audits = some.iter().map(|b| audits.next(b, &opts)).collect();
-                        (some, some_audits)
-                    })
-                    .collect();
+    if corrects_across(rs, &opts) {
+        let out = audited_windows(
+            graph,
+            candidates,
+            &opts,
+            window,
+            "writing",
+            |info| JsonStream::begin(w, source, rs, info, warnings),
+            |out, batches| {
                 out.write_batches(batches, |(some, audits), buffer| {
                     render_batch(buffer, &some, Some(&audits))
-                })?;
-                done.fetch_add(part.len(), Ordering::Relaxed);
-            }
-            debug_assert!(audits.is_done(), "as many balancers as in pass 1");
-            out.finish()
-        });
+                })
+            },
+        )?;
+        return out.finish();
     }
     // Nothing ties balancers together: analyse, audit and print a window at a time.
     let mut out = JsonStream::begin(w, source, rs, None, warnings)?;
@@ -603,6 +557,104 @@ pub fn write_json_windowed(
         out.analyse_and_write(graph, part, &opts)?;
     }
     out.finish()
+}
+
+/// Whether the run's p-values are corrected across its balancers (with `opts`, on the
+/// input `rs`): when there is a simulation, or counters to test.
+pub fn corrects_across(rs: &Ruleset<'_>, opts: &AuditOptions) -> bool {
+    let counters = || {
+        rs.tables
+            .iter()
+            .flat_map(|t| &t.chains)
+            .any(|c| c.rules.iter().any(|r| r.counted()))
+    };
+    opts.connections != Some(0) || (opts.observed && counters())
+}
+
+/// The candidates analysed and audited `window` at a time, each window handed in order
+/// to `each` as batches of up to [`BATCH`] balancers with their audits; `begin` makes
+/// its state from the run's simulation info first. `opts.balancers` is the run's size.
+///
+/// When p-values are corrected across balancers ([`corrects_across`]), in two passes:
+/// the first analyses and audits a window at a time and keeps only the audits,
+/// compactly ([`audit::CompactAudits`]); once they are corrected, the second analyses
+/// each window again and hands it over with its audits. (Analysing twice costs about
+/// a seventh more instructions on the 30k-service dump, and holds about 70 bytes a
+/// balancer instead of every balancer and its audit.) Otherwise in one pass, with no
+/// simulation info. `second` names the second pass in the progress line.
+#[allow(clippy::too_many_arguments)]
+pub fn audited_windows<S>(
+    graph: &Graph<'_, '_>,
+    candidates: &[Candidate],
+    opts: &AuditOptions,
+    window: usize,
+    second: &str,
+    begin: impl FnOnce(Option<SimulationInfo>) -> std::io::Result<S>,
+    mut each: impl FnMut(&mut S, Vec<(Vec<Balancer>, Vec<Audit>)>) -> std::io::Result<()>,
+) -> std::io::Result<S> {
+    use rayon::prelude::*;
+    let window = window.max(1);
+    let n = candidates.len();
+    if !corrects_across(graph.rs, opts) {
+        let mut state = begin(None)?;
+        let done = AtomicUsize::new(0);
+        for part in candidates.chunks(window) {
+            let batches = part
+                .par_chunks(BATCH)
+                .map(|some| {
+                    let balancers = crate::balance::analyse_all(graph, some);
+                    let audits = audit::audit_window(graph, &balancers, opts, &done);
+                    (balancers, audits)
+                })
+                .collect();
+            each(&mut state, batches)?;
+        }
+        return Ok(state);
+    }
+    audit::with_progress_in_passes(opts, n, &["simulating", second], |done| {
+        // Pass 1: the audits, a window of balancers at a time (a balancer's audit does
+        // not depend on its window).
+        let mut kept = audit::CompactAudits::new(n);
+        for part in candidates.chunks(window) {
+            // Each batch analysed and audited by one task.
+            let audits: Vec<Vec<Audit>> = part
+                .par_chunks(BATCH)
+                .map(|some| {
+                    // (Only what the audits read: handed over, they are analysed again.)
+                    let balancers =
+                        crate::balance::analyse_all_to(graph, some, crate::balance::Depth::Audit);
+                    audit::audit_window(graph, &balancers, opts, done)
+                })
+                .collect();
+            for a in audits.iter().flatten() {
+                kept.push(a);
+            }
+            kept.seal();
+        }
+        let info = kept.finish(opts);
+        // Pass 2: the same balancers again, with their audits.
+        done.store(n, Ordering::Relaxed);
+        let mut audits = kept.reader();
+        let mut state = begin(info)?;
+        for part in candidates.chunks(window) {
+            let balancers: Vec<Vec<Balancer>> = part
+                .par_chunks(BATCH)
+                .map(|some| crate::balance::analyse_all(graph, some))
+                .collect();
+            // Their audits read back in order.
+            let batches = balancers
+                .into_iter()
+                .map(|some| {
+                    let some_audits = some.iter().map(|b| audits.next(b, opts)).collect();
+                    (some, some_audits)
+                })
+                .collect();
+            each(&mut state, batches)?;
+            done.fetch_add(part.len(), Ordering::Relaxed);
+        }
+        debug_assert!(audits.is_done(), "as many balancers as in pass 1");
+        Ok(state)
+    })
 }
 
 /// Balancers a thread writes at a time: about 70 kB of JSON with the cross-check.

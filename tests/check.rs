@@ -265,3 +265,81 @@ fn same_input_same_verdict() {
     assert_eq!(a.stdout, b.stdout);
     assert_eq!(a.code, b.code);
 }
+
+/// The JSON is written as balancers are checked: a reader that goes away early (`|
+/// head`) does not change the exit code, and nothing is printed when the selection
+/// turns out to match no balancer.
+#[test]
+fn streamed_json_keeps_its_exit_code_and_prints_nothing_on_error() {
+    use std::io::Read as _;
+    use std::process::{Command, Stdio};
+    let bin = assert_cmd::cargo::cargo_bin!("lbaudit");
+    // Over 500 kB of JSON, far more than a pipe holds; the 5-decimal probabilities fail
+    // a tight --max-skew.
+    let mut child = Command::new(bin)
+        .args(["check", "--format", "json", "--max-skew", "1e-9"])
+        .arg(fixture("kube-2018-large.txt"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("runs");
+    let mut head = [0u8; 1000];
+    let mut stdout = child.stdout.take().expect("piped");
+    stdout.read_exact(&mut head).expect("reads the start");
+    assert!(head.starts_with(b"{\n  \"balancers\": [\n    {"));
+    drop(stdout);
+    assert_eq!(child.wait().expect("ends").code(), Some(1));
+    // The whole output says the same.
+    let r = check(&[
+        &fixture("kube-2018-large.txt"),
+        "--format",
+        "json",
+        "--max-skew",
+        "1e-9",
+    ]);
+    assert_eq!(r.code, 1);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
+    assert_eq!(v["verdict"]["pass"], false);
+    // A selection that matches no balancer: a usage error, with no JSON on stdout and
+    // no file (nor temporary file) left behind.
+    let dir = std::env::temp_dir().join(format!("lbaudit-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("verdicts.json");
+    for output in [None, Some(out.to_str().unwrap())] {
+        let mut args = vec![
+            fixture("nth-fallback.txt"),
+            "--format".into(),
+            "json".into(),
+            "--balancer".into(),
+            "no-such-*".into(),
+        ];
+        if let Some(o) = output {
+            args.extend(["--output".into(), o.into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = check(&args);
+        assert_eq!(r.code, 2, "{output:?}");
+        assert!(r.stdout.is_empty(), "{output:?}: {}", r.stdout);
+        assert!(r.stderr.contains("no balancer matches"), "{}", r.stderr);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "{output:?}");
+    }
+    // With a balancer, the file is written whole and the summary goes to stdout.
+    let r = check(&[
+        &fixture("nth-fallback.txt"),
+        "--format",
+        "json",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.starts_with("checked 1 balancer: 0 failed"),
+        "{}",
+        r.stdout
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).expect("json");
+    assert_eq!(v["verdict"]["checked"], 1);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

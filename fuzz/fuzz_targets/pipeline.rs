@@ -13,7 +13,7 @@
 
 use lbaudit::audit::{self, AuditOptions};
 use lbaudit::balance;
-use lbaudit::check::{CheckOptions, Outcome};
+use lbaudit::check::{CheckOptions, Format as CheckFormat, Outcome, Stream};
 use lbaudit::eval::{self, Mode, Packet};
 use lbaudit::graph::Graph;
 use lbaudit::model::Ruleset;
@@ -93,7 +93,7 @@ pub fn run(data: &[u8]) {
         &graph,
         &candidates,
         &opts,
-        warnings,
+        warnings.clone(),
         window,
     )
     .expect("writes to memory");
@@ -109,7 +109,34 @@ pub fn run(data: &[u8]) {
     let _ = outcome.to_text(&report, false);
     let _ = outcome.to_junit(&report);
     let _ = outcome.to_markdown(&report);
-    let _ = outcome.to_json(&report, &check);
+    let check_json = outcome.to_json(&report, &check);
+    // `lbaudit check` judges and prints a window at a time too: the same text.
+    let mut written = Vec::new();
+    let done = report::audited_windows(
+        &graph,
+        &candidates,
+        &opts,
+        window,
+        "checking",
+        |info| {
+            let json = Some(&mut written as &mut dyn std::io::Write);
+            Ok(Stream::new(
+                check.clone(),
+                CheckFormat::Json,
+                false,
+                json,
+                info,
+            ))
+        },
+        |stream, batches| stream.window(batches),
+    )
+    .and_then(|stream| stream.finish("fuzz", &rs, warnings))
+    .expect("writes to memory");
+    written.extend_from_slice(done.formatted.unwrap_or_default().as_bytes());
+    assert!(
+        written == check_json.as_bytes() && done.text == outcome.to_text(&report, false),
+        "streamed check (window {window}) differs from the built report's"
+    );
     // `lbaudit trace --dst IP[:PORT]` from each built-in chain, as the CLI does it, for the
     // first destination the rules name.
     if flags & 8 != 0
