@@ -573,25 +573,21 @@ pub struct Stream<'w> {
     /// Where the JSON goes (with [`Format::Json`]).
     json: Option<&'w mut dyn std::io::Write>,
     simulation: Option<SimulationInfo>,
-    checked: usize,
-    failed: usize,
-    monte_carlo: bool,
-    /// The human lines so far.
-    text: String,
-    /// The JUnit testcases or Markdown rows so far.
-    body: String,
-    /// The balancers' warnings.
-    warnings: Vec<Warning>,
+    /// The balancers so far, but for the JSON written.
+    so_far: Piece,
 }
 
-/// A batch of balancers judged and printed ([`Stream::window`]).
+/// Balancers judged and printed: a batch of them ([`Stream::window`]) or all so far.
 #[derive(Default)]
 struct Piece {
     checked: usize,
     failed: usize,
     monte_carlo: bool,
+    /// The human lines.
     text: String,
+    /// The JUnit testcases, Markdown rows or JSON (each balancer after a separator).
     body: String,
+    /// The balancers' warnings.
     warnings: Vec<Warning>,
 }
 
@@ -626,12 +622,7 @@ impl<'w> Stream<'w> {
             color,
             json,
             simulation,
-            checked: 0,
-            failed: 0,
-            monte_carlo: false,
-            text: String::new(),
-            body: String::new(),
-            warnings: Vec::new(),
+            so_far: Piece::default(),
         }
     }
 
@@ -667,20 +658,21 @@ impl<'w> Stream<'w> {
                 && !p.body.is_empty()
                 && let Some(w) = self.json.as_mut()
             {
-                if self.checked == 0 {
+                if self.so_far.checked == 0 {
                     w.write_all(JSON_OPEN.as_bytes())?;
                     w.write_all(&p.body.as_bytes()[1..])?;
                 } else {
                     w.write_all(p.body.as_bytes())?;
                 }
             } else {
-                self.body.push_str(&p.body);
+                self.so_far.body.push_str(&p.body);
             }
-            self.checked += p.checked;
-            self.failed += p.failed;
-            self.monte_carlo |= p.monte_carlo;
-            self.text.push_str(&p.text);
-            self.warnings.extend(p.warnings);
+            let so_far = &mut self.so_far;
+            so_far.checked += p.checked;
+            so_far.failed += p.failed;
+            so_far.monte_carlo |= p.monte_carlo;
+            so_far.text.push_str(&p.text);
+            so_far.warnings.extend(p.warnings);
         }
         Ok(())
     }
@@ -693,14 +685,15 @@ impl<'w> Stream<'w> {
         rs: &Ruleset<'_>,
         mut warnings: Vec<Warning>,
     ) -> std::io::Result<Checked> {
-        let (checked, failed) = (self.checked, self.failed);
-        text_end(&mut self.text, checked, failed, self.color);
+        let mut all = std::mem::take(&mut self.so_far);
+        let (checked, failed) = (all.checked, all.failed);
+        text_end(&mut all.text, checked, failed, self.color);
         let formatted = match self.format {
             Format::Text => None,
-            Format::Junit => Some(junit_document(source, checked, failed, &self.body)),
-            Format::Markdown => Some(markdown_document(checked, failed, &self.body)),
+            Format::Junit => Some(junit_document(source, checked, failed, &all.body)),
+            Format::Markdown => Some(markdown_document(checked, failed, &all.body)),
             Format::Json => {
-                warnings.append(&mut self.warnings);
+                warnings.append(&mut all.warnings);
                 let head = Report::header(source, rs, &[], self.simulation.take(), warnings);
                 let end = json_end(&head, checked, failed, &self.opts);
                 match self.json.as_mut() {
@@ -708,15 +701,15 @@ impl<'w> Stream<'w> {
                         w.write_all(json_close(&end).as_bytes())?;
                         None
                     }
-                    _ => Some(json_document(&self.body, &end)),
+                    _ => Some(json_document(&all.body, &end)),
                 }
             }
         };
         Ok(Checked {
             checked,
             failed,
-            monte_carlo: self.monte_carlo,
-            text: self.text,
+            monte_carlo: all.monte_carlo,
+            text: all.text,
             formatted,
         })
     }
@@ -846,19 +839,7 @@ mod tests {
     #[test]
     fn streamed_check_is_the_built_reports_check() {
         let mut texts = crate::testing::fixture_texts();
-        let mut counted = String::from("*nat\n");
-        for i in 0..40 {
-            counted.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
-        }
-        for i in 0..40 {
-            counted.push_str(&format!(
-                "[{}:0] -A KUBE-SVC-{i} -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 10.0.{i}.1:80\n[{}:0] -A KUBE-SVC-{i} -j DNAT --to-destination 10.0.{i}.2:80\n",
-                10 + i * i,
-                20 + 2 * i
-            ));
-        }
-        counted.push_str("COMMIT\n");
-        texts.push(("counted".into(), counted));
+        texts.push(("counted".into(), crate::testing::counted_dump()));
         let expectations =
             crate::expect::Expectations::parse("*,10.0.0.1:80,3\n*,nowhere,1\n", "weights.csv")
                 .unwrap();
@@ -908,22 +889,7 @@ mod tests {
     /// traffic reaches, listed first by name), then balancers: the JSON still opens once.
     #[test]
     fn streamed_check_after_empty_batches() {
-        let mut text = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n");
-        for i in 0..40 {
-            text.push_str(&format!(
-                ":AAA{i:02} - [0:0]\n-A AAA{i:02} -j ACCEPT\n-A AAA{i:02} -m statistic --mode random --probability 0.5 -j ACCEPT\n"
-            ));
-        }
-        for i in 0..90 {
-            text.push_str(&format!(
-                ":KUBE-SVC-{i:04} - [0:0]\n:KUBE-SEP-{i:04}A - [0:0]\n:KUBE-SEP-{i:04}B - [0:0]\n\
-                 -A KUBE-SVC-{i:04} -m comment --comment \"ns/s{i:02}:p\" -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i:04}A\n\
-                 -A KUBE-SVC-{i:04} -m comment --comment \"ns/s{i:02}:p\" -j KUBE-SEP-{i:04}B\n\
-                 -A KUBE-SEP-{i:04}A -p tcp -j DNAT --to-destination 10.0.{i}.1:80\n\
-                 -A KUBE-SEP-{i:04}B -p tcp -j DNAT --to-destination 10.0.{i}.2:80\n"
-            ));
-        }
-        text.push_str("COMMIT\n");
+        let text = crate::testing::unreached_then_services();
         let rs = parse::parse(&text, &ParseOptions::default()).unwrap();
         let graph = Graph::build(&rs, false).unwrap();
         let candidates = crate::balance::candidates(&graph);

@@ -2428,19 +2428,7 @@ mod tests {
     #[test]
     fn windowed_json_is_the_built_reports_json() {
         let mut texts = crate::testing::fixture_texts();
-        let mut synthetic = String::from("*nat\n");
-        for i in 0..40 {
-            synthetic.push_str(&format!(":KUBE-SVC-{i} - [0:0]\n"));
-        }
-        for i in 0..40 {
-            synthetic.push_str(&format!(
-                "[{}:0] -A KUBE-SVC-{i} -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 10.0.{i}.1:80\n[{}:0] -A KUBE-SVC-{i} -j DNAT --to-destination 10.0.{i}.2:80\n",
-                10 + i,
-                20 + 2 * i
-            ));
-        }
-        synthetic.push_str("COMMIT\n");
-        texts.push(("synthetic".into(), synthetic));
+        texts.push(("synthetic".into(), crate::testing::counted_dump()));
         let expectations =
             crate::expect::Expectations::parse("*,10.0.0.1:80,3\n*,nowhere,1\n", "weights.csv")
                 .unwrap();
@@ -2532,22 +2520,7 @@ mod tests {
     /// JSON is still the built report's.
     #[test]
     fn streamed_json_over_many_batches() {
-        let mut text = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n");
-        for i in 0..40 {
-            text.push_str(&format!(
-                ":AAA{i:02} - [0:0]\n-A AAA{i:02} -j ACCEPT\n-A AAA{i:02} -m statistic --mode random --probability 0.5 -j ACCEPT\n"
-            ));
-        }
-        for i in 0..90 {
-            text.push_str(&format!(
-                ":KUBE-SVC-{i:04} - [0:0]\n:KUBE-SEP-{i:04}A - [0:0]\n:KUBE-SEP-{i:04}B - [0:0]\n\
-                 -A KUBE-SVC-{i:04} -m comment --comment \"ns/s{i:02}:p\" -m statistic --mode random --probability 0.5 -j KUBE-SEP-{i:04}A\n\
-                 -A KUBE-SVC-{i:04} -m comment --comment \"ns/s{i:02}:p\" -j KUBE-SEP-{i:04}B\n\
-                 -A KUBE-SEP-{i:04}A -p tcp -j DNAT --to-destination 10.0.{i}.1:80\n\
-                 -A KUBE-SEP-{i:04}B -p tcp -j DNAT --to-destination 10.0.{i}.2:80\n"
-            ));
-        }
-        text.push_str("COMMIT\n");
+        let text = crate::testing::unreached_then_services();
         let rs = parse::parse(&text, &ParseOptions::default()).unwrap();
         let graph = Graph::build(&rs, false).unwrap();
         let candidates = crate::balance::candidates(&graph);
