@@ -3,7 +3,7 @@
 use crate::audit::{Audit, SimulationInfo};
 use crate::balance::Balancer;
 use crate::model::{Ruleset, Warning};
-use crate::report::{BalancerReport, Report, fmt_dev, fmt_prob};
+use crate::report::{BalancerReport, Report, fmt_dev, fmt_prob, paint};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -360,15 +360,6 @@ fn summary_line(checked: usize, failed: usize) -> String {
         "checked {checked} balancer{}: {failed} failed",
         if checked == 1 { "" } else { "s" },
     )
-}
-
-/// `t` in the colour of the SGR `code` when `color`.
-fn paint(color: bool, code: &str, t: &str) -> String {
-    if color {
-        format!("\x1b[{code}m{t}\x1b[0m")
-    } else {
-        t.to_string()
-    }
 }
 
 /// The human output's lines for a balancer: its reasons when it fails, nothing else.

@@ -1,6 +1,6 @@
 //! The command line: argument parsing, input, output, and error rendering.
 
-use crate::audit::{self, Adjustment, AuditOptions};
+use crate::audit::{Adjustment, AuditOptions};
 use crate::balance::{self, Balancer, Candidate};
 use crate::check::{self, CheckOptions};
 use crate::error::{Error, InputError, Result};
@@ -9,7 +9,7 @@ use crate::expect::Expectations;
 use crate::graph::Graph;
 use crate::model::{Ruleset, Warning};
 use crate::parse::{self, ParseOptions};
-use crate::report::{Report, fmt_prob};
+use crate::report::{self, TextFormat, fmt_prob};
 use crate::select::Selection;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::borrow::Cow;
@@ -475,8 +475,7 @@ where
         Command::Trace(a) => cmd_trace(&a),
         Command::Simulate(a) => {
             let opts = a.audit.options(Some(1_000_000))?;
-            let report = build_report(&a.input, &a.select, &opts)?;
-            emit(&render(&report, a.format))?;
+            print_report(&a.input, &a.select, &opts, a.format)?;
             Ok(0)
         }
         Command::Check(a) => cmd_check(&a),
@@ -520,32 +519,39 @@ pub fn emit_with(f: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Resul
 
 fn cmd_report(a: &ReportArgs) -> Result<i32> {
     let opts = a.audit.options(None)?;
-    if a.format == ReportFormat::Json {
-        // Large reports are printed as they are made, never built as a whole (see
-        // `report::write_json_windowed`).
-        with_candidates(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
-            let window = 256 * rayon::current_num_threads().max(1);
-            emit_with(|w| {
-                crate::report::write_json_windowed(
-                    w,
-                    &input.name,
-                    rs,
-                    graph,
-                    chosen,
-                    &opts,
-                    warnings,
-                    window,
-                )
-            })?;
-            Ok(())
-        })?;
-        return Ok(0);
-    }
-    let report = build_report(&a.input, &a.select, &opts)?;
-    emit(&render(&report, a.format))?;
-    // The process ends here: let the OS reclaim the report instead of freeing it.
-    std::mem::forget(report);
+    print_report(&a.input, &a.select, &opts, a.format)?;
     Ok(0)
+}
+
+/// Prints the report in `format` while its balancers are analysed, a window at a time,
+/// never built as a whole (see `report::write_json_windowed` and
+/// `report::write_text_windowed`).
+fn print_report(
+    input: &InputArgs,
+    select: &SelectArgs,
+    opts: &AuditOptions,
+    format: ReportFormat,
+) -> Result<()> {
+    let text = match format {
+        ReportFormat::Json => None,
+        ReportFormat::Table => Some(TextFormat::Table {
+            color: color_stdout(),
+        }),
+        ReportFormat::Csv => Some(TextFormat::Csv),
+        ReportFormat::Markdown => Some(TextFormat::Markdown),
+    };
+    with_candidates(input, select, |input, rs, graph, chosen, warnings| {
+        let window = 256 * rayon::current_num_threads().max(1);
+        let source = &input.name;
+        emit_with(|w| match text {
+            None => {
+                report::write_json_windowed(w, source, rs, graph, chosen, opts, warnings, window)
+            }
+            Some(format) => report::write_text_windowed(
+                w, format, source, rs, graph, chosen, opts, warnings, window,
+            ),
+        })
+    })
 }
 
 fn cmd_check(a: &CheckArgs) -> Result<i32> {
@@ -790,16 +796,6 @@ pub fn write_atomic(path: &str, bytes: &[u8]) -> Result<()> {
     file.commit()
 }
 
-/// Renders a report in the asked format.
-pub fn render(report: &Report, format: ReportFormat) -> String {
-    match format {
-        ReportFormat::Table => report.to_table(color_stdout()),
-        ReportFormat::Json => report.to_json(),
-        ReportFormat::Csv => report.to_csv(),
-        ReportFormat::Markdown => report.to_markdown(),
-    }
-}
-
 /// Reads, parses and analyses the input, and hands the pieces to `f`.
 pub fn with_analysis<T>(
     input_args: &InputArgs,
@@ -842,23 +838,6 @@ pub fn with_candidates<T>(
     drop(text);
     std::mem::forget(input);
     out
-}
-
-/// The full report: exact analysis, simulation and counter tests.
-pub fn build_report(input: &InputArgs, select: &SelectArgs, opts: &AuditOptions) -> Result<Report> {
-    with_candidates(input, select, |input, rs, graph, candidates, warnings| {
-        let chosen = balance::analyse_all(graph, candidates);
-        // The run's size is its candidates, as when `report --format json` audits them
-        // a window at a time: the same numbers either way.
-        let opts = AuditOptions {
-            balancers: Some(candidates.len()),
-            ..opts.clone()
-        };
-        let (audits, info) = audit::run(graph, &chosen, &opts);
-        let report = Report::new(&input.name, rs, &chosen, Some(&audits), info, warnings);
-        std::mem::forget(chosen);
-        Ok(report)
-    })
 }
 
 /// `IP`, `IP:PORT`, `[v6]:PORT` or a bare IPv6 address.

@@ -263,226 +263,266 @@ impl Report {
     }
 
     pub fn to_csv(&self) -> String {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        let _ = w.write_record([
-            "balancer",
-            "table",
-            "chain",
-            "endpoint",
-            "probability",
-            "ideal",
-            "relative_deviation",
-            "line",
-            "unmatched",
-            "max_relative_skew",
-        ]);
+        let mut w = csv_writer();
+        let _ = w.write_record(CSV_HEAD);
         for b in &self.balancers {
-            for e in &b.endpoints {
-                let _ = w.write_record([
-                    b.name.as_str(),
-                    &b.table,
-                    &b.chain,
-                    &e.endpoint,
-                    &e.probability.to_string(),
-                    &e.ideal.to_string(),
-                    &e.relative_deviation.to_string(),
-                    &e.line.to_string(),
-                    &b.unmatched.to_string(),
-                    &b.max_relative_skew.to_string(),
-                ]);
-            }
+            csv_rows(&mut w, b);
         }
         String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
     }
 
     pub fn to_markdown(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "| balancer | endpoint | probability | ideal | relative deviation |"
-        );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|");
+        let mut s = String::from(MARKDOWN_HEAD);
         for b in &self.balancers {
-            for e in &b.endpoints {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {} | {} | {} |",
-                    md_escape(&b.name),
-                    md_escape(&e.endpoint),
-                    fmt_prob(e.probability),
-                    fmt_prob(e.ideal),
-                    fmt_dev(e.relative_deviation)
-                );
-            }
-            if b.unmatched > 0.0 {
-                let _ = writeln!(
-                    s,
-                    "| {} | *unmatched* | {} | 0 | |",
-                    md_escape(&b.name),
-                    fmt_prob(b.unmatched)
-                );
-            }
+            markdown_rows(&mut s, b);
         }
-        if !self.warnings.is_empty() {
-            let _ = writeln!(s, "\n**Warnings**\n");
-            for w in &self.warnings {
-                let _ = writeln!(s, "- line {}: {}", w.line, md_escape(&w.message));
-            }
-        }
+        markdown_warnings(&mut s, &self.warnings);
         s
     }
 
     /// The human table. `color` adds ANSI colours (terminal only, never with NO_COLOR).
     pub fn to_table(&self, color: bool) -> String {
-        let paint = |code: &str, text: &str| {
-            if color {
-                format!("\x1b[{code}m{text}\x1b[0m")
-            } else {
-                text.to_string()
-            }
-        };
         let mut s = String::new();
         if self.balancers.is_empty() {
-            let _ = writeln!(
-                s,
-                "no load balancers found ({} rules in {} table(s))",
-                self.input.rules,
-                self.input.tables.len()
-            );
+            table_none(&mut s, &self.input);
         }
         for b in &self.balancers {
-            let entries: Vec<&str> = b.entries.iter().map(|e| e.text.as_str()).collect();
-            let _ = writeln!(s, "{}", paint("1", &b.name));
-            let mut meta = format!("  {} chain {}", b.table, b.chain);
-            if !entries.is_empty() {
-                let shown: Vec<&str> = entries.iter().take(4).copied().collect();
-                let _ = write!(meta, ", entries {}", shown.join(", "));
-                if entries.len() > 4 {
-                    let _ = write!(meta, " (+{} more)", entries.len() - 4);
-                }
+            table_block(&mut s, b, color);
+        }
+        table_warnings(&mut s, &self.warnings, color);
+        s
+    }
+}
+
+/// The CSV's columns: a row per endpoint.
+const CSV_HEAD: [&str; 10] = [
+    "balancer",
+    "table",
+    "chain",
+    "endpoint",
+    "probability",
+    "ideal",
+    "relative_deviation",
+    "line",
+    "unmatched",
+    "max_relative_skew",
+];
+
+/// A CSV writer to memory (one writes no state from one record to the next: batches
+/// written apart and joined are the text one writer makes).
+fn csv_writer() -> csv::Writer<Vec<u8>> {
+    csv::Writer::from_writer(Vec::new())
+}
+
+/// A balancer's CSV rows.
+fn csv_rows(w: &mut csv::Writer<Vec<u8>>, b: &BalancerReport) {
+    for e in &b.endpoints {
+        let _ = w.write_record([
+            b.name.as_str(),
+            &b.table,
+            &b.chain,
+            &e.endpoint,
+            &e.probability.to_string(),
+            &e.ideal.to_string(),
+            &e.relative_deviation.to_string(),
+            &e.line.to_string(),
+            &b.unmatched.to_string(),
+            &b.max_relative_skew.to_string(),
+        ]);
+    }
+}
+
+/// The Markdown table's head.
+const MARKDOWN_HEAD: &str = "| balancer | endpoint | probability | ideal | relative deviation |\n|---|---|---:|---:|---:|\n";
+
+/// A balancer's Markdown rows: its endpoints, and the traffic that reaches none.
+fn markdown_rows(s: &mut String, b: &BalancerReport) {
+    for e in &b.endpoints {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            md_escape(&b.name),
+            md_escape(&e.endpoint),
+            fmt_prob(e.probability),
+            fmt_prob(e.ideal),
+            fmt_dev(e.relative_deviation)
+        );
+    }
+    if b.unmatched > 0.0 {
+        let _ = writeln!(
+            s,
+            "| {} | *unmatched* | {} | 0 | |",
+            md_escape(&b.name),
+            fmt_prob(b.unmatched)
+        );
+    }
+}
+
+/// The Markdown report's warnings, after its table.
+fn markdown_warnings(s: &mut String, warnings: &[Warning]) {
+    if !warnings.is_empty() {
+        let _ = writeln!(s, "\n**Warnings**\n");
+        for w in warnings {
+            let _ = writeln!(s, "- line {}: {}", w.line, md_escape(&w.message));
+        }
+    }
+}
+
+/// `text` in the colour of the SGR `code` when `color`.
+pub(crate) fn paint(color: bool, code: &str, text: &str) -> String {
+    if color {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
+}
+
+/// The human table's line for an input without balancers.
+fn table_none(s: &mut String, input: &InputInfo) {
+    let _ = writeln!(
+        s,
+        "no load balancers found ({} rules in {} table(s))",
+        input.rules,
+        input.tables.len()
+    );
+}
+
+/// A balancer in the human table: its name, chain and entries, endpoints, and tests.
+fn table_block(s: &mut String, b: &BalancerReport, color: bool) {
+    let entries: Vec<&str> = b.entries.iter().map(|e| e.text.as_str()).collect();
+    let _ = writeln!(s, "{}", paint(color, "1", &b.name));
+    let mut meta = format!("  {} chain {}", b.table, b.chain);
+    if !entries.is_empty() {
+        let shown: Vec<&str> = entries.iter().take(4).copied().collect();
+        let _ = write!(meta, ", entries {}", shown.join(", "));
+        if entries.len() > 4 {
+            let _ = write!(meta, " (+{} more)", entries.len() - 4);
+        }
+    }
+    if let Some(a) = &b.affinity {
+        let _ = write!(meta, ", session affinity {}", a.kind);
+        if let Some(sec) = a.seconds {
+            let _ = write!(meta, " {sec}s");
+        }
+    }
+    let _ = writeln!(s, "{}", paint(color, "2", &meta));
+    let width = b
+        .endpoints
+        .iter()
+        .map(|e| e.endpoint.chars().count())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let sim = b.simulation.is_some();
+    let obs = b.observed.is_some();
+    let mut head = format!(
+        "  {:<width$}  {:>16}  {:>16}  {:>14}",
+        "endpoint", "probability", "ideal", "deviation"
+    );
+    if sim {
+        let _ = write!(head, "  {:>30}", "simulated share [95% CI]");
+    }
+    if obs {
+        let _ = write!(head, "  {:>10}  {:>8}", "observed", "share");
+    }
+    let _ = writeln!(s, "{head}");
+    for e in &b.endpoints {
+        let dev = fmt_dev(e.relative_deviation);
+        let dev = if e.relative_deviation.abs() >= 1e-3 {
+            paint(color, "31", &format!("{dev:>14}"))
+        } else {
+            format!("{dev:>14}")
+        };
+        let mut row = format!(
+            "  {:<width$}  {:>16}  {:>16}  {}",
+            e.endpoint,
+            fmt_prob(e.probability),
+            fmt_prob(e.ideal),
+            dev
+        );
+        if let (Some(share), Some([lo, hi])) = (e.simulated_share, e.simulated_interval) {
+            let _ = write!(row, "  {:>30}", format!("{share:.5} [{lo:.5}, {hi:.5}]"));
+        }
+        if let (Some(n), Some(share)) = (e.observed, e.observed_share) {
+            let _ = write!(row, "  {n:>10}  {share:>8.4}");
+        }
+        let _ = writeln!(s, "{row}");
+    }
+    if b.unmatched > 0.0 {
+        let _ = writeln!(
+            s,
+            "  {}",
+            paint(
+                color,
+                "31",
+                &format!("{:<width$}  {:>16}", "(no endpoint)", fmt_prob(b.unmatched))
+            )
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  n = {}, largest relative skew {}",
+        b.endpoints.len(),
+        fmt_dev(b.max_relative_skew)
+    );
+    if let Some(x) = &b.simulation {
+        let _ = writeln!(
+            s,
+            "  simulated {} connections: fits the exact probabilities p = {:.3} (adjusted {:.3}); against the {} split p = {:.3} (adjusted {:.3}){}",
+            x.connections,
+            x.p_value,
+            x.p_value_adjusted,
+            x.expected.source,
+            x.expected.p_value,
+            x.expected.p_value_adjusted,
+            if x.detectable_relative_skew.is_finite() {
+                format!(
+                    "; detects a skew of {:.2e} (w = {:.2e}) at 5%/80% power",
+                    x.detectable_relative_skew, x.detectable_w
+                )
+            } else {
+                String::new()
             }
-            if let Some(a) = &b.affinity {
-                let _ = write!(meta, ", session affinity {}", a.kind);
-                if let Some(sec) = a.seconds {
-                    let _ = write!(meta, " {sec}s");
-                }
-            }
-            let _ = writeln!(s, "{}", paint("2", &meta));
-            let width = b
-                .endpoints
-                .iter()
-                .map(|e| e.endpoint.chars().count())
-                .max()
-                .unwrap_or(8)
-                .max(8);
-            let sim = b.simulation.is_some();
-            let obs = b.observed.is_some();
-            let mut head = format!(
-                "  {:<width$}  {:>16}  {:>16}  {:>14}",
-                "endpoint", "probability", "ideal", "deviation"
-            );
-            if sim {
-                let _ = write!(head, "  {:>30}", "simulated share [95% CI]");
-            }
-            if obs {
-                let _ = write!(head, "  {:>10}  {:>8}", "observed", "share");
-            }
-            let _ = writeln!(s, "{head}");
-            for e in &b.endpoints {
-                let dev = fmt_dev(e.relative_deviation);
-                let dev = if e.relative_deviation.abs() >= 1e-3 {
-                    paint("31", &format!("{dev:>14}"))
-                } else {
-                    format!("{dev:>14}")
-                };
-                let mut row = format!(
-                    "  {:<width$}  {:>16}  {:>16}  {}",
-                    e.endpoint,
-                    fmt_prob(e.probability),
-                    fmt_prob(e.ideal),
-                    dev
-                );
-                if let (Some(share), Some([lo, hi])) = (e.simulated_share, e.simulated_interval) {
-                    let _ = write!(row, "  {:>30}", format!("{share:.5} [{lo:.5}, {hi:.5}]"));
-                }
-                if let (Some(n), Some(share)) = (e.observed, e.observed_share) {
-                    let _ = write!(row, "  {n:>10}  {share:>8.4}");
-                }
-                let _ = writeln!(s, "{row}");
-            }
-            if b.unmatched > 0.0 {
-                let _ = writeln!(
-                    s,
-                    "  {}",
-                    paint(
-                        "31",
-                        &format!("{:<width$}  {:>16}", "(no endpoint)", fmt_prob(b.unmatched))
-                    )
-                );
-            }
+        );
+        if let (Some(k), Some(share)) = (x.clients, x.max_endpoint_share) {
             let _ = writeln!(
                 s,
-                "  n = {}, largest relative skew {}",
-                b.endpoints.len(),
-                fmt_dev(b.max_relative_skew)
+                "  with {k} clients one endpoint got {:.1}% of connections; {} of {} returning connections went back to the same endpoint",
+                share * 100.0,
+                x.same_endpoint_connections.unwrap_or(0),
+                x.returning_connections.unwrap_or(0)
             );
-            if let Some(x) = &b.simulation {
-                let _ = writeln!(
-                    s,
-                    "  simulated {} connections: fits the exact probabilities p = {:.3} (adjusted {:.3}); against the {} split p = {:.3} (adjusted {:.3}){}",
-                    x.connections,
-                    x.p_value,
-                    x.p_value_adjusted,
-                    x.expected.source,
-                    x.expected.p_value,
-                    x.expected.p_value_adjusted,
-                    if x.detectable_relative_skew.is_finite() {
-                        format!(
-                            "; detects a skew of {:.2e} (w = {:.2e}) at 5%/80% power",
-                            x.detectable_relative_skew, x.detectable_w
-                        )
-                    } else {
-                        String::new()
-                    }
-                );
-                if let (Some(k), Some(share)) = (x.clients, x.max_endpoint_share) {
-                    let _ = writeln!(
-                        s,
-                        "  with {k} clients one endpoint got {:.1}% of connections; {} of {} returning connections went back to the same endpoint",
-                        share * 100.0,
-                        x.same_endpoint_connections.unwrap_or(0),
-                        x.returning_connections.unwrap_or(0)
-                    );
-                }
-            }
-            if let Some(o) = &b.observed {
-                let line = format!(
-                    "  the node's counters: {} connections chosen by the split ({} by affinity); fit the exact probabilities p = {:.3e} (adjusted {:.3e})",
-                    o.connections, o.affinity_connections, o.p_value, o.p_value_adjusted
-                );
-                let _ = writeln!(
-                    s,
-                    "{}",
-                    if o.p_value_adjusted < 1e-3 {
-                        paint("31", &line)
-                    } else {
-                        line
-                    }
-                );
-            }
-            s.push('\n');
         }
-        if !self.warnings.is_empty() {
-            let _ = writeln!(s, "{}", paint("33", "warnings:"));
-            for w in &self.warnings {
-                if w.line > 0 {
-                    let _ = writeln!(s, "  line {}: {}", w.line, w.message);
-                } else {
-                    let _ = writeln!(s, "  {}", w.message);
-                }
+    }
+    if let Some(o) = &b.observed {
+        let line = format!(
+            "  the node's counters: {} connections chosen by the split ({} by affinity); fit the exact probabilities p = {:.3e} (adjusted {:.3e})",
+            o.connections, o.affinity_connections, o.p_value, o.p_value_adjusted
+        );
+        let _ = writeln!(
+            s,
+            "{}",
+            if o.p_value_adjusted < 1e-3 {
+                paint(color, "31", &line)
+            } else {
+                line
+            }
+        );
+    }
+    s.push('\n');
+}
+
+/// The human table's warnings, at its end.
+fn table_warnings(s: &mut String, warnings: &[Warning], color: bool) {
+    if !warnings.is_empty() {
+        let _ = writeln!(s, "{}", paint(color, "33", "warnings:"));
+        for w in warnings {
+            if w.line > 0 {
+                let _ = writeln!(s, "  line {}: {}", w.line, w.message);
+            } else {
+                let _ = writeln!(s, "  {}", w.message);
             }
         }
-        s
     }
 }
 
@@ -655,6 +695,99 @@ pub fn audited_windows<S>(
         debug_assert!(audits.is_done(), "as many balancers as in pass 1");
         Ok(state)
     })
+}
+
+/// The report's formats other than JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFormat {
+    /// The human table, in colour or not.
+    Table {
+        color: bool,
+    },
+    Csv,
+    Markdown,
+}
+
+/// Analyses the candidates and writes the report in `format` a window of `window`
+/// balancers at a time ([`audited_windows`]; each batch converted and printed by one
+/// task): the same text as [`Report::to_table`], [`Report::to_csv`] or
+/// [`Report::to_markdown`] of the report built from all of them.
+#[allow(clippy::too_many_arguments)]
+pub fn write_text_windowed(
+    w: &mut dyn std::io::Write,
+    format: TextFormat,
+    source: &str,
+    rs: &Ruleset<'_>,
+    graph: &Graph<'_, '_>,
+    candidates: &[Candidate],
+    opts: &AuditOptions,
+    mut warnings: Vec<Warning>,
+    window: usize,
+) -> std::io::Result<()> {
+    use rayon::prelude::*;
+    let opts = AuditOptions {
+        balancers: Some(candidates.len()),
+        ..opts.clone()
+    };
+    match format {
+        TextFormat::Table { .. } => {}
+        TextFormat::Csv => {
+            let mut csv = csv_writer();
+            let _ = csv.write_record(CSV_HEAD);
+            w.write_all(&csv.into_inner().unwrap_or_default())?;
+        }
+        TextFormat::Markdown => w.write_all(MARKDOWN_HEAD.as_bytes())?,
+    }
+    let mut written = 0;
+    audited_windows(
+        graph,
+        candidates,
+        &opts,
+        window,
+        "writing",
+        |_| Ok(()),
+        |(), batches| {
+            let texts: Vec<(Vec<u8>, usize, Vec<Warning>)> = batches
+                .into_par_iter()
+                .map(|(balancers, audits)| {
+                    let mut text = String::new();
+                    let mut csv = csv_writer();
+                    for (b, a) in balancers.iter().zip(&audits) {
+                        let r = BalancerReport::from_balancer(b, Some(a));
+                        match format {
+                            TextFormat::Table { color } => table_block(&mut text, &r, color),
+                            TextFormat::Csv => csv_rows(&mut csv, &r),
+                            TextFormat::Markdown => markdown_rows(&mut text, &r),
+                        }
+                    }
+                    let mut bytes = text.into_bytes();
+                    bytes.extend_from_slice(&csv.into_inner().unwrap_or_default());
+                    let some = balancers.iter().flat_map(|b| b.warnings.iter().cloned());
+                    (bytes, balancers.len(), some.collect())
+                })
+                .collect();
+            for (bytes, count, some) in texts {
+                w.write_all(&bytes)?;
+                written += count;
+                warnings.extend(some);
+            }
+            Ok(())
+        },
+    )?;
+    // The warnings, sorted, each once (as the built report has them).
+    let head = Report::header(source, rs, &[], None, warnings);
+    let mut s = String::new();
+    match format {
+        TextFormat::Table { color } => {
+            if written == 0 {
+                table_none(&mut s, &head.input);
+            }
+            table_warnings(&mut s, &head.warnings, color);
+        }
+        TextFormat::Csv => {}
+        TextFormat::Markdown => markdown_warnings(&mut s, &head.warnings),
+    }
+    w.write_all(s.as_bytes())
 }
 
 /// Balancers a thread writes at a time: about 70 kB of JSON with the cross-check.
@@ -2422,7 +2555,8 @@ mod tests {
 
     /// `report --format json`'s way (windows of balancers analysed, audited and printed
     /// in one pass, or, with p-values to correct, audited in a first pass and printed in
-    /// a second) writes the JSON of the report built in one piece: every fixture and
+    /// a second) writes the JSON of the report built in one piece, and the other
+    /// formats' way their text: every fixture and
     /// balancers with counters, with and without a simulation, its default budget,
     /// clients, Benjamini–Hochberg, counters left untested, expectations.
     #[test]
@@ -2488,9 +2622,9 @@ mod tests {
                     .filter(|a| a.simulation.is_some() || a.observed.is_some())
                     .count();
                 let warnings = vec![Warning::new(1, "given")];
-                let built =
-                    Report::new("x", &rs, &balancers, Some(&audits), info, warnings.clone())
-                        .to_json();
+                let report =
+                    Report::new("x", &rs, &balancers, Some(&audits), info, warnings.clone());
+                let built = report.to_json();
                 for window in [1, 3, 7, 1000] {
                     let mut out = Vec::new();
                     write_json_windowed(
@@ -2509,6 +2643,34 @@ mod tests {
                         built,
                         "{name}, {opts:?}, window {window}"
                     );
+                }
+                // The other formats, a window at a time too.
+                for (format, built) in [
+                    (TextFormat::Table { color: true }, report.to_table(true)),
+                    (TextFormat::Table { color: false }, report.to_table(false)),
+                    (TextFormat::Csv, report.to_csv()),
+                    (TextFormat::Markdown, report.to_markdown()),
+                ] {
+                    for window in [1, 7] {
+                        let mut out = Vec::new();
+                        write_text_windowed(
+                            &mut out,
+                            format,
+                            "x",
+                            &rs,
+                            &graph,
+                            &candidates,
+                            opts,
+                            warnings.clone(),
+                            window,
+                        )
+                        .unwrap();
+                        assert_eq!(
+                            String::from_utf8(out).unwrap(),
+                            built,
+                            "{name}, {opts:?}, {format:?}, window {window}"
+                        );
+                    }
                 }
             }
         }
@@ -2550,7 +2712,30 @@ mod tests {
         opts: &AuditOptions,
     ) {
         let (audits, info) = audit::run(graph, balancers, opts);
-        let built = Report::new("x", rs, balancers, Some(&audits), info, Vec::new()).to_json();
+        let report = Report::new("x", rs, balancers, Some(&audits), info, Vec::new());
+        for (format, built) in [
+            (TextFormat::Table { color: false }, report.to_table(false)),
+            (TextFormat::Csv, report.to_csv()),
+            (TextFormat::Markdown, report.to_markdown()),
+        ] {
+            for window in [1, 33] {
+                let mut out = Vec::new();
+                write_text_windowed(
+                    &mut out,
+                    format,
+                    "x",
+                    rs,
+                    graph,
+                    candidates,
+                    opts,
+                    Vec::new(),
+                    window,
+                )
+                .unwrap();
+                assert_eq!(String::from_utf8(out).unwrap(), built, "{format:?}");
+            }
+        }
+        let built = report.to_json();
         for window in [1, 33, 64, 1000] {
             let mut out = Vec::new();
             write_json_windowed(

@@ -18,7 +18,7 @@ use lbaudit::eval::{self, Mode, Packet};
 use lbaudit::graph::Graph;
 use lbaudit::model::Ruleset;
 use lbaudit::parse::{self, ParseOptions};
-use lbaudit::report::{self, Report};
+use lbaudit::report::{self, Report, TextFormat};
 
 /// Runs one input; panics on any violated property.
 pub fn run(data: &[u8]) {
@@ -101,9 +101,29 @@ pub fn run(data: &[u8]) {
         streamed == json.as_bytes(),
         "streamed JSON (window {window}) differs from the built report's"
     );
-    let _ = report.to_csv();
-    let _ = report.to_markdown();
-    let _ = report.to_table(false);
+    // The other formats are printed a window at a time too (one of them, by the window).
+    let (format, built) = match window % 3 {
+        0 => (TextFormat::Table { color: true }, report.to_table(true)),
+        1 => (TextFormat::Csv, report.to_csv()),
+        _ => (TextFormat::Markdown, report.to_markdown()),
+    };
+    let mut streamed = Vec::new();
+    report::write_text_windowed(
+        &mut streamed,
+        format,
+        "fuzz",
+        &rs,
+        &graph,
+        &candidates,
+        &opts,
+        warnings.clone(),
+        window,
+    )
+    .expect("writes to memory");
+    assert!(
+        streamed == built.as_bytes(),
+        "streamed {format:?} (window {window}) differs from the built report's"
+    );
     let check = CheckOptions::default();
     let outcome = Outcome::new(&report, &check);
     let _ = outcome.to_text(&report, false);
