@@ -308,8 +308,8 @@ const CSV_HEAD: [&str; 10] = [
     "max_relative_skew",
 ];
 
-/// A CSV writer to memory (one writes no state from one record to the next: batches
-/// written apart and joined are the text one writer makes).
+/// A CSV writer to memory. (A writer keeps nothing from one record to the next, so
+/// batches written apart and joined are the text one writer makes.)
 fn csv_writer() -> csv::Writer<Vec<u8>> {
     csv::Writer::from_writer(Vec::new())
 }
