@@ -578,7 +578,7 @@ struct Piece {
     text: String,
     /// The JUnit testcases, Markdown rows or JSON (each balancer after a separator).
     body: String,
-    /// The balancers' warnings.
+    /// The balancers' warnings (for the JSON, which lists them).
     warnings: Vec<Warning>,
 }
 
@@ -639,7 +639,9 @@ impl<'w> Stream<'w> {
                         Format::Markdown => markdown_row(&mut p.body, &r, &v),
                         Format::Json => json_balancer(&mut p.body, &r, &v),
                     }
-                    p.warnings.extend(b.warnings.iter().cloned());
+                    if format == Format::Json {
+                        p.warnings.extend(b.warnings.iter().cloned());
+                    }
                 }
                 p
             })
