@@ -37,7 +37,7 @@ for f in ../fixtures/*.txt ../fixtures/errors/*; do
   { printf '\x0f'; cat "$f"; } >"$corpus/seed-f-$name"
 done
 
-# -timeout: an input slower than 20 s is reported as a finding (10 s until the target
-# ran a third streamed writer: see finding 6 in README.md).
-exec "$bin" "$corpus" -artifact_prefix=artifacts/parse/ -max_len=20000 -timeout=20 \
+# -timeout: an input slower than 30 s is reported as a finding (10 s until session 10:
+# see finding 6 in README.md).
+exec "$bin" "$corpus" -artifact_prefix=artifacts/parse/ -max_len=20000 -timeout=30 \
   -rss_limit_mb=4096 -max_total_time="$secs" -print_final_stats=1 "$@"
