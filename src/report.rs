@@ -2624,25 +2624,13 @@ mod tests {
                 let warnings = vec![Warning::new(1, "given")];
                 let report =
                     Report::new("x", &rs, &balancers, Some(&audits), info, warnings.clone());
+                let stream = |format, window| {
+                    streamed(format, &rs, &graph, &candidates, opts, &warnings, window)
+                };
                 let built = report.to_json();
                 for window in [1, 3, 7, 1000] {
-                    let mut out = Vec::new();
-                    write_json_windowed(
-                        &mut out,
-                        "x",
-                        &rs,
-                        &graph,
-                        &candidates,
-                        opts,
-                        warnings.clone(),
-                        window,
-                    )
-                    .unwrap();
-                    assert_eq!(
-                        String::from_utf8(out).unwrap(),
-                        built,
-                        "{name}, {opts:?}, window {window}"
-                    );
+                    let what = format!("{name}, {opts:?}, window {window}");
+                    assert_eq!(stream(None, window), built, "{what}");
                 }
                 // The other formats, a window at a time too.
                 for (format, built) in [
@@ -2652,24 +2640,8 @@ mod tests {
                     (TextFormat::Markdown, report.to_markdown()),
                 ] {
                     for window in [1, 7] {
-                        let mut out = Vec::new();
-                        write_text_windowed(
-                            &mut out,
-                            format,
-                            "x",
-                            &rs,
-                            &graph,
-                            &candidates,
-                            opts,
-                            warnings.clone(),
-                            window,
-                        )
-                        .unwrap();
-                        assert_eq!(
-                            String::from_utf8(out).unwrap(),
-                            built,
-                            "{name}, {opts:?}, {format:?}, window {window}"
-                        );
+                        let what = format!("{name}, {opts:?}, {format:?}, window {window}");
+                        assert_eq!(stream(Some(format), window), built, "{what}");
                     }
                 }
             }
@@ -2719,42 +2691,40 @@ mod tests {
             (TextFormat::Markdown, report.to_markdown()),
         ] {
             for window in [1, 33] {
-                let mut out = Vec::new();
-                write_text_windowed(
-                    &mut out,
-                    format,
-                    "x",
-                    rs,
-                    graph,
-                    candidates,
-                    opts,
-                    Vec::new(),
-                    window,
-                )
-                .unwrap();
-                assert_eq!(String::from_utf8(out).unwrap(), built, "{format:?}");
+                let got = streamed(Some(format), rs, graph, candidates, opts, &[], window);
+                assert_eq!(got, built, "{format:?}");
             }
         }
         let built = report.to_json();
         for window in [1, 33, 64, 1000] {
-            let mut out = Vec::new();
-            write_json_windowed(
-                &mut out,
-                "x",
-                rs,
-                graph,
-                candidates,
-                opts,
-                Vec::new(),
-                window,
-            )
-            .unwrap();
-            assert_eq!(
-                String::from_utf8(out).unwrap(),
-                built,
-                "window {window}, {:?} connections",
-                opts.connections
-            );
+            let got = streamed(None, rs, graph, candidates, opts, &[], window);
+            let connections = opts.connections;
+            assert_eq!(got, built, "window {window}, {connections:?} connections");
         }
+    }
+
+    /// The report of `candidates` streamed a window of `window` at a time, in `format`
+    /// (`None`: JSON).
+    fn streamed(
+        format: Option<TextFormat>,
+        rs: &Ruleset<'_>,
+        graph: &Graph<'_, '_>,
+        candidates: &[Candidate],
+        opts: &AuditOptions,
+        warnings: &[Warning],
+        window: usize,
+    ) -> String {
+        let mut out = Vec::new();
+        let warnings = warnings.to_vec();
+        match format {
+            None => {
+                write_json_windowed(&mut out, "x", rs, graph, candidates, opts, warnings, window)
+            }
+            Some(format) => write_text_windowed(
+                &mut out, format, "x", rs, graph, candidates, opts, warnings, window,
+            ),
+        }
+        .unwrap();
+        String::from_utf8(out).unwrap()
     }
 }

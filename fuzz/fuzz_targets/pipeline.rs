@@ -72,15 +72,19 @@ pub fn run(data: &[u8]) {
         balancers: Some(candidates.len()),
         ..AuditOptions::default()
     };
-    let (audits, info) = audit::run(&graph, &balancers, &opts);
-    let report = Report::new(
-        "fuzz",
-        &rs,
-        &balancers,
-        Some(&audits),
-        info,
-        warnings.clone(),
-    );
+    // The report built whole, with `opts`.
+    let built = |opts: &AuditOptions| {
+        let (audits, info) = audit::run(&graph, &balancers, opts);
+        Report::new(
+            "fuzz",
+            &rs,
+            &balancers,
+            Some(&audits),
+            info,
+            warnings.clone(),
+        )
+    };
+    let report = built(&opts);
     let json = report.to_json();
     // `report --format json` prints while it analyses, a window at a time (in two passes
     // when p-values are corrected across balancers): the same text as the built report.
@@ -120,15 +124,7 @@ pub fn run(data: &[u8]) {
         observed: false,
         ..opts
     };
-    let (audits, info) = audit::run(&graph, &balancers, &opts);
-    let report = Report::new(
-        "fuzz",
-        &rs,
-        &balancers,
-        Some(&audits),
-        info,
-        warnings.clone(),
-    );
+    let report = built(&opts);
     let text = match window % 4 {
         0 => None,
         1 => Some((TextFormat::Table { color: true }, report.to_table(true))),
