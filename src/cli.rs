@@ -586,71 +586,76 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
             ..opts
         };
         let window = 256 * rayon::current_num_threads().max(1);
-        let run = |json: Option<&mut dyn Write>| {
-            crate::report::audited_windows(
+        let stdout_error = |source| Error::Io {
+            path: "<stdout>".into(),
+            source,
+        };
+        // Checks every balancer, the JSON written to `json` as it is made (errors in
+        // writing it reported by `io`); a selection that matches none is a usage error.
+        let check_to = |mut json: Option<&mut dyn Write>,
+                        io: &dyn Fn(std::io::Error) -> Error|
+         -> Result<check::Checked> {
+            let done = crate::report::audited_windows(
                 graph,
                 chosen,
                 &opts,
                 window,
                 "checking",
-                |info| Ok(check::Stream::new(check.clone(), format, color, json, info)),
+                |info| {
+                    // (Reborrowed, the trait object's bound shortened to the borrow's.)
+                    let json: Option<&mut dyn Write> = match &mut json {
+                        Some(w) => Some(&mut **w),
+                        None => None,
+                    };
+                    Ok(check::Stream::new(check.clone(), format, color, json, info))
+                },
                 |stream, batches| stream.window(batches),
-            )?
-            .finish(&input.name, rs, warnings)
-        };
-        let none_selected = || {
-            Error::Usage(
-                "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into(),
             )
+            .and_then(|stream| stream.finish(&input.name, rs, warnings))
+            .map_err(io)?;
+            if done.checked == 0 && filtered {
+                return Err(Error::Usage(
+                    "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into(),
+                ));
+            }
+            // (The JSON of a check without balancers is written whole, here.)
+            if let (Some(w), Some(f)) = (json, &done.formatted) {
+                w.write_all(f.as_bytes()).map_err(io)?;
+            }
+            Ok(done)
         };
-        let stdout_error = |source| Error::Io {
-            path: "<stdout>".into(),
-            source,
-        };
-        if format == check::Format::Json {
-            // The JSON is written as it is made, to the file or to stdout.
-            let done = match &a.output {
+        if format != check::Format::Json {
+            let done = check_to(None, &stdout_error)?;
+            let formatted = done.formatted.as_deref().unwrap_or(&done.text);
+            match &a.output {
                 Some(path) => {
-                    let mut file = AtomicFile::create(path)?;
-                    let done = run(Some(&mut file)).map_err(|e| file.error(e))?;
-                    if done.checked == 0 && filtered {
-                        return Err(none_selected());
-                    }
-                    if let Some(f) = &done.formatted {
-                        file.write_all(f.as_bytes()).map_err(|e| file.error(e))?;
-                    }
-                    file.commit()?;
+                    write_atomic(path, formatted.as_bytes())?;
                     emit(&done.text)?;
-                    done
                 }
-                None => {
-                    let mut out = Stdout::new();
-                    let done = run(Some(&mut out)).map_err(stdout_error)?;
-                    if done.checked == 0 && filtered {
-                        return Err(none_selected());
-                    }
-                    if let Some(f) = &done.formatted {
-                        out.write_all(f.as_bytes()).map_err(stdout_error)?;
-                    }
-                    out.flush().map_err(stdout_error)?;
-                    done
-                }
-            };
+                None => emit(formatted)?,
+            }
             return Ok(done);
         }
-        let done = run(None).map_err(stdout_error)?;
-        if done.checked == 0 && filtered {
-            return Err(none_selected());
-        }
-        let formatted = done.formatted.as_deref().unwrap_or(&done.text);
+        // The JSON is written as it is made, to the file or to stdout.
         match &a.output {
             Some(path) => {
-                write_atomic(path, formatted.as_bytes())?;
+                let mut file = AtomicFile::create(path)?;
+                let io = |source| Error::Io {
+                    path: path.clone(),
+                    source,
+                };
+                let done = check_to(Some(&mut file), &io)?;
+                file.commit()?;
                 emit(&done.text)?;
+                Ok(done)
             }
-            None => emit(formatted)?,
+            None => {
+                let mut out = Stdout::new();
+                let done = check_to(Some(&mut out), &stdout_error)?;
+                out.flush().map_err(stdout_error)?;
+                Ok(done)
+            }
         }
-        Ok(done)
     })?;
     let tests = done.checked;
     if done.monte_carlo
