@@ -541,7 +541,7 @@ fn print_report(
         ReportFormat::Markdown => Some(TextFormat::Markdown),
     };
     with_candidates(input, select, |input, rs, graph, chosen, warnings| {
-        let window = 256 * rayon::current_num_threads().max(1);
+        let window = report::default_window();
         let source = &input.name;
         emit_with(|w| match text {
             None => {
@@ -585,7 +585,7 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
             balancers: Some(chosen.len()),
             ..opts
         };
-        let window = 256 * rayon::current_num_threads().max(1);
+        let window = report::default_window();
         let stdout_error = |source| Error::Io {
             path: "<stdout>".into(),
             source,

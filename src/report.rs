@@ -611,6 +611,13 @@ pub fn corrects_across(rs: &Ruleset<'_>, opts: &AuditOptions) -> bool {
     opts.connections != Some(0) || (opts.observed && counters())
 }
 
+/// How many balancers the commands that print as they go ([`write_json_windowed`],
+/// [`write_text_windowed`], `lbaudit check`, the plot overview) analyse at a time:
+/// 256 per thread, so that each thread has batches to take while memory stays bounded.
+pub fn default_window() -> usize {
+    256 * rayon::current_num_threads().max(1)
+}
+
 /// The candidates analysed and audited `window` at a time, each window handed in order
 /// to `each` as batches of up to [`BATCH`] balancers with their audits; `begin` makes
 /// its state from the run's simulation info first. `opts.balancers` is the run's size.

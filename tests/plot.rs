@@ -254,6 +254,23 @@ fn every_kind_in_both_formats() {
     let svg = render(&["fixtures/nth-no-fallback.txt"], &dir.join("leak.svg"));
     let (_, texts) = svg_text(&svg);
     assert!(texts.iter().any(|t| t == "(no endpoint)"), "{texts:?}");
+    // Statistic rules that no traffic reaches (after an ACCEPT) are no balancer: the
+    // one balancer left gets the endpoints chart by default, as with --kind endpoints.
+    let unreached = dir.join("unreached.txt");
+    std::fs::write(
+        &unreached,
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n:DEAD - [0:0]\n-A PREROUTING -j LB\n-A PREROUTING -j DEAD\n-A LB -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.0.0.1:80\n-A LB -j DNAT --to-destination 10.0.0.2:80\n-A DEAD -j ACCEPT\n-A DEAD -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.0.0.3:80\nCOMMIT\n",
+    )
+    .unwrap();
+    let unreached = unreached.to_str().unwrap();
+    let default = render(&[unreached], &dir.join("unreached.svg"));
+    let endpoints = render(
+        &[unreached, "--kind", "endpoints"],
+        &dir.join("unreached-endpoints.svg"),
+    );
+    assert_eq!(default, endpoints);
+    let (_, texts) = svg_text(&default);
+    assert!(texts.iter().any(|t| t == "10.0.0.2:80"), "{texts:?}");
 }
 
 #[test]
