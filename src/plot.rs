@@ -2436,8 +2436,8 @@ mod tests {
     #[test]
     fn overview_streamed_gives_the_whole_reports_rows() {
         // Kube-proxy services, generic balancers, intended weights, counters (with their
-        // test), and a chain of statistic rules no traffic reaches (a candidate that is
-        // no balancer), in windows down to one balancer.
+        // test), and chains of statistic rules no traffic reaches (candidates that are no
+        // balancer), in windows down to one balancer.
         let unreached = "*nat\n:PREROUTING ACCEPT [0:0]\n:LB - [0:0]\n:DEAD - [0:0]\n-A PREROUTING -j LB\n-A PREROUTING -j DEAD\n-A LB -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.0.0.1:80\n-A LB -j DNAT --to-destination 10.0.0.2:80\n-A DEAD -j ACCEPT\n-A DEAD -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.0.0.3:80\nCOMMIT\n";
         let weights = crate::expect::Expectations::parse(
             &fixture("expect/mark-cascade.csv"),
@@ -2452,6 +2452,8 @@ mod tests {
             (fixture("ex280-10-endpoints-counters.txt"), None, 1),
             (fixture("counters-skewed.txt"), None, 1),
             (unreached.to_string(), None, 2),
+            // 40 candidates that are no balancer before 90 that are: windows of none.
+            (crate::testing::unreached_then_services(), None, 130),
         ];
         for (text, expectations, candidates) in cases {
             let rs = parse::parse(&text, &ParseOptions { lenient: false }).expect("parses");
@@ -2464,12 +2466,14 @@ mod tests {
                 ..AuditOptions::default()
             };
             let balancers = crate::balance::analyse_all(&graph, &found);
-            if candidates == 2 {
-                assert_eq!(
+            match candidates {
+                2 => assert_eq!(
                     (found.len(), balancers.len()),
                     (2, 1),
                     "DEAD is no balancer"
-                );
+                ),
+                130 => assert_eq!((found.len(), balancers.len()), (130, 90)),
+                _ => {}
             }
             let (audits, info) = audit::run(&graph, &balancers, &opts);
             let whole = Report::new("t", &rs, &balancers, Some(&audits), info, Vec::new());
