@@ -348,14 +348,14 @@ pub fn cmd_plot(a: &PlotArgs) -> Result<i32> {
             // dump's report is never held whole.
             _ => {
                 let window = crate::report::default_window();
-                let (rows, first) =
+                let (rows, lone) =
                     overview_streamed(graph, chosen, &audit_opts, window).map_err(|source| {
                         Error::Io {
                             path: a.output.clone(),
                             source,
                         }
                     })?;
-                match (rows.len(), first) {
+                match (rows.len(), lone) {
                     (0, _) => Err(none()),
                     (1, Some(b)) if a.kind.is_none() => one(PlotKind::Endpoints, vec![b]),
                     _ => draw(&Chart::Overview(&rows)),
@@ -389,11 +389,11 @@ fn overview_streamed(
         window,
         "charting",
         |_| Ok((Vec::new(), None)),
-        |(rows, first): &mut (Vec<OverviewRow>, Option<Balancer>), batches| {
+        |(rows, lone): &mut (Vec<OverviewRow>, Option<Balancer>), batches| {
             if rows.is_empty()
                 && let Some(b) = batches.iter().find_map(|(b, _)| b.first())
             {
-                *first = Some(b.clone());
+                *lone = Some(b.clone());
             }
             let some: Vec<Vec<OverviewRow>> = batches
                 .par_iter()
@@ -405,7 +405,7 @@ fn overview_streamed(
                 .collect();
             rows.extend(some.into_iter().flatten());
             if rows.len() > 1 {
-                *first = None;
+                *lone = None;
             }
             Ok(())
         },
@@ -2484,12 +2484,12 @@ mod tests {
             let rows = overview_rows(&whole);
             assert_eq!(rows.len(), balancers.len());
             for window in [1, 2, 3, 1000] {
-                let (streamed, first) =
+                let (streamed, lone) =
                     overview_streamed(&graph, &found, &opts, window).expect("streams");
                 assert_eq!(streamed, rows, "window {window}");
                 // The balancer is kept only when it is the only one.
                 assert_eq!(
-                    first.map(|b| b.name),
+                    lone.map(|b| b.name),
                     (balancers.len() == 1).then(|| balancers[0].name.clone()),
                     "window {window}"
                 );
