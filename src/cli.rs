@@ -581,10 +581,6 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
     let color = color_stdout();
     // Balancers are checked and printed a window at a time (see `check::Stream`).
     let done = with_candidates(&a.input, &a.select, |input, rs, graph, chosen, warnings| {
-        let opts = AuditOptions {
-            balancers: Some(chosen.len()),
-            ..opts
-        };
         let window = report::default_window();
         let stdout_error = |source| Error::Io {
             path: "<stdout>".into(),
@@ -614,9 +610,7 @@ fn cmd_check(a: &CheckArgs) -> Result<i32> {
             .and_then(|stream| stream.finish(&input.name, rs, warnings))
             .map_err(io)?;
             if done.checked == 0 && filtered {
-                return Err(Error::Usage(
-                    "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into(),
-                ));
+                return Err(Error::Usage(crate::select::NONE_MATCHED.into()));
             }
             // (The JSON of a check without balancers is written whole, here.)
             if let (Some(w), Some(f)) = (json, &done.formatted) {

@@ -279,7 +279,7 @@ pub fn cmd_plot(a: &PlotArgs) -> Result<i32> {
     };
     let none = || {
         Error::Usage(if filtered {
-            "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them".into()
+            crate::select::NONE_MATCHED.into()
         } else {
             "no load balancers found in the input: nothing to plot".into()
         })
@@ -377,7 +377,6 @@ fn overview_streamed(
 ) -> std::io::Result<(Vec<OverviewRow>, Option<Balancer>)> {
     use rayon::prelude::*;
     let opts = audit::AuditOptions {
-        balancers: Some(candidates.len()),
         connections: Some(0),
         observed: false,
         ..opts.clone()

@@ -620,7 +620,8 @@ pub fn default_window() -> usize {
 
 /// The candidates analysed and audited `window` at a time, each window handed in order
 /// to `each` as batches of up to [`BATCH`] balancers with their audits; `begin` makes
-/// its state from the run's simulation info first. `opts.balancers` is the run's size.
+/// its state from the run's simulation info first. The run's size (`opts.balancers`,
+/// set here) is the number of candidates.
 ///
 /// When p-values are corrected across balancers ([`corrects_across`]), in two passes:
 /// the first analyses and audits a window at a time and keeps only the audits,
@@ -642,6 +643,10 @@ pub fn audited_windows<S>(
     use rayon::prelude::*;
     let window = window.max(1);
     let n = candidates.len();
+    let opts = &AuditOptions {
+        balancers: Some(n),
+        ..opts.clone()
+    };
     if !corrects_across(graph.rs, opts) {
         let mut state = begin(None)?;
         let done = AtomicUsize::new(0);
@@ -732,10 +737,6 @@ pub fn write_text_windowed(
     window: usize,
 ) -> std::io::Result<()> {
     use rayon::prelude::*;
-    let opts = AuditOptions {
-        balancers: Some(candidates.len()),
-        ..opts.clone()
-    };
     match format {
         TextFormat::Table { .. } => {}
         TextFormat::Csv => {
@@ -749,7 +750,7 @@ pub fn write_text_windowed(
     audited_windows(
         graph,
         candidates,
-        &opts,
+        opts,
         window,
         "writing",
         |_| Ok(()),

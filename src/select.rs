@@ -4,6 +4,10 @@ use crate::balance::{Balancer, Candidate};
 use crate::cli::SelectArgs;
 use crate::error::Result;
 
+/// The usage error of a command whose selection (`--balancer`, `--namespace`,
+/// `--exclude`) matches no balancer.
+pub const NONE_MATCHED: &str = "no balancer matches the selection (--balancer, --namespace, --exclude); `lbaudit report` lists them";
+
 /// Does `text` match the glob `pat` (`*` any run, `?` one character)?
 pub fn glob(pat: &str, text: &str) -> bool {
     let p: Vec<char> = pat.chars().collect();
